@@ -1,0 +1,327 @@
+//! Validation of a `StreamConsumerSpec` beyond what its schema can express, and a second line of
+//! defence for what it can: the reconciler and the worker both run it, so a spec that slipped past
+//! the API server (an older CRD, a disabled validation) still fails with a message naming the field.
+
+use std::fmt;
+
+use crate::v1alpha1::{HandlerKind, StreamConsumerSpec};
+
+/// One invalid field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the field, such as `spec.handler.fraud.scoringUrl`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// An invalid spec: every field that is wrong, in the order they were found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    /// The invalid fields; never empty.
+    pub errors: Vec<FieldError>,
+}
+
+impl SpecError {
+    /// An error about one field.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            errors: vec![FieldError {
+                field: field.into(),
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// The first invalid field's path.
+    pub fn first_field(&self) -> &str {
+        self.errors.first().map(|e| e.field.as_str()).unwrap_or("spec")
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Collector(Vec<FieldError>);
+
+impl Collector {
+    fn check(&mut self, ok: bool, field: &str, message: impl Into<String>) {
+        if !ok {
+            self.0.push(FieldError {
+                field: field.to_string(),
+                message: message.into(),
+            });
+        }
+    }
+}
+
+fn is_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn is_http_url(u: &str) -> bool {
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"));
+    matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/'))
+}
+
+fn is_bootstrap_list(s: &str) -> bool {
+    !s.trim().is_empty()
+        && s.split(',').all(|hp| {
+            let hp = hp.trim();
+            match hp.rsplit_once(':') {
+                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+                None => false,
+            }
+        })
+}
+
+/// Validates a spec; every error names its field.
+pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
+    let mut c = Collector::default();
+    c.check(
+        (0..=1000).contains(&spec.replicas),
+        "spec.replicas",
+        "must be between 0 and 1000",
+    );
+
+    let k = &spec.kafka;
+    c.check(
+        is_bootstrap_list(&k.bootstrap_servers),
+        "spec.kafka.bootstrapServers",
+        "must be a comma-separated list of host:port",
+    );
+    c.check(
+        !k.topics.is_empty(),
+        "spec.kafka.topics",
+        "must name at least one topic",
+    );
+    for (i, t) in k.topics.iter().enumerate() {
+        c.check(
+            is_topic_name(t),
+            &format!("spec.kafka.topics[{i}]"),
+            format!("{t:?} is not a valid topic name (1-249 characters of [a-zA-Z0-9._-])"),
+        );
+    }
+    c.check(
+        !k.group_id.trim().is_empty() && k.group_id.len() <= 255,
+        "spec.kafka.groupId",
+        "must be 1-255 characters",
+    );
+    if let Some(sec) = &k.security {
+        if sec.protocol.uses_sasl() {
+            c.check(
+                sec.sasl.is_some(),
+                "spec.kafka.security.sasl",
+                format!("required for protocol {}", sec.protocol.as_str()),
+            );
+        }
+        if let Some(sasl) = &sec.sasl {
+            c.check(
+                !sasl.credentials_secret_ref.name.is_empty(),
+                "spec.kafka.security.sasl.credentialsSecretRef.name",
+                "must not be empty",
+            );
+        }
+    }
+
+    if let Some(et) = &spec.error_topic {
+        c.check(
+            is_topic_name(et),
+            "spec.errorTopic",
+            format!("{et:?} is not a valid topic name"),
+        );
+        c.check(
+            !k.topics.contains(et),
+            "spec.errorTopic",
+            "must differ from every consumed topic",
+        );
+    } else if let Some(first) = k.topics.first() {
+        let derived = format!("{first}-failed");
+        c.check(
+            derived.len() <= 249,
+            "spec.errorTopic",
+            "the default error topic name would exceed 249 characters; set errorTopic",
+        );
+    }
+
+    c.check(
+        (1..=100_000).contains(&spec.batch.max_messages),
+        "spec.batch.maxMessages",
+        "must be between 1 and 100000",
+    );
+    c.check(
+        (1..=60_000).contains(&spec.batch.max_wait_ms),
+        "spec.batch.maxWaitMs",
+        "must be between 1 and 60000",
+    );
+    c.check(
+        (1024..=64 * 1024 * 1024).contains(&spec.max_message_bytes),
+        "spec.maxMessageBytes",
+        "must be between 1024 and 67108864",
+    );
+    c.check(
+        !spec.sink.postgres.url_secret_ref.name.is_empty()
+            && !spec.sink.postgres.url_secret_ref.key.is_empty(),
+        "spec.sink.postgres.urlSecretRef",
+        "name and key must not be empty",
+    );
+
+    let h = &spec.handler;
+    let blocks = [
+        ("movingAverage", h.moving_average.is_some(), HandlerKind::MovingAverage),
+        ("sensor", h.sensor.is_some(), HandlerKind::Sensor),
+        ("fraud", h.fraud.is_some(), HandlerKind::Fraud),
+        ("pipelineTrigger", h.pipeline_trigger.is_some(), HandlerKind::PipelineTrigger),
+    ];
+    for (name, present, kind) in blocks {
+        c.check(
+            !present || h.kind == kind,
+            &format!("spec.handler.{name}"),
+            format!("only allowed when handler.kind is {kind}"),
+        );
+    }
+    if let Some(ma) = &h.moving_average {
+        c.check(
+            (2..=1000).contains(&ma.window),
+            "spec.handler.movingAverage.window",
+            "must be between 2 and 1000",
+        );
+    }
+    match h.kind {
+        HandlerKind::Fraud => match &h.fraud {
+            None => c.check(false, "spec.handler.fraud", "required when handler.kind is fraud"),
+            Some(f) => {
+                c.check(
+                    is_http_url(&f.scoring_url),
+                    "spec.handler.fraud.scoringUrl",
+                    "must be an http:// or https:// URL",
+                );
+                c.check(
+                    (1..=600_000).contains(&f.timeout_ms),
+                    "spec.handler.fraud.timeoutMs",
+                    "must be between 1 and 600000",
+                );
+                c.check(
+                    f.max_retries <= 20,
+                    "spec.handler.fraud.maxRetries",
+                    "must be at most 20",
+                );
+                c.check(
+                    (1..=10_000).contains(&f.batch_size),
+                    "spec.handler.fraud.batchSize",
+                    "must be between 1 and 10000",
+                );
+                c.check(
+                    f.fraud_threshold.is_finite() && (0.0..=1.0).contains(&f.fraud_threshold),
+                    "spec.handler.fraud.fraudThreshold",
+                    "must be between 0 and 1",
+                );
+                c.check(
+                    f.circuit_breaker_failures >= 1,
+                    "spec.handler.fraud.circuitBreakerFailures",
+                    "must be at least 1",
+                );
+            }
+        },
+        HandlerKind::PipelineTrigger => match &h.pipeline_trigger {
+            None => c.check(
+                false,
+                "spec.handler.pipelineTrigger",
+                "required when handler.kind is pipeline-trigger",
+            ),
+            Some(p) => {
+                c.check(
+                    !p.pipeline_name.trim().is_empty(),
+                    "spec.handler.pipelineTrigger.pipelineName",
+                    "must not be empty",
+                );
+                c.check(
+                    p.max_events >= 1,
+                    "spec.handler.pipelineTrigger.maxEvents",
+                    "must be at least 1",
+                );
+                c.check(
+                    (1..=31_536_000).contains(&p.max_time_seconds),
+                    "spec.handler.pipelineTrigger.maxTimeSeconds",
+                    "must be between 1 and 31536000",
+                );
+                c.check(
+                    p.webhook.is_some() != p.job.is_some(),
+                    "spec.handler.pipelineTrigger",
+                    "exactly one of webhook and job must be set",
+                );
+                if let Some(w) = &p.webhook {
+                    c.check(
+                        is_http_url(&w.url),
+                        "spec.handler.pipelineTrigger.webhook.url",
+                        "must be an http:// or https:// URL",
+                    );
+                }
+                if let Some(j) = &p.job {
+                    c.check(
+                        j.template.is_object(),
+                        "spec.handler.pipelineTrigger.job.template",
+                        "must be a batch/v1 JobSpec object",
+                    );
+                }
+                c.check(
+                    spec.redis.is_some(),
+                    "spec.redis",
+                    "required when handler.kind is pipeline-trigger",
+                );
+            }
+        },
+        HandlerKind::MovingAverage | HandlerKind::Sensor => {}
+    }
+
+    if let Some(a) = &spec.autoscaling {
+        c.check(
+            a.min_replicas >= 0,
+            "spec.autoscaling.minReplicas",
+            "must not be negative",
+        );
+        c.check(
+            a.max_replicas >= 1,
+            "spec.autoscaling.maxReplicas",
+            "must be at least 1",
+        );
+        c.check(
+            a.min_replicas <= a.max_replicas,
+            "spec.autoscaling.minReplicas",
+            "must not exceed maxReplicas",
+        );
+        c.check(
+            a.lag_threshold >= 1,
+            "spec.autoscaling.lagThreshold",
+            "must be at least 1",
+        );
+        c.check(
+            a.poll_interval_seconds >= 1,
+            "spec.autoscaling.pollIntervalSeconds",
+            "must be at least 1",
+        );
+    }
+
+    if c.0.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecError { errors: c.0 })
+    }
+}
