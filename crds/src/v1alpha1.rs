@@ -31,6 +31,7 @@ pub const VERSION: &str = "v1alpha1";
     doc = "A Kafka consumer workload run by streamops: topics, consumer group, handler, sinks and replicas.",
     status = "StreamConsumerStatus",
     derive = "PartialEq",
+    annotation("helm.sh/resource-policy", "keep"),
     printcolumn(name = "Handler", type_ = "string", json_path = ".spec.handler.kind", description = "Handler kind"),
     printcolumn(name = "Topics", type_ = "string", json_path = ".spec.kafka.topics", description = "Consumed topics"),
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas", description = "Desired worker replicas"),
