@@ -1,0 +1,56 @@
+# streamops developer entry points. `make help` lists them.
+SHELL := /usr/bin/env bash
+.SHELLFLAGS := -euo pipefail -c
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+CARGO ?= cargo
+VENV := .dev/venv
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: dev-up dev-down
+dev-up: ## Start what is missing of the local stack (tansu, PostgreSQL, Redis)
+	bash scripts/dev-up.sh
+
+dev-down: ## Stop only what dev-up started
+	bash scripts/dev-down.sh
+
+.PHONY: build crds
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+crds: ## Regenerate crds/streamconsumer.yaml and the chart's copy
+	$(CARGO) run -q -p streamops-crds --bin crdgen crds/streamconsumer.yaml
+	@if [ -d charts/streamops/crds ]; then cp crds/streamconsumer.yaml charts/streamops/crds/streamconsumer.yaml; fi
+
+$(VENV)/.installed: scripts/requirements-validate.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r scripts/requirements-validate.txt
+	touch $@
+
+.PHONY: validate
+validate: $(VENV)/.installed ## Validate manifests, examples and the chart offline
+	$(VENV)/bin/python scripts/validate_manifests.py
+
+.PHONY: test
+test: dev-up ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, manifests
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) --no-print-directory validate
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: demo
+demo: dev-up ## Run all four handlers locally on sample data and print their results
+	bash scripts/demo.sh
+
+.PHONY: bench
+bench: dev-up ## Throughput and memory benchmarks (release build)
+	bash scripts/bench.sh
+
+-include mk/kind.mk
