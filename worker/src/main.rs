@@ -1,1 +1,156 @@
-fn main(){}
+//! `streamops-worker`: see `streamops_worker::cli`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use streamops_crds::config::stream_consumer_from_manifest;
+use streamops_crds::{Handler, WorkerConfig};
+use streamops_worker::cli::{Cli, Command, ProduceArgs, RunArgs, TopicAction};
+use streamops_worker::generate::GenOptions;
+use streamops_worker::handlers::moving_average::MovingAverageHandler;
+use streamops_worker::kafka::KafkaClientSettings;
+use streamops_worker::produce::{produce, ProduceOptions};
+use streamops_worker::secrets::Secrets;
+use streamops_worker::telemetry::{init_logging, LogFormat};
+use streamops_worker::worker::{RunOptions, WorkerRuntime};
+use streamops_worker::{admin, WorkerError};
+
+fn read(path: &std::path::Path) -> Result<String, WorkerError> {
+    std::fs::read_to_string(path).map_err(|source| WorkerError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn load_config(args: &RunArgs) -> Result<WorkerConfig, WorkerError> {
+    if let Some(spec) = &args.spec {
+        let sc = stream_consumer_from_manifest(&read(spec)?)
+            .map_err(|e| WorkerError::Config(format!("{}: {e}", spec.display())))?;
+        return WorkerConfig::from_resource(&sc)
+            .map_err(|e| WorkerError::Config(format!("{}: {e}", spec.display())));
+    }
+    match &args.config {
+        Some(path) => WorkerConfig::from_yaml(&read(path)?)
+            .map_err(|e| WorkerError::Config(format!("{}: {e}", path.display()))),
+        None => Err(WorkerError::Config(
+            "give --spec FILE or --config FILE (or set STREAMOPS_CONFIG)".into(),
+        )),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), WorkerError> {
+    let config = load_config(&args)?;
+    init_logging(args.log_format, config.log_level.as_str());
+    let secrets = Secrets::from_env(&config)?;
+    let kind = config.handler.kind();
+    let handler_spec = config.handler.clone();
+    let opts = RunOptions {
+        config,
+        secrets,
+        instance_id: args.instance_id.filter(|s| !s.is_empty()),
+        bootstrap_servers: args.bootstrap_servers,
+        http_listen: args.http_listen,
+    };
+    let Some(rt) = WorkerRuntime::start(opts).await? else {
+        tracing::info!("stopped before start-up completed");
+        return Ok(());
+    };
+    let hctx = rt.handler_context();
+    // Handler dispatch: one arm per kind. Kinds not built in yet fail with a clear error.
+    let totals = match &handler_spec {
+        Handler::MovingAverage(s) => rt.run(MovingAverageHandler::new(&hctx, s)).await?,
+        Handler::Sensor(_) | Handler::Fraud(_) | Handler::PipelineTrigger(_) => {
+            return Err(WorkerError::HandlerNotBuilt(kind))
+        }
+    };
+    tracing::info!(
+        processed = totals.processed,
+        rejected = totals.rejected,
+        "worker stopped"
+    );
+    Ok(())
+}
+
+async fn produce_cmd(args: ProduceArgs) -> Result<(), WorkerError> {
+    init_logging(LogFormat::Text, "warn");
+    if !(0.0..=100.0).contains(&args.poison_percent) {
+        return Err(WorkerError::Config(
+            "--poison-percent must be between 0 and 100".into(),
+        ));
+    }
+    let settings = KafkaClientSettings::plaintext(&args.bootstrap_servers);
+    let opts = ProduceOptions {
+        topic: args.topic,
+        count: args.count,
+        rate: args.rate,
+        gen: GenOptions {
+            kind: args.kind.into(),
+            seed: args.seed,
+            keys: args.keys,
+            poison_percent: args.poison_percent,
+            max_message_bytes: args.max_message_bytes,
+        },
+        one_per_batch: args.one_per_batch,
+    };
+    let summary = produce(&settings, &opts).await?;
+    println!("{summary}");
+    if summary.failed > 0 {
+        return Err(WorkerError::Other(format!(
+            "{} messages were not delivered",
+            summary.failed
+        )));
+    }
+    Ok(())
+}
+
+async fn topic_cmd(action: TopicAction) -> Result<(), WorkerError> {
+    init_logging(LogFormat::Text, "warn");
+    let map = |e: admin::AdminError| WorkerError::Other(e.to_string());
+    match action {
+        TopicAction::Create {
+            name,
+            partitions,
+            replication_factor,
+            bootstrap_servers,
+        } => {
+            let settings = KafkaClientSettings::plaintext(bootstrap_servers);
+            let created = admin::create_topic(&settings, &name, partitions, replication_factor)
+                .await
+                .map_err(map)?;
+            println!(
+                "topic {name} {}",
+                if created { "created" } else { "already exists" }
+            );
+        }
+        TopicAction::Delete {
+            name,
+            bootstrap_servers,
+        } => {
+            let settings = KafkaClientSettings::plaintext(bootstrap_servers);
+            let deleted = admin::delete_topic(&settings, &name).await.map_err(map)?;
+            println!(
+                "topic {name} {}",
+                if deleted { "deleted" } else { "did not exist" }
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Produce(args) => produce_cmd(args).await,
+        Command::Topic { action } => topic_cmd(action).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "exiting");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -241,3 +241,99 @@ pub trait Handler: Send + 'static {
         None
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Decoding helpers shared by the handlers.
+
+/// The payload of a message, or an [`RejectKind::EmptyPayload`] rejection.
+pub fn payload_of(msg: &RawMessage) -> Result<&[u8], Rejection> {
+    match msg.payload.as_deref() {
+        Some(p) if !p.is_empty() => Ok(p),
+        _ => Err(Rejection::new(RejectKind::EmptyPayload, "message has no value")),
+    }
+}
+
+/// The rejection category of a `serde_json` error: syntax errors are
+/// [`RejectKind::InvalidJson`], a missing field [`RejectKind::MissingField`], a type mismatch
+/// [`RejectKind::WrongType`], and out-of-range numbers or values refused by a field's own
+/// validation [`RejectKind::InvalidValue`].
+pub fn classify_json_error(e: &serde_json::Error) -> RejectKind {
+    let text = e.to_string();
+    if text.starts_with("number out of range") {
+        return RejectKind::InvalidValue;
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            if text.starts_with("missing field") {
+                RejectKind::MissingField
+            } else if text.starts_with("invalid type") {
+                RejectKind::WrongType
+            } else {
+                RejectKind::InvalidValue
+            }
+        }
+        serde_json::error::Category::Syntax
+        | serde_json::error::Category::Eof
+        | serde_json::error::Category::Io => RejectKind::InvalidJson,
+    }
+}
+
+/// Checks that `payload` is UTF-8 and parses it as JSON into `T`, with a classified rejection on
+/// failure. `T` may borrow from the payload.
+pub fn decode_json<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejection> {
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        Rejection::new(
+            RejectKind::InvalidUtf8,
+            format!("value is not UTF-8: {e}"),
+        )
+    })?;
+    serde_json::from_str(text).map_err(|e| Rejection::new(classify_json_error(&e), e.to_string()))
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Quote {
+        price: f64,
+        symbol: String,
+    }
+
+    fn kind(payload: &[u8]) -> RejectKind {
+        decode_json::<Quote>(payload).unwrap_err().kind
+    }
+
+    #[test]
+    fn json_errors_are_classified_by_cause() {
+        assert_eq!(kind(b"{\"price\": "), RejectKind::InvalidJson);
+        assert_eq!(kind(b"not json"), RejectKind::InvalidJson);
+        assert_eq!(kind(b"{\"symbol\":\"A\"}"), RejectKind::MissingField);
+        assert_eq!(
+            kind(b"{\"symbol\":\"A\",\"price\":\"abc\"}"),
+            RejectKind::WrongType
+        );
+        assert_eq!(
+            kind(b"{\"symbol\":\"A\",\"price\":1e999}"),
+            RejectKind::InvalidValue
+        );
+        assert_eq!(kind(b"{\"symbol\":\"\xff\"}"), RejectKind::InvalidUtf8);
+    }
+
+    #[test]
+    fn empty_values_are_rejected_as_empty_payload() {
+        let msg = RawMessage {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(Vec::new()),
+            timestamp_ms: None,
+        };
+        assert_eq!(
+            payload_of(&msg).unwrap_err().kind,
+            RejectKind::EmptyPayload
+        );
+    }
+}

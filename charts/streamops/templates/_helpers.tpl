@@ -1,0 +1,121 @@
+{{/*
+Chart name, truncated to 63 characters (a label value's limit).
+*/}}
+{{- define "streamops.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name prefix of every resource: the release name, plus the chart name unless the release name
+already contains it. Truncated so that "<fullname>-operator-metrics" stays within 63 characters.
+*/}}
+{{- define "streamops.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 46 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the operator's Deployment, and the prefix of its other objects.
+*/}}
+{{- define "streamops.operatorName" -}}
+{{- printf "%s-operator" (include "streamops.fullname" .) }}
+{{- end }}
+
+{{- define "streamops.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object.
+*/}}
+{{- define "streamops.labels" -}}
+helm.sh/chart: {{ include "streamops.chart" . }}
+{{ include "streamops.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: streamops
+{{- end }}
+
+{{/*
+Selector labels of the operator pods. Never change these: a Deployment's selector is immutable.
+*/}}
+{{- define "streamops.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "streamops.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "streamops.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "streamops.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when leader election is on: always with more than one replica, or when forced.
+*/}}
+{{- define "streamops.leaderElection" -}}
+{{- if or (gt (int .Values.replicaCount) 1) .Values.leaderElection.force }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{- define "streamops.leaseName" -}}
+{{- default (include "streamops.operatorName" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{- define "streamops.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "streamops.workerImage" -}}
+{{- printf "%s:%s" .Values.worker.image.repository (default .Chart.AppVersion .Values.worker.image.tag) }}
+{{- end }}
+
+{{/*
+The operator's permissions on the objects it reconciles, shared by the ClusterRole (all namespaces)
+and the Role (one watched namespace). It never reads Secrets: workers get them through
+secretKeyRef environment variables, which the kubelet resolves.
+*/}}
+{{- define "streamops.operatorRules" -}}
+- apiGroups: ["streamops.dev"]
+  resources: ["streamconsumers"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["streamops.dev"]
+  resources: ["streamconsumers/status"]
+  verbs: ["patch"]
+- apiGroups: ["streamops.dev"]
+  resources: ["streamconsumers/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps", "services", "serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+# Held so that the operator may grant them to pipeline-trigger workers with a `job:` trigger
+# (Kubernetes only lets it grant what it holds itself).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,381 @@
+//! Consumer-group lag: committed offsets against high watermarks.
+//!
+//! One reading costs a fixed number of requests whatever the partition count: one Metadata
+//! request per topic, one OffsetFetch for the whole group, one ListOffsets per partition leader for
+//! the high watermarks (and one more for the low watermarks when partitions without a committed
+//! offset start from the earliest message), and one DescribeGroups for the member count. Nothing is
+//! fetched per partition.
+//!
+//! A partition without a committed offset counts its lag from where a new member would start:
+//! from the low watermark under `autoOffsetReset: earliest`, and as zero under `latest`.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
+use streamops_crds::StreamConsumer;
+
+/// Environment variables holding SASL credentials the operator uses to read lag of secured
+/// clusters. The operator never reads Secrets itself; the chart maps a Secret into these.
+pub const ENV_LAG_USERNAME: &str = "STREAMOPS_LAG_KAFKA_USERNAME";
+/// See [`ENV_LAG_USERNAME`].
+pub const ENV_LAG_PASSWORD: &str = "STREAMOPS_LAG_KAFKA_PASSWORD";
+
+/// What to read the lag of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LagTarget {
+    /// Bootstrap brokers.
+    pub bootstrap_servers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Consumed topics.
+    pub topics: Vec<String>,
+    /// Where partitions without a committed offset start.
+    pub auto_offset_reset: AutoOffsetReset,
+    /// Security protocol.
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism, when the protocol uses SASL.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL username and password, when the protocol uses SASL.
+    pub credentials: Option<(String, String)>,
+}
+
+impl LagTarget {
+    /// The lag target of a StreamConsumer. SASL credentials come from the operator's own
+    /// environment ([`ENV_LAG_USERNAME`], [`ENV_LAG_PASSWORD`]).
+    pub fn from_resource(sc: &StreamConsumer) -> Self {
+        let security = sc.spec.kafka.security.as_ref();
+        let protocol = security
+            .map(|s| s.protocol)
+            .unwrap_or(SecurityProtocol::Plaintext);
+        let credentials = match (
+            std::env::var(ENV_LAG_USERNAME),
+            std::env::var(ENV_LAG_PASSWORD),
+        ) {
+            (Ok(u), Ok(p)) if protocol.uses_sasl() => Some((u, p)),
+            _ => None,
+        };
+        Self {
+            bootstrap_servers: sc.spec.kafka.bootstrap_servers.clone(),
+            group_id: sc.spec.kafka.group_id.clone(),
+            topics: sc.spec.kafka.topics.clone(),
+            auto_offset_reset: sc.spec.kafka.auto_offset_reset,
+            security_protocol: protocol,
+            sasl_mechanism: security
+                .and_then(|s| s.sasl.as_ref())
+                .map(|s| s.mechanism),
+            credentials,
+        }
+    }
+}
+
+/// Lag of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The group's committed offset, if any.
+    pub committed: Option<i64>,
+    /// High watermark (the offset the next message will get).
+    pub high_watermark: i64,
+    /// Lag in messages.
+    pub lag: i64,
+}
+
+/// Lag of a whole group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupLag {
+    /// Sum over partitions.
+    pub total: i64,
+    /// Partitions of the consumed topics.
+    pub partitions: i32,
+    /// Members of the group.
+    pub members: i32,
+    /// Largest lag of one partition.
+    pub max_partition_lag: i64,
+    /// Per-partition figures, sorted by topic and partition.
+    pub per_partition: Vec<PartitionLag>,
+}
+
+/// Why the lag could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LagError {
+    /// SASL is required and the operator has no credentials.
+    #[error("the cluster requires SASL and the operator has no credentials ({ENV_LAG_USERNAME}/{ENV_LAG_PASSWORD} unset)")]
+    MissingCredentials,
+    /// A Kafka request failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic does not exist or reported an error.
+    #[error("topic {topic}: {reason}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What the broker said.
+        reason: String,
+    },
+    /// The blocking reader task failed.
+    #[error("lag reader task: {0}")]
+    Task(String),
+}
+
+/// Computes the lag of one partition from its offsets.
+pub fn partition_lag(
+    committed: Option<i64>,
+    low_watermark: i64,
+    high_watermark: i64,
+    reset: AutoOffsetReset,
+) -> i64 {
+    let start = match (committed, reset) {
+        (Some(c), _) => c,
+        (None, AutoOffsetReset::Earliest) => low_watermark,
+        (None, AutoOffsetReset::Latest) => high_watermark,
+    };
+    (high_watermark - start).max(0)
+}
+
+/// Sums per-partition figures into a group's lag.
+pub fn summarize(mut per_partition: Vec<PartitionLag>, members: i32) -> GroupLag {
+    per_partition.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    GroupLag {
+        total: per_partition.iter().map(|p| p.lag).sum(),
+        partitions: i32::try_from(per_partition.len()).unwrap_or(i32::MAX),
+        members,
+        max_partition_lag: per_partition.iter().map(|p| p.lag).max().unwrap_or(0),
+        per_partition,
+    }
+}
+
+/// Reads a group's lag. Implemented by [`KafkaLagReader`]; faked in tests.
+pub trait LagReader: Send + Sync + 'static {
+    /// Reads the lag of `target`.
+    fn read(
+        &self,
+        target: &LagTarget,
+    ) -> impl std::future::Future<Output = Result<GroupLag, LagError>> + Send;
+}
+
+/// Reads lag from the brokers with librdkafka.
+#[derive(Debug, Clone)]
+pub struct KafkaLagReader {
+    /// Timeout of each request.
+    pub timeout: Duration,
+}
+
+impl Default for KafkaLagReader {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl LagReader for KafkaLagReader {
+    async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
+        let target = target.clone();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || read_blocking(&target, timeout))
+            .await
+            .map_err(|e| LagError::Task(e.to_string()))?
+    }
+}
+
+fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &target.bootstrap_servers)
+        .set("group.id", &target.group_id)
+        .set("enable.auto.commit", "false")
+        .set("security.protocol", target.security_protocol.as_str())
+        .set("socket.timeout.ms", "10000")
+        .set("log_level", "3");
+    if target.security_protocol.uses_sasl() {
+        let (user, pass) = target
+            .credentials
+            .as_ref()
+            .ok_or(LagError::MissingCredentials)?;
+        cfg.set(
+            "sasl.mechanism",
+            target
+                .sasl_mechanism
+                .unwrap_or(SaslMechanism::Plain)
+                .as_str(),
+        )
+        .set("sasl.username", user)
+        .set("sasl.password", pass);
+    }
+    Ok(cfg)
+}
+
+fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagError> {
+    // A plain consumer that never subscribes: it only asks the group coordinator for offsets, so
+    // it does not join the group or disturb its members.
+    let consumer: BaseConsumer = client_config(target)?.create()?;
+
+    let mut partitions = TopicPartitionList::new();
+    for topic in &target.topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+            return Err(LagError::Topic {
+                topic: topic.clone(),
+                reason: "missing from metadata".into(),
+            });
+        };
+        if let Some(err) = t.error() {
+            return Err(LagError::Topic {
+                topic: topic.clone(),
+                reason: format!("{:?}", rdkafka::types::RDKafkaRespErr::from(err)),
+            });
+        }
+        for p in t.partitions() {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+
+    let committed = consumer.committed_offsets(partitions.clone(), timeout)?;
+
+    let mut latest = partitions.clone();
+    latest.set_all_offsets(Offset::End)?;
+    let highs = consumer.offsets_for_times(latest, timeout)?;
+
+    let needs_low = target.auto_offset_reset == AutoOffsetReset::Earliest
+        && committed
+            .elements()
+            .iter()
+            .any(|e| !matches!(e.offset(), Offset::Offset(_)));
+    let lows = if needs_low {
+        let mut earliest = partitions.clone();
+        earliest.set_all_offsets(Offset::Beginning)?;
+        Some(consumer.offsets_for_times(earliest, timeout)?)
+    } else {
+        None
+    };
+
+    let members = match consumer.fetch_group_list(Some(&target.group_id), timeout) {
+        Ok(list) => list
+            .groups()
+            .iter()
+            .find(|g| g.name() == target.group_id)
+            .map(|g| i32::try_from(g.members().len()).unwrap_or(i32::MAX))
+            .unwrap_or(0),
+        Err(e) => {
+            tracing::debug!(group = %target.group_id, error = %e, "cannot describe the group");
+            0
+        }
+    };
+
+    let offset_of = |tpl: &TopicPartitionList, topic: &str, partition: i32| -> Option<i64> {
+        tpl.find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+    };
+
+    let mut per_partition = Vec::new();
+    for e in partitions.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let high = offset_of(&highs, topic, partition).unwrap_or(0);
+        let low = lows
+            .as_ref()
+            .and_then(|l| offset_of(l, topic, partition))
+            .unwrap_or(0);
+        let committed = offset_of(&committed, topic, partition);
+        per_partition.push(PartitionLag {
+            topic: topic.to_string(),
+            partition,
+            committed,
+            high_watermark: high,
+            lag: partition_lag(committed, low, high, target.auto_offset_reset),
+        });
+    }
+    Ok(summarize(per_partition, members))
+}
+
+/// Renders a group's lag for `streamops-operator lag`.
+pub fn render(target: &LagTarget, lag: &GroupLag) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "group {} on {}: total lag {}, partitions {}, members {}, max partition lag {}",
+        target.group_id,
+        target.topics.join(","),
+        lag.total,
+        lag.partitions,
+        lag.members,
+        lag.max_partition_lag
+    );
+    let _ = writeln!(
+        out,
+        "{:<32} {:>9} {:>12} {:>14} {:>10}",
+        "TOPIC", "PARTITION", "COMMITTED", "HIGH-WATERMARK", "LAG"
+    );
+    for p in &lag.per_partition {
+        let committed = p
+            .committed
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:<32} {:>9} {:>12} {:>14} {:>10}",
+            p.topic, p.partition, committed, p.high_watermark, p.lag
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_offset_lag_is_high_watermark_minus_committed() {
+        assert_eq!(partition_lag(Some(40), 0, 100, AutoOffsetReset::Earliest), 60);
+        assert_eq!(partition_lag(Some(100), 0, 100, AutoOffsetReset::Latest), 0);
+    }
+
+    #[test]
+    fn uncommitted_partition_counts_from_the_start_under_earliest_and_zero_under_latest() {
+        assert_eq!(partition_lag(None, 10, 100, AutoOffsetReset::Earliest), 90);
+        assert_eq!(partition_lag(None, 10, 100, AutoOffsetReset::Latest), 0);
+    }
+
+    #[test]
+    fn lag_is_never_negative() {
+        // A committed offset past the high watermark (a truncated topic) is zero lag.
+        assert_eq!(partition_lag(Some(120), 0, 100, AutoOffsetReset::Earliest), 0);
+    }
+
+    #[test]
+    fn summary_totals_and_finds_the_largest_partition() {
+        let p = |partition, lag| PartitionLag {
+            topic: "t".into(),
+            partition,
+            committed: Some(0),
+            high_watermark: lag,
+            lag,
+        };
+        let g = summarize(vec![p(2, 5), p(0, 30), p(1, 7)], 2);
+        assert_eq!((g.total, g.partitions, g.members, g.max_partition_lag), (42, 3, 2, 30));
+        let order: Vec<i32> = g.per_partition.iter().map(|p| p.partition).collect();
+        assert_eq!(order, [0, 1, 2]);
+    }
+
+    #[test]
+    fn sasl_without_credentials_is_a_clear_error() {
+        let target = LagTarget {
+            bootstrap_servers: "k:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["t".into()],
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            security_protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            credentials: None,
+        };
+        assert!(matches!(client_config(&target), Err(LagError::MissingCredentials)));
+    }
+}

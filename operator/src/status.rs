@@ -1,0 +1,415 @@
+//! The StreamConsumer's status: conditions `Ready`, `Progressing` and `Degraded`, computed from
+//! the worker Deployment.
+//!
+//! `Ready` reflects the workers, not the apply: it is true only once the Deployment controller has
+//! observed the current Deployment generation and every desired replica is updated and ready.
+//! `lastTransitionTime` moves only when a condition's status changes, so an unchanged world yields
+//! an identical status and the reconciler skips the patch.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
+
+use crate::names::selector_string;
+use crate::validation::InvalidSpec;
+
+/// Condition type: the workers run the current configuration and all are ready.
+pub const READY: &str = "Ready";
+/// Condition type: a rollout or scale is under way.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something needs a human: an invalid spec, a failing reconciliation, a stuck
+/// rollout.
+pub const DEGRADED: &str = "Degraded";
+
+/// Reason of `Degraded=True` for an invalid spec.
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+
+/// The current time, truncated to whole seconds as the API server stores condition times.
+pub fn now() -> Time {
+    let now = Timestamp::now();
+    Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// What the worker Deployment says about the rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// Replicas the StreamConsumer wants.
+    pub desired: i32,
+    /// Pods that exist (`status.replicas`).
+    pub replicas: i32,
+    /// Pods that are ready.
+    pub ready: i32,
+    /// Pods running the current pod template.
+    pub updated: i32,
+    /// Whether the Deployment controller has seen the current Deployment generation.
+    pub observed_current: bool,
+    /// The Deployment's message when its rollout exceeded its progress deadline.
+    pub stalled: Option<String>,
+}
+
+impl Rollout {
+    /// Reads the Deployment's status.
+    pub fn of(deployment: &Deployment, desired: i32) -> Self {
+        let status = deployment.status.clone().unwrap_or_default();
+        let generation = deployment.metadata.generation.unwrap_or(0);
+        let stalled = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| {
+                c.type_ == "Progressing"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+            .map(|c| {
+                c.message
+                    .clone()
+                    .unwrap_or_else(|| "the rollout exceeded its progress deadline".into())
+            });
+        Self {
+            desired,
+            replicas: status.replicas.unwrap_or(0),
+            ready: status.ready_replicas.unwrap_or(0),
+            updated: status.updated_replicas.unwrap_or(0),
+            observed_current: status.observed_generation.unwrap_or(0) >= generation,
+            stalled,
+        }
+    }
+
+    /// Every desired worker runs the current template and is ready, and no old one is left.
+    pub fn complete(&self) -> bool {
+        self.observed_current
+            && self.updated == self.desired
+            && self.replicas == self.desired
+            && self.ready == self.desired
+    }
+}
+
+/// Builds conditions, keeping `lastTransitionTime` of those whose status did not change.
+struct Conditions<'a> {
+    previous: &'a [Condition],
+    generation: Option<i64>,
+    now: Time,
+    out: Vec<Condition>,
+}
+
+impl<'a> Conditions<'a> {
+    fn new(sc: &'a StreamConsumer, now: Time) -> Self {
+        Self {
+            previous: sc
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default(),
+            generation: sc.metadata.generation,
+            now,
+            out: Vec::with_capacity(3),
+        }
+    }
+
+    fn set(&mut self, type_: &str, status: bool, reason: &str, message: impl Into<String>) {
+        let status = if status { "True" } else { "False" };
+        let last_transition_time = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| self.now.clone());
+        self.out.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: self.generation,
+            last_transition_time,
+        });
+    }
+
+    /// Carries a previous condition over unchanged, or sets a default when there is none.
+    fn keep_or(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
+        match self.previous.iter().find(|c| c.type_ == type_) {
+            Some(c) => self.out.push(c.clone()),
+            None => self.set(type_, status, reason, message),
+        }
+    }
+}
+
+/// The status after a successful reconciliation, from the applied Deployment.
+pub fn observed(
+    sc: &StreamConsumer,
+    deployment: &Deployment,
+    desired: i32,
+    config_hash: &str,
+    now: Time,
+) -> StreamConsumerStatus {
+    let rollout = Rollout::of(deployment, desired);
+    let name = sc.metadata.name.as_deref().unwrap_or_default();
+    let mut c = Conditions::new(sc, now);
+    let ready_msg = format!("{}/{} workers ready", rollout.ready, rollout.desired);
+
+    if rollout.complete() {
+        if desired == 0 {
+            c.set(READY, true, "ScaledToZero", "scaled to zero workers");
+        } else {
+            c.set(READY, true, "WorkersReady", ready_msg);
+        }
+    } else if !rollout.observed_current || rollout.updated < desired {
+        c.set(
+            READY,
+            false,
+            "RollingOut",
+            format!(
+                "{ready_msg}; {}/{} run the current configuration",
+                rollout.updated, desired
+            ),
+        );
+    } else {
+        c.set(READY, false, "WorkersNotReady", ready_msg);
+    }
+
+    match (&rollout.stalled, rollout.complete()) {
+        (Some(msg), _) => c.set(PROGRESSING, false, "ProgressDeadlineExceeded", msg.clone()),
+        (None, true) => c.set(PROGRESSING, false, "RolloutComplete", "the workers are up to date"),
+        (None, false) => {
+            let reason = if rollout.observed_current && rollout.updated >= desired {
+                "Scaling"
+            } else {
+                "RollingOut"
+            };
+            c.set(
+                PROGRESSING,
+                true,
+                reason,
+                format!(
+                    "{}/{} workers updated, {} ready, {} running",
+                    rollout.updated, desired, rollout.ready, rollout.replicas
+                ),
+            )
+        }
+    }
+
+    match &rollout.stalled {
+        Some(msg) => c.set(DEGRADED, true, "ProgressDeadlineExceeded", msg.clone()),
+        None => c.set(DEGRADED, false, "AsExpected", ""),
+    }
+
+    StreamConsumerStatus {
+        conditions: c.out,
+        observed_generation: sc.metadata.generation,
+        replicas: rollout.replicas,
+        ready_replicas: rollout.ready,
+        selector: Some(selector_string(name)),
+        lag: sc.status.as_ref().and_then(|s| s.lag.clone()),
+        config_hash: Some(config_hash.to_string()),
+    }
+}
+
+/// The status of an invalid spec: `Degraded` names the fields; the workers keep running whatever
+/// they ran, so `Ready` and the counts are carried over.
+pub fn invalid_spec(sc: &StreamConsumer, invalid: &InvalidSpec, now: Time) -> StreamConsumerStatus {
+    let mut status = carried_over(sc);
+    let mut c = Conditions::new(sc, now);
+    c.keep_or(READY, false, REASON_INVALID_SPEC, "no workers were configured: the spec is invalid");
+    c.set(
+        PROGRESSING,
+        false,
+        REASON_INVALID_SPEC,
+        "nothing is rolled out until the spec is fixed",
+    );
+    c.set(DEGRADED, true, REASON_INVALID_SPEC, invalid.to_string());
+    status.conditions = c.out;
+    status.observed_generation = sc.metadata.generation;
+    status
+}
+
+/// The status after a failed reconciliation: `Degraded` with the error; the rest carried over.
+pub fn failed(sc: &StreamConsumer, reason: &str, message: &str, now: Time) -> StreamConsumerStatus {
+    let mut status = carried_over(sc);
+    let mut c = Conditions::new(sc, now);
+    c.keep_or(READY, false, reason, "the workers could not be configured");
+    c.keep_or(PROGRESSING, false, reason, "the reconciliation failed");
+    c.set(DEGRADED, true, reason, message);
+    status.conditions = c.out;
+    status
+}
+
+fn carried_over(sc: &StreamConsumer) -> StreamConsumerStatus {
+    sc.status.clone().unwrap_or_default()
+}
+
+/// The condition of a type.
+pub fn condition<'a>(status: &'a StreamConsumerStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use streamops_crds::validate::FieldError;
+
+    fn t(sec: i64) -> Time {
+        Time(Timestamp::from_second(sec).unwrap())
+    }
+
+    fn deployment(generation: i64, status: DeploymentStatus) -> Deployment {
+        let mut d = Deployment::default();
+        d.metadata.generation = Some(generation);
+        d.status = Some(status);
+        d
+    }
+
+    fn settled(generation: i64, n: i32) -> Deployment {
+        deployment(
+            generation,
+            DeploymentStatus {
+                observed_generation: Some(generation),
+                replicas: Some(n),
+                ready_replicas: Some(n),
+                updated_replicas: Some(n),
+                available_replicas: Some(n),
+                ..DeploymentStatus::default()
+            },
+        )
+    }
+
+    fn is(status: &StreamConsumerStatus, type_: &str) -> (String, String) {
+        let c = condition(status, type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn ready_when_every_worker_runs_the_current_generation_and_is_ready() {
+        let sc = StreamConsumer::test().with_replicas(3);
+        let s = observed(&sc, &settled(4, 3), 3, "abc", t(10));
+        assert_eq!(is(&s, READY), ("True".into(), "WorkersReady".into()));
+        assert_eq!(is(&s, PROGRESSING), ("False".into(), "RolloutComplete".into()));
+        assert_eq!(is(&s, DEGRADED), ("False".into(), "AsExpected".into()));
+        assert_eq!((s.replicas, s.ready_replicas), (3, 3));
+        assert_eq!(s.config_hash.as_deref(), Some("abc"));
+        assert_eq!(s.observed_generation, Some(1));
+        assert_eq!(
+            s.selector.as_deref(),
+            Some("app.kubernetes.io/instance=test,app.kubernetes.io/name=streamops-worker")
+        );
+    }
+
+    #[test]
+    fn not_ready_while_the_deployment_controller_has_not_seen_the_new_generation() {
+        // The status still shows 3 ready pods, but of the previous template.
+        let mut d = settled(4, 3);
+        d.metadata.generation = Some(5);
+        let s = observed(&StreamConsumer::test().with_replicas(3), &d, 3, "abc", t(10));
+        assert_eq!(is(&s, READY), ("False".into(), "RollingOut".into()));
+        assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
+    }
+
+    #[test]
+    fn not_ready_while_fewer_workers_are_ready_than_desired() {
+        let d = deployment(
+            2,
+            DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(3),
+                ready_replicas: Some(1),
+                updated_replicas: Some(3),
+                ..DeploymentStatus::default()
+            },
+        );
+        let s = observed(&StreamConsumer::test().with_replicas(3), &d, 3, "abc", t(10));
+        assert_eq!(is(&s, READY), ("False".into(), "WorkersNotReady".into()));
+        assert_eq!(condition(&s, READY).unwrap().message, "1/3 workers ready");
+        assert_eq!(is(&s, PROGRESSING), ("True".into(), "Scaling".into()));
+        assert_eq!(s.ready_replicas, 1);
+    }
+
+    #[test]
+    fn not_ready_while_old_pods_remain_after_a_scale_down() {
+        let d = deployment(
+            2,
+            DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(3),
+                ready_replicas: Some(1),
+                updated_replicas: Some(1),
+                ..DeploymentStatus::default()
+            },
+        );
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        assert_eq!(is(&s, READY).0, "False");
+    }
+
+    #[test]
+    fn stuck_rollout_is_degraded() {
+        let mut d = deployment(
+            2,
+            DeploymentStatus {
+                observed_generation: Some(2),
+                replicas: Some(2),
+                updated_replicas: Some(1),
+                ready_replicas: Some(1),
+                ..DeploymentStatus::default()
+            },
+        );
+        d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            message: Some("ReplicaSet \"test-1\" has timed out progressing.".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        assert_eq!(is(&s, DEGRADED), ("True".into(), "ProgressDeadlineExceeded".into()));
+        assert_eq!(is(&s, PROGRESSING), ("False".into(), "ProgressDeadlineExceeded".into()));
+    }
+
+    #[test]
+    fn zero_replicas_is_ready_once_scaled_down() {
+        let s = observed(&StreamConsumer::test().with_replicas(0), &settled(3, 0), 0, "h", t(1));
+        assert_eq!(is(&s, READY), ("True".into(), "ScaledToZero".into()));
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_a_condition_flips() {
+        let sc = StreamConsumer::test();
+        let first = observed(&sc, &settled(1, 1), 1, "h", t(100));
+        let sc = sc.with_status(first.clone());
+        let again = observed(&sc, &settled(1, 1), 1, "h", t(200));
+        assert_eq!(first, again, "an unchanged world gives an identical status");
+
+        let mut rolling = settled(2, 1);
+        rolling.status.as_mut().unwrap().observed_generation = Some(1);
+        let flipped = observed(&sc, &rolling, 1, "h2", t(300));
+        assert_eq!(condition(&flipped, READY).unwrap().last_transition_time, t(300));
+        // Degraded stayed False: its time is kept.
+        assert_eq!(condition(&flipped, DEGRADED).unwrap().last_transition_time, t(100));
+    }
+
+    #[test]
+    fn invalid_spec_is_degraded_naming_the_field_and_keeps_the_counts() {
+        let prev = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", t(1));
+        let sc = StreamConsumer::test().with_generation(2).with_status(prev);
+        let invalid = InvalidSpec {
+            errors: vec![FieldError {
+                field: "spec.kafka.groupId".into(),
+                message: "must be 1-255 characters".into(),
+            }],
+        };
+        let s = invalid_spec(&sc, &invalid, t(5));
+        let d = condition(&s, DEGRADED).unwrap();
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InvalidSpec"));
+        assert!(d.message.contains("spec.kafka.groupId"), "{}", d.message);
+        assert_eq!(is(&s, READY), ("True".into(), "WorkersReady".into()));
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(s.config_hash.as_deref(), Some("h"));
+        assert_eq!(s.ready_replicas, 1);
+    }
+
+    #[test]
+    fn failure_is_degraded_with_the_error_reason() {
+        let s = failed(&StreamConsumer::test(), "ApplyFailed", "cannot apply", t(5));
+        assert_eq!(is(&s, DEGRADED), ("True".into(), "ApplyFailed".into()));
+        assert_eq!(is(&s, READY).0, "False");
+    }
+}

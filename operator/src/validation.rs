@@ -1,0 +1,136 @@
+//! The reconciler's own look at a StreamConsumer before it builds anything: the name (it names a
+//! Service and is a label value), `validate_spec`, and the CRD's CEL rules, for objects that reached
+//! the cluster past an older CRD or with validation off.
+
+use std::fmt;
+
+use streamops_crds::validate::FieldError;
+use streamops_crds::{validate_spec, StreamConsumer};
+
+/// Longest StreamConsumer name: it is a Service name and a label value.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Every invalid field of a StreamConsumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec {
+    /// The invalid fields, never empty.
+    pub errors: Vec<FieldError>,
+}
+
+impl InvalidSpec {
+    /// Path of the first invalid field.
+    pub fn first_field(&self) -> &str {
+        self.errors.first().map(|e| e.field.as_str()).unwrap_or("spec")
+    }
+}
+
+impl fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", e.field, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// A DNS-1035 label: lowercase letters, digits and `-`, starting with a letter, ending with a letter
+/// or digit, at most 63 characters.
+pub fn is_dns1035_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// Validates a StreamConsumer; each error names its field.
+pub fn validate_object(sc: &StreamConsumer) -> Result<(), InvalidSpec> {
+    let mut errors = Vec::new();
+    let name = sc.metadata.name.as_deref().unwrap_or_default();
+    if !is_dns1035_label(name) {
+        errors.push(FieldError {
+            field: "metadata.name".into(),
+            message: format!(
+                "{name:?} must be a DNS-1035 label (at most {MAX_NAME_LEN} lowercase letters, \
+                 digits and '-', starting with a letter): it names the worker Service"
+            ),
+        });
+    }
+    if let Err(e) = validate_spec(&sc.spec) {
+        errors.extend(e.errors);
+    }
+    if let Err(cel) = sc.validate_cel() {
+        for e in cel.into_vec() {
+            let field = if e.field_path.is_empty() {
+                "spec".to_string()
+            } else {
+                e.field_path.clone()
+            };
+            let error = FieldError {
+                field,
+                message: e.message.clone(),
+            };
+            if !errors.contains(&error) {
+                errors.push(error);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec { errors })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamops_crds::v1alpha1::HandlerKind;
+
+    #[test]
+    fn example_specs_of_every_kind_are_valid() {
+        for kind in HandlerKind::ALL {
+            validate_object(&StreamConsumer::test_of(kind)).unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_spec_names_the_field() {
+        let sc = StreamConsumer::test().with_spec(|s| s.kafka.group_id = String::new());
+        let e = validate_object(&sc).unwrap_err();
+        assert_eq!(e.first_field(), "spec.kafka.groupId");
+        assert!(e.to_string().starts_with("spec.kafka.groupId: "), "{e}");
+    }
+
+    #[test]
+    fn cel_rules_are_checked_too() {
+        // validate_spec and the CEL rule both catch a pipeline-trigger without redis.
+        let sc = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None);
+        let e = validate_object(&sc).unwrap_err();
+        let fields: Vec<_> = e.errors.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"spec.redis"), "{fields:?}");
+        assert!(
+            e.errors.iter().any(|e| e.message.contains("spec.redis is required")),
+            "the CEL message is reported: {e}"
+        );
+    }
+
+    #[test]
+    fn names_that_cannot_name_a_service_are_rejected() {
+        for bad in ["1abc", "a.b", "Abc", "abc-", &"a".repeat(64)] {
+            let mut sc = StreamConsumer::test();
+            sc.metadata.name = Some(bad.to_string());
+            let e = validate_object(&sc).unwrap_err();
+            assert_eq!(e.first_field(), "metadata.name", "{bad}");
+        }
+        for good in ["a", "orders-1", &"a".repeat(63)] {
+            assert!(is_dns1035_label(good), "{good}");
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Errors of the worker process.
+
+use crate::handlers::HandlerError;
+
+/// Why the worker (or one of its commands) stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A required environment variable is not set.
+    #[error("environment variable {0} is not set")]
+    MissingEnv(&'static str),
+    /// The configuration or manifest is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kafka refused a client configuration or an operation that cannot be retried.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// PostgreSQL failed where retrying is not an option (migrations).
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A handler failed in a way retrying cannot fix.
+    #[error("handler: {0}")]
+    Handler(#[from] HandlerError),
+    /// The HTTP server could not start.
+    #[error("http server on {addr}: {source}")]
+    Http {
+        /// The listen address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handler kind is known to the API but not compiled into this worker.
+    #[error("handler kind {0} is not built into this worker yet")]
+    HandlerNotBuilt(streamops_crds::HandlerKind),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,306 @@
+//! The error topic: every message a handler cannot process is produced there with its reason
+//! and source position in headers. Delivery is acknowledged by all in-sync replicas
+//! (`acks=all`, idempotent producer) before the batch's offsets are committed.
+//!
+//! Headers of an error record:
+//! - `streamops.error.reason`: [`RejectKind::as_str`]
+//! - `streamops.error.detail`: human-readable detail
+//! - `streamops.source.topic`, `streamops.source.partition`, `streamops.source.offset`
+//! - `streamops.consumer`: the consumer id (`namespace/name`)
+//! - `streamops.error.truncated` and `streamops.error.original.bytes`, only when the value is a
+//!   prefix of an oversized original.
+
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::handlers::{RawMessage, RejectKind, Rejection};
+use crate::kafka::KafkaClientSettings;
+
+/// Header names.
+pub mod headers {
+    /// Reject reason.
+    pub const REASON: &str = "streamops.error.reason";
+    /// Reject detail.
+    pub const DETAIL: &str = "streamops.error.detail";
+    /// Source topic.
+    pub const SOURCE_TOPIC: &str = "streamops.source.topic";
+    /// Source partition.
+    pub const SOURCE_PARTITION: &str = "streamops.source.partition";
+    /// Source offset.
+    pub const SOURCE_OFFSET: &str = "streamops.source.offset";
+    /// Consumer id.
+    pub const CONSUMER: &str = "streamops.consumer";
+    /// `true` when the value is a truncated prefix.
+    pub const TRUNCATED: &str = "streamops.error.truncated";
+    /// Size of the original value when truncated.
+    pub const ORIGINAL_BYTES: &str = "streamops.error.original.bytes";
+}
+
+/// Largest prefix of an oversized value that is forwarded.
+pub const TRUNCATED_PREFIX_BYTES: usize = 16 * 1024;
+
+/// Longest detail header.
+const MAX_DETAIL_BYTES: usize = 1024;
+
+/// One record bound for the error topic.
+#[derive(Debug, Clone)]
+pub struct ErrorRecord {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Original key.
+    pub key: Option<Vec<u8>>,
+    /// Original value, or a prefix of it.
+    pub value: Vec<u8>,
+    /// Size of the original value.
+    pub original_bytes: usize,
+    /// Why it was rejected.
+    pub kind: RejectKind,
+    /// Detail.
+    pub detail: String,
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+impl ErrorRecord {
+    /// The record for `msg` rejected with `rejection`. Oversized values keep only a prefix.
+    pub fn new(msg: &RawMessage, rejection: &Rejection) -> Self {
+        let payload = msg.payload.as_deref().unwrap_or_default();
+        let value = if rejection.kind == RejectKind::TooLarge {
+            payload[..payload.len().min(TRUNCATED_PREFIX_BYTES)].to_vec()
+        } else {
+            payload.to_vec()
+        };
+        Self {
+            topic: msg.topic.to_string(),
+            partition: msg.partition,
+            offset: msg.offset,
+            key: msg.key.clone(),
+            value,
+            original_bytes: payload.len(),
+            kind: rejection.kind,
+            detail: truncate_utf8(&rejection.detail, MAX_DETAIL_BYTES).to_string(),
+        }
+    }
+
+    fn truncated(&self) -> bool {
+        self.value.len() < self.original_bytes
+    }
+
+    fn shorten(&mut self) {
+        self.value.truncate(TRUNCATED_PREFIX_BYTES);
+    }
+
+    fn headers(&self, consumer: &str) -> OwnedHeaders {
+        let partition = self.partition.to_string();
+        let offset = self.offset.to_string();
+        let mut h = OwnedHeaders::new_with_capacity(8)
+            .insert(Header {
+                key: headers::REASON,
+                value: Some(self.kind.as_str()),
+            })
+            .insert(Header {
+                key: headers::DETAIL,
+                value: Some(self.detail.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_TOPIC,
+                value: Some(self.topic.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: headers::SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: headers::CONSUMER,
+                value: Some(consumer),
+            });
+        if self.truncated() {
+            let original = self.original_bytes.to_string();
+            h = h
+                .insert(Header {
+                    key: headers::TRUNCATED,
+                    value: Some("true"),
+                })
+                .insert(Header {
+                    key: headers::ORIGINAL_BYTES,
+                    value: Some(original.as_str()),
+                });
+        }
+        h
+    }
+}
+
+/// Failure to deliver to the error topic; the pipeline retries with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("error topic {topic}: {source}")]
+pub struct ErrorTopicError {
+    /// The error topic.
+    pub topic: String,
+    /// The first delivery error.
+    #[source]
+    pub source: KafkaError,
+}
+
+/// Producer of the error topic.
+pub struct ErrorSink {
+    producer: FutureProducer,
+    topic: String,
+    consumer: String,
+}
+
+impl ErrorSink {
+    /// A sink producing to `topic`, tagging records with `consumer`.
+    pub fn new(
+        settings: &KafkaClientSettings,
+        topic: &str,
+        consumer: &str,
+        max_message_bytes: u32,
+    ) -> Result<Self, KafkaError> {
+        let mut cfg = settings.reliable_producer();
+        // Let the client accept anything up to the consumer's own limit; the broker may still
+        // refuse, in which case the value is truncated (see `deliver`).
+        let max = (max_message_bytes as usize + 64 * 1024).max(1_000_000);
+        cfg.set("message.max.bytes", max.to_string())
+            .set("linger.ms", "2");
+        Ok(Self {
+            producer: cfg.create()?,
+            topic: topic.to_string(),
+            consumer: consumer.to_string(),
+        })
+    }
+
+    /// The error topic's name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Delivers every record not yet delivered; marks each delivered one in `delivered`, so a
+    /// retry after a failure only sends the rest. A record the broker refuses as too large is
+    /// truncated and sent again at once.
+    pub async fn deliver(
+        &self,
+        records: &mut [ErrorRecord],
+        delivered: &mut [bool],
+    ) -> Result<(), ErrorTopicError> {
+        let mut first_err = None;
+        for _round in 0..2 {
+            let mut futures = Vec::new();
+            for (i, rec) in records.iter().enumerate() {
+                if delivered[i] {
+                    continue;
+                }
+                let headers = rec.headers(&self.consumer);
+                let mut record = FutureRecord::to(&self.topic)
+                    .payload(rec.value.as_slice())
+                    .headers(headers);
+                if let Some(k) = rec.key.as_deref() {
+                    record = record.key(k);
+                }
+                loop {
+                    match self.producer.send_result(record) {
+                        Ok(f) => {
+                            futures.push((i, f));
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => {
+                            first_err.get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            let mut retry_truncated = false;
+            for (i, f) in futures {
+                match f.await {
+                    Ok(Ok(_)) => delivered[i] = true,
+                    Ok(Err((e, _))) => {
+                        let too_large = matches!(
+                            e,
+                            KafkaError::MessageProduction(
+                                RDKafkaErrorCode::MessageSizeTooLarge
+                                    | RDKafkaErrorCode::InvalidMessageSize
+                            )
+                        );
+                        if too_large && records[i].value.len() > TRUNCATED_PREFIX_BYTES {
+                            records[i].shorten();
+                            retry_truncated = true;
+                        } else {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                    Err(_canceled) => {
+                        first_err.get_or_insert(KafkaError::Canceled);
+                    }
+                }
+            }
+            if !retry_truncated {
+                break;
+            }
+        }
+        match first_err {
+            None if delivered.iter().all(|d| *d) => Ok(()),
+            None => Err(ErrorTopicError {
+                topic: self.topic.clone(),
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            }),
+            Some(source) => Err(ErrorTopicError {
+                topic: self.topic.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn oversized_values_keep_a_prefix_and_say_so() {
+        let msg = RawMessage {
+            topic: Arc::from("t"),
+            partition: 2,
+            offset: 9,
+            key: Some(b"k".to_vec()),
+            payload: Some(vec![b'x'; TRUNCATED_PREFIX_BYTES * 3]),
+            timestamp_ms: None,
+        };
+        let rec = ErrorRecord::new(&msg, &Rejection::new(RejectKind::TooLarge, "too big"));
+        assert_eq!(rec.value.len(), TRUNCATED_PREFIX_BYTES);
+        assert_eq!(rec.original_bytes, TRUNCATED_PREFIX_BYTES * 3);
+        assert!(rec.truncated());
+    }
+
+    #[test]
+    fn long_details_are_cut_on_a_character_boundary() {
+        let detail = "é".repeat(MAX_DETAIL_BYTES);
+        let cut = truncate_utf8(&detail, MAX_DETAIL_BYTES + 1);
+        assert!(cut.len() <= MAX_DETAIL_BYTES + 1);
+        assert!(cut.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,284 @@
+//! The `fraud` handler (seed 003): validate transactions, score them with an ML service, and store
+//! transactions and predictions in PostgreSQL.
+//!
+//! # Message
+//! One JSON object per Kafka message:
+//!
+//! ```json
+//! {"transaction_id": "6f1c2d0e-9b1a-4c1e-8d7f-0a1b2c3d4e5f", "account_id": "acc-1042",
+//!  "merchant": "Corner Grocery", "amount": 129.99, "currency": "USD",
+//!  "timestamp": "2024-03-20T10:30:00Z",
+//!  "merchant_category": "grocery", "country": "US", "card_present": true}
+//! ```
+//!
+//! | field | type | rule |
+//! |---|---|---|
+//! | `transaction_id` (alias `id`) | string | required; 1-64 bytes, not blank, no control characters; unique |
+//! | `account_id` (aliases `user_id`, `customer_id`) | string | required; 1-64 bytes |
+//! | `merchant` (aliases `merchant_id`, `merchant_name`) | string | required; 1-128 bytes |
+//! | `amount` | number | required; finite, between 0.0001 and 1,000,000,000 major units |
+//! | `currency` | string | required; an active ISO 4217 code, three uppercase letters ([`transaction::CURRENCIES`]) |
+//! | `timestamp` (alias `transaction_time`) | string | required; RFC 3339, 1970 or later, at most 24 hours after the Kafka record's timestamp |
+//! | `merchant_category` | string | optional; 1-128 bytes |
+//! | `country` | string | optional; ISO 3166-1 alpha-2, two uppercase letters |
+//! | `card_present` | boolean | optional |
+//!
+//! Other fields are ignored. An invalid transaction goes to the error topic (by default the topic
+//! plus `-failed`, as in seed 003: `transactions-failed`) with the rule it broke.
+//!
+//! # Scoring
+//! `prepare` sends the valid transactions of a batch to `POST {scoringUrl}` in groups of
+//! `batchSize` (the API is described in [`crate::scorer`]). Each call has `timeoutMs`; a failed
+//! call (unreachable, timeout, 5xx, 408, 429, malformed answer) is retried up to `maxRetries`
+//! times with capped exponential backoff (100 ms doubling, at most 5 s, with jitter). A circuit
+//! breaker opens after `circuitBreakerFailures` consecutive failed calls and fails attempts fast
+//! for `circuitBreakerResetMs`, then lets one trial call through. When the attempts run out, or
+//! on a client error (other 4xx), the group's transactions go to the error topic with reason
+//! `scoring_failed` and the last error in the detail. Nothing is dropped: every message ends up in
+//! `transactions` or on the error topic. The error topic is written before the batch commits, so
+//! the handler remembers what it sent there until the batch commits: if the transaction fails and
+//! the batch is retried, those transactions are rejected again rather than scored a second time,
+//! so a message is never both on the error topic and in `transactions` (short of the worker dying
+//! between the two, when the replay decides afresh).
+//!
+//! # Tables (migration `0004_fraud.sql`)
+//! `transactions` (keyed by `transaction_id`, with the source position) and `predictions`
+//! (`fraud_score`, `is_fraud = fraud_score >= fraudThreshold`, `threshold`, `model_version`, and
+//! seed 003's `prediction` = `fraud` | `legitimate`), written in the pipeline's transaction with
+//! the offsets. A transaction id already stored is not stored again; such duplicates are counted
+//! in `streamops_fraud_duplicates_total`.
+
+mod breaker;
+mod client;
+mod store;
+pub mod transaction;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::{IntCounter, Opts};
+use streamops_crds::v1alpha1::FraudSettings;
+use streamops_crds::HandlerKind;
+use tracing::warn;
+
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use client::{backoff, CallError, ClientSettings, Scored, ScoringClient, ScoringFailure};
+pub use transaction::{decode_transaction, Transaction};
+
+use super::{
+    Decoded, Handler, HandlerContext, HandlerError, Position, Prepared, RawMessage, RejectKind,
+    Rejection, TopicPartition,
+};
+use client::ClientMetrics;
+
+/// A prediction attached to a transaction by `prepare`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// Fraud probability.
+    pub score: f64,
+    /// Model version reported by the service.
+    pub model_version: Arc<str>,
+}
+
+/// A decoded transaction, with its prediction once scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FraudItem {
+    /// The transaction.
+    pub transaction: Transaction,
+    /// Set by `prepare`.
+    pub prediction: Option<Prediction>,
+}
+
+#[derive(Clone)]
+struct FraudMetrics {
+    stored: IntCounter,
+    flagged: IntCounter,
+    duplicates: IntCounter,
+    scoring_failed: IntCounter,
+}
+
+impl FraudMetrics {
+    fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str| IntCounter::with_opts(Opts::new(name, help));
+        let m = Self {
+            stored: counter(
+                "streamops_fraud_transactions_stored_total",
+                "Transactions stored with their prediction (committed).",
+            )?,
+            flagged: counter(
+                "streamops_fraud_flagged_total",
+                "Stored transactions whose score reached fraudThreshold (committed).",
+            )?,
+            duplicates: counter(
+                "streamops_fraud_duplicates_total",
+                "Transactions skipped because their id was already stored (committed).",
+            )?,
+            scoring_failed: counter(
+                "streamops_fraud_scoring_failed_total",
+                "Transactions sent to the error topic because scoring failed after all retries.",
+            )?,
+        };
+        registry.register(Box::new(m.stored.clone()))?;
+        registry.register(Box::new(m.flagged.clone()))?;
+        registry.register(Box::new(m.duplicates.clone()))?;
+        registry.register(Box::new(m.scoring_failed.clone()))?;
+        Ok(m)
+    }
+}
+
+/// The fraud handler.
+pub struct FraudHandler {
+    settings: FraudSettings,
+    client: ScoringClient,
+    metrics: FraudMetrics,
+    /// Transactions sent to the error topic by a `prepare` whose batch has not committed yet.
+    /// Kept across `reset`: the error topic already holds them.
+    sticky: HashMap<Position, Rejection>,
+    staged: Option<store::Written>,
+    /// Transactions the last `prepare` rejected, counted once their batch commits.
+    scoring_failed: u64,
+}
+
+impl FraudHandler {
+    /// Builds the handler and registers its metrics on the context's registry.
+    pub fn new(ctx: &HandlerContext, settings: &FraudSettings) -> Result<Self, HandlerError> {
+        let metrics = FraudMetrics::register(&ctx.registry)
+            .map_err(|e| HandlerError::Fatal(format!("cannot register fraud metrics: {e}")))?;
+        let client_metrics = ClientMetrics::register(&ctx.registry)
+            .map_err(|e| HandlerError::Fatal(format!("cannot register fraud metrics: {e}")))?;
+        let client = ScoringClient::new(
+            ClientSettings {
+                url: settings.scoring_url.clone(),
+                timeout: Duration::from_millis(u64::from(settings.timeout_ms.max(1))),
+                max_retries: settings.max_retries,
+                breaker_failures: settings.circuit_breaker_failures,
+                breaker_reset: Duration::from_millis(u64::from(settings.circuit_breaker_reset_ms)),
+            },
+            client_metrics,
+        )
+        .map_err(|e| HandlerError::Fatal(format!("cannot build the scoring client: {e}")))?;
+        Ok(Self {
+            settings: settings.clone(),
+            client,
+            metrics,
+            sticky: HashMap::new(),
+            staged: None,
+            scoring_failed: 0,
+        })
+    }
+}
+
+impl Handler for FraudHandler {
+    type Item = FraudItem;
+
+    fn kind(&self) -> HandlerKind {
+        HandlerKind::Fraud
+    }
+
+    fn decode(&self, msg: &RawMessage) -> Result<FraudItem, Rejection> {
+        let reference = msg
+            .timestamp_ms
+            .and_then(DateTime::<Utc>::from_timestamp_millis)
+            .unwrap_or_else(Utc::now);
+        let transaction =
+            decode_transaction(msg.payload.as_deref().unwrap_or_default(), reference)?;
+        Ok(FraudItem {
+            transaction,
+            prediction: None,
+        })
+    }
+
+    async fn prepare(
+        &mut self,
+        items: Vec<Decoded<FraudItem>>,
+    ) -> Result<Prepared<FraudItem>, HandlerError> {
+        let size = self.settings.batch_size.max(1) as usize;
+        let mut scored = Vec::with_capacity(items.len());
+        let mut rejected = Vec::new();
+        let items: Vec<Decoded<FraudItem>> = items
+            .into_iter()
+            .filter_map(|d| match self.sticky.get(&d.pos) {
+                Some(r) => {
+                    rejected.push((d.pos, r.clone()));
+                    None
+                }
+                None => Some(d),
+            })
+            .collect();
+        let mut rest = items.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut group: Vec<Decoded<FraudItem>> = rest.by_ref().take(size).collect();
+            let inputs: Vec<_> = group
+                .iter()
+                .map(|d| d.item.transaction.score_input())
+                .collect();
+            match self.client.score(&inputs).await {
+                Ok(s) => {
+                    for (d, score) in group.iter_mut().zip(s.scores) {
+                        d.item.prediction = Some(Prediction {
+                            score,
+                            model_version: s.model_version.clone(),
+                        });
+                    }
+                    scored.append(&mut group);
+                }
+                Err(failure) => {
+                    warn!(
+                        transactions = group.len(),
+                        error = %failure,
+                        "scoring failed; sending the transactions to the error topic"
+                    );
+                    let reason = Rejection::new(RejectKind::ScoringFailed, failure.to_string());
+                    for d in group {
+                        self.sticky.insert(d.pos.clone(), reason.clone());
+                        rejected.push((d.pos, reason.clone()));
+                    }
+                }
+            }
+        }
+        // Counted once the batch commits (prepare may run again for the same batch).
+        self.scoring_failed = rejected.len() as u64;
+        Ok(Prepared {
+            items: scored,
+            rejected,
+        })
+    }
+
+    async fn write(
+        &mut self,
+        tx: &mut sqlx::PgConnection,
+        items: &[Decoded<FraudItem>],
+    ) -> Result<(), HandlerError> {
+        self.staged = None;
+        let written = store::write_batch(tx, items, self.settings.fraud_threshold).await?;
+        self.staged = Some(written);
+        Ok(())
+    }
+
+    async fn committed(&mut self) -> Result<(), HandlerError> {
+        self.sticky.clear();
+        if let Some(w) = self.staged.take() {
+            self.metrics.stored.inc_by(w.transactions);
+            self.metrics.flagged.inc_by(w.flagged);
+            self.metrics.duplicates.inc_by(w.duplicates);
+        }
+        self.metrics
+            .scoring_failed
+            .inc_by(std::mem::take(&mut self.scoring_failed));
+        Ok(())
+    }
+
+    fn revoke(&mut self, partitions: &[TopicPartition]) {
+        let revoked: HashSet<(&str, i32)> =
+            partitions.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
+        self.sticky
+            .retain(|pos, _| !revoked.contains(&(&*pos.topic, pos.partition)));
+    }
+
+    fn reset(&mut self) {
+        self.staged = None;
+        self.scoring_failed = 0;
+    }
+}

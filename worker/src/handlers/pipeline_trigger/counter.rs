@@ -1,0 +1,519 @@
+//! The Redis side of pipeline-trigger: event counting and trigger claims, each one atomic Lua
+//! script, so any number of replicas agree on every count and every trigger.
+//!
+//! Keys of consumer `C` (the `{C}` hash tag keeps them in one Redis Cluster slot):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `consumer:{C}:events` | string | events counted in the current window (seed 004's counter) |
+//! | `consumer:{C}:state` | hash | `window_start_ms`, `seq` (last claimed trigger), `events_total`, `last_trigger_ms` |
+//! | `consumer:{C}:offsets` | hash | `topic:partition` -> last counted offset |
+//! | `consumer:{C}:pending` | hash | `seq` -> trigger JSON, claimed and not yet delivered |
+//! | `consumer:{C}:last_trigger` | string | JSON of the last claimed trigger |
+//! | `consumer:{C}:lease:<seq>` | string, with TTL | the worker delivering that trigger |
+//!
+//! Times are Redis server time (`TIME`), so replicas with skewed clocks still agree.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, RedisError, Script};
+use tokio::sync::OnceCell;
+
+use super::trigger::Claimed;
+use crate::handlers::Decoded;
+
+/// Counts a batch's events, skipping offsets at or below each partition's last counted one (so a
+/// replay counts nothing twice), then claims a trigger for every `max_events` events, and a time
+/// trigger if the window is older than `max_time_ms` and holds events.
+///
+/// KEYS: events, state, offsets, pending, last_trigger.
+/// ARGV: max_events, max_time_ms, pipeline, then per partition: field, n, n offsets.
+/// Returns: {new events counted, events now in the window, claimed trigger JSON...}.
+const COUNT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max_events = tonumber(ARGV[1])
+local max_time = tonumber(ARGV[2])
+local pipeline = ARGV[3]
+local new = 0
+local i = 4
+while i <= #ARGV do
+  local field = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local last = tonumber(redis.call('HGET', KEYS[3], field) or '-1')
+  local top = last
+  for j = i + 2, i + 1 + n do
+    local o = tonumber(ARGV[j])
+    if o > last then
+      new = new + 1
+      if o > top then top = o end
+    end
+  end
+  if top > last then
+    redis.call('HSET', KEYS[3], field, string.format('%d', top))
+  end
+  i = i + 2 + n
+end
+local start = tonumber(redis.call('HGET', KEYS[2], 'window_start_ms') or '-1')
+if start < 0 then
+  start = now
+  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now))
+end
+if new > 0 then
+  redis.call('HINCRBY', KEYS[2], 'events_total', new)
+end
+local count = tonumber(redis.call('GET', KEYS[1]) or '0') + new
+local out = {tostring(new), ''}
+local function claim(reason, n)
+  local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+  local trig = cjson.encode({seq = seq, reason = reason, event_count = n,
+    window_start_ms = start, window_end_ms = now, pipeline = pipeline})
+  redis.call('HSET', KEYS[4], tostring(seq), trig)
+  redis.call('SET', KEYS[5], trig)
+  start = now
+  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now),
+    'last_trigger_ms', string.format('%d', now))
+  out[#out + 1] = trig
+end
+while count >= max_events do
+  claim('count', max_events)
+  count = count - max_events
+end
+if count > 0 and now - start >= max_time then
+  claim('time', count)
+  count = 0
+end
+redis.call('SET', KEYS[1], string.format('%d', count))
+out[2] = tostring(count)
+return out
+"#;
+
+/// Claims a time trigger if the window is at least `max_time_ms` old and holds events (or
+/// `on_empty` is 1).
+///
+/// KEYS: events, state, pending, last_trigger. ARGV: max_time_ms, on_empty, pipeline.
+/// Returns: {claimed trigger JSON or '', milliseconds until the window is due (-1: due, but empty
+/// and not triggering; an event will fire it)}.
+const TICK_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max_time = tonumber(ARGV[1])
+local start = tonumber(redis.call('HGET', KEYS[2], 'window_start_ms') or '-1')
+if start < 0 then
+  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now))
+  return {'', tostring(max_time)}
+end
+local elapsed = now - start
+if elapsed < max_time then
+  return {'', tostring(max_time - elapsed)}
+end
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count == 0 and ARGV[2] ~= '1' then
+  return {'', '-1'}
+end
+local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local trig = cjson.encode({seq = seq, reason = 'time', event_count = count,
+  window_start_ms = start, window_end_ms = now, pipeline = ARGV[3]})
+redis.call('HSET', KEYS[3], tostring(seq), trig)
+redis.call('SET', KEYS[4], trig)
+redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now),
+  'last_trigger_ms', string.format('%d', now))
+redis.call('SET', KEYS[1], '0')
+return {trig, tostring(max_time)}
+"#;
+
+/// Raises the trigger sequence to at least ARGV[1] (after Redis lost its data, so trigger ids
+/// already in PostgreSQL are never reused). KEYS: state.
+const RAISE_SEQ_LUA: &str = r#"
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local floor = tonumber(ARGV[1])
+if seq < floor then
+  redis.call('HSET', KEYS[1], 'seq', string.format('%d', floor))
+  return 1
+end
+return 0
+"#;
+
+/// Extends a delivery lease if this worker still holds it. KEYS: lease. ARGV: token, ttl_ms.
+const RENEW_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Releases a delivery lease if this worker holds it. KEYS: lease. ARGV: token.
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Removes a finished trigger from the pending hash and releases its lease.
+/// KEYS: pending, lease. ARGV: seq, token.
+const FINISH_LUA: &str = r#"
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"#;
+
+/// The Redis keys of one consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// Events in the current window.
+    pub events: String,
+    /// Window state.
+    pub state: String,
+    /// Counted offsets.
+    pub offsets: String,
+    /// Claimed, undelivered triggers.
+    pub pending: String,
+    /// Last claimed trigger.
+    pub last_trigger: String,
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys of `consumer_id`.
+    pub fn new(consumer_id: &str) -> Self {
+        let prefix = format!("consumer:{{{consumer_id}}}");
+        Self {
+            events: format!("{prefix}:events"),
+            state: format!("{prefix}:state"),
+            offsets: format!("{prefix}:offsets"),
+            pending: format!("{prefix}:pending"),
+            last_trigger: format!("{prefix}:last_trigger"),
+            prefix,
+        }
+    }
+
+    /// The delivery lease of trigger `seq`.
+    pub fn lease(&self, seq: u64) -> String {
+        format!("{}:lease:{seq}", self.prefix)
+    }
+}
+
+/// Result of counting a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counted {
+    /// Events counted for the first time.
+    pub new_events: u64,
+    /// Events in the window after the call.
+    pub window_events: u64,
+    /// Triggers claimed by the call.
+    pub claimed: Vec<Claimed>,
+}
+
+/// Result of a tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticked {
+    /// The time trigger claimed, if any.
+    pub claimed: Option<Claimed>,
+    /// How long until the window is due; `None` when it is due but empty and not triggering.
+    pub due_in: Option<Duration>,
+}
+
+/// What `/consumer/info` shows from Redis.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Events in the current window.
+    pub window_events: u64,
+    /// Events counted ever.
+    pub events_total: u64,
+    /// Window start (ms), if a window is open.
+    pub window_start_ms: Option<i64>,
+    /// Last claimed sequence number.
+    pub seq: u64,
+    /// Triggers claimed and not yet delivered.
+    pub pending: u64,
+    /// The last claimed trigger.
+    pub last_trigger: Option<Claimed>,
+}
+
+/// Errors of the Redis side.
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    /// Redis failed.
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    /// A script returned something unexpected.
+    #[error("unexpected script result: {0}")]
+    Protocol(String),
+}
+
+fn parse_claimed(json: &str) -> Result<Claimed, CounterError> {
+    serde_json::from_str(json)
+        .map_err(|e| CounterError::Protocol(format!("trigger JSON {json:?}: {e}")))
+}
+
+/// A lazily connected, shared Redis connection with the scripts.
+pub struct Counter {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    keys: Keys,
+    count: Script,
+    tick: Script,
+    raise: Script,
+    renew: Script,
+    release: Script,
+    finish: Script,
+}
+
+impl Counter {
+    /// A counter for `consumer_id` on the Redis at `url` (no connection is made yet).
+    pub fn new(url: &str, consumer_id: &str) -> Result<Arc<Self>, RedisError> {
+        Ok(Arc::new(Self {
+            client: redis::Client::open(url)?,
+            conn: OnceCell::new(),
+            keys: Keys::new(consumer_id),
+            count: Script::new(COUNT_LUA),
+            tick: Script::new(TICK_LUA),
+            raise: Script::new(RAISE_SEQ_LUA),
+            renew: Script::new(RENEW_LUA),
+            release: Script::new(RELEASE_LUA),
+            finish: Script::new(FINISH_LUA),
+        }))
+    }
+
+    /// The consumer's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The connection, made on first use (and retried on the next call if it fails).
+    pub async fn conn(&self) -> Result<ConnectionManager, RedisError> {
+        let c = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Duration::from_secs(5))
+                    .set_response_timeout(Duration::from_secs(10))
+                    .set_number_of_retries(2);
+                ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await?;
+        Ok(c.clone())
+    }
+
+    /// Counts `items` (grouped by partition) and claims the triggers they cause.
+    pub async fn count<T>(
+        &self,
+        items: &[Decoded<T>],
+        max_events: u64,
+        max_time_ms: u64,
+        pipeline: &str,
+    ) -> Result<Counted, CounterError> {
+        let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<i64>> =
+            std::collections::BTreeMap::new();
+        for d in items {
+            by_partition
+                .entry((&d.pos.topic, d.pos.partition))
+                .or_default()
+                .push(d.pos.offset);
+        }
+        let mut inv = self.count.prepare_invoke();
+        inv.key(&self.keys.events)
+            .key(&self.keys.state)
+            .key(&self.keys.offsets)
+            .key(&self.keys.pending)
+            .key(&self.keys.last_trigger)
+            .arg(max_events.max(1))
+            .arg(max_time_ms.max(1))
+            .arg(pipeline);
+        for ((topic, partition), offsets) in &by_partition {
+            inv.arg(format!("{topic}:{partition}"))
+                .arg(offsets.len())
+                .arg(offsets.as_slice());
+        }
+        let mut conn = self.conn().await?;
+        let out: Vec<String> = inv.invoke_async(&mut conn).await?;
+        let number = |i: usize| -> Result<u64, CounterError> {
+            out.get(i)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| CounterError::Protocol(format!("count script returned {out:?}")))
+        };
+        Ok(Counted {
+            new_events: number(0)?,
+            window_events: number(1)?,
+            claimed: out[2..]
+                .iter()
+                .map(|j| parse_claimed(j))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Claims a time trigger if one is due.
+    pub async fn tick(
+        &self,
+        max_time_ms: u64,
+        on_empty: bool,
+        pipeline: &str,
+    ) -> Result<Ticked, CounterError> {
+        let mut conn = self.conn().await?;
+        let out: Vec<String> = self
+            .tick
+            .key(&self.keys.events)
+            .key(&self.keys.state)
+            .key(&self.keys.pending)
+            .key(&self.keys.last_trigger)
+            .arg(max_time_ms.max(1))
+            .arg(if on_empty { "1" } else { "0" })
+            .arg(pipeline)
+            .invoke_async(&mut conn)
+            .await?;
+        let (json, due) = match out.as_slice() {
+            [j, d] => (j, d),
+            _ => return Err(CounterError::Protocol(format!("tick script returned {out:?}"))),
+        };
+        let due: i64 = due
+            .parse()
+            .map_err(|_| CounterError::Protocol(format!("tick script returned {out:?}")))?;
+        Ok(Ticked {
+            claimed: if json.is_empty() {
+                None
+            } else {
+                Some(parse_claimed(json)?)
+            },
+            due_in: u64::try_from(due).ok().map(Duration::from_millis),
+        })
+    }
+
+    /// Raises the sequence to at least `floor`. Returns whether it was raised.
+    pub async fn raise_seq(&self, floor: u64) -> Result<bool, CounterError> {
+        let mut conn = self.conn().await?;
+        let raised: i64 = self
+            .raise
+            .key(&self.keys.state)
+            .arg(floor)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(raised == 1)
+    }
+
+    /// Puts a trigger back in the pending hash unless it is there (recovery from PostgreSQL).
+    pub async fn restore_pending(&self, t: &Claimed) -> Result<bool, CounterError> {
+        let mut conn = self.conn().await?;
+        let json = serde_json::to_string(t)
+            .map_err(|e| CounterError::Protocol(format!("cannot encode trigger: {e}")))?;
+        let added: bool = conn.hset_nx(&self.keys.pending, t.seq, json).await?;
+        Ok(added)
+    }
+
+    /// The pending triggers, by sequence number.
+    pub async fn pending(&self) -> Result<Vec<Claimed>, CounterError> {
+        let mut conn = self.conn().await?;
+        let all: Vec<(String, String)> = conn.hgetall(&self.keys.pending).await?;
+        let mut out = all
+            .iter()
+            .map(|(_, j)| parse_claimed(j))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|t| t.seq);
+        Ok(out)
+    }
+
+    /// Takes the delivery lease of trigger `seq` for `ttl` if nobody holds it.
+    pub async fn acquire_lease(
+        &self,
+        seq: u64,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CounterError> {
+        let mut conn = self.conn().await?;
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
+        let set: Option<String> = conn.set_options(self.keys.lease(seq), token, opts).await?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the lease if still held. Returns whether it is.
+    pub async fn renew_lease(
+        &self,
+        seq: u64,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, CounterError> {
+        let mut conn = self.conn().await?;
+        let held: i64 = self
+            .renew
+            .key(self.keys.lease(seq))
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Releases the lease if held.
+    pub async fn release_lease(&self, seq: u64, token: &str) -> Result<(), CounterError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .release
+            .key(self.keys.lease(seq))
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks trigger `seq` finished (delivered or failed for good).
+    pub async fn finish(&self, seq: u64, token: &str) -> Result<(), CounterError> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .finish
+            .key(&self.keys.pending)
+            .key(self.keys.lease(seq))
+            .arg(seq)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Counters and the last trigger, for `/consumer/info`.
+    pub async fn snapshot(&self) -> Result<Snapshot, CounterError> {
+        let mut conn = self.conn().await?;
+        let (events, state, pending, last): (
+            Option<u64>,
+            std::collections::HashMap<String, String>,
+            u64,
+            Option<String>,
+        ) = redis::pipe()
+            .get(&self.keys.events)
+            .hgetall(&self.keys.state)
+            .hlen(&self.keys.pending)
+            .get(&self.keys.last_trigger)
+            .query_async(&mut conn)
+            .await?;
+        let num = |k: &str| state.get(k).and_then(|v| v.parse::<i64>().ok());
+        Ok(Snapshot {
+            window_events: events.unwrap_or(0),
+            events_total: num("events_total").unwrap_or(0).max(0) as u64,
+            window_start_ms: num("window_start_ms"),
+            seq: num("seq").unwrap_or(0).max(0) as u64,
+            pending,
+            last_trigger: last.as_deref().map(parse_claimed).transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag_per_consumer() {
+        let k = Keys::new("team-a/clicks");
+        assert_eq!(k.events, "consumer:{team-a/clicks}:events");
+        assert_eq!(k.lease(7), "consumer:{team-a/clicks}:lease:7");
+        for key in [&k.events, &k.state, &k.offsets, &k.pending, &k.last_trigger] {
+            assert!(key.contains("{team-a/clicks}"));
+        }
+    }
+}

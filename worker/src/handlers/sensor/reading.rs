@@ -1,0 +1,180 @@
+//! The sensor reading message and its decoding. The schema is documented in the `sensor` module.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::handlers::json_fields::{check_id, parse_object, parse_timestamp, req_bool, req_object, req_str};
+use crate::handlers::{RejectKind, Rejection};
+
+/// Longest accepted `machine_id`, in bytes.
+pub const MAX_MACHINE_ID_BYTES: usize = 128;
+/// Most sensor values in one reading.
+pub const MAX_READINGS: usize = 256;
+/// Longest sensor name, in bytes.
+pub const MAX_SENSOR_NAME_BYTES: usize = 64;
+
+/// A decoded, valid sensor reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Machine that sent it.
+    pub machine_id: String,
+    /// When it was measured.
+    pub timestamp: DateTime<Utc>,
+    /// The sensor values as a JSON object text with keys in sorted order.
+    pub values: String,
+    /// Whether the machine reports a failure.
+    pub failure: bool,
+}
+
+/// Decodes and validates one reading.
+pub fn decode_reading(payload: &[u8]) -> Result<Reading, Rejection> {
+    let obj = parse_object(payload)?;
+    let machine_id = check_id(
+        "machine_id",
+        req_str(&obj, &["machine_id"])?,
+        MAX_MACHINE_ID_BYTES,
+    )?;
+    let timestamp = parse_timestamp("timestamp", req_str(&obj, &["timestamp"])?, true)?;
+    let readings = req_object(&obj, &["readings"])?;
+    let values = check_values(readings)?;
+    let failure = req_bool(&obj, &["failure"])?;
+    Ok(Reading {
+        machine_id: machine_id.to_string(),
+        timestamp,
+        values,
+        failure,
+    })
+}
+
+fn check_values(readings: &Map<String, Value>) -> Result<String, Rejection> {
+    if readings.len() > MAX_READINGS {
+        return Err(Rejection::new(
+            RejectKind::InvalidValue,
+            format!(
+                "field `readings` has {} values; at most {MAX_READINGS} are allowed",
+                readings.len()
+            ),
+        ));
+    }
+    for (name, v) in readings {
+        if name.is_empty() || name.len() > MAX_SENSOR_NAME_BYTES {
+            return Err(Rejection::new(
+                RejectKind::InvalidValue,
+                format!("sensor names in `readings` must be 1-{MAX_SENSOR_NAME_BYTES} bytes long, got {name:?}"),
+            ));
+        }
+        match v.as_f64() {
+            // serde_json never yields a non-finite number, but a value could come from
+            // elsewhere one day.
+            Some(n) if n.is_finite() => {}
+            Some(_) => {
+                return Err(Rejection::new(
+                    RejectKind::InvalidValue,
+                    format!("field `readings.{name}` must be finite"),
+                ))
+            }
+            None => {
+                return Err(Rejection::new(
+                    RejectKind::WrongType,
+                    format!(
+                        "field `readings.{name}` must be a number, got {}",
+                        crate::handlers::json_fields::type_name(v)
+                    ),
+                ))
+            }
+        }
+    }
+    // serde_json's map is ordered by key, so the text is the same for equal readings.
+    serde_json::to_string(readings).map_err(|e| {
+        Rejection::new(
+            RejectKind::InvalidValue,
+            format!("field `readings` cannot be re-encoded: {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    const SEED_002: &str = r#"{"machine_id": "m-7", "timestamp": "2024-03-20T10:30:00Z", "readings": {"temperature": 71.2, "vibration": 0.03}, "failure": false}"#;
+
+    #[test]
+    fn seed_002_message_decodes() {
+        let r = decode_reading(SEED_002.as_bytes()).unwrap();
+        assert_eq!(r.machine_id, "m-7");
+        assert_eq!(r.timestamp, Utc.with_ymd_and_hms(2024, 3, 20, 10, 30, 0).unwrap());
+        assert_eq!(r.values, r#"{"temperature":71.2,"vibration":0.03}"#);
+        assert!(!r.failure);
+    }
+
+    #[test]
+    fn values_text_is_independent_of_key_order() {
+        let a = decode_reading(SEED_002.as_bytes()).unwrap();
+        let b = decode_reading(
+            br#"{"failure": false, "readings": {"vibration": 0.03, "temperature": 71.2}, "timestamp": "2024-03-20T10:30:00Z", "machine_id": "m-7"}"#,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {}, "failure": true, "site": "north"}"#,
+        )
+        .unwrap();
+        assert!(r.failure);
+        assert_eq!(r.values, "{}");
+    }
+
+    #[test]
+    fn missing_failure_flag_is_a_missing_field() {
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::MissingField);
+        assert_eq!(r.detail, "missing field `failure`");
+    }
+
+    #[test]
+    fn non_numeric_sensor_value_is_a_wrong_type_naming_the_sensor() {
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {"temperature": "hot"}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::WrongType);
+        assert_eq!(r.detail, "field `readings.temperature` must be a number, got a string");
+    }
+
+    #[test]
+    fn bad_timestamp_is_an_invalid_value() {
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "yesterday", "readings": {}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::InvalidValue);
+        assert!(r.detail.starts_with("field `timestamp` is not an ISO 8601 timestamp"), "{}", r.detail);
+    }
+
+    #[test]
+    fn empty_machine_id_is_an_invalid_value() {
+        let r = decode_reading(
+            br#"{"machine_id": "", "timestamp": "2024-03-20T10:30:00Z", "readings": {}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::InvalidValue);
+    }
+
+    #[test]
+    fn readings_that_are_not_an_object_are_a_wrong_type() {
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": [1], "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::WrongType);
+    }
+}

@@ -1,0 +1,218 @@
+//! PostgreSQL side of the sensor handler: loading machine state and writing a batch plan. Every
+//! statement works on whole batches (`UNNEST` of arrays), so a batch costs a handful of round
+//! trips whatever its size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+
+use super::episodes::{BatchPlan, Link, MachineState, OpenFailure, ReadingRow};
+use crate::handlers::Position;
+
+/// Loads the state of the given machines, as committed: dates, and the open episode if any.
+/// Machines never seen are absent from the result.
+pub async fn load_states(
+    conn: &mut PgConnection,
+    machines: &[String],
+) -> Result<HashMap<String, MachineState>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT m.machine_id, m.first_seen, m.last_seen, \
+                f.failure_id, f.started_at, f.opened_topic, f.opened_partition, f.opened_offset \
+         FROM machines m \
+         LEFT JOIN failures f ON f.machine_id = m.machine_id AND f.active \
+         WHERE m.machine_id = ANY($1)",
+    )
+    .bind(machines)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let failure_id: Option<String> = row.try_get("failure_id")?;
+        let open = match failure_id {
+            Some(id) => {
+                let topic: String = row.try_get("opened_topic")?;
+                Some(OpenFailure {
+                    id,
+                    started_at: row.try_get("started_at")?,
+                    opened_by: Position {
+                        topic: Arc::from(topic),
+                        partition: row.try_get("opened_partition")?,
+                        offset: row.try_get("opened_offset")?,
+                    },
+                })
+            }
+            None => None,
+        };
+        out.insert(
+            row.try_get("machine_id")?,
+            MachineState {
+                first_seen: row.try_get("first_seen")?,
+                last_seen: row.try_get("last_seen")?,
+                open,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Column arrays of a set of readings.
+#[derive(Default)]
+struct ReadingColumns {
+    topics: Vec<String>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    machines: Vec<String>,
+    times: Vec<DateTime<Utc>>,
+    values: Vec<String>,
+    failures: Vec<bool>,
+    links: Vec<Option<String>>,
+}
+
+impl ReadingColumns {
+    fn push(&mut self, r: &ReadingRow, link: Option<String>) {
+        self.topics.push(r.pos.topic.to_string());
+        self.partitions.push(r.pos.partition);
+        self.offsets.push(r.pos.offset);
+        self.machines.push(r.machine_id.clone());
+        self.times.push(r.timestamp);
+        self.values.push(r.values.clone());
+        self.failures.push(r.failure);
+        self.links.push(link);
+    }
+}
+
+/// Writes a batch plan inside the caller's transaction: machines, then episodes, then readings
+/// (in-order readings with their episode, late readings linked to the episode containing their
+/// timestamp). Readings already stored (same source position) are left alone, so even a replay of
+/// committed messages changes nothing.
+pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(), sqlx::Error> {
+    if plan.readings.is_empty() {
+        return Ok(());
+    }
+
+    // Machines, in id order so concurrent writers lock rows in the same order.
+    let mut machines: Vec<(&String, &MachineState)> = plan.machines.iter().collect();
+    machines.sort_by(|a, b| a.0.cmp(b.0));
+    let ids: Vec<&str> = machines.iter().map(|(id, _)| id.as_str()).collect();
+    let first: Vec<DateTime<Utc>> = machines.iter().map(|(_, s)| s.first_seen).collect();
+    let last: Vec<DateTime<Utc>> = machines.iter().map(|(_, s)| s.last_seen).collect();
+    sqlx::query(
+        "INSERT INTO machines (machine_id, first_seen, last_seen) \
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+         ON CONFLICT (machine_id) DO UPDATE \
+         SET first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen",
+    )
+    .bind(&ids)
+    .bind(&first)
+    .bind(&last)
+    .execute(&mut *conn)
+    .await?;
+
+    if !plan.failures.is_empty() {
+        let f = &plan.failures;
+        let ids: Vec<&str> = f.iter().map(|r| r.id.as_str()).collect();
+        let machines: Vec<&str> = f.iter().map(|r| r.machine_id.as_str()).collect();
+        let started: Vec<DateTime<Utc>> = f.iter().map(|r| r.started_at).collect();
+        let ended: Vec<Option<DateTime<Utc>>> = f.iter().map(|r| r.ended_at).collect();
+        let o_topic: Vec<&str> = f.iter().map(|r| &*r.opened_by.topic).collect();
+        let o_part: Vec<i32> = f.iter().map(|r| r.opened_by.partition).collect();
+        let o_off: Vec<i64> = f.iter().map(|r| r.opened_by.offset).collect();
+        let c_topic: Vec<Option<&str>> = f
+            .iter()
+            .map(|r| r.closed_by.as_ref().map(|p| &*p.topic))
+            .collect();
+        let c_part: Vec<Option<i32>> = f
+            .iter()
+            .map(|r| r.closed_by.as_ref().map(|p| p.partition))
+            .collect();
+        let c_off: Vec<Option<i64>> = f
+            .iter()
+            .map(|r| r.closed_by.as_ref().map(|p| p.offset))
+            .collect();
+        sqlx::query(
+            "INSERT INTO failures (failure_id, machine_id, started_at, ended_at, active, \
+                 opened_topic, opened_partition, opened_offset, \
+                 closed_topic, closed_partition, closed_offset) \
+             SELECT u.id, u.m, u.s, u.e, u.e IS NULL, u.ot, u.op, u.oo, u.ct, u.cp, u.co \
+             FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[], \
+                         $5::text[], $6::int4[], $7::int8[], $8::text[], $9::int4[], $10::int8[]) \
+                  WITH ORDINALITY AS u(id, m, s, e, ot, op, oo, ct, cp, co, n) \
+             ORDER BY u.n \
+             ON CONFLICT (failure_id) DO UPDATE \
+             SET ended_at = EXCLUDED.ended_at, active = EXCLUDED.active, \
+                 closed_topic = EXCLUDED.closed_topic, closed_partition = EXCLUDED.closed_partition, \
+                 closed_offset = EXCLUDED.closed_offset",
+        )
+        .bind(&ids)
+        .bind(&machines)
+        .bind(&started)
+        .bind(&ended)
+        .bind(&o_topic)
+        .bind(&o_part)
+        .bind(&o_off)
+        .bind(&c_topic)
+        .bind(&c_part)
+        .bind(&c_off)
+        .execute(&mut *conn)
+        .await?;
+    }
+
+    let mut in_order = ReadingColumns::default();
+    let mut late = ReadingColumns::default();
+    for r in &plan.readings {
+        match &r.link {
+            Link::None => in_order.push(r, None),
+            Link::Failure(id) => in_order.push(r, Some(id.clone())),
+            Link::Lookup => late.push(r, None),
+        }
+    }
+    if !in_order.offsets.is_empty() {
+        let c = &in_order;
+        sqlx::query(
+            "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, machine_id, \
+                 reading_time, sensor_values, failure, failure_id, late) \
+             SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, u.l, FALSE \
+             FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
+                         $6::text[], $7::bool[], $8::text[]) AS u(t, p, o, m, ts, v, f, l) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&c.topics)
+        .bind(&c.partitions)
+        .bind(&c.offsets)
+        .bind(&c.machines)
+        .bind(&c.times)
+        .bind(&c.values)
+        .bind(&c.failures)
+        .bind(&c.links)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !late.offsets.is_empty() {
+        let c = &late;
+        sqlx::query(
+            "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, machine_id, \
+                 reading_time, sensor_values, failure, failure_id, late) \
+             SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, \
+                    (SELECT f.failure_id FROM failures f \
+                     WHERE f.machine_id = u.m AND f.started_at <= u.ts \
+                       AND (f.ended_at IS NULL OR f.ended_at > u.ts) \
+                     ORDER BY f.started_at DESC LIMIT 1), \
+                    TRUE \
+             FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
+                         $6::text[], $7::bool[]) AS u(t, p, o, m, ts, v, f) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&c.topics)
+        .bind(&c.partitions)
+        .bind(&c.offsets)
+        .bind(&c.machines)
+        .bind(&c.times)
+        .bind(&c.values)
+        .bind(&c.failures)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}

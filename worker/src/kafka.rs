@@ -1,0 +1,172 @@
+//! librdkafka client configurations shared by the pipeline, the error-topic producer, the
+//! `produce` tool and the admin commands.
+
+use rdkafka::ClientConfig;
+use streamops_crds::v1alpha1::{SaslMechanism, SecurityProtocol};
+use streamops_crds::KafkaConfig;
+
+use crate::secrets::SaslCredentials;
+
+/// Connection and security settings common to every Kafka client of the worker.
+#[derive(Clone, Debug)]
+pub struct KafkaClientSettings {
+    /// Bootstrap brokers.
+    pub bootstrap_servers: String,
+    /// `security.protocol`.
+    pub security_protocol: SecurityProtocol,
+    /// `sasl.mechanism`.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL credentials (from the environment).
+    pub credentials: Option<SaslCredentials>,
+    /// `ssl.ca.location`.
+    pub ssl_ca_location: Option<String>,
+    /// `ssl.certificate.location`.
+    pub ssl_certificate_location: Option<String>,
+    /// `ssl.key.location`.
+    pub ssl_key_location: Option<String>,
+}
+
+impl KafkaClientSettings {
+    /// Plain-text connection to `bootstrap_servers` (local tools and tests).
+    pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            credentials: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+        }
+    }
+
+    /// The settings of a worker configuration, with credentials from the environment.
+    pub fn from_config(config: &KafkaConfig, credentials: Option<SaslCredentials>) -> Self {
+        Self {
+            bootstrap_servers: config.bootstrap_servers.clone(),
+            security_protocol: config.security_protocol,
+            sasl_mechanism: config.sasl_mechanism,
+            credentials,
+            ssl_ca_location: config.ssl_ca_location.clone(),
+            ssl_certificate_location: config.ssl_certificate_location.clone(),
+            ssl_key_location: config.ssl_key_location.clone(),
+        }
+    }
+
+    /// Connection and security properties only.
+    pub fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("security.protocol", self.security_protocol.as_str())
+            .set("client.id", "streamops-worker");
+        if self.security_protocol.uses_sasl() {
+            if let Some(m) = self.sasl_mechanism {
+                c.set("sasl.mechanism", m.as_str());
+            }
+            if let Some(cred) = &self.credentials {
+                c.set("sasl.username", &cred.username)
+                    .set("sasl.password", &cred.password);
+            }
+        }
+        if self.security_protocol.uses_tls() {
+            if let Some(p) = &self.ssl_ca_location {
+                c.set("ssl.ca.location", p);
+            }
+            if let Some(p) = &self.ssl_certificate_location {
+                c.set("ssl.certificate.location", p);
+            }
+            if let Some(p) = &self.ssl_key_location {
+                c.set("ssl.key.location", p);
+            }
+        }
+        c
+    }
+
+    /// A reliable producer: `acks=all`, idempotence, retries, snappy.
+    pub fn reliable_producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.send.max.retries", "10")
+            .set("retry.backoff.ms", "100")
+            .set("compression.type", "snappy")
+            .set("message.timeout.ms", "30000");
+        c
+    }
+}
+
+/// Settings of the pipeline's consumer.
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings<'a> {
+    /// Consumer group.
+    pub group_id: &'a str,
+    /// `group.instance.id` (static membership), if any.
+    pub instance_id: Option<&'a str>,
+    /// `auto.offset.reset`.
+    pub auto_offset_reset: &'a str,
+    /// `statistics.interval.ms` (0 disables the lag gauge).
+    pub statistics_interval_ms: u32,
+}
+
+impl KafkaClientSettings {
+    /// The pipeline consumer: manual offsets (PostgreSQL is the source of truth),
+    /// cooperative-sticky assignment, statistics for the lag gauge.
+    pub fn consumer(&self, s: &ConsumerSettings<'_>) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", s.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("auto.offset.reset", s.auto_offset_reset)
+            .set("session.timeout.ms", "45000")
+            .set("heartbeat.interval.ms", "3000")
+            .set("max.poll.interval.ms", "300000")
+            .set("fetch.wait.max.ms", "100")
+            .set("queued.min.messages", "200000")
+            .set("statistics.interval.ms", s.statistics_interval_ms.to_string());
+        if let Some(id) = s.instance_id {
+            c.set("group.instance.id", id);
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_credentials_are_set_only_for_sasl_protocols() {
+        let mut s = KafkaClientSettings::plaintext("b:9092");
+        s.sasl_mechanism = Some(SaslMechanism::ScramSha512);
+        s.credentials = Some(SaslCredentials {
+            username: "u".into(),
+            password: "p".into(),
+        });
+        assert_eq!(s.base().get("sasl.username"), None);
+        s.security_protocol = SecurityProtocol::SaslSsl;
+        s.ssl_ca_location = Some("/ca.crt".into());
+        let c = s.base();
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.username"), Some("u"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/ca.crt"));
+    }
+
+    #[test]
+    fn consumer_never_auto_commits_and_uses_static_membership_when_given() {
+        let c = KafkaClientSettings::plaintext("b:9092").consumer(&ConsumerSettings {
+            group_id: "g",
+            instance_id: Some("w-0"),
+            auto_offset_reset: "earliest",
+            statistics_interval_ms: 5000,
+        });
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.instance.id"), Some("w-0"));
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The consumer context: positions every assigned partition at the offset stored in PostgreSQL
+//! before fetching starts, tells the pipeline about assignments and revocations, and turns
+//! librdkafka statistics into the lag gauge.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use sqlx::PgPool;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::handlers::TopicPartition;
+use crate::metrics::Metrics;
+use crate::offsets;
+use crate::pipeline::state::{Health, Ownership};
+
+/// A change of this worker's assignment, in the order the rebalance callback saw it.
+#[derive(Debug, Clone)]
+pub enum RebalanceEvent {
+    /// Partitions added, each with its new assignment epoch.
+    Assigned(Vec<(TopicPartition, u64)>),
+    /// Partitions taken away (or lost).
+    Revoked(Vec<TopicPartition>),
+}
+
+/// The librdkafka context of the pipeline's consumer.
+pub struct PipelineConsumerContext {
+    pub(crate) group: String,
+    pub(crate) pool: PgPool,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) ownership: Arc<Ownership>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) metrics: Metrics,
+    pub(crate) events: UnboundedSender<RebalanceEvent>,
+    pub(crate) shutdown: CancellationToken,
+    topics: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+impl PipelineConsumerContext {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        group: String,
+        pool: PgPool,
+        runtime: tokio::runtime::Handle,
+        ownership: Arc<Ownership>,
+        health: Arc<Health>,
+        metrics: Metrics,
+        events: UnboundedSender<RebalanceEvent>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            group,
+            pool,
+            runtime,
+            ownership,
+            health,
+            metrics,
+            events,
+            shutdown,
+            topics: Default::default(),
+        }
+    }
+
+    /// One shared `Arc<str>` per topic name, so messages do not allocate their topic.
+    pub(crate) fn intern(&self, topic: &str) -> Arc<str> {
+        let mut g = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = g.iter().find(|t| &***t == topic) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(topic);
+        g.push(t.clone());
+        t
+    }
+
+    fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+        tpl.elements()
+            .iter()
+            .map(|e| TopicPartition {
+                topic: self.intern(e.topic()),
+                partition: e.partition(),
+            })
+            .collect()
+    }
+
+    /// Reads the stored offsets, retrying with backoff while PostgreSQL is unreachable. Runs on
+    /// the task polling the consumer, so it blocks that task in place (multi-thread runtime).
+    fn load_offsets(&self, parts: &[TopicPartition]) -> HashMap<TopicPartition, i64> {
+        let fut = async {
+            let mut backoff = Backoff::default_worker();
+            loop {
+                let result = async {
+                    let mut conn = self.pool.acquire().await?;
+                    offsets::load(&mut conn, &self.group, parts).await
+                }
+                .await;
+                match result {
+                    Ok(map) => {
+                        if backoff.attempts() > 0 {
+                            self.health.set_outage(false);
+                            self.metrics.in_outage.set(0);
+                        }
+                        return map;
+                    }
+                    Err(e) => {
+                        if backoff.attempts() == 0 {
+                            self.health.set_outage(true);
+                            self.metrics.outages.inc();
+                            self.metrics.in_outage.set(1);
+                        }
+                        self.metrics.retries.with_label_values(&["offsets_read"]).inc();
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                            "cannot read stored offsets for the assignment; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = self.shutdown.cancelled() => {
+                                tracing::warn!("shutting down before the stored offsets could be read");
+                                return HashMap::new();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.runtime.block_on(fut))
+            }
+            // Not on a runtime thread (or a current-thread runtime): run the query on a scoped
+            // thread that enters the runtime.
+            _ => std::thread::scope(|s| {
+                s.spawn(|| self.runtime.block_on(fut))
+                    .join()
+                    .unwrap_or_default()
+            }),
+        }
+    }
+
+    fn on_assign(&self, tpl: &mut TopicPartitionList) {
+        let parts = self.partitions_of(tpl);
+        let stored = self.load_offsets(&parts);
+        let mut assigned = Vec::with_capacity(parts.len());
+        for tp in parts {
+            let next = stored.get(&tp).copied();
+            if let Some(n) = next {
+                if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(n)) {
+                    tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
+                        "cannot position the partition at its stored offset");
+                }
+            }
+            tracing::info!(topic = %tp.topic, partition = tp.partition,
+                stored_next_offset = ?next, "partition assigned");
+            let epoch = self.ownership.assign(tp.clone(), next);
+            assigned.push((tp, epoch));
+        }
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.metrics.assigned_partitions.set(self.ownership.len() as i64);
+        let _ = self.events.send(RebalanceEvent::Assigned(assigned));
+        self.health.set_joined();
+    }
+
+    fn on_revoke(&self, tpl: &TopicPartitionList) {
+        let parts = self.partitions_of(tpl);
+        for tp in &parts {
+            self.ownership.revoke(tp);
+            let _ = self
+                .metrics
+                .partition_lag
+                .remove_label_values(&[&*tp.topic, tp.partition.to_string().as_str()]);
+            tracing::info!(topic = %tp.topic, partition = tp.partition, "partition revoked");
+        }
+        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        self.metrics.assigned_partitions.set(self.ownership.len() as i64);
+        let _ = self.events.send(RebalanceEvent::Revoked(parts));
+    }
+}
+
+impl ClientContext for PipelineConsumerContext {
+    fn stats(&self, stats: Statistics) {
+        if let Some(cg) = &stats.cgrp {
+            if cg.join_state == "steady" {
+                self.health.set_joined();
+            }
+        }
+        for (name, topic) in &stats.topics {
+            for (p, part) in &topic.partitions {
+                if *p < 0 {
+                    continue;
+                }
+                let tp = TopicPartition {
+                    topic: self.intern(name),
+                    partition: *p,
+                };
+                if self.ownership.get(&tp).is_some() && part.consumer_lag >= 0 {
+                    self.metrics
+                        .partition_lag
+                        .with_label_values(&[name.as_str(), &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for PipelineConsumerContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(tpl);
+                let result = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if base_consumer.assignment_lost() {
+                    tracing::warn!("assignment lost (session timed out or fenced)");
+                }
+                self.on_revoke(tpl);
+                let result = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                let all = base_consumer.assignment().unwrap_or_default();
+                self.on_revoke(&all);
+                if let Err(e) = base_consumer.unassign() {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+            }
+        }
+    }
+}

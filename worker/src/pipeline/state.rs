@@ -1,0 +1,185 @@
+//! State shared between the rebalance callback, the poll loop, the writer and the HTTP server.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::handlers::TopicPartition;
+
+/// A partition this worker owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owned {
+    /// Changes on every assignment, so messages fetched under an earlier assignment of the same
+    /// partition are recognised and dropped.
+    pub epoch: u64,
+    /// The `next_offset` stored in PostgreSQL as this worker last knew it (None: no row).
+    pub next_offset: Option<i64>,
+}
+
+/// The partitions this worker owns, with the offset each resumes from.
+#[derive(Debug, Default)]
+pub struct Ownership {
+    inner: Mutex<OwnershipInner>,
+}
+
+#[derive(Debug, Default)]
+struct OwnershipInner {
+    parts: HashMap<TopicPartition, Owned>,
+    next_epoch: u64,
+}
+
+impl Ownership {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwnershipInner> {
+        // A poisoned lock only means a panic elsewhere; the map itself is always consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an assignment; returns the partition's new epoch.
+    pub fn assign(&self, tp: TopicPartition, stored: Option<i64>) -> u64 {
+        let mut g = self.lock();
+        g.next_epoch += 1;
+        let epoch = g.next_epoch;
+        g.parts.insert(
+            tp,
+            Owned {
+                epoch,
+                next_offset: stored,
+            },
+        );
+        epoch
+    }
+
+    /// Records a revocation.
+    pub fn revoke(&self, tp: &TopicPartition) {
+        self.lock().parts.remove(tp);
+    }
+
+    /// The partition's state, if owned.
+    pub fn get(&self, tp: &TopicPartition) -> Option<Owned> {
+        self.lock().parts.get(tp).copied()
+    }
+
+    /// Sets the known `next_offset` if `tp` is still owned under `epoch`.
+    pub fn set_next_offset(&self, tp: &TopicPartition, epoch: u64, next: i64) -> bool {
+        match self.lock().parts.get_mut(tp) {
+            Some(o) if o.epoch == epoch => {
+                o.next_offset = Some(next);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every owned partition.
+    pub fn partitions(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<_> = self.lock().parts.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Number of owned partitions.
+    pub fn len(&self) -> usize {
+        self.lock().parts.len()
+    }
+
+    /// Whether no partition is owned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Health flags behind `/healthz` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    joined: AtomicBool,
+    db_ok: AtomicBool,
+    outage: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Health {
+    /// The worker has received its (possibly empty) assignment from the group.
+    pub fn set_joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+    /// Whether the worker has received its assignment.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
+    }
+    /// Result of the last database probe.
+    pub fn set_db_ok(&self, ok: bool) {
+        self.db_ok.store(ok, Ordering::Relaxed);
+    }
+    /// Whether the database answered the last probe.
+    pub fn db_ok(&self) -> bool {
+        self.db_ok.load(Ordering::Relaxed)
+    }
+    /// Enters or leaves outage backoff.
+    pub fn set_outage(&self, on: bool) {
+        self.outage.store(on, Ordering::Relaxed);
+    }
+    /// Whether the worker is in outage backoff.
+    pub fn outage(&self) -> bool {
+        self.outage.load(Ordering::Relaxed)
+    }
+    /// The worker is shutting down.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+    /// Ready: joined, database reachable, not in outage, not stopping.
+    pub fn ready(&self) -> bool {
+        self.joined() && self.db_ok() && !self.outage() && !self.stopping.load(Ordering::Relaxed)
+    }
+    /// Why the worker is not ready, for the `/readyz` body.
+    pub fn reason(&self) -> &'static str {
+        if self.stopping.load(Ordering::Relaxed) {
+            "shutting down"
+        } else if !self.joined() {
+            "waiting for a partition assignment"
+        } else if !self.db_ok() {
+            "database unreachable"
+        } else if self.outage() {
+            "in outage backoff"
+        } else {
+            "ready"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn tp(p: i32) -> TopicPartition {
+        TopicPartition {
+            topic: Arc::from("t"),
+            partition: p,
+        }
+    }
+
+    #[test]
+    fn a_reassigned_partition_gets_a_new_epoch_and_stale_updates_are_ignored() {
+        let o = Ownership::default();
+        let e1 = o.assign(tp(0), Some(10));
+        o.revoke(&tp(0));
+        let e2 = o.assign(tp(0), Some(20));
+        assert_ne!(e1, e2);
+        assert!(!o.set_next_offset(&tp(0), e1, 15));
+        assert_eq!(o.get(&tp(0)).unwrap().next_offset, Some(20));
+        assert!(o.set_next_offset(&tp(0), e2, 25));
+        assert_eq!(o.get(&tp(0)).unwrap().next_offset, Some(25));
+    }
+
+    #[test]
+    fn readiness_needs_assignment_database_and_no_outage() {
+        let h = Health::default();
+        assert!(!h.ready());
+        h.set_joined();
+        h.set_db_ok(true);
+        assert!(h.ready());
+        h.set_outage(true);
+        assert_eq!(h.reason(), "in outage backoff");
+        assert!(!h.ready());
+    }
+}

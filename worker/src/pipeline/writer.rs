@@ -1,0 +1,472 @@
+//! The writer task: decodes a batch, routes rejections to the error topic, and commits the
+//! handler's rows, the rejections and the new offsets in one PostgreSQL transaction. It runs
+//! beside the poll loop, so fetching the next batch overlaps writing this one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{plan_offsets, retain_applicable, Batch, Fetched, PartitionPlan};
+use super::context::PipelineConsumerContext;
+use super::state::{Health, Ownership};
+use super::PipelineError;
+use crate::backoff::Backoff;
+use crate::errortopic::{ErrorRecord, ErrorSink};
+use crate::handlers::{
+    Decoded, Handler, HandlerError, Position, RawMessage, RejectKind, Rejection, TopicPartition,
+};
+use crate::metrics::Metrics;
+use crate::offsets::{self, Cas};
+
+/// Everything the writer needs apart from the handler.
+pub(crate) struct WriterParts {
+    pub pool: PgPool,
+    pub group: String,
+    pub errors: ErrorSink,
+    pub ownership: Arc<Ownership>,
+    pub health: Arc<Health>,
+    pub metrics: Metrics,
+    pub consumer: Arc<StreamConsumer<PipelineConsumerContext>>,
+    pub revocations: mpsc::UnboundedReceiver<Vec<TopicPartition>>,
+    pub outage: watch::Sender<bool>,
+    pub max_message_bytes: usize,
+    pub progress_every: u64,
+    pub abort: CancellationToken,
+}
+
+/// Totals of a writer's run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriterTotals {
+    /// Messages whose effect was committed.
+    pub processed: u64,
+    /// Messages routed to the error topic.
+    pub rejected: u64,
+    /// Batches committed.
+    pub batches: u64,
+}
+
+enum Outcome {
+    Committed,
+    Conflict(Vec<TopicPartition>),
+}
+
+enum Failure {
+    Retry(&'static str, String),
+    Fatal(PipelineError),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Retry("database", e.to_string())
+    }
+}
+
+impl From<HandlerError> for Failure {
+    fn from(e: HandlerError) -> Self {
+        if e.is_retryable() {
+            Failure::Retry(e.kind(), e.to_string())
+        } else {
+            Failure::Fatal(PipelineError::Handler(e))
+        }
+    }
+}
+
+/// Checks that the pipeline (not the handler) rejects: empty and oversized values.
+pub(crate) fn precheck(msg: &RawMessage, max_bytes: usize) -> Result<(), Rejection> {
+    match msg.payload.as_deref() {
+        None | Some([]) => Err(Rejection::new(
+            RejectKind::EmptyPayload,
+            "message has no value",
+        )),
+        Some(p) if p.len() > max_bytes => Err(Rejection::new(
+            RejectKind::TooLarge,
+            format!("value is {} bytes; the limit is {max_bytes}", p.len()),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+type ErrKey = (Arc<str>, i32, i64);
+
+pub(crate) struct Writer<H: Handler> {
+    handler: H,
+    p: WriterParts,
+    totals: WriterTotals,
+    next_progress: u64,
+    processed_counter: prometheus::IntCounter,
+    label: &'static str,
+}
+
+impl<H: Handler> Writer<H> {
+    pub(crate) fn new(handler: H, p: WriterParts) -> Self {
+        let label = handler.kind().as_str();
+        let processed_counter = p.metrics.processed.with_label_values(&[label]);
+        let next_progress = p.progress_every.max(1);
+        Self {
+            handler,
+            p,
+            totals: WriterTotals::default(),
+            next_progress,
+            processed_counter,
+            label,
+        }
+    }
+
+    /// Processes batches until the channel closes.
+    pub(crate) async fn run(
+        mut self,
+        mut batches: mpsc::Receiver<Batch>,
+    ) -> Result<WriterTotals, PipelineError> {
+        while let Some(batch) = batches.recv().await {
+            self.process(batch).await?;
+        }
+        self.drain_revocations();
+        Ok(self.totals)
+    }
+
+    fn drain_revocations(&mut self) {
+        while let Ok(parts) = self.p.revocations.try_recv() {
+            self.handler.revoke(&parts);
+        }
+    }
+
+    fn set_outage(&self, on: bool) {
+        if self.p.health.outage() != on {
+            self.p.health.set_outage(on);
+            self.p.metrics.in_outage.set(i64::from(on));
+            if on {
+                self.p.metrics.outages.inc();
+            }
+        }
+        self.p.outage.send_if_modified(|v| {
+            let changed = *v != on;
+            *v = on;
+            changed
+        });
+    }
+
+    async fn process(&mut self, batch: Batch) -> Result<(), PipelineError> {
+        let started = batch.started;
+        let mut messages = batch.messages;
+        let mut delivered: HashSet<ErrKey> = HashSet::new();
+        let mut backoff = Backoff::default_worker();
+        loop {
+            self.drain_revocations();
+            let ownership = &self.p.ownership;
+            retain_applicable(&mut messages, |tp| {
+                ownership.get(tp).map(|o| (o.epoch, o.next_offset))
+            });
+            if messages.is_empty() {
+                return Ok(());
+            }
+            match self.attempt(&messages, &mut delivered, started).await {
+                Ok(Outcome::Committed) => {
+                    if backoff.attempts() > 0 {
+                        tracing::info!(attempts = backoff.attempts(), "recovered; batch committed");
+                    }
+                    self.set_outage(false);
+                    return Ok(());
+                }
+                Ok(Outcome::Conflict(parts)) => {
+                    self.p.metrics.fencing_conflicts.inc();
+                    self.handler.reset();
+                    if let Err(e) = self.reload(&parts).await {
+                        self.retry_wait(&mut backoff, "offsets_read", &e.to_string())
+                            .await?;
+                    }
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(op, detail)) => {
+                    self.handler.reset();
+                    self.retry_wait(&mut backoff, op, &detail).await?;
+                }
+            }
+        }
+    }
+
+    async fn retry_wait(
+        &mut self,
+        backoff: &mut Backoff,
+        op: &'static str,
+        detail: &str,
+    ) -> Result<(), PipelineError> {
+        self.set_outage(true);
+        self.p.metrics.retries.with_label_values(&[op]).inc();
+        let delay = backoff.next_delay();
+        tracing::warn!(operation = op, error = detail, attempt = backoff.attempts(),
+            retry_in_ms = delay.as_millis() as u64, "batch failed; consumption paused, retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = self.p.abort.cancelled() => Err(PipelineError::Aborted),
+        }
+    }
+
+    /// Reloads the stored offsets of partitions whose compare-and-set failed.
+    async fn reload(&mut self, parts: &[TopicPartition]) -> Result<(), sqlx::Error> {
+        let mut conn = self.p.pool.acquire().await?;
+        let stored = offsets::load(&mut conn, &self.p.group, parts).await?;
+        for tp in parts {
+            if let (Some(o), Some(next)) = (self.p.ownership.get(tp), stored.get(tp)) {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition,
+                    known = ?o.next_offset, stored = next,
+                    "offset conflict: the partition was written by another member; resuming from the stored offset");
+                self.p.ownership.set_next_offset(tp, o.epoch, *next);
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempt(
+        &mut self,
+        messages: &[Fetched],
+        delivered: &mut HashSet<ErrKey>,
+        started: Instant,
+    ) -> Result<Outcome, Failure> {
+        // 1. Decode (pure; done again on every attempt, since `prepare` consumes the items).
+        let max = self.p.max_message_bytes;
+        let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
+        let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+        for (i, f) in messages.iter().enumerate() {
+            let m = &f.msg;
+            match precheck(m, max).and_then(|()| self.handler.decode(m)) {
+                Ok(item) => items.push(Decoded {
+                    pos: Position {
+                        topic: m.topic.clone(),
+                        partition: m.partition,
+                        offset: m.offset,
+                    },
+                    timestamp_ms: m.timestamp_ms,
+                    item,
+                }),
+                Err(r) => rejected.push((i, r)),
+            }
+        }
+
+        // 2. Remote preparation, which may reject more.
+        let prepared = self.handler.prepare(items).await?;
+        if !prepared.rejected.is_empty() {
+            let index: HashMap<(&str, i32, i64), usize> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, f)| ((&*f.msg.topic, f.msg.partition, f.msg.offset), i))
+                .collect();
+            for (pos, r) in prepared.rejected {
+                match index.get(&(&*pos.topic, pos.partition, pos.offset)) {
+                    Some(i) => rejected.push((*i, r)),
+                    None => {
+                        return Err(Failure::Fatal(PipelineError::Handler(HandlerError::Fatal(
+                            format!(
+                                "prepare rejected {}:{}@{}, which is not in the batch",
+                                pos.topic, pos.partition, pos.offset
+                            ),
+                        ))))
+                    }
+                }
+            }
+        }
+        let items = prepared.items;
+
+        // 3. Every rejection reaches the error topic before anything commits.
+        let mut records: Vec<ErrorRecord> = rejected
+            .iter()
+            .filter(|(i, _)| {
+                let m = &messages[*i].msg;
+                !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
+            })
+            .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r))
+            .collect();
+        if !records.is_empty() {
+            let mut done = vec![false; records.len()];
+            let result = self.p.errors.deliver(&mut records, &mut done).await;
+            for (rec, ok) in records.iter().zip(&done) {
+                if *ok {
+                    delivered.insert((Arc::from(rec.topic.as_str()), rec.partition, rec.offset));
+                }
+            }
+            if let Err(e) = result {
+                return Err(Failure::Retry("error_topic", e.to_string()));
+            }
+        }
+
+        // 4. One transaction: offsets (compare-and-set), handler rows, rejections.
+        let plan = plan_offsets(messages);
+        let t0 = Instant::now();
+        let mut tx = self.p.pool.begin().await?;
+        let mut conflicts = Vec::new();
+        for (tp, p) in &plan {
+            let expected = match self.p.ownership.get(tp) {
+                Some(o) if o.epoch == p.epoch => o.next_offset,
+                _ => {
+                    conflicts.push(tp.clone());
+                    continue;
+                }
+            };
+            if offsets::compare_and_set(&mut tx, &self.p.group, tp, expected, p.next_offset)
+                .await?
+                == Cas::Conflict
+            {
+                conflicts.push(tp.clone());
+            }
+        }
+        if !conflicts.is_empty() {
+            tx.rollback().await?;
+            return Ok(Outcome::Conflict(conflicts));
+        }
+        self.handler.write(&mut tx, &items).await?;
+        if !rejected.is_empty() {
+            insert_rejections(
+                &mut tx,
+                &self.p.group,
+                self.p.errors.topic(),
+                messages,
+                &rejected,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        self.p.metrics.db_write_duration.observe(t0.elapsed().as_secs_f64());
+
+        // 5. Committed: advance, report, and tell Kafka (advisory).
+        for (tp, p) in &plan {
+            self.p.ownership.set_next_offset(tp, p.epoch, p.next_offset);
+        }
+        if let Err(e) = self.handler.committed().await {
+            tracing::warn!(error = %e, "handler post-commit hook failed; resetting its state");
+            self.handler.reset();
+        }
+        self.account(messages.len(), items.len(), &rejected, started);
+        self.advisory_commit(&plan);
+        Ok(Outcome::Committed)
+    }
+
+    fn account(
+        &mut self,
+        batch_len: usize,
+        processed: usize,
+        rejected: &[(usize, Rejection)],
+        started: Instant,
+    ) {
+        let m = &self.p.metrics;
+        self.processed_counter.inc_by(processed as u64);
+        for (_, r) in rejected {
+            m.failed
+                .with_label_values(&[self.label, r.kind.as_str()])
+                .inc();
+        }
+        m.batch_size.observe(batch_len as f64);
+        m.batch_duration.observe(started.elapsed().as_secs_f64());
+        self.totals.processed += processed as u64;
+        self.totals.rejected += rejected.len() as u64;
+        self.totals.batches += 1;
+        let seen = self.totals.processed + self.totals.rejected;
+        if seen >= self.next_progress {
+            let every = self.p.progress_every.max(1);
+            self.next_progress = (seen / every + 1) * every;
+            tracing::info!(
+                handler = self.label,
+                processed = self.totals.processed,
+                rejected = self.totals.rejected,
+                batches = self.totals.batches,
+                partitions = self.p.ownership.len(),
+                "progress"
+            );
+        }
+    }
+
+    fn advisory_commit(&self, plan: &BTreeMap<TopicPartition, PartitionPlan>) {
+        let mut tpl = TopicPartitionList::with_capacity(plan.len());
+        for (tp, p) in plan {
+            if let Err(e) =
+                tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(p.next_offset))
+            {
+                tracing::debug!(error = %e, "cannot build the advisory commit");
+                return;
+            }
+        }
+        if let Err(e) = self.p.consumer.commit(&tpl, CommitMode::Async) {
+            self.p.metrics.kafka_commit_failures.inc();
+            tracing::debug!(error = %e, "advisory Kafka commit failed (offsets are in PostgreSQL)");
+        }
+    }
+}
+
+async fn insert_rejections(
+    tx: &mut sqlx::PgConnection,
+    group: &str,
+    error_topic: &str,
+    messages: &[Fetched],
+    rejected: &[(usize, Rejection)],
+) -> Result<(), sqlx::Error> {
+    let mut topics = Vec::with_capacity(rejected.len());
+    let mut parts = Vec::with_capacity(rejected.len());
+    let mut offs = Vec::with_capacity(rejected.len());
+    let mut reasons = Vec::with_capacity(rejected.len());
+    let mut details = Vec::with_capacity(rejected.len());
+    let mut sizes = Vec::with_capacity(rejected.len());
+    for (i, r) in rejected {
+        let m = &messages[*i].msg;
+        topics.push(m.topic.to_string());
+        parts.push(m.partition);
+        offs.push(m.offset);
+        reasons.push(r.kind.as_str());
+        details.push(r.detail.clone());
+        sizes.push(m.payload.as_ref().map_or(0, |p| p.len()) as i32);
+    }
+    sqlx::query(
+        "INSERT INTO streamops_rejections
+            (consumer_group, topic, partition, \"offset\", reason, detail, payload_bytes, error_topic)
+         SELECT $1, t, p, o, r, d, s, $2
+           FROM UNNEST($3::text[], $4::int4[], $5::int8[], $6::text[], $7::text[], $8::int4[])
+             AS x(t, p, o, r, d, s)",
+    )
+    .bind(group)
+    .bind(error_topic)
+    .bind(&topics)
+    .bind(&parts)
+    .bind(&offs)
+    .bind(&reasons)
+    .bind(&details)
+    .bind(&sizes)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: Option<Vec<u8>>) -> RawMessage {
+        RawMessage {
+            topic: Arc::from("t"),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload,
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn empty_and_oversized_values_are_rejected_before_decoding() {
+        assert_eq!(
+            precheck(&msg(None), 10).unwrap_err().kind,
+            RejectKind::EmptyPayload
+        );
+        assert_eq!(
+            precheck(&msg(Some(vec![])), 10).unwrap_err().kind,
+            RejectKind::EmptyPayload
+        );
+        assert_eq!(
+            precheck(&msg(Some(vec![b'x'; 11])), 10).unwrap_err().kind,
+            RejectKind::TooLarge
+        );
+        assert!(precheck(&msg(Some(vec![b'x'; 10])), 10).is_ok());
+    }
+}
