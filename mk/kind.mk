@@ -1,16 +1,17 @@
-# streamops packaging: container images, a kind cluster, Helm deploy with the dev stack, the
-# end-to-end test, and the offline manifest checks. Included by the top-level Makefile:
+# streamops packaging: container images, a kind cluster, Helm deploy with the dev stack and the
+# end-to-end test. Included by the top-level Makefile (`-include mk/kind.mk`), which also owns
+# `validate` (scripts/validate_manifests.py) and the venv it runs in.
 #
-#   include mk/kind.mk
-#
-#   make validate                  offline checks of manifests/, the chart, Dockerfiles, scripts
 #   make manifests                 regenerate manifests/install.yaml and the chart README table
 #   make kind-up images kind-load deploy e2e
 #   make kind-down
 #
 # Everything can be overridden on the command line, e.g. `make images IMAGE_TAG=dev`.
 
-STREAMOPS_VERSION ?= $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
+# Evaluated once (not on every reference) unless given.
+ifndef STREAMOPS_VERSION
+STREAMOPS_VERSION := $(shell sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
+endif
 IMAGE_REGISTRY ?= ghcr.io/streamops
 IMAGE_TAG ?= $(STREAMOPS_VERSION)
 OPERATOR_IMAGE_REPO ?= $(IMAGE_REGISTRY)/streamops-operator
@@ -19,7 +20,9 @@ OPERATOR_IMAGE ?= $(OPERATOR_IMAGE_REPO):$(IMAGE_TAG)
 WORKER_IMAGE ?= $(WORKER_IMAGE_REPO):$(IMAGE_TAG)
 # Extra flags for `docker buildx build`, e.g. --platform linux/arm64 or --no-cache.
 DOCKER_BUILD_FLAGS ?=
-IMAGE_REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+ifndef IMAGE_REVISION
+IMAGE_REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+endif
 IMAGE_SOURCE ?= https://github.com/streamops/streamops
 
 KIND_CLUSTER ?= streamops
@@ -34,8 +37,8 @@ KIND_WAIT ?= 300s
 # The chart's name for the operator Deployment: <fullname>-operator.
 OPERATOR_DEPLOYMENT ?= $(if $(findstring streamops,$(HELM_RELEASE)),$(HELM_RELEASE),$(HELM_RELEASE)-streamops)-operator
 
-VALIDATE_VENV ?= .dev/venv
-VALIDATE_PYTHON ?= $(VALIDATE_VENV)/bin/python
+# The top-level Makefile's venv (VENV) and its requirements stamp.
+VALIDATE_VENV ?= $(or $(VENV),.dev/venv)
 
 # The dev stack's manifests name the worker image of the workspace version; `deploy` rewrites it
 # to $(WORKER_IMAGE), so IMAGE_TAG/IMAGE_REGISTRY overrides reach the dev stack too.
@@ -52,7 +55,7 @@ endef
 
 # $(call require-cluster): fail unless the kind cluster exists and its context answers.
 define require-cluster
-@kind get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' || { \
+@kind get clusters 2>/dev/null | grep -x '$(KIND_CLUSTER)' >/dev/null || { \
   echo "error: kind cluster '$(KIND_CLUSTER)' does not exist; run 'make kind-up' first."; exit 1; }
 @$(KUBECTL_KIND) version >/dev/null 2>&1 || { \
   echo "error: kubectl context '$(KUBE_CONTEXT)' does not answer; is the cluster running?"; exit 1; }
@@ -63,40 +66,26 @@ KIND_HOW := https://kind.sigs.k8s.io/docs/user/quick-start/\#installation (v0.29
 HELM_HOW := https://helm.sh/docs/intro/install/ (v3.8 or newer)
 KUBECTL_HOW := https://kubernetes.io/docs/tasks/tools/
 
-.PHONY: validate validate-deps manifests kind-tools kind-up images kind-load deploy dev-stack dev-topics e2e kind-down
+.PHONY: manifests kind-tools kind-up images kind-load deploy dev-stack dev-topics dev-reset e2e kind-down
 
-## Offline checks (no Docker, cluster or network): see scripts/validate_manifests.py.
-validate: validate-deps
-	$(VALIDATE_PYTHON) scripts/validate_manifests.py
-
-## Regenerate manifests/install.yaml, the chart's CRD copy and the chart README's values table.
-manifests: validate-deps
-	$(VALIDATE_PYTHON) scripts/validate_manifests.py --write
-
-# Installs the validation requirements into $(VALIDATE_VENV) when they changed.
-validate-deps: $(VALIDATE_VENV)/.validate-requirements
-$(VALIDATE_VENV)/.validate-requirements: scripts/requirements-validate.txt
-	@test -x $(VALIDATE_PYTHON) || python3 -m venv $(VALIDATE_VENV)
-	$(VALIDATE_PYTHON) -m pip install --disable-pip-version-check -q -r scripts/requirements-validate.txt
-	@touch $@
+manifests: $(VALIDATE_VENV)/.installed ## Regenerate manifests/install.yaml and the chart README table
+	$(VALIDATE_VENV)/bin/python scripts/validate_manifests.py --write
 
 kind-tools:
 	$(call require-tool,docker,for kind,$(DOCKER_HOW))
 	$(call require-tool,kind,to run a local cluster,$(KIND_HOW))
 	$(call require-tool,kubectl,to talk to the cluster,$(KUBECTL_HOW))
 
-## Create the kind cluster (a control plane and two workers) unless it exists.
-kind-up: kind-tools
+kind-up: kind-tools ## Create the kind cluster (control plane + 2 workers) unless it exists
 	@docker info >/dev/null 2>&1 || { echo "error: the Docker daemon is not reachable (docker info failed)."; exit 1; }
-	@if kind get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
+	@if kind get clusters 2>/dev/null | grep -x '$(KIND_CLUSTER)' >/dev/null; then \
 	  echo "kind cluster '$(KIND_CLUSTER)' already exists"; \
 	else \
 	  kind create cluster --name $(KIND_CLUSTER) --config $(KIND_CONFIG) $(if $(KIND_NODE_IMAGE),--image $(KIND_NODE_IMAGE)) --wait 120s; \
 	fi
 	$(KUBECTL_KIND) get nodes -o wide
 
-## Build both images, tagged $(IMAGE_TAG), into the local Docker image store.
-images:
+images: ## Build the operator and worker images (tag IMAGE_TAG, default: Cargo version)
 	$(call require-tool,docker,to build the images,$(DOCKER_HOW))
 	@docker buildx version >/dev/null 2>&1 || { \
 	  echo "error: 'docker buildx' is required (BuildKit cache mounts): $(DOCKER_HOW)"; exit 1; }
@@ -110,9 +99,9 @@ images:
 	  --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) --build-arg SOURCE=$(IMAGE_SOURCE) \
 	  $(DOCKER_BUILD_FLAGS) -t $(WORKER_IMAGE) .
 
-## Load both images into the kind nodes. Falls back to a single-platform archive when
-## `kind load docker-image` fails (Docker's containerd image store, kind issue #3795).
-kind-load: kind-tools
+# Falls back to a single-platform archive when `kind load docker-image` fails (Docker's containerd
+# image store, kind issue #3795).
+kind-load: kind-tools ## Load both images into the kind cluster
 	$(require-cluster)
 	@for image in $(OPERATOR_IMAGE) $(WORKER_IMAGE); do \
 	  docker image inspect $$image >/dev/null 2>&1 || { echo "error: image $$image is not built; run 'make images'."; exit 1; }; \
@@ -124,9 +113,7 @@ kind-load: kind-tools
 	  fi; \
 	done
 
-## Install or upgrade the operator with Helm from charts/streamops, using the local images, then
-## the dev stack.
-deploy: kind-tools
+deploy: kind-tools ## helm upgrade --install the operator (local images), then the dev stack
 	$(call require-tool,helm,to install the chart,$(HELM_HOW))
 	$(require-cluster)
 	@# Helm installs crds/ only on first install and never upgrades them: apply the CRD first.
@@ -140,8 +127,7 @@ deploy: kind-tools
 	  --set logFormat=text --wait --timeout 5m
 	@$(MAKE) --no-print-directory dev-stack
 
-## Apply the dev stack (manifests/dev/), wait until it is up, then create the topics.
-dev-stack:
+dev-stack: ## Apply manifests/dev/ to kind, wait for it, create the topics
 	$(require-cluster)
 	@for f in $(filter-out manifests/dev/60-topics.yaml,$(sort $(wildcard manifests/dev/*.yaml))); do \
 	  echo '---'; sed 's#$(DEV_WORKER_IMAGE)#$(WORKER_IMAGE)#g' "$$f"; \
@@ -151,15 +137,23 @@ dev-stack:
 	done
 	@$(MAKE) --no-print-directory dev-topics
 
-## (Re)create the example topics: tansu keeps them in memory only.
-dev-topics:
+dev-topics: ## (Re)create the example topics on kind (tansu keeps them in memory)
 	$(require-cluster)
 	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) delete job create-topics --ignore-not-found --wait=true
 	sed 's#$(DEV_WORKER_IMAGE)#$(WORKER_IMAGE)#g' manifests/dev/60-topics.yaml | $(KUBECTL_KIND) apply -f -
 	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) wait --for=condition=Complete job/create-topics --timeout=$(KIND_WAIT)
 
-## End-to-end test on the kind cluster (scripts/e2e-kind.sh).
-e2e:
+# The broker keeps its log in memory and PostgreSQL keeps the consumers' offsets: after a broker
+# restart the two disagree, so reset them together.
+dev-reset: ## Restart the whole kind dev stack with empty state, then recreate the topics
+	$(require-cluster)
+	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) rollout restart deploy/kafka deploy/postgres deploy/redis deploy/webhook-sink
+	@for d in kafka postgres redis webhook-sink; do \
+	  $(KUBECTL_KIND) -n $(DEV_NAMESPACE) rollout status deploy/$$d --timeout=$(KIND_WAIT) || exit 1; \
+	done
+	@$(MAKE) --no-print-directory dev-topics
+
+e2e: ## End-to-end test on kind (scripts/e2e-kind.sh)
 	$(call require-tool,kubectl,to talk to the cluster,$(KUBECTL_HOW))
 	$(call require-tool,kind,to check the cluster,$(KIND_HOW))
 	$(require-cluster)
@@ -167,7 +161,6 @@ e2e:
 	  OPERATOR_NAMESPACE=$(HELM_NAMESPACE) OPERATOR_DEPLOYMENT=$(OPERATOR_DEPLOYMENT) \
 	  scripts/e2e-kind.sh
 
-## Delete the kind cluster.
-kind-down:
+kind-down: ## Delete the kind cluster
 	$(call require-tool,kind,to delete the cluster,$(KIND_HOW))
 	kind delete cluster --name $(KIND_CLUSTER)

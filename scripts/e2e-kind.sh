@@ -10,6 +10,9 @@
 #   4. scales moving-average to 3 replicas with `kubectl scale` and checks the pods;
 #   5. deletes the examples and checks that their Deployments, ConfigMaps and other children are
 #      garbage-collected through their owner references.
+# Counts are compared with a baseline taken before producing, so the test can run again on the same
+# dev stack. It cannot after a restart of the in-memory broker alone (PostgreSQL still holds the
+# old offsets): `make dev-reset` restarts the whole dev stack.
 # On failure it prints the namespace's objects, events and pod logs, and the operator's logs. The
 # namespace is deleted in every case unless E2E_KEEP_NAMESPACE=1.
 #
@@ -173,7 +176,7 @@ preflight() {
   wait_job "$DEV_NAMESPACE" create-topics
 }
 
-# produce NS NAME KIND TOPIC: runs `streamops-worker produce` in a Job and waits for it.
+# produce NS NAME KIND TOPIC: starts a Job that runs `streamops-worker produce` (wait_job waits).
 produce() {
   local ns=$1 name=$2 kind=$3 topic=$4
   k -n "$ns" create job "produce-$name" --image="$WORKER_IMAGE" -- \

@@ -731,6 +731,7 @@ class Checks:
             self.helm_scenarios()
             r.run("chart: values.schema.json rejects invalid values (helm template fails)", self.helm_rejects)
             r.run("chart: helm template --include-crds emits the CRD unchanged", self.helm_crd)
+            r.run("chart: NOTES.txt renders (helm tpl, in a scratch copy of the chart)", self.helm_notes)
         else:
             r.skip("chart: helm renderings", "no helm binary (see the failure above)")
 
@@ -743,10 +744,17 @@ class Checks:
 
         # dev stack
         self.dev_docs = r.run("manifests/dev: parse", lambda: [d for f in sorted(DEV.glob("*.yaml")) for d in load_docs(f)]) or []
-        r.run("manifests/dev: Kubernetes 1.33 schemas", lambda: k8s_validate_all(self.dev_docs) and None)
-        r.run("manifests/dev: namespace, selectors, ports, images", self.dev_consistency)
-        r.run("manifests/dev: the topics Job creates every example topic and error topic", self.dev_topics)
-        r.run("manifests/dev: the webhook sink answers POST /..., GET /requests and /healthz", self.webhook_sink)
+        dev_checks = [
+            ("manifests/dev: Kubernetes 1.33 schemas", lambda: k8s_validate_all(self.dev_docs) and None),
+            ("manifests/dev: namespace, selectors, ports, images", self.dev_consistency),
+            ("manifests/dev: the topics Job creates every example topic and error topic", self.dev_topics),
+            ("manifests/dev: the webhook sink answers POST /..., GET /requests and /healthz", self.webhook_sink),
+        ]
+        for name, fn in dev_checks:
+            if self.dev_docs:
+                r.run(name, fn)
+            else:
+                r.skip(name, "manifests/dev did not parse (see above)")
 
         # examples
         r.run("manifests/examples: one file per handler kind", self.examples_present)
@@ -757,8 +765,11 @@ class Checks:
                       lambda p=path: k8s_validate_all(load_docs(p), {"StreamConsumer"}) and None)
                 r.run(f"manifests/examples/{kind}.yaml: StreamConsumer against the CRD schema and CEL rules",
                       lambda p=path, k=kind: self.example_crd(p, k))
-                r.run(f"manifests/examples/{kind}.yaml: Secrets, URLs, topics and dev-stack services line up",
-                      lambda p=path, k=kind: self.example_wiring(p, k))
+                if self.dev_docs:
+                    r.run(f"manifests/examples/{kind}.yaml: Secrets, URLs, topics and dev-stack services line up",
+                          lambda p=path, k=kind: self.example_wiring(p, k))
+                else:
+                    r.skip(f"manifests/examples/{kind}.yaml: wiring to the dev stack", "manifests/dev did not parse")
         r.run("manifests/examples/pipeline-trigger.yaml: the commented `job:` alternative is valid",
               self.example_job_alternative)
         r.run("CRD validation rejects invalid StreamConsumers (schema and CEL negative cases)", self.crd_negative)
@@ -771,7 +782,10 @@ class Checks:
         r.run("docker: hadolint", self.hadolint)
         r.run("docker: RUST_VERSION covers the workspace and locked dependencies' rust-version", self.rust_version)
         r.run("scripts: bash -n and shellcheck", self.shell_scripts)
-        r.run("mk/kind.mk: make parses every target (make -n)", self.makefile)
+        r.run("scripts/e2e-kind.sh: the tables and columns it queries exist in worker/migrations", self.e2e_tables)
+        r.run("mk/kind.mk: make -n of every target, without warnings", self.makefile)
+        r.run("operator CLI (operator/src/cli.rs) accepts every flag and env var the chart passes", self.operator_cli)
+        r.run("worker CLI (worker/src/cli.rs) accepts the produce and topic flags the dev stack and e2e use", self.worker_cli)
         self.metrics_in_sources()
 
     def get_helm(self) -> Helm:
@@ -1088,6 +1102,31 @@ class Checks:
         require(crds[0].obj == load_docs(CRD_FILE)[0].obj, "the rendered CRD differs from crds/streamconsumer.yaml")
         require(CRD_FILE.read_text().strip() in text, "the CRD text is not carried verbatim")
 
+    def helm_notes(self) -> None:
+        # `helm template` skips NOTES.txt and `helm install --dry-run` needs a cluster, so render it
+        # with helm's own engine through `tpl` from a scratch copy of the chart.
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = Path(tmp) / "streamops"
+            shutil.copytree(CHART, chart)
+            shutil.copyfile(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+            (chart / "templates" / "zz-notes-check.yaml").write_text(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+                "  notes: {{ tpl (.Files.Get \"notes.txt\") . | quote }}\n")
+            cases = {
+                "defaults": ({}, ["all namespaces", "leader election off", f"{OPERATOR_REPO}:{self.version}",
+                                   "rollout status deployment/streamops-operator"]),
+                "namespaced, 2 replicas": ({"watchNamespace": "team-a", "replicaCount": "2", "dashboards.enabled": "true"},
+                                           ["namespace team-a only", f"Lease {SYSTEM_NS}/streamops-operator", "Grafana dashboard"]),
+            }
+            for name, (sets, wants) in cases.items():
+                args = ["template", RELEASE, str(chart), "--namespace", SYSTEM_NS, "--show-only", "templates/zz-notes-check.yaml"]
+                for k, v in sets.items():
+                    args += ["--set", f"{k}={v}"]
+                notes = load_docs_text(self.helm.run(args).stdout, f"NOTES [{name}]")[0].obj["data"]["notes"]
+                missing = [w for w in wants if w not in notes]
+                require(not missing, f"NOTES.txt [{name}] lacks {missing}:\n{notes}")
+                require("<no value>" not in notes, f"NOTES.txt [{name}] renders <no value>:\n{notes}")
+
     # ---- install.yaml
 
     def install_docs(self) -> list[Doc]:
@@ -1297,6 +1336,8 @@ class Checks:
                 errs.append("the pipeline-trigger example must call the dev stack's webhook-sink")
             else:
                 check_url("webhook.url", wh, ("http",))
+        if spec["kafka"]["groupId"] != f"{kind}-consumer":
+            errs.append(f"groupId must be {kind}-consumer (scripts/e2e-kind.sh reads that group's offsets)")
         if spec.get("image"):
             errs.append("leave spec.image unset: the operator's default worker image matches its version")
         require(not errs, "\n".join(errs))
@@ -1468,28 +1509,90 @@ class Checks:
                 errs.append(f"{rel(s)} is not executable")
         require(not errs, "\n".join(errs))
 
+    def e2e_tables(self) -> None:
+        script = (ROOT / "scripts" / "e2e-kind.sh").read_text()
+        sql = "\n".join(p.read_text() for p in sorted((ROOT / "worker" / "migrations").glob("*.sql")))
+        require(sql, "no worker/migrations/*.sql")
+        tables = {m.lower(): body for m, body in re.findall(r"CREATE TABLE IF NOT EXISTS\s+(\w+)\s*\((.*?)\n\);", sql, re.S | re.I)}
+        used = set(re.findall(r"table_rows (\w+)", script)) | set(re.findall(r"public\.(\w+)", script))
+        used.discard("$1")
+        require(used, "found no table in the script")
+        missing = sorted(t for t in used if t not in tables)
+        require(not missing, f"tables not created by any migration: {missing}")
+        for col in ("consumer_group", "next_offset"):
+            require(re.search(rf"^\s*{col}\b", tables["streamops_offsets"], re.M), f"streamops_offsets has no column {col}")
+
+    @staticmethod
+    def cli_accepts(source: str, flag: str) -> bool:
+        """Whether a clap derive source declares --flag (by `long = "..."` or a `#[arg(long...)]`
+        field of that name)."""
+        name = flag.lstrip("-")
+        return bool(re.search(rf'long\s*=\s*"{re.escape(name)}"', source)
+                    or re.search(rf"#\[arg\(long[^\]]*\]\s*(///[^\n]*\n\s*)*(pub\s+)?{name.replace('-', '_')}\s*:", source))
+
+    def operator_cli(self) -> None:
+        path = ROOT / "operator" / "src" / "cli.rs"
+        require(path.exists(), "operator/src/cli.rs does not exist")
+        src = path.read_text()
+        docs = self.renders.get("defaults") or load_docs(INSTALL_FILE)
+        _, c = self.operator_container([d for d in docs if d.kind == "Deployment"])
+        errs = []
+        require(re.search(r"\bRun\(", src), "no `run` subcommand")
+        for a in c["args"][1:]:
+            if a.startswith("--") and not self.cli_accepts(src, a):
+                errs.append(f"flag {a}")
+        for e in c.get("env") or []:
+            if e["name"] in ("RUST_LOG", "POD_NAME"):
+                continue  # read by tracing's EnvFilter / informational
+            if f'env = "{e["name"]}"' not in src:
+                errs.append(f"env {e['name']}")
+        require(not errs, "the chart passes what the operator does not declare: " + ", ".join(errs))
+
+    def worker_cli(self) -> None:
+        path = ROOT / "worker" / "src" / "cli.rs"
+        require(path.exists(), "worker/src/cli.rs does not exist")
+        src = path.read_text()
+        script = (ROOT / "scripts" / "e2e-kind.sh").read_text()
+        produce = re.search(r"/usr/local/bin/streamops-worker produce(.*?)>/dev/null", script, re.S)
+        require(produce, "scripts/e2e-kind.sh does not run `streamops-worker produce`")
+        flags = set(re.findall(r"(--[a-z][a-z-]+)", produce.group(1)))
+        job = self.one(self.dev_docs, "Job", "create-topics") if self.dev_docs else None
+        if job:
+            for cont in job.obj["spec"]["template"]["spec"]["containers"]:
+                flags |= {a for a in cont["args"] if a.startswith("--")}
+        missing = sorted(f for f in flags if not self.cli_accepts(src, f))
+        require(not missing, f"flags not declared in worker/src/cli.rs: {missing}")
+
     def makefile(self) -> None:
         make = shutil.which("make")
         require(make, "make not found")
-        targets = ["kind-up", "images", "kind-load", "deploy", "e2e", "kind-down", "manifests", "dev-topics"]
+        # Through the top-level Makefile, which includes mk/kind.mk; -n runs no recipe.
+        targets = ["kind-up", "images", "kind-load", "deploy", "dev-stack", "dev-topics", "dev-reset", "e2e", "kind-down", "manifests"]
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
         errs = []
         for t in targets:
-            p = subprocess.run([make, "--no-print-directory", "-n", "-f", "mk/kind.mk", t], capture_output=True, text=True, cwd=ROOT)
+            p = subprocess.run([make, "--no-print-directory", "-n", t], capture_output=True, text=True, cwd=ROOT, env=env)
             if p.returncode:
+                errs.append(f"make -n {t}: {p.stderr.strip()}")
+            elif "warning:" in p.stderr:
                 errs.append(f"make -n {t}: {p.stderr.strip()}")
         require(not errs, "\n".join(errs))
 
     def metrics_in_sources(self) -> None:
-        """Informational: which contract metrics the Rust sources define so far."""
-        src = ""
-        for d in ("operator", "worker"):
-            for p in (ROOT / d / "src").rglob("*.rs"):
-                src += p.read_text(errors="replace")
-        names = set(COUNTERS) | set(GAUGES) | set(HISTOGRAMS)
-        absent = sorted(n for n in names if n not in src and n.removeprefix("streamops_") not in src)
-        if absent:
-            print(f"note the dashboard's metrics not (yet) named in operator/ or worker/ sources: {', '.join(absent)}")
+        """Informational (not a check: the Rust code is being written): contract names that the
+        operator/worker sources do not mention yet."""
+        def sources(d: str) -> str:
+            return "".join(p.read_text(errors="replace") for p in (ROOT / d / "src").rglob("*.rs"))
 
+        src = sources("operator") + sources("worker")
+        names = set(COUNTERS) | set(GAUGES) | set(HISTOGRAMS)
+        absent = sorted(n for n in names if f'"{n}"' not in src)
+        if absent:
+            print(f"note: dashboard metrics that no operator/ or worker/ source names (yet): {', '.join(absent)}")
+        cli = sources("worker")
+        for sub, pattern in (("scorer", r"\bScorer\b"), ("produce", r"\bProduce\b"), ("topic create", r"\bCreate\s*\{")):
+            if not re.search(pattern, cli):
+                print(f"note: the worker CLI has no `{sub}` subcommand (yet); manifests/dev uses it")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -73,7 +73,10 @@ pub struct RunArgs {
 impl RunArgs {
     /// The namespace to watch; `None` for all.
     pub fn watch_namespace(&self) -> Option<&str> {
-        self.namespace.as_deref().map(str::trim).filter(|n| !n.is_empty())
+        self.namespace
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
     }
 
     /// Whether leader election is on.
@@ -116,9 +119,19 @@ mod tests {
         assert_eq!(r.log_format, LogFormat::Json);
 
         let r = run(&[
-            "--namespace", "team-a", "--worker-image", "w:2", "--no-leader-election",
-            "--lease-name", "l", "--lease-namespace", "ops", "--metrics-listen", "127.0.0.1:9000",
-            "--log-format", "text",
+            "--namespace",
+            "team-a",
+            "--worker-image",
+            "w:2",
+            "--no-leader-election",
+            "--lease-name",
+            "l",
+            "--lease-namespace",
+            "ops",
+            "--metrics-listen",
+            "127.0.0.1:9000",
+            "--log-format",
+            "text",
         ]);
         assert_eq!(r.watch_namespace(), Some("team-a"));
         assert_eq!(r.worker_image, "w:2");
@@ -140,10 +153,17 @@ mod tests {
         assert_eq!(r.worker_image, "w:3");
         assert!(!r.leader_election());
         assert_eq!(r.lease_namespace.as_deref(), Some("streamops-system"));
-        assert!(run(&["--leader-election"]).leader_election(), "the flag beats the environment");
+        assert!(
+            run(&["--leader-election"]).leader_election(),
+            "the flag beats the environment"
+        );
 
         std::env::set_var("WATCH_NAMESPACE", "");
-        assert_eq!(run(&[]).watch_namespace(), None, "empty means all namespaces");
+        assert_eq!(
+            run(&[]).watch_namespace(),
+            None,
+            "empty means all namespaces"
+        );
         for var in [
             "WATCH_NAMESPACE",
             "STREAMOPS_WORKER_IMAGE",

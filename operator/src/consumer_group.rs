@@ -38,7 +38,9 @@ impl GroupTarget {
         if protocol.uses_tls() {
             let tls = security.and_then(|s| s.tls.as_ref());
             if tls.is_some_and(|t| t.client_cert_secret_name.is_some()) {
-                return Err("the brokers require a client certificate, which the operator never reads");
+                return Err(
+                    "the brokers require a client certificate, which the operator never reads",
+                );
             }
             if tls.is_some_and(|t| t.ca_secret_ref.is_some()) {
                 return Err("the brokers use a private CA, which the operator never reads");
@@ -141,20 +143,25 @@ pub fn classify(
     result: Result<Vec<GroupResult>, KafkaError>,
     timeout: Duration,
 ) -> Result<GroupDeletion, GroupDeleteError> {
-    let results = result.map_err(|e| match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut) => {
-            GroupDeleteError::Timeout(timeout)
+    let results = result.map_err(|e| {
+        let code = match &e {
+            KafkaError::AdminOp(code) => Some(*code),
+            other => other.rdkafka_error_code(),
+        };
+        match code {
+            Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut) => {
+                GroupDeleteError::Timeout(timeout)
+            }
+            _ => GroupDeleteError::Kafka(e.to_string()),
         }
-        _ => GroupDeleteError::Kafka(e.to_string()),
     })?;
     match results.into_iter().next() {
         Some(Ok(_)) => Ok(GroupDeletion::Deleted),
         Some(Err((_, RDKafkaErrorCode::GroupIdNotFound))) => Ok(GroupDeletion::NotFound),
         Some(Err((_, RDKafkaErrorCode::NonEmptyGroup))) => Err(GroupDeleteError::NotEmpty),
-        Some(Err((
-            _,
-            RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut,
-        ))) => Err(GroupDeleteError::Timeout(timeout)),
+        Some(Err((_, RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut))) => {
+            Err(GroupDeleteError::Timeout(timeout))
+        }
         Some(Err((_, code))) => Err(GroupDeleteError::Kafka(code.to_string())),
         None => Err(GroupDeleteError::Kafka(
             "the brokers returned no result for the group".into(),
@@ -174,18 +181,27 @@ mod tests {
 
     #[test]
     fn unknown_group_counts_as_deleted() {
-        let r = classify(Ok(vec![Err(("g".into(), RDKafkaErrorCode::GroupIdNotFound))]), T);
+        let r = classify(
+            Ok(vec![Err(("g".into(), RDKafkaErrorCode::GroupIdNotFound))]),
+            T,
+        );
         assert_eq!(r, Ok(GroupDeletion::NotFound));
     }
 
     #[test]
     fn deleted_group_is_success() {
-        assert_eq!(classify(Ok(vec![Ok("g".into())]), T), Ok(GroupDeletion::Deleted));
+        assert_eq!(
+            classify(Ok(vec![Ok("g".into())]), T),
+            Ok(GroupDeletion::Deleted)
+        );
     }
 
     #[test]
     fn group_with_members_is_not_empty() {
-        let r = classify(Ok(vec![Err(("g".into(), RDKafkaErrorCode::NonEmptyGroup))]), T);
+        let r = classify(
+            Ok(vec![Err(("g".into(), RDKafkaErrorCode::NonEmptyGroup))]),
+            T,
+        );
         assert_eq!(r, Err(GroupDeleteError::NotEmpty));
     }
 
@@ -231,12 +247,16 @@ mod tests {
                 })
                 .spec
         };
-        assert!(GroupTarget::from_spec(&with(SecurityProtocol::SaslSsl, true, false, false)).is_err());
+        assert!(
+            GroupTarget::from_spec(&with(SecurityProtocol::SaslSsl, true, false, false)).is_err()
+        );
         assert!(GroupTarget::from_spec(&with(SecurityProtocol::Ssl, false, true, false)).is_err());
         assert!(GroupTarget::from_spec(&with(SecurityProtocol::Ssl, false, false, true)).is_err());
         assert!(GroupTarget::from_spec(&with(SecurityProtocol::Ssl, false, false, false)).is_ok());
         // TLS material is ignored by PLAINTEXT.
-        assert!(GroupTarget::from_spec(&with(SecurityProtocol::Plaintext, false, true, true)).is_ok());
+        assert!(
+            GroupTarget::from_spec(&with(SecurityProtocol::Plaintext, false, true, true)).is_ok()
+        );
     }
 
     /// A broker that does not exist must not block: the deleter gives up within its timeout.
@@ -254,6 +274,10 @@ mod tests {
         let started = std::time::Instant::now();
         let r = deleter.delete_group(&target).await;
         assert!(r.is_err(), "{r:?}");
-        assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -159,7 +159,11 @@ mod tests {
     use super::*;
 
     fn api_error(code: u16) -> kube::Error {
-        kube::Error::Api(kube::core::Status::failure("boom", "InternalError").with_code(code).boxed())
+        kube::Error::Api(
+            kube::core::Status::failure("boom", "InternalError")
+                .with_code(code)
+                .boxed(),
+        )
     }
 
     #[test]

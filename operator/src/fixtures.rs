@@ -2,7 +2,6 @@
 //! requests a [`Scenario`] expects, asserts each one's method, path, query parameters (in any
 //! order) and a partial JSON body, and answers it.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -203,6 +202,11 @@ impl Expect {
         self
     }
 
+    /// Whether this expects `method path`.
+    pub fn is(&self, method: Method, path: &str) -> bool {
+        self.method == method && self.path == path
+    }
+
     /// The answer.
     pub fn reply(mut self, reply: Reply) -> Self {
         self.reply = reply;
@@ -226,7 +230,9 @@ pub struct Recorded {
 impl Recorded {
     /// Whether this is a server-side apply to `path`.
     pub fn is_apply_to(&self, path: &str) -> bool {
-        self.method == Method::PATCH && self.path == path && self.has_query("fieldManager", FIELD_MANAGER)
+        self.method == Method::PATCH
+            && self.path == path
+            && self.has_query("fieldManager", FIELD_MANAGER)
     }
 
     fn has_query(&self, k: &str, v: &str) -> bool {
@@ -334,14 +340,25 @@ impl ApiServerVerifier {
                     rec.body
                 );
                 for (k, v) in &step.query {
-                    assert!(rec.has_query(k, v), "{what}: query {k}={v} missing from {:?}", rec.query);
+                    assert!(
+                        rec.has_query(k, v),
+                        "{what}: query {k}={v} missing from {:?}",
+                        rec.query
+                    );
                 }
                 if let Some(expected) = &step.body {
                     assert_json_include!(actual: rec.body.clone(), expected: expected.clone());
                 }
                 for (pointer, needle) in &step.contains {
-                    let found = rec.body.pointer(pointer).and_then(Value::as_str).unwrap_or_default();
-                    assert!(found.contains(needle.as_str()), "{what}: {pointer} = {found:?} lacks {needle:?}");
+                    let found = rec
+                        .body
+                        .pointer(pointer)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    assert!(
+                        found.contains(needle.as_str()),
+                        "{what}: {pointer} = {found:?} lacks {needle:?}"
+                    );
                 }
                 let (code, answer) = match step.reply {
                     Reply::Json(code, v) => (code, v),
@@ -521,7 +538,10 @@ pub fn delete_child(kind: Kind) -> Expect {
             "propagationPolicy": "Background",
             "preconditions": {"uid": format!("uid-of-{}", kind.kind())}
         }))
-        .reply(Reply::Json(200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})))
+        .reply(Reply::Json(
+            200,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        ))
 }
 
 /// An event on StreamConsumer `test`.
@@ -615,8 +635,16 @@ impl ApplyPass {
         }
     }
 
+    /// The requests of this pass, for tests that alter them.
+    pub fn steps_for_test(self) -> Vec<Expect> {
+        self.steps()
+    }
+
     fn steps(self) -> Vec<Expect> {
-        let mut s = vec![get_deployment(self.existing.as_ref()), apply(Kind::ConfigMap, json!({}))];
+        let mut s = vec![
+            get_deployment(self.existing.as_ref()),
+            apply(Kind::ConfigMap, json!({})),
+        ];
         if self.rbac {
             s.push(apply(Kind::ServiceAccount, json!({})));
             s.push(apply(Kind::Role, json!({})));
@@ -627,7 +655,12 @@ impl ApplyPass {
         if self.pdb {
             s.push(apply(Kind::Pdb, json!({})));
         }
-        for kind in [Kind::Pdb, Kind::ServiceAccount, Kind::Role, Kind::RoleBinding] {
+        for kind in [
+            Kind::Pdb,
+            Kind::ServiceAccount,
+            Kind::Role,
+            Kind::RoleBinding,
+        ] {
             let items = if self.live.contains(&kind) {
                 vec![child_metadata(kind, SC_UID)]
             } else {
@@ -694,7 +727,11 @@ pub enum Scenario {
 }
 
 fn sc_path(suffix: &str) -> String {
-    path("streamops.dev/v1alpha1", "streamconsumers", &format!("test{suffix}"))
+    path(
+        "streamops.dev/v1alpha1",
+        "streamconsumers",
+        &format!("test{suffix}"),
+    )
 }
 
 fn finalizer_removal(sc: &StreamConsumer) -> Expect {
@@ -715,7 +752,10 @@ impl Scenario {
                     {"op": "test", "path": "/metadata/finalizers", "value": null},
                     {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
                 ]))
-                .reply(Reply::Json(200, serde_json::to_value(sc.finalized()).unwrap()))],
+                .reply(Reply::Json(
+                    200,
+                    serde_json::to_value(sc.finalized()).unwrap(),
+                ))],
             Scenario::Apply(pass) => pass.steps(),
             Scenario::InvalidSpec { sc, field } => vec![
                 event("Warning", "InvalidSpec"),
@@ -784,7 +824,9 @@ mod tests {
 
     #[test]
     fn query_parsing_decodes_and_ignores_order() {
-        let q = parse_query(Some("&force=true&fieldManager=streamops-operator&labelSelector=a%3Db%2Cc%3Dd"));
+        let q = parse_query(Some(
+            "&force=true&fieldManager=streamops-operator&labelSelector=a%3Db%2Cc%3Dd",
+        ));
         assert!(q.contains(&("fieldManager".into(), "streamops-operator".into())));
         assert!(q.contains(&("labelSelector".into(), "a=b,c=d".into())));
         assert!(q.contains(&("force".into(), "true".into())));

@@ -80,9 +80,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -103,8 +105,14 @@ mod tests {
         state.ready.store(true, Ordering::SeqCst);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get(addr, "/metrics").await;
-        assert!(metrics.contains("streamops_operator_reconciliations_total 1"), "{metrics}");
-        assert!(metrics.contains("streamops_operator_reconcile_duration_seconds_count 1"), "{metrics}");
+        assert!(
+            metrics.contains("streamops_operator_reconciliations_total 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("streamops_operator_reconcile_duration_seconds_count 1"),
+            "{metrics}"
+        );
 
         stop.cancel();
         server.await.unwrap().unwrap();

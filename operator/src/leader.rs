@@ -40,7 +40,11 @@ pub struct LeaseSettings {
 
 impl LeaseSettings {
     /// client-go's defaults: 15 s lease, 10 s renew deadline, 2 s retry period.
-    pub fn new(name: impl Into<String>, namespace: impl Into<String>, holder: impl Into<String>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        namespace: impl Into<String>,
+        holder: impl Into<String>,
+    ) -> Self {
         Self {
             name: name.into(),
             namespace: namespace.into(),
@@ -123,7 +127,12 @@ impl LeaseLock {
     pub async fn try_acquire_or_renew(&mut self) -> Result<bool, LeaderError> {
         let me = self.settings.holder_identity.clone();
         let now = MicroTime(Timestamp::now());
-        let Some(mut lease) = self.api.get_opt(&self.settings.name).await.map_err(LeaderError::Api)? else {
+        let Some(mut lease) = self
+            .api
+            .get_opt(&self.settings.name)
+            .await
+            .map_err(LeaderError::Api)?
+        else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.settings.name.clone()),
@@ -158,7 +167,11 @@ impl LeaseLock {
                 .and_then(|s| u64::try_from(s).ok())
                 .map(Duration::from_secs)
                 .unwrap_or(self.settings.lease_duration);
-            let seen_at = self.observed.as_ref().map(|(_, at)| *at).unwrap_or_else(Instant::now);
+            let seen_at = self
+                .observed
+                .as_ref()
+                .map(|(_, at)| *at)
+                .unwrap_or_else(Instant::now);
             if seen_at + duration > Instant::now() {
                 return Ok(false);
             }
@@ -174,7 +187,11 @@ impl LeaseLock {
         }
         lease.spec = Some(spec);
         // `replace` sends the resourceVersion we read: a concurrent writer makes it fail with 409.
-        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(updated) => {
                 self.observe(&updated);
                 Ok(true)
@@ -193,7 +210,12 @@ impl LeaseLock {
     /// Gives the lease up (if held), so another candidate takes over at once instead of after the
     /// lease duration.
     pub async fn release(&mut self) -> Result<(), LeaderError> {
-        let Some(mut lease) = self.api.get_opt(&self.settings.name).await.map_err(LeaderError::Api)? else {
+        let Some(mut lease) = self
+            .api
+            .get_opt(&self.settings.name)
+            .await
+            .map_err(LeaderError::Api)?
+        else {
             return Ok(());
         };
         let Some(spec) = lease.spec.as_mut() else {
@@ -205,7 +227,11 @@ impl LeaseLock {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self.api.replace(&self.settings.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.is_conflict() => Ok(()),
             Err(e) => Err(LeaderError::Api(e)),
@@ -253,7 +279,10 @@ where
     let controller = lead(stop.clone());
     tokio::pin!(controller);
     let mut last_renewal = Instant::now();
-    let mut ticker = tokio::time::interval_at(Instant::now() + settings.retry_period, settings.retry_period);
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + settings.retry_period,
+        settings.retry_period,
+    );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     enum Exit {
@@ -292,7 +321,10 @@ where
         }
         Exit::Shutdown => {
             stop.cancel();
-            if tokio::time::timeout(settings.renew_deadline, &mut controller).await.is_err() {
+            if tokio::time::timeout(settings.renew_deadline, &mut controller)
+                .await
+                .is_err()
+            {
                 warn!("reconciliations did not finish in time; aborting them");
             }
             release(lock).await;
@@ -393,7 +425,11 @@ mod tests {
     #[tokio::test]
     async fn candidate_does_not_take_a_lease_that_is_being_renewed() {
         let (client, server) = mock_client();
-        let mock = server.run_steps(vec![get(Some(lease("other", "7", "2024-01-01T00:00:00.000000Z")))]);
+        let mock = server.run_steps(vec![get(Some(lease(
+            "other",
+            "7",
+            "2024-01-01T00:00:00.000000Z",
+        )))]);
         let mut lock = LeaseLock::new(client, settings("me"));
         let led = lock.try_acquire_or_renew().await;
         drop(lock);
@@ -413,7 +449,10 @@ mod tests {
                 .reply(Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "8"}}))),
         ]);
         let mut lock = LeaseLock::new(client, settings("me"));
-        assert!(!lock.try_acquire_or_renew().await.unwrap(), "first sight: not expired yet");
+        assert!(
+            !lock.try_acquire_or_renew().await.unwrap(),
+            "first sight: not expired yet"
+        );
         tokio::time::advance(Duration::from_secs(16)).await;
         let led = lock.try_acquire_or_renew().await;
         drop(lock);
@@ -469,7 +508,9 @@ mod tests {
         drop(lock);
         let requests = finish(mock).await;
         released.unwrap();
-        assert!(requests[1].body["spec"].get("holderIdentity").is_none_or(|h| h.is_null()));
+        assert!(requests[1].body["spec"]
+            .get("holderIdentity")
+            .is_none_or(|h| h.is_null()));
     }
 
     /// A leader whose renewal finds another holder stops its controller at once.
@@ -478,8 +519,9 @@ mod tests {
         let (client, server) = mock_client();
         let mock = server.run_steps(vec![
             get(None),
-            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", ""))
-                .reply(Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}}))),
+            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", "")).reply(
+                Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}})),
+            ),
             // The first renewal finds that someone else holds the lease.
             get(Some(lease("other", "5", "2024-01-01T00:00:00.000000Z"))),
         ]);
@@ -494,17 +536,25 @@ mod tests {
             }
         }
         let (s, d) = (started.clone(), dropped.clone());
-        let result = run_as_leader(&mut lock, &metrics, CancellationToken::new(), |_stop| async move {
-            let _guard = OnDrop(d);
-            s.store(true, Ordering::SeqCst);
-            std::future::pending::<()>().await
-        })
+        let result = run_as_leader(
+            &mut lock,
+            &metrics,
+            CancellationToken::new(),
+            |_stop| async move {
+                let _guard = OnDrop(d);
+                s.store(true, Ordering::SeqCst);
+                std::future::pending::<()>().await
+            },
+        )
         .await;
         drop(lock);
         finish(mock).await;
         assert!(matches!(result, Err(LeaderError::Lost(_))), "{result:?}");
         assert!(started.load(Ordering::SeqCst));
-        assert!(dropped.load(Ordering::SeqCst), "the controller future was dropped");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the controller future was dropped"
+        );
         assert_eq!(metrics.leader.get(), 0);
     }
 
@@ -514,8 +564,9 @@ mod tests {
         let (client, server) = mock_client();
         let mut steps = vec![
             get(None),
-            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", ""))
-                .reply(Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}}))),
+            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", "")).reply(
+                Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}})),
+            ),
         ];
         // Renewals at 2, 4, 6 and 8 s fail; at 10 s the deadline has passed.
         for _ in 0..4 {
@@ -532,8 +583,15 @@ mod tests {
         drop(lock);
         finish(mock).await;
         assert!(matches!(result, Err(LeaderError::Lost(_))), "{result:?}");
-        assert!(began.elapsed() <= Duration::from_secs(11), "{:?}", began.elapsed());
-        assert!(began.elapsed() < Duration::from_secs(15), "before the lease can expire for others");
+        assert!(
+            began.elapsed() <= Duration::from_secs(11),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(15),
+            "before the lease can expire for others"
+        );
     }
 
     /// On shutdown the controller is asked to stop, then the lease is released.
@@ -542,8 +600,9 @@ mod tests {
         let (client, server) = mock_client();
         let mock = server.run_steps(vec![
             get(None),
-            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", ""))
-                .reply(Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}}))),
+            Expect::new(Method::POST, path("coordination.k8s.io/v1", "leases", "")).reply(
+                Reply::MergedOverRequest(json!({"metadata": {"resourceVersion": "1"}})),
+            ),
             get(Some(lease("me", "1", "2024-01-01T00:00:00.000000Z"))),
             Expect::new(Method::PUT, lease_path()).reply(Reply::MergedOverRequest(json!({}))),
         ]);

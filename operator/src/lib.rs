@@ -30,4 +30,6 @@ pub mod validation;
 mod fixtures;
 
 pub use error::{Error, Result};
-pub use reconcile::{error_policy, reconcile, Context, OperatorConfig, ReplicaDecider, SpecReplicas};
+pub use reconcile::{
+    error_policy, reconcile, Context, OperatorConfig, ReplicaDecider, SpecReplicas,
+};

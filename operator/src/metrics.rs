@@ -2,9 +2,7 @@
 
 use std::time::Instant;
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::Error;
 
@@ -49,7 +47,9 @@ impl Metrics {
                     "streamops_operator_reconcile_duration_seconds",
                     "Duration of one reconciliation",
                 )
-                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
             )?,
             malformed_objects: IntCounter::new(
                 "streamops_operator_malformed_objects_total",
@@ -87,7 +87,9 @@ impl Metrics {
 
     /// Counts a failed reconciliation.
     pub fn reconcile_failed(&self, error: &Error) {
-        self.failures.with_label_values(&[error.kind().as_str()]).inc();
+        self.failures
+            .with_label_values(&[error.kind().as_str()])
+            .inc();
     }
 }
 

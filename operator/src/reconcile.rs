@@ -337,8 +337,7 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     let applied = match apply_children(ctx, &id, &children).await {
         Ok(applied) => applied,
         Err(error) => {
-            let new_status =
-                status::failed(sc, error.reason(), &error.to_string(), status::now());
+            let new_status = status::failed(sc, error.reason(), &error.to_string(), status::now());
             if sc.status.as_ref() != Some(&new_status) {
                 if let Err(e) = patch_status(&consumers, id.name, &new_status).await {
                     warn!(error = %e, "cannot record the failure in the status");
@@ -358,7 +357,13 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     )
     .await;
 
-    let new_status = status::observed(sc, &applied.deployment, replicas, &rendered.hash, status::now());
+    let new_status = status::observed(
+        sc,
+        &applied.deployment,
+        replicas,
+        &rendered.hash,
+        status::now(),
+    );
     if sc.status.as_ref() != Some(&new_status) {
         patch_status(&consumers, id.name, &new_status).await?;
     }
@@ -395,14 +400,30 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         }
     }
 
-    apply_child(&Api::namespaced(client.clone(), id.namespace), &children.config_map).await?;
+    apply_child(
+        &Api::namespaced(client.clone(), id.namespace),
+        &children.config_map,
+    )
+    .await?;
     if let Some(rbac) = &children.worker_rbac {
-        apply_child(&Api::namespaced(client.clone(), id.namespace), &rbac.service_account).await?;
+        apply_child(
+            &Api::namespaced(client.clone(), id.namespace),
+            &rbac.service_account,
+        )
+        .await?;
         apply_child(&Api::namespaced(client.clone(), id.namespace), &rbac.role).await?;
-        apply_child(&Api::namespaced(client.clone(), id.namespace), &rbac.role_binding).await?;
+        apply_child(
+            &Api::namespaced(client.clone(), id.namespace),
+            &rbac.role_binding,
+        )
+        .await?;
     }
     let deployment = apply_child(&deployments, &children.deployment).await?;
-    apply_child(&Api::namespaced(client.clone(), id.namespace), &children.service).await?;
+    apply_child(
+        &Api::namespaced(client.clone(), id.namespace),
+        &children.service,
+    )
+    .await?;
     if let Some(pdb) = &children.pdb {
         apply_child(&Api::namespaced(client.clone(), id.namespace), pdb).await?;
     }
@@ -459,8 +480,13 @@ async fn delete_orphans(client: &Client, id: &Identity<'_>, children: &Children)
         keep(rbac.map(|r| &r.service_account.metadata)).as_deref(),
     )
     .await?;
-    delete_owned::<Role>(client, id, &selector, keep(rbac.map(|r| &r.role.metadata)).as_deref())
-        .await?;
+    delete_owned::<Role>(
+        client,
+        id,
+        &selector,
+        keep(rbac.map(|r| &r.role.metadata)).as_deref(),
+    )
+    .await?;
     delete_owned::<RoleBinding>(
         client,
         id,
@@ -646,14 +672,19 @@ async fn cleanup(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     let group = &sc.spec.kafka.group_id;
     match sc.spec.cleanup_policy {
         CleanupPolicy::Retain => {
-            ctx.metrics.group_cleanups.with_label_values(&["retained"]).inc();
+            ctx.metrics
+                .group_cleanups
+                .with_label_values(&["retained"])
+                .inc();
             publish(
                 ctx,
                 &reference,
                 EventType::Normal,
                 "ConsumerGroupRetained",
                 "Delete",
-                format!("kept consumer group {group} and its committed offsets (cleanupPolicy Retain)"),
+                format!(
+                    "kept consumer group {group} and its committed offsets (cleanupPolicy Retain)"
+                ),
             )
             .await;
             Ok(Action::await_change())
@@ -674,7 +705,10 @@ async fn delete_consumer_group(
     let target = match GroupTarget::from_spec(&sc.spec) {
         Ok(target) => target,
         Err(why) => {
-            ctx.metrics.group_cleanups.with_label_values(&["skipped"]).inc();
+            ctx.metrics
+                .group_cleanups
+                .with_label_values(&["skipped"])
+                .inc();
             publish(
                 ctx,
                 reference,
@@ -696,17 +730,34 @@ async fn delete_consumer_group(
     match ctx.group_deleter.delete_group(&target).await {
         Ok(outcome) => {
             let (label, note) = match outcome {
-                GroupDeletion::Deleted => ("deleted", format!("deleted consumer group {group} and its committed offsets")),
-                GroupDeletion::NotFound => ("not_found", format!("consumer group {group} did not exist; nothing to delete")),
+                GroupDeletion::Deleted => (
+                    "deleted",
+                    format!("deleted consumer group {group} and its committed offsets"),
+                ),
+                GroupDeletion::NotFound => (
+                    "not_found",
+                    format!("consumer group {group} did not exist; nothing to delete"),
+                ),
             };
             ctx.metrics.group_cleanups.with_label_values(&[label]).inc();
-            publish(ctx, reference, EventType::Normal, "ConsumerGroupDeleted", "Delete", note).await;
+            publish(
+                ctx,
+                reference,
+                EventType::Normal,
+                "ConsumerGroupDeleted",
+                "Delete",
+                note,
+            )
+            .await;
             Ok(Action::await_change())
         }
         Err(source) => {
             let waited = since(sc.metadata.deletion_timestamp.as_ref().map(|t| t.0));
             if waited >= ctx.config.cleanup_deadline {
-                ctx.metrics.group_cleanups.with_label_values(&["abandoned"]).inc();
+                ctx.metrics
+                    .group_cleanups
+                    .with_label_values(&["abandoned"])
+                    .inc();
                 publish(
                     ctx,
                     reference,
@@ -757,7 +808,10 @@ async fn skip_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<Action
         EventType::Warning,
         "MalformedObject",
         "Reconcile",
-        format!("the object cannot be parsed and is skipped until it is fixed: {}", invalid.error),
+        format!(
+            "the object cannot be parsed and is skipped until it is fixed: {}",
+            invalid.error
+        ),
     )
     .await;
 
@@ -777,7 +831,10 @@ async fn skip_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<Action
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(Error::MalformedObjectFinalizer)?;
-    ctx.metrics.group_cleanups.with_label_values(&["skipped"]).inc();
+    ctx.metrics
+        .group_cleanups
+        .with_label_values(&["skipped"])
+        .inc();
     publish(
         ctx,
         &reference,

@@ -148,13 +148,16 @@ pub fn observed(
     let mut c = Conditions::new(sc, now);
     let ready_msg = format!("{}/{} workers ready", rollout.ready, rollout.desired);
 
+    // Some pods still run an older template, or the Deployment controller has not seen the
+    // latest one yet.
+    let rolling = !rollout.observed_current || rollout.updated < rollout.replicas;
     if rollout.complete() {
         if desired == 0 {
             c.set(READY, true, "ScaledToZero", "scaled to zero workers");
         } else {
             c.set(READY, true, "WorkersReady", ready_msg);
         }
-    } else if !rollout.observed_current || rollout.updated < desired {
+    } else if rolling {
         c.set(
             READY,
             false,
@@ -170,12 +173,19 @@ pub fn observed(
 
     match (&rollout.stalled, rollout.complete()) {
         (Some(msg), _) => c.set(PROGRESSING, false, "ProgressDeadlineExceeded", msg.clone()),
-        (None, true) => c.set(PROGRESSING, false, "RolloutComplete", "the workers are up to date"),
+        (None, true) => c.set(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            "the workers are up to date",
+        ),
         (None, false) => {
-            let reason = if rollout.observed_current && rollout.updated >= desired {
+            let reason = if rolling {
+                "RollingOut"
+            } else if rollout.replicas != desired {
                 "Scaling"
             } else {
-                "RollingOut"
+                "WaitingForReadiness"
             };
             c.set(
                 PROGRESSING,
@@ -210,7 +220,12 @@ pub fn observed(
 pub fn invalid_spec(sc: &StreamConsumer, invalid: &InvalidSpec, now: Time) -> StreamConsumerStatus {
     let mut status = carried_over(sc);
     let mut c = Conditions::new(sc, now);
-    c.keep_or(READY, false, REASON_INVALID_SPEC, "no workers were configured: the spec is invalid");
+    c.keep_or(
+        READY,
+        false,
+        REASON_INVALID_SPEC,
+        "no workers were configured: the spec is invalid",
+    );
     c.set(
         PROGRESSING,
         false,
@@ -284,7 +299,10 @@ mod tests {
         let sc = StreamConsumer::test().with_replicas(3);
         let s = observed(&sc, &settled(4, 3), 3, "abc", t(10));
         assert_eq!(is(&s, READY), ("True".into(), "WorkersReady".into()));
-        assert_eq!(is(&s, PROGRESSING), ("False".into(), "RolloutComplete".into()));
+        assert_eq!(
+            is(&s, PROGRESSING),
+            ("False".into(), "RolloutComplete".into())
+        );
         assert_eq!(is(&s, DEGRADED), ("False".into(), "AsExpected".into()));
         assert_eq!((s.replicas, s.ready_replicas), (3, 3));
         assert_eq!(s.config_hash.as_deref(), Some("abc"));
@@ -300,7 +318,13 @@ mod tests {
         // The status still shows 3 ready pods, but of the previous template.
         let mut d = settled(4, 3);
         d.metadata.generation = Some(5);
-        let s = observed(&StreamConsumer::test().with_replicas(3), &d, 3, "abc", t(10));
+        let s = observed(
+            &StreamConsumer::test().with_replicas(3),
+            &d,
+            3,
+            "abc",
+            t(10),
+        );
         assert_eq!(is(&s, READY), ("False".into(), "RollingOut".into()));
         assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
     }
@@ -317,10 +341,19 @@ mod tests {
                 ..DeploymentStatus::default()
             },
         );
-        let s = observed(&StreamConsumer::test().with_replicas(3), &d, 3, "abc", t(10));
+        let s = observed(
+            &StreamConsumer::test().with_replicas(3),
+            &d,
+            3,
+            "abc",
+            t(10),
+        );
         assert_eq!(is(&s, READY), ("False".into(), "WorkersNotReady".into()));
         assert_eq!(condition(&s, READY).unwrap().message, "1/3 workers ready");
-        assert_eq!(is(&s, PROGRESSING), ("True".into(), "Scaling".into()));
+        assert_eq!(
+            is(&s, PROGRESSING),
+            ("True".into(), "WaitingForReadiness".into())
+        );
         assert_eq!(s.ready_replicas, 1);
     }
 
@@ -338,6 +371,12 @@ mod tests {
         );
         let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
         assert_eq!(is(&s, READY).0, "False");
+        assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
+        // All pods current, two extra still terminating.
+        let mut d = d;
+        d.status.as_mut().unwrap().updated_replicas = Some(3);
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        assert_eq!(is(&s, PROGRESSING), ("True".into(), "Scaling".into()));
     }
 
     #[test]
@@ -360,13 +399,25 @@ mod tests {
             ..DeploymentCondition::default()
         }]);
         let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
-        assert_eq!(is(&s, DEGRADED), ("True".into(), "ProgressDeadlineExceeded".into()));
-        assert_eq!(is(&s, PROGRESSING), ("False".into(), "ProgressDeadlineExceeded".into()));
+        assert_eq!(
+            is(&s, DEGRADED),
+            ("True".into(), "ProgressDeadlineExceeded".into())
+        );
+        assert_eq!(
+            is(&s, PROGRESSING),
+            ("False".into(), "ProgressDeadlineExceeded".into())
+        );
     }
 
     #[test]
     fn zero_replicas_is_ready_once_scaled_down() {
-        let s = observed(&StreamConsumer::test().with_replicas(0), &settled(3, 0), 0, "h", t(1));
+        let s = observed(
+            &StreamConsumer::test().with_replicas(0),
+            &settled(3, 0),
+            0,
+            "h",
+            t(1),
+        );
         assert_eq!(is(&s, READY), ("True".into(), "ScaledToZero".into()));
     }
 
@@ -381,9 +432,15 @@ mod tests {
         let mut rolling = settled(2, 1);
         rolling.status.as_mut().unwrap().observed_generation = Some(1);
         let flipped = observed(&sc, &rolling, 1, "h2", t(300));
-        assert_eq!(condition(&flipped, READY).unwrap().last_transition_time, t(300));
+        assert_eq!(
+            condition(&flipped, READY).unwrap().last_transition_time,
+            t(300)
+        );
         // Degraded stayed False: its time is kept.
-        assert_eq!(condition(&flipped, DEGRADED).unwrap().last_transition_time, t(100));
+        assert_eq!(
+            condition(&flipped, DEGRADED).unwrap().last_transition_time,
+            t(100)
+        );
     }
 
     #[test]
@@ -398,7 +455,10 @@ mod tests {
         };
         let s = invalid_spec(&sc, &invalid, t(5));
         let d = condition(&s, DEGRADED).unwrap();
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "InvalidSpec"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
         assert!(d.message.contains("spec.kafka.groupId"), "{}", d.message);
         assert_eq!(is(&s, READY), ("True".into(), "WorkersReady".into()));
         assert_eq!(s.observed_generation, Some(2));

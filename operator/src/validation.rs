@@ -20,7 +20,10 @@ pub struct InvalidSpec {
 impl InvalidSpec {
     /// Path of the first invalid field.
     pub fn first_field(&self) -> &str {
-        self.errors.first().map(|e| e.field.as_str()).unwrap_or("spec")
+        self.errors
+            .first()
+            .map(|e| e.field.as_str())
+            .unwrap_or("spec")
     }
 }
 
@@ -44,8 +47,7 @@ pub fn is_dns1035_label(s: &str) -> bool {
         && b.len() <= MAX_NAME_LEN
         && b[0].is_ascii_lowercase()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
@@ -111,12 +113,15 @@ mod tests {
     #[test]
     fn cel_rules_are_checked_too() {
         // validate_spec and the CEL rule both catch a pipeline-trigger without redis.
-        let sc = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None);
+        let sc =
+            StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None);
         let e = validate_object(&sc).unwrap_err();
         let fields: Vec<_> = e.errors.iter().map(|e| e.field.as_str()).collect();
         assert!(fields.contains(&"spec.redis"), "{fields:?}");
         assert!(
-            e.errors.iter().any(|e| e.message.contains("spec.redis is required")),
+            e.errors
+                .iter()
+                .any(|e| e.message.contains("spec.redis is required")),
             "the CEL message is reported: {e}"
         );
     }

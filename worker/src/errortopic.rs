@@ -42,6 +42,12 @@ pub mod headers {
 /// Largest prefix of an oversized value that is forwarded.
 pub const TRUNCATED_PREFIX_BYTES: usize = 16 * 1024;
 
+/// Length of the prefix kept of an oversized value: [`TRUNCATED_PREFIX_BYTES`], or the consumer's
+/// `maxMessageBytes` if smaller.
+pub fn prefix_len(max_message_bytes: usize) -> usize {
+    TRUNCATED_PREFIX_BYTES.min(max_message_bytes)
+}
+
 /// Longest detail header.
 const MAX_DETAIL_BYTES: usize = 1024;
 
@@ -78,11 +84,12 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 impl ErrorRecord {
-    /// The record for `msg` rejected with `rejection`. Oversized values keep only a prefix.
-    pub fn new(msg: &RawMessage, rejection: &Rejection) -> Self {
+    /// The record for `msg` rejected with `rejection`. Oversized values keep only a prefix of
+    /// [`prefix_len`]`(max_message_bytes)` bytes.
+    pub fn new(msg: &RawMessage, rejection: &Rejection, max_message_bytes: usize) -> Self {
         let payload = msg.payload.as_deref().unwrap_or_default();
         let value = if rejection.kind == RejectKind::TooLarge {
-            payload[..payload.len().min(TRUNCATED_PREFIX_BYTES)].to_vec()
+            payload[..payload.len().min(prefix_len(max_message_bytes))].to_vec()
         } else {
             payload.to_vec()
         };
@@ -290,7 +297,11 @@ mod tests {
             payload: Some(vec![b'x'; TRUNCATED_PREFIX_BYTES * 3]),
             timestamp_ms: None,
         };
-        let rec = ErrorRecord::new(&msg, &Rejection::new(RejectKind::TooLarge, "too big"));
+        let rec = ErrorRecord::new(
+            &msg,
+            &Rejection::new(RejectKind::TooLarge, "too big"),
+            1 << 20,
+        );
         assert_eq!(rec.value.len(), TRUNCATED_PREFIX_BYTES);
         assert_eq!(rec.original_bytes, TRUNCATED_PREFIX_BYTES * 3);
         assert!(rec.truncated());

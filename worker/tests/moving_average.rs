@@ -157,7 +157,7 @@ async fn poison_messages_land_in_the_error_topic_with_their_reasons_and_valid_on
     let mut expected: HashMap<(Vec<u8>, String), usize> = HashMap::new();
     for g in &poison {
         let value = if g.payload.len() > 4096 {
-            g.payload[..streamops_worker::errortopic::TRUNCATED_PREFIX_BYTES.min(g.payload.len())].to_vec()
+            g.payload[..streamops_worker::errortopic::prefix_len(4096)].to_vec()
         } else {
             g.payload.clone()
         };

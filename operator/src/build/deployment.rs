@@ -255,12 +255,7 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
         }
     }
     if config.kafka.sasl_mechanism.is_some() {
-        if let Some(sasl) = spec
-            .kafka
-            .security
-            .as_ref()
-            .and_then(|s| s.sasl.as_ref())
-        {
+        if let Some(sasl) = spec.kafka.security.as_ref().and_then(|s| s.sasl.as_ref()) {
             let c = &sasl.credentials_secret_ref;
             env.push(env_secret(ENV_KAFKA_USERNAME, &c.name, &c.username_key));
             env.push(env_secret(ENV_KAFKA_PASSWORD, &c.name, &c.password_key));
@@ -430,8 +425,8 @@ mod tests {
     use crate::build::{BuildContext, RenderedConfig};
     use k8s_openapi::api::core::v1::ResourceRequirements;
     use streamops_crds::v1alpha1::{
-        CredentialsSecretRef, HandlerKind, JobTriggerSpec, KafkaSecurity, SaslMechanism,
-        SaslSpec, SecretKeyRef, SecurityProtocol, TlsSpec,
+        CredentialsSecretRef, HandlerKind, JobTriggerSpec, KafkaSecurity, SaslMechanism, SaslSpec,
+        SecretKeyRef, SecurityProtocol, TlsSpec,
     };
     use streamops_crds::StreamConsumer;
 
@@ -444,17 +439,36 @@ mod tests {
     }
 
     fn env_of<'a>(d: &'a Deployment, name: &str) -> Option<&'a EnvVar> {
-        container(d).env.as_ref().unwrap().iter().find(|e| e.name == name)
+        container(d)
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
     }
 
     fn secret_ref(e: &EnvVar) -> (&str, &str) {
-        let s = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        let s = e
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
         (s.name.as_str(), s.key.as_str())
     }
 
     fn template_hash(d: &Deployment) -> String {
-        d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
-            [CONFIG_HASH_ANNOTATION]
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH_ANNOTATION]
             .clone()
     }
 
@@ -487,7 +501,10 @@ mod tests {
         let psc = pod(&d).security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.run_as_user, Some(65532));
-        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
         let sc = container(&d).security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -511,10 +528,22 @@ mod tests {
             env_of(&d, "STREAMOPS_CONFIG").unwrap().value.as_deref(),
             Some("/etc/streamops/worker.yaml")
         );
-        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == CONFIG_VOLUME).unwrap();
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == CONFIG_VOLUME)
+            .unwrap();
         assert_eq!(mount.mount_path, "/etc/streamops");
         assert_eq!(mount.read_only, Some(true));
-        let vol = pod(&d).volumes.as_ref().unwrap().iter().find(|v| v.name == CONFIG_VOLUME).unwrap();
+        let vol = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .unwrap();
         let cm = vol.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
             .config_map
             .as_ref()
@@ -534,12 +563,17 @@ mod tests {
     #[test]
     fn database_url_comes_from_the_sink_secret() {
         let d = with_ctx(&StreamConsumer::test(), build_deployment);
-        assert_eq!(secret_ref(env_of(&d, "STREAMOPS_DATABASE_URL").unwrap()), ("pg", "url"));
+        assert_eq!(
+            secret_ref(env_of(&d, "STREAMOPS_DATABASE_URL").unwrap()),
+            ("pg", "url")
+        );
         assert!(env_of(&d, "STREAMOPS_REDIS_URL").is_none());
         assert!(env_of(&d, "STREAMOPS_KAFKA_USERNAME").is_none());
         for e in container(&d).env.as_ref().unwrap() {
             assert!(
-                e.value.as_deref().is_none_or(|v| !v.contains("postgres://")),
+                e.value
+                    .as_deref()
+                    .is_none_or(|v| !v.contains("postgres://")),
                 "no secret value inline"
             );
         }
@@ -547,8 +581,14 @@ mod tests {
 
     #[test]
     fn redis_url_comes_from_the_redis_secret_for_pipeline_trigger() {
-        let d = with_ctx(&StreamConsumer::test_of(HandlerKind::PipelineTrigger), build_deployment);
-        assert_eq!(secret_ref(env_of(&d, "STREAMOPS_REDIS_URL").unwrap()), ("redis", "url"));
+        let d = with_ctx(
+            &StreamConsumer::test_of(HandlerKind::PipelineTrigger),
+            build_deployment,
+        );
+        assert_eq!(
+            secret_ref(env_of(&d, "STREAMOPS_REDIS_URL").unwrap()),
+            ("redis", "url")
+        );
     }
 
     #[test]
@@ -578,7 +618,13 @@ mod tests {
         let rendered = RenderedConfig::render(&sc).unwrap();
         let ctx = BuildContext::new(&sc, "img", &rendered, 1).unwrap();
         let d = build_deployment(&ctx);
-        let vol = pod(&d).volumes.as_ref().unwrap().iter().find(|v| v.name == CONFIG_VOLUME).unwrap();
+        let vol = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .unwrap();
         let projected: Vec<(String, String, String)> = vol
             .projected
             .as_ref()
@@ -590,29 +636,66 @@ mod tests {
             .filter_map(|s| s.secret.as_ref())
             .flat_map(|s| {
                 s.items.as_ref().unwrap().iter().map(|i| {
-                    (s.name.clone(), i.key.clone(), format!("/etc/streamops/{}", i.path))
+                    (
+                        s.name.clone(),
+                        i.key.clone(),
+                        format!("/etc/streamops/{}", i.path),
+                    )
                 })
             })
             .collect();
         let k = &rendered.config.kafka;
-        assert_eq!(k.ssl_ca_location.as_deref(), Some("/etc/streamops/tls/ca/ca.crt"));
+        assert_eq!(
+            k.ssl_ca_location.as_deref(),
+            Some("/etc/streamops/tls/ca/ca.crt")
+        );
         assert_eq!(
             projected,
             vec![
-                ("kafka-ca".into(), "ca.pem".into(), k.ssl_ca_location.clone().unwrap()),
-                ("kafka-client".into(), "tls.crt".into(), k.ssl_certificate_location.clone().unwrap()),
-                ("kafka-client".into(), "tls.key".into(), k.ssl_key_location.clone().unwrap()),
+                (
+                    "kafka-ca".into(),
+                    "ca.pem".into(),
+                    k.ssl_ca_location.clone().unwrap()
+                ),
+                (
+                    "kafka-client".into(),
+                    "tls.crt".into(),
+                    k.ssl_certificate_location.clone().unwrap()
+                ),
+                (
+                    "kafka-client".into(),
+                    "tls.key".into(),
+                    k.ssl_key_location.clone().unwrap()
+                ),
             ]
         );
-        assert_eq!(k.ssl_certificate_location.as_deref(), Some("/etc/streamops/tls/client/tls.crt"));
+        assert_eq!(
+            k.ssl_certificate_location.as_deref(),
+            Some("/etc/streamops/tls/client/tls.crt")
+        );
         assert_eq!(vol.projected.as_ref().unwrap().default_mode, Some(0o440));
     }
 
     #[test]
     fn tls_secrets_are_not_mounted_for_plaintext() {
         let d = with_ctx(&secured(SecurityProtocol::SaslPlaintext), build_deployment);
-        let vol = pod(&d).volumes.as_ref().unwrap().iter().find(|v| v.name == CONFIG_VOLUME).unwrap();
-        let secrets = vol.projected.as_ref().unwrap().sources.as_ref().unwrap().iter().filter(|s| s.secret.is_some()).count();
+        let vol = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == CONFIG_VOLUME)
+            .unwrap();
+        let secrets = vol
+            .projected
+            .as_ref()
+            .unwrap()
+            .sources
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|s| s.secret.is_some())
+            .count();
         assert_eq!(secrets, 0);
         assert_eq!(pod(&d).volumes.as_ref().unwrap().len(), 2);
     }
@@ -622,13 +705,22 @@ mod tests {
         let d = with_ctx(&StreamConsumer::test(), build_deployment);
         let c = container(&d);
         let port = &c.ports.as_ref().unwrap()[0];
-        assert_eq!((port.name.as_deref(), port.container_port), (Some("http"), 8080));
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8080)
+        );
         let get = |p: &Option<Probe>| {
             let h = p.as_ref().unwrap().http_get.as_ref().unwrap();
             (h.path.clone().unwrap(), h.port.clone())
         };
-        assert_eq!(get(&c.liveness_probe), ("/healthz".into(), IntOrString::String("http".into())));
-        assert_eq!(get(&c.readiness_probe), ("/readyz".into(), IntOrString::String("http".into())));
+        assert_eq!(
+            get(&c.liveness_probe),
+            ("/healthz".into(), IntOrString::String("http".into()))
+        );
+        assert_eq!(
+            get(&c.readiness_probe),
+            ("/readyz".into(), IntOrString::String("http".into()))
+        );
     }
 
     #[test]
@@ -647,7 +739,11 @@ mod tests {
     fn workers_without_jobs_get_no_service_account_token() {
         for kind in HandlerKind::ALL {
             let d = with_ctx(&StreamConsumer::test_of(kind), build_deployment);
-            assert_eq!(pod(&d).automount_service_account_token, Some(false), "{kind}");
+            assert_eq!(
+                pod(&d).automount_service_account_token,
+                Some(false),
+                "{kind}"
+            );
             assert_eq!(pod(&d).service_account_name, None);
         }
     }
@@ -657,7 +753,9 @@ mod tests {
         let sc = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| {
             let p = s.handler.pipeline_trigger.as_mut().unwrap();
             p.webhook = None;
-            p.job = Some(JobTriggerSpec { template: serde_json::json!({"template": {}}) });
+            p.job = Some(JobTriggerSpec {
+                template: serde_json::json!({"template": {}}),
+            });
         });
         let d = with_ctx(&sc, build_deployment);
         assert_eq!(pod(&d).automount_service_account_token, Some(true));
@@ -672,14 +770,20 @@ mod tests {
             build_deployment,
         );
         assert_ne!(template_hash(&a), template_hash(&b));
-        assert_ne!(a.spec.as_ref().unwrap().template, b.spec.as_ref().unwrap().template);
+        assert_ne!(
+            a.spec.as_ref().unwrap().template,
+            b.spec.as_ref().unwrap().template
+        );
     }
 
     #[test]
     fn replicas_only_change_leaves_the_pod_template_identical() {
         let a = with_ctx(&StreamConsumer::test().with_replicas(1), build_deployment);
         let b = with_ctx(&StreamConsumer::test().with_replicas(4), build_deployment);
-        assert_eq!(a.spec.as_ref().unwrap().template, b.spec.as_ref().unwrap().template);
+        assert_eq!(
+            a.spec.as_ref().unwrap().template,
+            b.spec.as_ref().unwrap().template
+        );
         assert_eq!(a.spec.as_ref().unwrap().replicas, Some(1));
         assert_eq!(b.spec.as_ref().unwrap().replicas, Some(4));
     }
@@ -699,7 +803,14 @@ mod tests {
     fn selector_is_a_subset_of_the_pod_labels() {
         let d = with_ctx(&StreamConsumer::test(), build_deployment);
         let spec = d.spec.as_ref().unwrap();
-        let pod_labels = spec.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
         for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
             assert_eq!(pod_labels.get(k), Some(v));
         }
@@ -707,7 +818,9 @@ mod tests {
 
     #[test]
     fn grace_period_is_at_least_thirty_seconds() {
-        let cfg = RenderedConfig::render(&StreamConsumer::test()).unwrap().config;
+        let cfg = RenderedConfig::render(&StreamConsumer::test())
+            .unwrap()
+            .config;
         assert_eq!(termination_grace_period_seconds(&cfg.handler, 100), 30);
     }
 
@@ -720,7 +833,9 @@ mod tests {
             .config;
         assert_eq!(termination_grace_period_seconds(&cfg.handler, 100), 51);
         // A long batch wait alone: 60 s + 15 s.
-        let ma = RenderedConfig::render(&StreamConsumer::test()).unwrap().config;
+        let ma = RenderedConfig::render(&StreamConsumer::test())
+            .unwrap()
+            .config;
         assert_eq!(termination_grace_period_seconds(&ma.handler, 60_000), 75);
     }
 

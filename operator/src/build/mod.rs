@@ -17,7 +17,9 @@ pub use deployment::{
     SHUTDOWN_MARGIN_MS,
 };
 pub use pdb::build_pdb;
-pub use rbac::{build_role, build_role_binding, build_service_account, build_worker_rbac, WorkerRbac};
+pub use rbac::{
+    build_role, build_role_binding, build_service_account, build_worker_rbac, WorkerRbac,
+};
 pub use service::build_service;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -174,7 +176,8 @@ pub(crate) mod test_support {
     /// Renders `sc` and calls `f` with a context using the default image and `spec.replicas`.
     pub fn with_ctx<T>(sc: &StreamConsumer, f: impl FnOnce(&BuildContext<'_>) -> T) -> T {
         let rendered = RenderedConfig::render(sc).unwrap();
-        let ctx = BuildContext::new(sc, "example.com/worker:1", &rendered, sc.spec.replicas).unwrap();
+        let ctx =
+            BuildContext::new(sc, "example.com/worker:1", &rendered, sc.spec.replicas).unwrap();
         f(&ctx)
     }
 }

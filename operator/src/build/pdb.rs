@@ -35,7 +35,11 @@ mod tests {
     fn pdb_exists_only_with_more_than_one_replica() {
         for (replicas, wanted) in [(0, false), (1, false), (2, true), (5, true)] {
             let sc = StreamConsumer::test().with_replicas(replicas);
-            assert_eq!(with_ctx(&sc, build_pdb).is_some(), wanted, "replicas {replicas}");
+            assert_eq!(
+                with_ctx(&sc, build_pdb).is_some(),
+                wanted,
+                "replicas {replicas}"
+            );
         }
     }
 

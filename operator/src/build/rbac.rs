@@ -93,7 +93,10 @@ mod tests {
         let subject = &rbac.role_binding.subjects.unwrap()[0];
         assert_eq!(subject.name, "test-worker");
         assert_eq!(subject.namespace.as_deref(), Some("default"));
-        assert_eq!(rbac.service_account.metadata.name.as_deref(), Some("test-worker"));
+        assert_eq!(
+            rbac.service_account.metadata.name.as_deref(),
+            Some("test-worker")
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@ use std::sync::Arc;
 
 use streamops_crds::{HandlerKind, WorkerConfig};
 
+pub mod fraud;
+pub(crate) mod json_fields;
 pub mod moving_average;
+pub mod pipeline_trigger;
+pub mod sensor;
 
 /// A Kafka message as consumed, owned by the pipeline.
 #[derive(Debug, Clone)]

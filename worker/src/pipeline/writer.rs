@@ -279,7 +279,7 @@ impl<H: Handler> Writer<H> {
                 let m = &messages[*i].msg;
                 !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
             })
-            .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r))
+            .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
             .collect();
         if !records.is_empty() {
             let mut done = vec![false; records.len()];

@@ -1,0 +1,752 @@
+//! Reconciler tests against the mock API server of `crate::fixtures`.
+
+use std::time::Duration;
+
+use http::Method;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
+use kube::runtime::controller::Action;
+use serde_json::{json, Value};
+use streamops_crds::v1alpha1::{
+    CleanupPolicy, CredentialsSecretRef, HandlerKind, KafkaSecurity, SaslMechanism, SaslSpec,
+    SecurityProtocol,
+};
+use streamops_crds::StreamConsumer;
+
+use super::*;
+use crate::build::{build_deployment, BuildContext, RenderedConfig};
+use crate::consumer_group::{GroupDeleteError, GroupDeletion};
+use crate::fixtures::*;
+use crate::names::CONFIG_HASH_ANNOTATION;
+
+/// The Deployment the operator would have applied for `sc`, as the API server stores it.
+fn live_deployment(sc: &StreamConsumer, generation: i64) -> Deployment {
+    let rendered = RenderedConfig::render(sc).unwrap();
+    let ctx = BuildContext::new(sc, TEST_IMAGE, &rendered, sc.spec.replicas).unwrap();
+    let mut d = build_deployment(&ctx);
+    d.metadata.generation = Some(generation);
+    d.metadata.uid = Some("deployment-uid".into());
+    d.metadata.resource_version = Some("100".into());
+    d
+}
+
+fn hash_of(sc: &StreamConsumer) -> String {
+    RenderedConfig::render(sc).unwrap().hash
+}
+
+fn template(body: &Value) -> &Value {
+    &body["spec"]["template"]
+}
+
+async fn reconcile_once(ctx: Arc<Context>, sc: StreamConsumer) -> Result<Action> {
+    reconcile(guard(sc), ctx).await
+}
+
+#[tokio::test]
+async fn new_object_gets_the_finalizer_and_nothing_else() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test();
+    let mock = server.run(Scenario::FinalizerCreation(sc.clone()));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn create_applies_every_child_under_one_field_manager_and_reports_progress() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let hash = hash_of(&sc);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.status = Some(json!({
+        "observedGeneration": 1,
+        "replicas": 1,
+        "readyReplicas": 0,
+        "configHash": hash,
+        "selector": "app.kubernetes.io/instance=test,app.kubernetes.io/name=streamops-worker",
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "WorkersNotReady", "message": "0/1 workers ready"},
+            {"type": "Progressing", "status": "True", "reason": "WaitingForReadiness"},
+            {"type": "Degraded", "status": "False", "reason": "AsExpected"}
+        ]
+    }));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+
+    let cm = body_of(
+        &requests,
+        Method::PATCH,
+        &Kind::ConfigMap.path("test-config"),
+    );
+    let yaml = cm["data"]["worker.yaml"].as_str().unwrap();
+    assert_eq!(
+        streamops_crds::WorkerConfig::from_yaml(yaml).unwrap(),
+        streamops_crds::WorkerConfig::from_resource(&sc).unwrap()
+    );
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert_eq!(
+        template(&d)["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
+        hash.as_str()
+    );
+    assert_eq!(template(&d)["spec"]["containers"][0]["image"], TEST_IMAGE);
+    // Every write is a forced apply under the one field manager.
+    for r in requests.iter().filter(|r| r.method == Method::PATCH) {
+        assert!(r.is_apply_to(&r.path), "{} is not an apply", r.path);
+    }
+}
+
+#[tokio::test]
+async fn ready_workers_at_the_current_generation_make_the_consumer_ready() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized().with_replicas(2);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.existing = Some(live_deployment(&sc, 3));
+    pass.deployment_answer = rollout(3, 2, 2);
+    pass.pdb = true;
+    pass.live = vec![Kind::Pdb];
+    pass.events = vec![];
+    pass.status = Some(json!({
+        "readyReplicas": 2,
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "WorkersReady", "message": "2/2 workers ready"},
+            {"type": "Progressing", "status": "False", "reason": "RolloutComplete"},
+            {"type": "Degraded", "status": "False"}
+        ]
+    }));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn an_applied_deployment_whose_rollout_is_not_observed_yet_is_not_ready() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.existing = Some(live_deployment(&sc, 1));
+    pass.events = vec![];
+    // The apply bumped the generation to 2; the Deployment controller still reports generation 1
+    // with its one ready pod.
+    pass.deployment_answer = json!({
+        "metadata": {"generation": 2},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}
+    });
+    pass.status = Some(json!({"conditions": [
+        {"type": "Ready", "status": "False", "reason": "RollingOut"},
+        {"type": "Progressing", "status": "True", "reason": "RollingOut"}
+    ]}));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn config_change_rolls_the_workers_and_reports_an_update() {
+    let (ctx, server, _) = Context::test();
+    let old = StreamConsumer::test().finalized();
+    let new = old
+        .clone()
+        .with_generation(2)
+        .with_spec(|s| s.batch.max_wait_ms = 2_000);
+    let (old_hash, new_hash) = (hash_of(&old), hash_of(&new));
+    assert_ne!(old_hash, new_hash);
+    let mut pass = ApplyPass::new(new.clone());
+    pass.existing = Some(live_deployment(&old, 1));
+    pass.deployment_answer = json!({
+        "metadata": {"generation": 2},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 0, "readyReplicas": 1}
+    });
+    pass.events = vec!["Updated"];
+    pass.status = Some(json!({"observedGeneration": 2, "configHash": new_hash}));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), new).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(
+        template(&d)["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
+        new_hash.as_str()
+    );
+    let cm = body_of(
+        &requests,
+        Method::PATCH,
+        &Kind::ConfigMap.path("test-config"),
+    );
+    assert!(cm["data"]["worker.yaml"]
+        .as_str()
+        .unwrap()
+        .contains("maxWaitMs: 2000"));
+    let ev = requests
+        .iter()
+        .find(|r| r.path.ends_with("/events"))
+        .unwrap();
+    let note = ev.body["note"].as_str().unwrap();
+    assert!(
+        note.contains(&format!("{old_hash} -> {new_hash}")),
+        "{note}"
+    );
+}
+
+#[tokio::test]
+async fn scale_only_change_keeps_the_pod_template_and_adds_a_disruption_budget() {
+    let (ctx, server, _) = Context::test();
+    let old = StreamConsumer::test().finalized();
+    let new = old.clone().with_generation(2).with_replicas(3);
+    let previous = live_deployment(&old, 1);
+    let mut pass = ApplyPass::new(new.clone());
+    pass.existing = Some(previous.clone());
+    pass.deployment_answer = json!({
+        "metadata": {"generation": 2},
+        "status": {"observedGeneration": 2, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}
+    });
+    pass.pdb = true;
+    pass.events = vec!["Scaled"];
+    pass.status = Some(json!({"conditions": [
+        {"type": "Ready", "status": "False", "reason": "WorkersNotReady", "message": "1/3 workers ready"},
+        {"type": "Progressing", "status": "True", "reason": "Scaling"}
+    ]}));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), new).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(d["spec"]["replicas"], 3);
+    let previous_template = serde_json::to_value(&previous.spec.unwrap().template).unwrap();
+    assert_eq!(
+        template(&d),
+        &previous_template,
+        "no pod restarts: the template is unchanged"
+    );
+    let pdb = body_of(&requests, Method::PATCH, &Kind::Pdb.path("test"));
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let ev = requests
+        .iter()
+        .find(|r| r.path.ends_with("/events"))
+        .unwrap();
+    assert_eq!(ev.body["note"], "scaled the workers from 1 to 3");
+}
+
+#[tokio::test]
+async fn scaling_down_to_one_replica_deletes_the_disruption_budget() {
+    let (ctx, server, _) = Context::test();
+    let old = StreamConsumer::test().finalized().with_replicas(3);
+    let new = old.clone().with_generation(2).with_replicas(1);
+    let mut pass = ApplyPass::new(new.clone());
+    pass.existing = Some(live_deployment(&old, 1));
+    pass.deployment_answer = rollout(2, 1, 1);
+    pass.live = vec![Kind::Pdb];
+    pass.deleted = vec![Kind::Pdb];
+    pass.events = vec!["Scaled"];
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), new).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn job_trigger_workers_get_rbac_applied_before_their_deployment() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::job_trigger().finalized();
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.rbac = true;
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    let role = body_of(&requests, Method::PATCH, &Kind::Role.path("test-worker"));
+    assert_eq!(role["rules"][0]["resources"], json!(["jobs"]));
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(template(&d)["spec"]["serviceAccountName"], "test-worker");
+    assert_eq!(template(&d)["spec"]["automountServiceAccountToken"], true);
+}
+
+#[tokio::test]
+async fn switching_from_job_to_webhook_trigger_deletes_the_worker_rbac() {
+    let (ctx, server, _) = Context::test();
+    let old = StreamConsumer::job_trigger().finalized();
+    let new = StreamConsumer::test_of(HandlerKind::PipelineTrigger)
+        .finalized()
+        .with_generation(2);
+    let mut pass = ApplyPass::new(new.clone());
+    pass.existing = Some(live_deployment(&old, 1));
+    pass.deployment_answer = rollout(2, 1, 1);
+    pass.live = vec![Kind::ServiceAccount, Kind::Role, Kind::RoleBinding];
+    pass.deleted = vec![Kind::ServiceAccount, Kind::Role, Kind::RoleBinding];
+    pass.events = vec!["Updated"];
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), new).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(template(&d)["spec"]["automountServiceAccountToken"], false);
+    assert!(template(&d)["spec"].get("serviceAccountName").is_none());
+}
+
+#[tokio::test]
+async fn objects_labelled_like_children_but_controlled_by_another_owner_are_left_alone() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mut steps = ApplyPass::new(sc.clone()).steps_for_test();
+    // Replace the empty PDB list by one holding a PDB of another owner; no DELETE may follow.
+    let at = steps
+        .iter()
+        .position(|e| e.is(Method::GET, &Kind::Pdb.path("")))
+        .unwrap();
+    steps[at] = list_children(Kind::Pdb, vec![child_metadata(Kind::Pdb, "someone-else")]);
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn drift_on_the_children_is_overwritten_with_the_desired_state() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    // Someone scaled the Deployment and swapped the image by hand.
+    let mut drifted = live_deployment(&sc, 4);
+    let spec = drifted.spec.as_mut().unwrap();
+    spec.replicas = Some(5);
+    spec.template.spec.as_mut().unwrap().containers[0].image = Some("evil:latest".into());
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.existing = Some(drifted);
+    pass.deployment_answer = rollout(5, 1, 1);
+    pass.events = vec!["Updated", "Scaled"];
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert_eq!(template(&d)["spec"]["containers"][0]["image"], TEST_IMAGE);
+    // The ConfigMap is re-applied from the spec whatever it holds now.
+    let cm = body_of(
+        &requests,
+        Method::PATCH,
+        &Kind::ConfigMap.path("test-config"),
+    );
+    assert_eq!(
+        cm["data"]["worker.yaml"],
+        RenderedConfig::render(&sc).unwrap().yaml.as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_of_the_same_name_that_is_not_ours_is_not_taken_over() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mut foreign = live_deployment(&sc, 1);
+    foreign.metadata.owner_references = None;
+    let mock = server.run(Scenario::Steps(vec![
+        get_deployment(Some(&foreign)),
+        status_patch(&sc, json!({"conditions": [{"type": "Ready"}, {"type": "Progressing"}, {"type": "Degraded", "status": "True", "reason": "ChildConflict"}]})),
+        event("Warning", "ChildConflict"),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap_err().reason(), "ChildConflict");
+}
+
+#[tokio::test]
+async fn invalid_spec_is_degraded_naming_the_field_and_applies_nothing() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test_of(HandlerKind::Fraud)
+        .finalized()
+        .with_spec(|s| s.handler.fraud.as_mut().unwrap().scoring_url = "ftp://scores".into());
+    let mock = server.run(Scenario::InvalidSpec {
+        sc: sc.clone(),
+        field: "spec.handler.fraud.scoringUrl",
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    assert_eq!(
+        result.unwrap(),
+        Action::await_change(),
+        "no requeue, no crash loop"
+    );
+    let note = requests[0].body["note"].as_str().unwrap();
+    assert!(note.contains("spec.handler.fraud.scoringUrl"), "{note}");
+}
+
+#[tokio::test]
+async fn invalid_spec_already_reported_causes_no_requests() {
+    let sc = StreamConsumer::test()
+        .finalized()
+        .with_spec(|s| s.kafka.bootstrap_servers = "no-port".into());
+    // The first pass reports it...
+    let (ctx, server, _) = Context::test();
+    let mock = server.run(Scenario::InvalidSpec {
+        sc: sc.clone(),
+        field: "spec.kafka.bootstrapServers",
+    });
+    reconcile_once(ctx.clone(), sc.clone()).await.unwrap();
+    drop(ctx);
+    let requests = finish(mock).await;
+    let status: streamops_crds::StreamConsumerStatus =
+        serde_json::from_value(requests[1].body["status"].clone()).unwrap();
+    // ...and the watch event of that status patch finds nothing new to say.
+    let (ctx, server, _) = Context::test();
+    let mock = server.run(Scenario::Steps(vec![]));
+    let result = reconcile_once(ctx.clone(), sc.with_status(status)).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn name_that_cannot_name_a_service_is_an_invalid_spec() {
+    let (ctx, server, _) = Context::test();
+    let mut sc = StreamConsumer::test().finalized();
+    sc.metadata.name = Some("9lives".into());
+    // Paths use the object's name.
+    let mock = server.run(Scenario::Steps(vec![
+        event("Warning", "InvalidSpec").body(json!({"regarding": {"name": "9lives"}})),
+        Expect::new(
+            Method::PATCH,
+            path("streamops.dev/v1alpha1", "streamconsumers", "9lives/status"),
+        )
+        .contains("/status/conditions/2/message", "metadata.name")
+        .reply(Reply::RequestMergedInto(serde_json::to_value(&sc).unwrap())),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+async fn failing_child_apply(code: u16, reason: &'static str) {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mock = server.run(Scenario::ChildApplyFails {
+        sc: sc.clone(),
+        code,
+        reason,
+    });
+    let object = guard(sc);
+    let result = reconcile(object.clone(), ctx.clone()).await;
+    let error = result.unwrap_err();
+    assert_eq!(error.reason(), "ApplyFailed");
+    assert!(
+        error.to_string().contains("ConfigMap test-config"),
+        "{error}"
+    );
+
+    // The controller's error policy backs off exponentially per object, capped.
+    let delays: Vec<_> = (0..8)
+        .map(|_| error_policy(object.clone(), &error, ctx.clone()))
+        .collect();
+    let secs = [5, 10, 20, 40, 80, 160, 300, 300];
+    let expected: Vec<_> = secs
+        .iter()
+        .map(|s| Action::requeue(Duration::from_secs(*s)))
+        .collect();
+    assert_eq!(delays, expected);
+    assert_eq!(
+        ctx.metrics
+            .failures
+            .with_label_values(&["apply_failed"])
+            .get(),
+        8
+    );
+    // Another object has its own backoff.
+    let mut other = StreamConsumer::test();
+    other.metadata.name = Some("other".into());
+    assert_eq!(
+        error_policy(guard(other), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    drop(ctx);
+    finish(mock).await;
+}
+
+#[tokio::test]
+async fn child_apply_server_error_is_returned_and_backed_off() {
+    failing_child_apply(500, "InternalError").await;
+}
+
+#[tokio::test]
+async fn child_apply_conflict_is_returned_and_backed_off() {
+    failing_child_apply(409, "Conflict").await;
+}
+
+#[tokio::test]
+async fn success_resets_the_backoff() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let object = guard(sc.clone());
+    let error = Error::MissingMetadata("uid");
+    error_policy(object.clone(), &error, ctx.clone());
+    error_policy(object.clone(), &error, ctx.clone());
+    let mock = server.run(Scenario::Apply(Box::new(ApplyPass::new(sc))));
+    reconcile(object.clone(), ctx.clone()).await.unwrap();
+    assert_eq!(
+        error_policy(object, &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    drop(ctx);
+    finish(mock).await;
+}
+
+#[tokio::test]
+async fn failing_status_patch_fails_the_reconciliation() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mut steps = ApplyPass::new(sc.clone()).steps_for_test();
+    let last = steps.pop().unwrap();
+    steps.push(last.reply(Reply::Error(500, "InternalError")));
+    steps.push(event("Warning", "StatusPatchFailed"));
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap_err().kind(), "status_patch_failed");
+}
+
+#[tokio::test]
+async fn reconcile_metrics_count_and_time_every_pass() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test();
+    let mock = server.run(Scenario::FinalizerCreation(sc.clone()));
+    reconcile_once(ctx.clone(), sc).await.unwrap();
+    assert_eq!(ctx.metrics.reconciliations.get(), 1);
+    assert_eq!(ctx.metrics.duration.get_sample_count(), 1);
+    drop(ctx);
+    finish(mock).await;
+}
+
+// ---- deletion ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn delete_with_retain_keeps_the_group_and_releases_the_object() {
+    let (ctx, server, deleter) = Context::test();
+    let sc = StreamConsumer::test().deleted_now();
+    let mock = server.run(Scenario::CleanupRetain(sc.clone()));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(deleter.calls().is_empty(), "Kafka is not touched");
+}
+
+#[tokio::test]
+async fn delete_with_delete_consumer_group_stops_the_workers_then_deletes_the_group() {
+    let (ctx, server, deleter) = Context::test();
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_now();
+    let mock = server.run(Scenario::CleanupDeleteGroup {
+        sc: sc.clone(),
+        workers_running: true,
+        event: Some(("Normal", "ConsumerGroupDeleted")),
+        finalizer_removed: true,
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+    let calls = deleter.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].group_id, "moving-average-consumer");
+    assert_eq!(calls[0].bootstrap_servers, "127.0.0.1:9092");
+}
+
+#[tokio::test]
+async fn delete_of_an_object_whose_apply_never_ran_still_cleans_up() {
+    let (ctx, server, deleter) = Context::test_with(Ok(GroupDeletion::NotFound));
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_now();
+    let mock = server.run(Scenario::CleanupDeleteGroup {
+        sc: sc.clone(),
+        workers_running: false,
+        event: Some(("Normal", "ConsumerGroupDeleted")),
+        finalizer_removed: true,
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    assert_eq!(deleter.calls().len(), 1);
+    let ev = requests
+        .iter()
+        .find(|r| r.path.ends_with("/events"))
+        .unwrap();
+    assert!(ev.body["note"].as_str().unwrap().contains("did not exist"));
+}
+
+#[tokio::test]
+async fn unreachable_brokers_keep_the_finalizer_and_retry_within_the_deadline() {
+    let (ctx, server, _) =
+        Context::test_with(Err(GroupDeleteError::Timeout(Duration::from_secs(10))));
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_now();
+    let mock = server.run(Scenario::CleanupDeleteGroup {
+        sc: sc.clone(),
+        workers_running: false,
+        event: Some(("Warning", "ConsumerGroupCleanupFailed")),
+        finalizer_removed: false,
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), "consumer_group_cleanup_failed");
+}
+
+#[tokio::test]
+async fn unreachable_brokers_past_the_deadline_give_up_with_a_warning() {
+    let (ctx, server, _) =
+        Context::test_with(Err(GroupDeleteError::Timeout(Duration::from_secs(10))));
+    // The fixture's deletion timestamp is the epoch: long past the deadline.
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_long_ago();
+    let mock = server.run(Scenario::CleanupDeleteGroup {
+        sc: sc.clone(),
+        workers_running: false,
+        event: Some(("Warning", "ConsumerGroupCleanupAbandoned")),
+        finalizer_removed: true,
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    assert_eq!(
+        ctx.metrics
+            .group_cleanups
+            .with_label_values(&["abandoned"])
+            .get(),
+        1
+    );
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn group_with_members_is_retried_not_abandoned_before_the_deadline() {
+    let (ctx, server, _) = Context::test_with(Err(GroupDeleteError::NotEmpty));
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_now();
+    let mock = server.run(Scenario::CleanupDeleteGroup {
+        sc: sc.clone(),
+        workers_running: true,
+        event: Some(("Warning", "ConsumerGroupCleanupFailed")),
+        finalizer_removed: false,
+    });
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn brokers_behind_sasl_are_not_contacted_and_the_group_is_reported_as_kept() {
+    let (ctx, server, deleter) = Context::test();
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .with_spec(|s| {
+            s.kafka.security = Some(KafkaSecurity {
+                protocol: SecurityProtocol::SaslSsl,
+                sasl: Some(SaslSpec {
+                    mechanism: SaslMechanism::ScramSha256,
+                    credentials_secret_ref: CredentialsSecretRef {
+                        name: "creds".into(),
+                        username_key: "username".into(),
+                        password_key: "password".into(),
+                    },
+                }),
+                tls: None,
+            })
+        })
+        .deleted_now();
+    let mock = server.run(Scenario::CleanupSkipped(sc.clone()));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+    assert!(deleter.calls().is_empty());
+}
+
+// ---- malformed objects ---------------------------------------------------------------------
+
+fn malformed(meta: ObjectMeta) -> Arc<DeserializeGuard<StreamConsumer>> {
+    Arc::new(DeserializeGuard(Err(InvalidObject {
+        error: "spec.replicas: invalid type: string \"three\", expected i32".into(),
+        metadata: meta,
+    })))
+}
+
+fn malformed_meta() -> ObjectMeta {
+    ObjectMeta {
+        name: Some("test".into()),
+        namespace: Some("default".into()),
+        uid: Some(SC_UID.into()),
+        resource_version: Some("42".into()),
+        ..ObjectMeta::default()
+    }
+}
+
+#[tokio::test]
+async fn malformed_object_gets_a_warning_and_is_skipped() {
+    let (ctx, server, _) = Context::test();
+    let mock = server.run(Scenario::Steps(vec![
+        event("Warning", "MalformedObject").contains("/note", "expected i32")
+    ]));
+    let result = reconcile(malformed(malformed_meta()), ctx.clone()).await;
+    assert_eq!(ctx.metrics.malformed_objects.get(), 1);
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn malformed_object_being_deleted_is_released_without_touching_the_group() {
+    let (ctx, server, deleter) = Context::test();
+    let mut meta = malformed_meta();
+    meta.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    meta.finalizers = Some(vec!["other.io/keep".into(), FINALIZER.into()]);
+    let mock = server.run(Scenario::Steps(vec![
+        event("Warning", "MalformedObject"),
+        Expect::new(
+            Method::PATCH,
+            path("streamops.dev/v1alpha1", "streamconsumers", "test"),
+        )
+        .body(json!({"metadata": {"resourceVersion": "42", "finalizers": ["other.io/keep"]}}))
+        .reply(Reply::Json(
+            200,
+            json!({
+                "apiVersion": "streamops.dev/v1alpha1", "kind": "StreamConsumer",
+                "metadata": {"name": "test", "namespace": "default"}, "spec": "garbage"
+            }),
+        )),
+        event("Warning", "ConsumerGroupCleanupSkipped"),
+    ]));
+    let result = reconcile(malformed(meta), ctx.clone()).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+    assert!(deleter.calls().is_empty());
+}
