@@ -108,16 +108,22 @@ impl Fleet {
         }
     }
 
-    /// Restarts members that exited on their own (a crash is a failure of the scenario, but the
-    /// run goes on so the reconciliation still reports what happened). Returns their ids.
+    /// Forgets members that exited on their own and returns them: a crash fails the scenario, but
+    /// the run goes on so that the reconciliation still reports what happened.
     pub fn reap_exited(&mut self) -> Vec<String> {
         let mut exited = Vec::new();
         for (id, m) in self.members.iter_mut() {
             if let Ok(Some(status)) = m.child.try_wait() {
-                exited.push(format!("{id} ({status})"));
+                exited.push((id.clone(), status));
             }
         }
+        for (id, _) in &exited {
+            self.members.remove(id);
+        }
         exited
+            .into_iter()
+            .map(|(id, status)| format!("{id} ({status})"))
+            .collect()
     }
 
     /// Samples the members' resident set sizes and keeps the peak.

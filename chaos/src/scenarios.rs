@@ -9,6 +9,8 @@
 //! - every produced offset must be accounted for exactly once, either by the handler's row for it
 //!   or by its rejection (`streamops_rejections`, mirrored by the error topic);
 //! - `lost` counts offsets accounted for by nothing, `duplicated` those accounted for twice;
+//! - `recovery` is the time from the end of a fault until every lane has applied every message
+//!   produced before the fault ended;
 //! - derived results are checked too: moving averages against a recomputation from the stored
 //!   price points, one prediction per transaction, and for pipeline-trigger the Redis counters
 //!   against the valid events and one delivered webhook per claimed trigger.
@@ -377,25 +379,50 @@ async fn producers_done(lanes: &mut [Lane]) -> Result<bool> {
     Ok(all)
 }
 
-/// Waits until every lane's applied offsets advance past what they were, returning how long it
-/// took (the recovery time of a fault that just ended).
-async fn time_to_progress(lanes: &[Lane], limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut before = Vec::new();
-    for l in lanes {
-        before.push(applied(&l.pool, &l.group).await);
+/// Sum of the high watermarks of a topic's partitions: the messages produced so far (the producer
+/// writes one record per batch, for which tansu reports exact watermarks).
+fn produced_so_far(bootstrap: &str, topic: &str) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .create()
+        .ok()?;
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = metadata.topics().iter().find(|t| t.name() == topic)?;
+    let mut sum = 0;
+    for p in t.partitions() {
+        sum += consumer.fetch_watermarks(topic, p.id(), timeout).ok()?.1;
     }
-    let target = |i: usize, l: &Lane| before[i] < (l.fleet_target()) as i64;
-    let mut pending: Vec<usize> = (0..lanes.len()).filter(|&i| target(i, &lanes[i])).collect();
+    Some(sum)
+}
+
+/// The recovery time of a fault that just ended: how long until every lane has applied every
+/// message produced before the fault ended.
+async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut targets = Vec::new();
+    for l in lanes {
+        let (b, t) = (bootstrap.to_string(), l.topic.clone());
+        let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
+            .await
+            .ok()
+            .flatten()?;
+        targets.push(produced);
+    }
+    let mut pending: Vec<usize> = (0..lanes.len()).collect();
     while !pending.is_empty() && start.elapsed() < limit {
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut still = Vec::new();
         for i in pending {
-            if applied(&lanes[i].pool, &lanes[i].group).await <= before[i] {
+            if applied(&lanes[i].pool, &lanes[i].group).await < targets[i] {
                 still.push(i);
             }
         }
         pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     pending.is_empty().then(|| start.elapsed())
 }
@@ -517,14 +544,16 @@ pub async fn run(
             Scenario::PgRestart if !faulted && elapsed >= fault_at => {
                 faulted = true;
                 stack.restart_postgres(outage / 3).await?;
-                recovery = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
             }
             Scenario::BrokerCut if !faulted && elapsed >= fault_at => {
                 faulted = true;
                 stack.proxy.cut();
                 tokio::time::sleep(outage).await;
                 stack.proxy.restore();
-                recovery = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
                 let refused = stack.proxy.refused();
                 for lane in lanes.iter_mut() {
                     lane.notes
@@ -540,14 +569,16 @@ pub async fn run(
                 tokio::time::sleep(outage).await;
                 stack.stop_scorer().await?;
                 stack.start_scorer(0).await?;
-                recovery = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
             }
             Scenario::RedisRestart if !faulted && elapsed >= fault_at => {
                 faulted = true;
                 stack.stop_redis().await?;
                 tokio::time::sleep(outage / 3).await;
                 stack.start_redis().await?;
-                recovery = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
             }
             Scenario::Membership if membership_step == 0 && elapsed >= fault_at => {
                 membership_step = 1;
@@ -555,7 +586,8 @@ pub async fn run(
                     lane.fleet.stop("w1").await;
                     lane.fleet.stop("w2").await;
                 }
-                recovery = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
             }
             Scenario::Membership if membership_step == 1 && elapsed >= fault_at * 2 => {
                 membership_step = 2;
@@ -564,7 +596,8 @@ pub async fn run(
                         lane.fleet.start(id)?;
                     }
                 }
-                let r = time_to_progress(&lanes, Duration::from_secs(300)).await;
+                let r =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
                 recovery = match (recovery, r) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,

@@ -17,6 +17,9 @@ pub const VERSION: &str = "v1alpha1";
 
 /// A Kafka consumer workload: which topics to read, which handler processes the messages, where
 /// the results go, and how many worker replicas run it.
+// clippy reads the repeated `type_ = ...` of different `printcolumn(...)` entries as duplicated
+// attributes; they are not.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "streamops.dev",

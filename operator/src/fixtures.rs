@@ -300,6 +300,11 @@ fn decode(s: &str) -> String {
 pub struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
 
 impl ApiServerVerifier {
+    /// The raw handle, for tests that answer requests in whatever order they come.
+    pub fn into_handle(self) -> Handle<Request<Body>, Response<Body>> {
+        self.0
+    }
+
     /// Serves `scenario`, then asserts that no further request arrives before every client is
     /// dropped. Await the handle with [`finish`].
     pub fn run(self, scenario: Scenario) -> JoinHandle<Vec<Recorded>> {

@@ -276,8 +276,7 @@ where
     metrics.leader.set(1);
 
     let stop = CancellationToken::new();
-    let controller = lead(stop.clone());
-    tokio::pin!(controller);
+    let mut controller = Box::pin(lead(stop.clone()));
     let mut last_renewal = Instant::now();
     let mut ticker = tokio::time::interval_at(
         Instant::now() + settings.retry_period,

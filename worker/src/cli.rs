@@ -29,6 +29,8 @@ pub enum Command {
         #[command(subcommand)]
         action: TopicAction,
     },
+    /// Serve the reference fraud-scoring API (`POST /predict`, `GET /health`) until SIGTERM/SIGINT.
+    Scorer(crate::scorer::ScorerArgs),
 }
 
 /// `run` arguments.

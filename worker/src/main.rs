@@ -8,6 +8,10 @@ use streamops_crds::{Handler, WorkerConfig};
 use streamops_worker::cli::{Cli, Command, ProduceArgs, RunArgs, TopicAction};
 use streamops_worker::generate::GenOptions;
 use streamops_worker::handlers::moving_average::MovingAverageHandler;
+use streamops_worker::handlers::fraud::FraudHandler;
+use streamops_worker::handlers::pipeline_trigger::PipelineTriggerHandler;
+use streamops_worker::handlers::sensor::SensorHandler;
+use streamops_worker::scorer::{self, ScorerArgs};
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::produce::{produce, ProduceOptions};
 use streamops_worker::secrets::Secrets;
@@ -42,7 +46,6 @@ async fn run(args: RunArgs) -> Result<(), WorkerError> {
     let config = load_config(&args)?;
     init_logging(args.log_format, config.log_level.as_str());
     let secrets = Secrets::from_env(&config)?;
-    let kind = config.handler.kind();
     let handler_spec = config.handler.clone();
     let opts = RunOptions {
         config,
@@ -56,12 +59,12 @@ async fn run(args: RunArgs) -> Result<(), WorkerError> {
         return Ok(());
     };
     let hctx = rt.handler_context();
-    // Handler dispatch: one arm per kind. Kinds not built in yet fail with a clear error.
+    // Handler dispatch: one arm per kind.
     let totals = match &handler_spec {
         Handler::MovingAverage(s) => rt.run(MovingAverageHandler::new(&hctx, s)).await?,
-        Handler::Sensor(_) | Handler::Fraud(_) | Handler::PipelineTrigger(_) => {
-            return Err(WorkerError::HandlerNotBuilt(kind))
-        }
+        Handler::Sensor(s) => rt.run(SensorHandler::new(&hctx, s)?).await?,
+        Handler::Fraud(s) => rt.run(FraudHandler::new(&hctx, s)?).await?,
+        Handler::PipelineTrigger(s) => rt.run(PipelineTriggerHandler::new(&hctx, s)?).await?,
     };
     tracing::info!(
         processed = totals.processed,
@@ -137,6 +140,18 @@ async fn topic_cmd(action: TopicAction) -> Result<(), WorkerError> {
     Ok(())
 }
 
+async fn scorer_cmd(args: ScorerArgs) -> Result<(), WorkerError> {
+    init_logging(LogFormat::Text, "info");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    streamops_worker::worker::install_signal_handlers(
+        shutdown.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    scorer::run(args, shutdown)
+        .await
+        .map_err(|e| WorkerError::Other(e.to_string()))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -144,6 +159,7 @@ async fn main() -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Produce(args) => produce_cmd(args).await,
         Command::Topic { action } => topic_cmd(action).await,
+        Command::Scorer(args) => scorer_cmd(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -750,3 +750,94 @@ async fn malformed_object_being_deleted_is_released_without_touching_the_group()
     result.unwrap();
     assert!(deleter.calls().is_empty());
 }
+
+// ---- the controller as a whole -------------------------------------------------------------
+
+/// The controller, watching through a `DeserializeGuard`, lists one malformed and one valid
+/// StreamConsumer: the malformed one gets a warning event, the valid one is reconciled (its
+/// finalizer is added). Requests are answered in whatever order they come; watches are left open.
+#[tokio::test]
+async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
+    use crate::metrics::Metrics;
+    use crate::{OperatorConfig, SpecReplicas};
+    use http::Response;
+    use kube::client::Body;
+    use tokio_util::sync::CancellationToken;
+
+    let (client, verifier) = mock_client();
+    let mut handle = verifier.into_handle();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Metrics::register(&prometheus::Registry::new()).unwrap(),
+        OperatorConfig::new(TEST_IMAGE),
+        FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+        Arc::new(SpecReplicas),
+    ));
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(run_controller(
+        client,
+        Some("default".into()),
+        ctx.clone(),
+        stop.clone(),
+    ));
+
+    let mut good = StreamConsumer::test();
+    good.metadata.name = Some("good".into());
+    good.metadata.resource_version = Some("5".into());
+    let bad = json!({
+        "apiVersion": "streamops.dev/v1alpha1", "kind": "StreamConsumer",
+        "metadata": {"name": "bad", "namespace": "default", "uid": "bad-uid", "resourceVersion": "6"},
+        "spec": {"replicas": "three"}
+    });
+    let consumers = path("streamops.dev/v1alpha1", "streamconsumers", "");
+    let list = |items: Vec<Value>| {
+        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items})
+    };
+
+    let mut open_watches = Vec::new();
+    let (mut finalized_good, mut warned_bad) = (false, false);
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        while !(finalized_good && warned_bad) {
+            let (request, send) = handle.next_request().await.expect("the controller stopped");
+            let (parts, body) = request.into_parts();
+            let body: Value =
+                serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_string();
+            if parts.uri.query().unwrap_or_default().contains("watch=true") {
+                open_watches.push(send);
+                continue;
+            }
+            let answer = match (parts.method.clone(), path.as_str()) {
+                (Method::GET, p) if p == consumers => {
+                    list(vec![bad.clone(), serde_json::to_value(&good).unwrap()])
+                }
+                (Method::GET, _) => list(vec![]),
+                (Method::PATCH, p) if p == format!("{consumers}/good") => {
+                    finalized_good = true;
+                    serde_json::to_value(good.clone().finalized()).unwrap()
+                }
+                (Method::POST, p) if p.ends_with("/events") => {
+                    if body["reason"] == "MalformedObject" && body["regarding"]["name"] == "bad" {
+                        warned_bad = true;
+                    }
+                    body
+                }
+                (m, p) => panic!("unexpected request {m} {p}: {body}"),
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+    .await;
+    stop.cancel();
+    drop(open_watches);
+    served.expect("both objects were handled");
+    tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .expect("the controller stops when asked")
+        .unwrap();
+    assert_eq!(ctx.metrics.malformed_objects.get(), 1);
+}

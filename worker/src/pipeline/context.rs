@@ -184,6 +184,9 @@ impl PipelineConsumerContext {
 
 impl ClientContext for PipelineConsumerContext {
     fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.health.set_kafka_down(false);
+        }
         if let Some(cg) = &stats.cgrp {
             if cg.join_state == "steady" {
                 self.health.set_joined();
@@ -209,6 +212,9 @@ impl ClientContext for PipelineConsumerContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_kafka_down(true);
+        }
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 }

@@ -236,6 +236,9 @@ pub async fn run_pipeline<H: Handler>(
                 match msg {
                     Ok(m) => {
                         consumed.inc();
+                        if ctx.health.kafka_down() {
+                            ctx.health.set_kafka_down(false);
+                        }
                         let topic = match &last_topic {
                             Some(t) if &**t == m.topic() => t.clone(),
                             _ => {

@@ -94,6 +94,7 @@ pub struct Health {
     joined: AtomicBool,
     db_ok: AtomicBool,
     outage: AtomicBool,
+    kafka_down: AtomicBool,
     stopping: AtomicBool,
 }
 
@@ -122,13 +123,26 @@ impl Health {
     pub fn outage(&self) -> bool {
         self.outage.load(Ordering::Relaxed)
     }
+    /// Every broker is unreachable (set from librdkafka errors, cleared by statistics showing a
+    /// broker up or by a received message).
+    pub fn set_kafka_down(&self, down: bool) {
+        self.kafka_down.store(down, Ordering::Relaxed);
+    }
+    /// Whether every broker is unreachable.
+    pub fn kafka_down(&self) -> bool {
+        self.kafka_down.load(Ordering::Relaxed)
+    }
     /// The worker is shutting down.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
-    /// Ready: joined, database reachable, not in outage, not stopping.
+    /// Ready: joined, database and brokers reachable, not in outage, not stopping.
     pub fn ready(&self) -> bool {
-        self.joined() && self.db_ok() && !self.outage() && !self.stopping.load(Ordering::Relaxed)
+        self.joined()
+            && self.db_ok()
+            && !self.outage()
+            && !self.kafka_down()
+            && !self.stopping.load(Ordering::Relaxed)
     }
     /// Why the worker is not ready, for the `/readyz` body.
     pub fn reason(&self) -> &'static str {
@@ -138,6 +152,8 @@ impl Health {
             "waiting for a partition assignment"
         } else if !self.db_ok() {
             "database unreachable"
+        } else if self.kafka_down() {
+            "kafka brokers unreachable"
         } else if self.outage() {
             "in outage backoff"
         } else {

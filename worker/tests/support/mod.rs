@@ -230,6 +230,11 @@ impl TestEnv {
         WorkerProcess::start(self, instance_id)
     }
 
+    /// Like [`TestEnv::start_worker`], with extra environment variables (`STREAMOPS_REDIS_URL`).
+    pub fn start_worker_with_env(&self, instance_id: &str, vars: &[(&str, &str)]) -> WorkerProcess {
+        WorkerProcess::start_with_env(self, instance_id, vars)
+    }
+
     /// Row count of `table`.
     pub async fn count(&self, table: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
@@ -372,6 +377,11 @@ fn free_port() -> u16 {
 impl WorkerProcess {
     /// Starts a worker for `env` with `instance_id`, logging to a file in `env.dir`.
     pub fn start(env: &TestEnv, instance_id: &str) -> Self {
+        Self::start_with_env(env, instance_id, &[])
+    }
+
+    /// Like [`WorkerProcess::start`], with extra environment variables.
+    pub fn start_with_env(env: &TestEnv, instance_id: &str, vars: &[(&str, &str)]) -> Self {
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
         let cfg_path = env.dir.join(format!("{instance_id}.yaml"));
@@ -385,6 +395,7 @@ impl WorkerProcess {
             .args(["--instance-id", instance_id, "--http-listen", &http, "--log-format", "json"])
             .env("STREAMOPS_DATABASE_URL", &env.db_url)
             .env("RUST_LOG", "info,streamops_worker=debug")
+            .envs(vars.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
