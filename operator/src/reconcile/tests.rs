@@ -790,9 +790,7 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
         "spec": {"replicas": "three"}
     });
     let consumers = path("streamops.dev/v1alpha1", "streamconsumers", "");
-    let list = |items: Vec<Value>| {
-        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items})
-    };
+    let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items});
 
     let mut open_watches = Vec::new();
     let (mut finalized_good, mut warned_bad) = (false, false);
@@ -840,4 +838,152 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
         .expect("the controller stops when asked")
         .unwrap();
     assert_eq!(ctx.metrics.malformed_objects.get(), 1);
+}
+
+/// Drift end to end: after a first reconciliation, the watch on owned Deployments reports a
+/// Deployment scaled by hand; the controller reconciles again and applies the desired replicas.
+#[tokio::test]
+async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
+    use crate::metrics::Metrics;
+    use crate::{OperatorConfig, SpecReplicas};
+    use http::Response;
+    use kube::client::Body;
+    use std::collections::HashMap;
+    use tokio_util::sync::CancellationToken;
+
+    let (client, verifier) = mock_client();
+    let mut handle = verifier.into_handle();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Metrics::register(&prometheus::Registry::new()).unwrap(),
+        OperatorConfig::new(TEST_IMAGE),
+        FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+        Arc::new(SpecReplicas),
+    ));
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(run_controller(
+        client,
+        Some("default".into()),
+        ctx,
+        stop.clone(),
+    ));
+
+    let mut sc = StreamConsumer::test().finalized();
+    sc.metadata.resource_version = Some("5".into());
+    let mut drifted = live_deployment(&sc, 2);
+    drifted.spec.as_mut().unwrap().replicas = Some(7);
+    let consumers = path("streamops.dev/v1alpha1", "streamconsumers", "");
+    let deployments = Kind::Deployment.path("");
+    let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items});
+
+    let mut watches: HashMap<String, Vec<_>> = HashMap::new();
+    let mut deployment_applies = Vec::new();
+    let mut drift_reported = false;
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        while deployment_applies.len() < 2 {
+            let (request, send) = handle.next_request().await.expect("the controller stopped");
+            let (parts, body) = request.into_parts();
+            let body: Value =
+                serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_string();
+            if parts.uri.query().unwrap_or_default().contains("watch=true") {
+                watches.entry(path).or_default().push(send);
+                continue;
+            }
+            let answer = match (parts.method.clone(), path.as_str()) {
+                (Method::GET, p) if p == consumers => {
+                    list(vec![serde_json::to_value(&sc).unwrap()])
+                }
+                (Method::GET, p) if p == Kind::Deployment.path("test") => {
+                    if drift_reported {
+                        serde_json::to_value(&drifted).unwrap()
+                    } else {
+                        let status =
+                            kube::core::Status::failure("not found", "NotFound").with_code(404);
+                        send.send_response(
+                            Response::builder()
+                                .status(404)
+                                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                                .unwrap(),
+                        );
+                        continue;
+                    }
+                }
+                (Method::GET, _) => list(vec![]),
+                (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
+                    deployment_applies.push(body.clone());
+                    let mut answer = body;
+                    answer["metadata"]["generation"] = json!(1);
+                    answer
+                }
+                (Method::PATCH, p) if p.ends_with("/status") => {
+                    let mut answer = serde_json::to_value(&sc).unwrap();
+                    answer["status"] = body["status"].clone();
+                    // After the first pass, someone scales the Deployment by hand.
+                    if !drift_reported {
+                        drift_reported = true;
+                        let event = json!({"type": "MODIFIED", "object": {
+                            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                            "metadata": serde_json::to_value(&drifted.metadata).unwrap()
+                        }});
+                        let mut line = serde_json::to_vec(&event).unwrap();
+                        line.push(b'\n');
+                        let watch = watches
+                            .get_mut(&deployments)
+                            .and_then(Vec::pop)
+                            .expect("the controller watches Deployments");
+                        watch.send_response(Response::builder().body(Body::from(line)).unwrap());
+                    }
+                    answer
+                }
+                (Method::PATCH, _) | (Method::POST, _) => body,
+                (m, p) => panic!("unexpected request {m} {p}: {body}"),
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+    .await;
+    served.expect("the drift was reconciled");
+    assert_eq!(
+        deployment_applies[1]["spec"]["replicas"], 1,
+        "the hand-made scale is undone"
+    );
+
+    // Let the second pass finish (it is graceful shutdown's to wait for), then stop.
+    stop.cancel();
+    drop(watches);
+    let drain = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            if request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .contains("watch=true")
+            {
+                held.push(send);
+                continue;
+            }
+            let answer = if request.method() == Method::GET {
+                list(vec![])
+            } else {
+                serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
+                    .unwrap_or(Value::Null)
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .expect("the controller stops when asked")
+        .unwrap();
+    drain.abort();
 }

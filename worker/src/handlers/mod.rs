@@ -244,7 +244,18 @@ pub trait Handler: Send + 'static {
     fn routes(&self) -> Option<axum::Router> {
         None
     }
+
+    /// Optional: a thread-safe equivalent of [`Handler::decode`] (it must return exactly what
+    /// `decode` returns). When given, the pipeline decodes the next batch on the poll task while
+    /// the writer is still writing the previous one, overlapping decoding with the database
+    /// round trip.
+    fn shared_decoder(&self) -> Option<SharedDecoder<Self::Item>> {
+        None
+    }
 }
+
+/// A thread-safe decoding function; see [`Handler::shared_decoder`].
+pub type SharedDecoder<T> = Arc<dyn Fn(&RawMessage) -> Result<T, Rejection> + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------
 // Decoding helpers shared by the handlers.

@@ -348,6 +348,12 @@ impl Handler for MovingAverageHandler {
         Ok(())
     }
 
+    fn shared_decoder(&self) -> Option<super::SharedDecoder<PricePoint>> {
+        Some(std::sync::Arc::new(|msg: &RawMessage| {
+            decode_price(super::payload_of(msg)?)
+        }))
+    }
+
     fn revoke(&mut self, partitions: &[TopicPartition]) {
         for tp in partitions {
             self.windows.remove(tp);

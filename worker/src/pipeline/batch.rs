@@ -109,22 +109,41 @@ pub struct PartitionPlan {
 /// `(epoch, next_offset)` of an owned partition.
 pub fn retain_applicable(
     messages: &mut Vec<Fetched>,
-    mut owned: impl FnMut(&TopicPartition) -> Option<(u64, Option<i64>)>,
+    owned: impl FnMut(&TopicPartition) -> Option<(u64, Option<i64>)>,
 ) -> usize {
+    let mask = applicable_mask(messages, owned);
     let before = messages.len();
-    let mut cache: HashMap<TopicPartition, Option<(u64, Option<i64>)>> = HashMap::new();
-    messages.retain(|f| {
-        let tp = TopicPartition {
-            topic: f.msg.topic.clone(),
-            partition: f.msg.partition,
-        };
-        let state = *cache.entry(tp).or_insert_with_key(|tp| owned(tp));
-        match state {
-            Some((epoch, next)) => epoch == f.epoch && next.is_none_or(|n| f.msg.offset >= n),
-            None => false,
-        }
-    });
+    let mut keep = mask.iter();
+    messages.retain(|_| keep.next().copied().unwrap_or(false));
     before - messages.len()
+}
+
+/// Which messages [`retain_applicable`] keeps, as a mask.
+pub fn applicable_mask(
+    messages: &[Fetched],
+    mut owned: impl FnMut(&TopicPartition) -> Option<(u64, Option<i64>)>,
+) -> Vec<bool> {
+    let mut cache: HashMap<TopicPartition, Option<(u64, Option<i64>)>> = HashMap::new();
+    messages
+        .iter()
+        .map(|f| {
+            let tp = TopicPartition {
+                topic: f.msg.topic.clone(),
+                partition: f.msg.partition,
+            };
+            let state = *cache.entry(tp).or_insert_with_key(|tp| owned(tp));
+            match state {
+                Some((epoch, next)) => epoch == f.epoch && next.is_none_or(|n| f.msg.offset >= n),
+                None => false,
+            }
+        })
+        .collect()
+}
+
+/// Keeps the elements of `v` whose `mask` entry is true.
+pub fn retain_by_mask<T>(v: &mut Vec<T>, mask: &[bool]) {
+    let mut keep = mask.iter();
+    v.retain(|_| keep.next().copied().unwrap_or(false));
 }
 
 /// The offset update of each partition in a batch.

@@ -142,7 +142,9 @@ pub async fn run_pipeline<H: Handler>(
         "pipeline started"
     );
 
-    let (batch_tx, batch_rx) = mpsc::channel(1);
+    let decoder = handler.shared_decoder();
+    let max_bytes = config.max_message_bytes as usize;
+    let (batch_tx, batch_rx) = mpsc::channel::<writer::DecodedBatch<H::Item>>(1);
     let (revoke_tx, revoke_rx) = mpsc::unbounded_channel();
     let (outage_tx, mut outage_rx) = watch::channel(false);
     let writer = writer::Writer::new(
@@ -224,7 +226,14 @@ pub async fn run_pipeline<H: Handler>(
                 match permit {
                     Ok(permit) => {
                         if let Some(b) = pending.take(max_messages) {
-                            permit.send(b);
+                            // Decoding here overlaps the writer's work on the previous batch.
+                            let pre = decoder.as_ref().map(|d| {
+                                b.messages
+                                    .iter()
+                                    .map(|f| writer::precheck(&f.msg, max_bytes).and_then(|()| d(&f.msg)))
+                                    .collect()
+                            });
+                            permit.send((b, pre));
                         }
                     }
                     Err(_) => {

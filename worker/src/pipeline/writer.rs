@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{plan_offsets, retain_applicable, Batch, Fetched, PartitionPlan};
+use super::batch::{applicable_mask, plan_offsets, retain_by_mask, Batch, Fetched, PartitionPlan};
 use super::context::PipelineConsumerContext;
 use super::state::{Health, Ownership};
 use super::PipelineError;
@@ -94,6 +94,9 @@ pub(crate) fn precheck(msg: &RawMessage, max_bytes: usize) -> Result<(), Rejecti
 
 type ErrKey = (Arc<str>, i32, i64);
 
+/// A batch with its messages already decoded, when the handler offers a shared decoder.
+pub(crate) type DecodedBatch<T> = (Batch, Option<Vec<Result<T, Rejection>>>);
+
 pub(crate) struct Writer<H: Handler> {
     handler: H,
     p: WriterParts,
@@ -121,10 +124,10 @@ impl<H: Handler> Writer<H> {
     /// Processes batches until the channel closes.
     pub(crate) async fn run(
         mut self,
-        mut batches: mpsc::Receiver<Batch>,
+        mut batches: mpsc::Receiver<DecodedBatch<H::Item>>,
     ) -> Result<WriterTotals, PipelineError> {
-        while let Some(batch) = batches.recv().await {
-            self.process(batch).await?;
+        while let Some((batch, pre)) = batches.recv().await {
+            self.process(batch, pre).await?;
         }
         self.drain_revocations();
         Ok(self.totals)
@@ -151,7 +154,11 @@ impl<H: Handler> Writer<H> {
         });
     }
 
-    async fn process(&mut self, batch: Batch) -> Result<(), PipelineError> {
+    async fn process(
+        &mut self,
+        batch: Batch,
+        mut pre: Option<Vec<Result<H::Item, Rejection>>>,
+    ) -> Result<(), PipelineError> {
         let started = batch.started;
         let mut messages = batch.messages;
         let mut delivered: HashSet<ErrKey> = HashSet::new();
@@ -159,13 +166,20 @@ impl<H: Handler> Writer<H> {
         loop {
             self.drain_revocations();
             let ownership = &self.p.ownership;
-            retain_applicable(&mut messages, |tp| {
+            let mask = applicable_mask(&messages, |tp| {
                 ownership.get(tp).map(|o| (o.epoch, o.next_offset))
             });
+            if mask.iter().any(|k| !k) {
+                retain_by_mask(&mut messages, &mask);
+                if let Some(p) = pre.as_mut() {
+                    retain_by_mask(p, &mask);
+                }
+            }
             if messages.is_empty() {
                 return Ok(());
             }
-            match self.attempt(&messages, &mut delivered, started).await {
+            // Pre-decoded items serve the first attempt only (`prepare` consumes them).
+            match self.attempt(&messages, pre.take(), &mut delivered, started).await {
                 Ok(Outcome::Committed) => {
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "recovered; batch committed");
@@ -225,6 +239,7 @@ impl<H: Handler> Writer<H> {
     async fn attempt(
         &mut self,
         messages: &[Fetched],
+        pre: Option<Vec<Result<H::Item, Rejection>>>,
         delivered: &mut HashSet<ErrKey>,
         started: Instant,
     ) -> Result<Outcome, Failure> {
@@ -232,9 +247,14 @@ impl<H: Handler> Writer<H> {
         let max = self.p.max_message_bytes;
         let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
         let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+        let mut pre = pre.filter(|p| p.len() == messages.len()).map(Vec::into_iter);
         for (i, f) in messages.iter().enumerate() {
             let m = &f.msg;
-            match precheck(m, max).and_then(|()| self.handler.decode(m)) {
+            let decoded = match pre.as_mut().and_then(Iterator::next) {
+                Some(r) => r,
+                None => precheck(m, max).and_then(|()| self.handler.decode(m)),
+            };
+            match decoded {
                 Ok(item) => items.push(Decoded {
                     pos: Position {
                         topic: m.topic.clone(),
