@@ -54,3 +54,15 @@ bench: dev-up ## Throughput and memory benchmarks (release build)
 	bash scripts/bench.sh
 
 -include mk/kind.mk
+
+.PHONY: chaos chaos-short fuzz
+chaos: dev-up ## Full fault-injection suite (1,000,000 messages; long)
+	$(CARGO) build --release -p streamops-worker -p streamops-chaos
+	target/release/streamops-chaos --profile full --worker-bin target/release/streamops-worker
+
+chaos-short: dev-up ## Short fault-injection suite (the same scenarios, fewer messages; runs in CI)
+	$(CARGO) build -p streamops-worker -p streamops-chaos
+	target/debug/streamops-chaos --profile short --worker-bin target/debug/streamops-worker
+
+fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 60) each
+	bash scripts/fuzz.sh
