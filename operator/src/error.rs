@@ -139,7 +139,8 @@ impl Error {
     }
 }
 
-fn snake_case(camel: &str) -> String {
+/// `CamelCase` to `snake_case`: metric labels from reasons.
+pub(crate) fn snake_case(camel: &str) -> String {
     let mut out = String::with_capacity(camel.len() + 4);
     for (i, c) in camel.chars().enumerate() {
         if c.is_ascii_uppercase() {

@@ -23,8 +23,8 @@ pub const ENV_LAG_USERNAME: &str = "STREAMOPS_LAG_KAFKA_USERNAME";
 /// See [`ENV_LAG_USERNAME`].
 pub const ENV_LAG_PASSWORD: &str = "STREAMOPS_LAG_KAFKA_PASSWORD";
 
-/// What to read the lag of.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to read the lag of. Its `Debug` output never shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct LagTarget {
     /// Bootstrap brokers.
     pub bootstrap_servers: String,
@@ -68,6 +68,23 @@ impl LagTarget {
                 .map(|s| s.mechanism),
             credentials,
         }
+    }
+}
+
+impl std::fmt::Debug for LagTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LagTarget")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(user, _)| (user, "<redacted>")),
+            )
+            .finish()
     }
 }
 
@@ -118,9 +135,32 @@ pub enum LagError {
         /// What the broker said.
         reason: String,
     },
+    /// The brokers gave no offset for a partition.
+    #[error("topic {topic} partition {partition}: {reason}")]
+    Partition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// What went wrong.
+        reason: String,
+    },
     /// The blocking reader task failed.
     #[error("lag reader task: {0}")]
     Task(String),
+}
+
+impl LagError {
+    /// CamelCase reason: the reason of the `LagAvailable=False` condition; its snake case labels
+    /// `streamops_operator_lag_read_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "MissingCredentials",
+            Self::Kafka(_) => "KafkaError",
+            Self::Topic { .. } | Self::Partition { .. } => "TopicUnavailable",
+            Self::Task(_) => "ReaderFailed",
+        }
+    }
 }
 
 /// Computes the lag of one partition from its offsets.
@@ -275,14 +315,30 @@ fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagE
             })
     };
 
+    // A watermark the brokers did not give is an error, never a silent zero lag.
+    let watermark = |tpl: &TopicPartitionList, topic: &str, partition: i32| {
+        let found = tpl.find_partition(topic, partition);
+        let reason = match found.as_ref().map(|e| (e.error(), e.offset())) {
+            Some((Ok(()), Offset::Offset(o))) => return Ok(o),
+            Some((Err(e), _)) => e.to_string(),
+            Some((Ok(()), other)) => format!("no watermark ({other:?})"),
+            None => "missing from the ListOffsets answer".to_string(),
+        };
+        Err(LagError::Partition {
+            topic: topic.to_string(),
+            partition,
+            reason,
+        })
+    };
+
     let mut per_partition = Vec::new();
     for e in partitions.elements() {
         let (topic, partition) = (e.topic(), e.partition());
-        let high = offset_of(&highs, topic, partition).unwrap_or(0);
-        let low = lows
-            .as_ref()
-            .and_then(|l| offset_of(l, topic, partition))
-            .unwrap_or(0);
+        let high = watermark(&highs, topic, partition)?;
+        let low = match &lows {
+            Some(l) => watermark(l, topic, partition)?,
+            None => 0,
+        };
         let committed = offset_of(&committed, topic, partition);
         per_partition.push(PartitionLag {
             topic: topic.to_string(),

@@ -12,11 +12,13 @@
 //!
 //! The RBAC the operator needs is listed in `operator/RBAC.md`.
 
+pub mod autoscale;
 pub mod build;
 pub mod cli;
 pub mod consumer_group;
 pub mod error;
 pub mod http;
+pub mod lag;
 pub mod leader;
 pub mod metrics;
 pub mod names;

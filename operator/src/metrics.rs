@@ -2,7 +2,9 @@
 
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::Error;
 
@@ -25,7 +27,30 @@ pub struct Metrics {
     /// `streamops_operator_leader`: 1 while this replica holds the leader Lease (or runs without
     /// leader election).
     pub leader: IntGauge,
+    /// `streamops_operator_consumer_lag{namespace,name}`: total consumer-group lag of each
+    /// StreamConsumer, in messages, at the latest successful reading.
+    pub consumer_lag: IntGaugeVec,
+    /// `streamops_operator_consumer_max_partition_lag{namespace,name}`: largest lag of one
+    /// partition.
+    pub consumer_max_partition_lag: IntGaugeVec,
+    /// `streamops_operator_consumer_members{namespace,name}`: members of the consumer group.
+    pub consumer_members: IntGaugeVec,
+    /// `streamops_operator_consumer_lag_read_timestamp_seconds{namespace,name}`: Unix time of the
+    /// latest successful lag reading (alert on its age).
+    pub consumer_lag_read_timestamp: IntGaugeVec,
+    /// `streamops_operator_lag_read_failures_total{reason}`: lag readings that failed, by reason
+    /// (snake case of the `LagAvailable=False` reason).
+    pub lag_read_failures: IntCounterVec,
+    /// `streamops_operator_autoscaler_replicas{namespace,name}`: replicas the autoscaler decided,
+    /// for StreamConsumers with `spec.autoscaling`.
+    pub autoscaler_replicas: IntGaugeVec,
+    /// `streamops_operator_scale_decisions_total{reason}`: autoscaler decisions that changed the
+    /// replica count: ScaleUp, ScaleDown, Activate, ScaleToZero.
+    pub scale_decisions: IntCounterVec,
 }
+
+/// Labels of the per-StreamConsumer gauges.
+const CONSUMER_LABELS: &[&str] = &["namespace", "name"];
 
 impl Metrics {
     /// Creates the collectors and registers them.
@@ -66,6 +91,55 @@ impl Metrics {
                 "streamops_operator_leader",
                 "1 while this replica runs the controller",
             )?,
+            consumer_lag: IntGaugeVec::new(
+                Opts::new(
+                    "streamops_operator_consumer_lag",
+                    "Total consumer-group lag of a StreamConsumer, in messages",
+                ),
+                CONSUMER_LABELS,
+            )?,
+            consumer_max_partition_lag: IntGaugeVec::new(
+                Opts::new(
+                    "streamops_operator_consumer_max_partition_lag",
+                    "Largest lag of one partition of a StreamConsumer's topics, in messages",
+                ),
+                CONSUMER_LABELS,
+            )?,
+            consumer_members: IntGaugeVec::new(
+                Opts::new(
+                    "streamops_operator_consumer_members",
+                    "Members of a StreamConsumer's consumer group",
+                ),
+                CONSUMER_LABELS,
+            )?,
+            consumer_lag_read_timestamp: IntGaugeVec::new(
+                Opts::new(
+                    "streamops_operator_consumer_lag_read_timestamp_seconds",
+                    "Unix time of the latest successful lag reading of a StreamConsumer",
+                ),
+                CONSUMER_LABELS,
+            )?,
+            lag_read_failures: IntCounterVec::new(
+                Opts::new(
+                    "streamops_operator_lag_read_failures_total",
+                    "Failed consumer-group lag readings, by reason",
+                ),
+                &["reason"],
+            )?,
+            autoscaler_replicas: IntGaugeVec::new(
+                Opts::new(
+                    "streamops_operator_autoscaler_replicas",
+                    "Replicas decided by the lag autoscaler for a StreamConsumer",
+                ),
+                CONSUMER_LABELS,
+            )?,
+            scale_decisions: IntCounterVec::new(
+                Opts::new(
+                    "streamops_operator_scale_decisions_total",
+                    "Autoscaler decisions that changed the replica count, by reason",
+                ),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(m.reconciliations.clone()))?;
         registry.register(Box::new(m.failures.clone()))?;
@@ -73,7 +147,29 @@ impl Metrics {
         registry.register(Box::new(m.malformed_objects.clone()))?;
         registry.register(Box::new(m.group_cleanups.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
+        registry.register(Box::new(m.consumer_lag.clone()))?;
+        registry.register(Box::new(m.consumer_max_partition_lag.clone()))?;
+        registry.register(Box::new(m.consumer_members.clone()))?;
+        registry.register(Box::new(m.consumer_lag_read_timestamp.clone()))?;
+        registry.register(Box::new(m.lag_read_failures.clone()))?;
+        registry.register(Box::new(m.autoscaler_replicas.clone()))?;
+        registry.register(Box::new(m.scale_decisions.clone()))?;
         Ok(m)
+    }
+
+    /// Removes the per-StreamConsumer series of an object that is gone (or no longer read).
+    pub fn forget_consumer(&self, namespace: &str, name: &str) {
+        let labels = [namespace, name];
+        for gauge in [
+            &self.consumer_lag,
+            &self.consumer_max_partition_lag,
+            &self.consumer_members,
+            &self.consumer_lag_read_timestamp,
+            &self.autoscaler_replicas,
+        ] {
+            // Absent series are fine: the object may never have been read.
+            let _ = gauge.remove_label_values(&labels);
+        }
     }
 
     /// Counts a reconciliation and times it until the guard is dropped.
@@ -130,13 +226,40 @@ mod tests {
     }
 
     #[test]
-    fn every_metric_has_the_streamops_prefix() {
+    fn every_metric_is_in_the_streamops_operator_family() {
         let registry = Registry::new();
         let m = Metrics::register(&registry).unwrap();
         m.reconcile_failed(&Error::MissingMetadata("uid"));
         m.group_cleanups.with_label_values(&["deleted"]).inc();
-        for family in registry.gather() {
-            assert!(family.name().starts_with("streamops_"), "{}", family.name());
+        m.consumer_lag.with_label_values(&["ns", "a"]).set(1);
+        m.lag_read_failures.with_label_values(&["kafka_error"]).inc();
+        m.scale_decisions.with_label_values(&["ScaleUp"]).inc();
+        let families = registry.gather();
+        assert!(families.len() >= 10);
+        for family in families {
+            assert!(
+                family.name().starts_with("streamops_operator_"),
+                "{}",
+                family.name()
+            );
         }
+    }
+
+    #[test]
+    fn forgetting_a_consumer_removes_its_series_only() {
+        let registry = Registry::new();
+        let m = Metrics::register(&registry).unwrap();
+        m.consumer_lag.with_label_values(&["ns", "a"]).set(5);
+        m.consumer_lag.with_label_values(&["ns", "b"]).set(7);
+        m.consumer_members.with_label_values(&["ns", "a"]).set(2);
+        m.forget_consumer("ns", "a");
+        m.forget_consumer("ns", "never-read");
+        let lag = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "streamops_operator_consumer_lag")
+            .unwrap();
+        assert_eq!(lag.get_metric().len(), 1);
+        assert_eq!(m.consumer_lag.with_label_values(&["ns", "b"]).get(), 7);
     }
 }

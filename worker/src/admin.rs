@@ -44,26 +44,20 @@ pub async fn create_topic(
     let admin = client(settings)?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     let results = admin.create_topics([&topic], &options()).await?;
-    for r in results {
-        match r {
-            Ok(_) => return Ok(true),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
-            Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
-        }
+    match results.into_iter().next() {
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+        Some(Err((topic, code))) => Err(AdminError::Topic { topic, code }),
+        Some(Ok(_)) | None => Ok(true),
     }
-    Ok(true)
 }
 
 /// Deletes `name`. A missing topic is success; returns whether it was deleted now.
 pub async fn delete_topic(settings: &KafkaClientSettings, name: &str) -> Result<bool, AdminError> {
     let admin = client(settings)?;
     let results = admin.delete_topics(&[name], &options()).await?;
-    for r in results {
-        match r {
-            Ok(_) => return Ok(true),
-            Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => return Ok(false),
-            Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
-        }
+    match results.into_iter().next() {
+        Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => Ok(false),
+        Some(Err((topic, code))) => Err(AdminError::Topic { topic, code }),
+        Some(Ok(_)) | None => Ok(true),
     }
-    Ok(true)
 }

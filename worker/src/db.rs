@@ -17,7 +17,10 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Connects to `url`, retrying with capped backoff until it succeeds or `shutdown` is
 /// cancelled (then `None`). A malformed URL is an error at once.
-pub async fn connect(url: &str, shutdown: &CancellationToken) -> Result<Option<PgPool>, sqlx::Error> {
+pub async fn connect(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<PgPool>, sqlx::Error> {
     let mut backoff = Backoff::default_worker();
     loop {
         let attempt = PgPoolOptions::new()
@@ -43,7 +46,10 @@ pub async fn connect(url: &str, shutdown: &CancellationToken) -> Result<Option<P
 }
 
 /// Applies the migrations, retrying while the database is unreachable.
-pub async fn migrate(pool: &PgPool, shutdown: &CancellationToken) -> Result<bool, sqlx::migrate::MigrateError> {
+pub async fn migrate(
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Result<bool, sqlx::migrate::MigrateError> {
     let mut backoff = Backoff::default_worker();
     loop {
         match MIGRATOR.run(pool).await {
@@ -65,7 +71,10 @@ pub async fn migrate(pool: &PgPool, shutdown: &CancellationToken) -> Result<bool
 pub fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
     )
 }
 

@@ -124,7 +124,10 @@ impl KafkaClientSettings {
             .set("max.poll.interval.ms", "300000")
             .set("fetch.wait.max.ms", "100")
             .set("queued.min.messages", "200000")
-            .set("statistics.interval.ms", s.statistics_interval_ms.to_string());
+            .set(
+                "statistics.interval.ms",
+                s.statistics_interval_ms.to_string(),
+            );
         if let Some(id) = s.instance_id {
             c.set("group.instance.id", id);
         }

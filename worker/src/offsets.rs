@@ -36,7 +36,7 @@ pub async fn load(
     for (topic, partition, next) in rows {
         if let Some(tp) = partitions
             .iter()
-            .find(|tp| &*tp.topic == topic && tp.partition == partition)
+            .find(|tp| *tp.topic == *topic && tp.partition == partition)
         {
             out.insert(tp.clone(), next);
         }

@@ -72,7 +72,10 @@ pub fn install_signal_handlers(shutdown: CancellationToken, abort: CancellationT
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -145,7 +148,8 @@ impl WorkerRuntime {
     pub async fn run<H: Handler>(self, handler: H) -> Result<WriterTotals, WorkerError> {
         let http_stop = CancellationToken::new();
         let app = crate::http::router(self.health.clone(), self.metrics.clone(), handler.routes());
-        let (_addr, http_task) = crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
+        let (_addr, http_task) =
+            crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
         let ctx = PipelineContext {
             config: self.config.clone(),
             kafka: self.kafka.clone(),

@@ -68,7 +68,10 @@ fn lazy_pool() -> PgPool {
 }
 
 /// A handler, its registry, and `n` decoded generated transactions.
-fn direct(s: FraudSettings, n: u64) -> (FraudHandler, prometheus::Registry, Vec<Decoded<FraudItem>>) {
+fn direct(
+    s: FraudSettings,
+    n: u64,
+) -> (FraudHandler, prometheus::Registry, Vec<Decoded<FraudItem>>) {
     let ctx = context(lazy_pool());
     let h = FraudHandler::new(&ctx, &s).unwrap();
     let topic: Arc<str> = Arc::from("transactions");
@@ -160,8 +163,18 @@ async fn timeouts_are_retried_and_the_batch_is_then_scored() {
     let (mut h, reg, items) = direct(cfg, 20);
     let p = h.prepare(items).await.unwrap();
     assert_all_scored(&p, 20);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_calls_total", Some(("outcome", "timeout"))), 2.0);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_retries_total", None), 2.0);
+    assert_eq!(
+        metric(
+            &reg,
+            "streamops_fraud_scoring_calls_total",
+            Some(("outcome", "timeout"))
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(&reg, "streamops_fraud_scoring_retries_total", None),
+        2.0
+    );
     assert_eq!(s.stats().predict_requests, 3);
 }
 
@@ -176,8 +189,22 @@ async fn server_errors_are_retried_and_the_batch_is_then_scored() {
     let (mut h, reg, items) = direct(settings(&s.predict_url()), 20);
     let p = h.prepare(items).await.unwrap();
     assert_all_scored(&p, 20);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_calls_total", Some(("outcome", "http_5xx"))), 3.0);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_calls_total", Some(("outcome", "ok"))), 1.0);
+    assert_eq!(
+        metric(
+            &reg,
+            "streamops_fraud_scoring_calls_total",
+            Some(("outcome", "http_5xx"))
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &reg,
+            "streamops_fraud_scoring_calls_total",
+            Some(("outcome", "ok"))
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -191,7 +218,14 @@ async fn malformed_answers_are_retried_and_the_batch_is_then_scored() {
     let (mut h, reg, items) = direct(settings(&s.predict_url()), 20);
     let p = h.prepare(items).await.unwrap();
     assert_all_scored(&p, 20);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_calls_total", Some(("outcome", "malformed"))), 1.0);
+    assert_eq!(
+        metric(
+            &reg,
+            "streamops_fraud_scoring_calls_total",
+            Some(("outcome", "malformed"))
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -208,11 +242,16 @@ async fn exhausted_retries_reject_the_transactions_with_the_last_error() {
     assert!(p.items.is_empty());
     assert_eq!(p.rejected.len(), 30);
     let offsets: Vec<i64> = p.rejected.iter().map(|(pos, _)| pos.offset).collect();
-    assert_eq!(offsets, (0..30).collect::<Vec<_>>(), "every transaction is rejected, none lost");
+    assert_eq!(
+        offsets,
+        (0..30).collect::<Vec<_>>(),
+        "every transaction is rejected, none lost"
+    );
     let r = &p.rejected[0].1;
     assert_eq!(r.kind, RejectKind::ScoringFailed);
     assert!(
-        r.detail.starts_with("scoring failed after 3 attempt(s): scoring service answered HTTP 503"),
+        r.detail
+            .starts_with("scoring failed after 3 attempt(s): scoring service answered HTTP 503"),
         "{}",
         r.detail
     );
@@ -226,8 +265,19 @@ async fn unreachable_scorer_rejects_the_transactions_after_the_retries() {
     let (mut h, reg, items) = direct(cfg, 5);
     let p = h.prepare(items).await.unwrap();
     assert_eq!(p.rejected.len(), 5);
-    assert!(p.rejected[0].1.detail.contains("unreachable"), "{}", p.rejected[0].1.detail);
-    assert_eq!(metric(&reg, "streamops_fraud_scoring_calls_total", Some(("outcome", "connect"))), 2.0);
+    assert!(
+        p.rejected[0].1.detail.contains("unreachable"),
+        "{}",
+        p.rejected[0].1.detail
+    );
+    assert_eq!(
+        metric(
+            &reg,
+            "streamops_fraud_scoring_calls_total",
+            Some(("outcome", "connect"))
+        ),
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -240,7 +290,11 @@ async fn client_errors_reject_the_transactions_without_retrying() {
     let (mut h, _, items) = direct(settings(&s.predict_url()), 5);
     let p = h.prepare(items).await.unwrap();
     assert_eq!(p.rejected.len(), 5);
-    assert!(p.rejected[0].1.detail.contains("after 1 attempt(s)"), "{}", p.rejected[0].1.detail);
+    assert!(
+        p.rejected[0].1.detail.contains("after 1 attempt(s)"),
+        "{}",
+        p.rejected[0].1.detail
+    );
     assert_eq!(s.stats().predict_requests, 1);
 }
 
@@ -261,9 +315,16 @@ async fn open_circuit_breaker_fails_fast_and_a_successful_trial_call_closes_it()
     let p = h.prepare(items.clone()).await.unwrap();
     assert_eq!(p.rejected.len(), 20);
     assert_eq!(s.stats().predict_requests, 2);
-    assert!(p.rejected[19].1.detail.contains("circuit breaker open"), "{}", p.rejected[19].1.detail);
+    assert!(
+        p.rejected[19].1.detail.contains("circuit breaker open"),
+        "{}",
+        p.rejected[19].1.detail
+    );
     assert_eq!(metric(&reg, "streamops_fraud_circuit_state", None), 1.0);
-    assert_eq!(metric(&reg, "streamops_fraud_circuit_opened_total", None), 1.0);
+    assert_eq!(
+        metric(&reg, "streamops_fraud_circuit_opened_total", None),
+        1.0
+    );
 
     // The service recovers; once the breaker's reset time has passed, a trial call closes it.
     h.committed().await.unwrap();
@@ -290,7 +351,10 @@ async fn transactions_sent_to_the_error_topic_stay_rejected_when_their_batch_is_
     h.reset();
     s.set_faults(FaultPlan::default());
     let again = h.prepare(items.clone()).await.unwrap();
-    assert_eq!(again.rejected, first.rejected, "the same transactions, with the same reason");
+    assert_eq!(
+        again.rejected, first.rejected,
+        "the same transactions, with the same reason"
+    );
     assert_eq!(s.stats().predict_requests, 1, "no second scoring call");
     // Once a batch commits, the next batches are scored normally.
     h.committed().await.unwrap();
@@ -336,14 +400,26 @@ async fn write_stores_transactions_with_their_predictions_once_per_transaction_i
         assert_eq!(row.5, d.pos.offset, "the first occurrence is kept");
         assert!((row.6 - t.amount).abs() < 1e-9);
     }
-    assert_eq!(metric(&ctx.registry, "streamops_fraud_duplicates_total", None), 1.0);
-    assert_eq!(metric(&ctx.registry, "streamops_fraud_transactions_stored_total", None), 50.0);
+    assert_eq!(
+        metric(&ctx.registry, "streamops_fraud_duplicates_total", None),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &ctx.registry,
+            "streamops_fraud_transactions_stored_total",
+            None
+        ),
+        50.0
+    );
     let labels: Vec<(String, i64)> =
         sqlx::query_as("SELECT prediction, count(*) FROM predictions GROUP BY 1 ORDER BY 1")
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert!(labels.iter().all(|(l, _)| l == "fraud" || l == "legitimate"));
+    assert!(labels
+        .iter()
+        .all(|(l, _)| l == "fraud" || l == "legitimate"));
 }
 
 // ---- The worker process.
@@ -381,10 +457,15 @@ async fn stored_predictions(pool: &PgPool) -> HashMap<String, (f64, bool, f64)> 
     .fetch_all(pool)
     .await
     .unwrap();
-    rows.into_iter().map(|(id, s, f, a)| (id, (s, f, a))).collect()
+    rows.into_iter()
+        .map(|(id, s, f, a)| (id, (s, f, a)))
+        .collect()
 }
 
-fn assert_predictions(expected: &HashMap<String, (f64, bool, f64)>, got: &HashMap<String, (f64, bool, f64)>) {
+fn assert_predictions(
+    expected: &HashMap<String, (f64, bool, f64)>,
+    got: &HashMap<String, (f64, bool, f64)>,
+) {
     assert_eq!(expected.len(), got.len(), "transaction count");
     for (id, e) in expected {
         let g = got.get(id).unwrap_or_else(|| panic!("{id} is not stored"));
@@ -399,19 +480,28 @@ async fn stored_predictions_equal_the_reference_model_for_every_generated_transa
     let s = scorer().await;
     let mut env = TestEnv::new("fraud-ok", HandlerKind::Fraud, 3).await;
     fraud_env(&mut env, settings(&s.predict_url()));
-    let events = env.produce(&ProduceSpec::new(HandlerKind::Fraud, 2000).seed(17)).await;
+    let events = env
+        .produce(&ProduceSpec::new(HandlerKind::Fraud, 2000).seed(17))
+        .await;
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(2000).await;
     let expected = independent_predictions(&events);
-    assert!(expected.values().any(|p| p.1), "no transaction crosses the threshold");
+    assert!(
+        expected.values().any(|p| p.1),
+        "no transaction crosses the threshold"
+    );
     assert_predictions(&expected, &stored_predictions(&env.pool).await);
-    let versions: Vec<String> = sqlx::query_scalar("SELECT DISTINCT model_version FROM predictions")
-        .fetch_all(&env.pool)
-        .await
-        .unwrap();
+    let versions: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT model_version FROM predictions")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
     assert_eq!(versions, vec![model::MODEL_VERSION.to_string()]);
-    assert_eq!(w.metric("streamops_fraud_transactions_stored_total"), 2000.0);
+    assert_eq!(
+        w.metric("streamops_fraud_transactions_stored_total"),
+        2000.0
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -424,7 +514,9 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
     env.config.batch.max_messages = 50;
     env.config.batch.max_wait_ms = 20;
     let total = 4000u64;
-    let spec = ProduceSpec::new(HandlerKind::Fraud, total).seed(31).rate(1200);
+    let spec = ProduceSpec::new(HandlerKind::Fraud, total)
+        .seed(31)
+        .rate(1200);
     let producer = {
         let topic = env.topic.clone();
         tokio::spawn(async move { produce_events(&topic, &spec).await })
@@ -433,7 +525,10 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
     w.wait_ready().await;
     env.wait_for_offsets(800).await;
     w.kill();
-    assert!(env.applied_offsets().await < total as i64, "the kill was not mid-stream");
+    assert!(
+        env.applied_offsets().await < total as i64,
+        "the kill was not mid-stream"
+    );
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     let events = producer.await.expect("producer task");
@@ -441,7 +536,10 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
     assert_eq!(env.count("transactions").await, total as i64);
     assert_eq!(env.count("predictions").await, total as i64);
     assert_eq!(env.count("streamops_rejections").await, 0);
-    assert_predictions(&independent_predictions(&events), &stored_predictions(&env.pool).await);
+    assert_predictions(
+        &independent_predictions(&events),
+        &stored_predictions(&env.pool).await,
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -455,7 +553,10 @@ async fn send_raw(topic: &str, values: &[String]) {
         .expect("producer");
     for v in values {
         producer
-            .send(FutureRecord::to(topic).key("k").payload(v.as_str()), Duration::from_secs(30))
+            .send(
+                FutureRecord::to(topic).key("k").payload(v.as_str()),
+                Duration::from_secs(30),
+            )
             .await
             .map_err(|(e, _)| e)
             .expect("delivered");
@@ -467,7 +568,9 @@ async fn invalid_transactions_land_in_the_error_topic_with_the_rule_they_broke()
     let s = scorer().await;
     let mut env = TestEnv::new("fraud-poison", HandlerKind::Fraud, 1).await;
     fraud_env(&mut env, settings(&s.predict_url()));
-    let spec = ProduceSpec::new(HandlerKind::Fraud, 500).seed(41).poison(10.0);
+    let spec = ProduceSpec::new(HandlerKind::Fraud, 500)
+        .seed(41)
+        .poison(10.0);
     let events = env.produce(&spec).await;
     let tx = |f: &str, v: &str| {
         let mut o = serde_json::json!({"transaction_id": "x-1", "account_id": "a", "merchant": "m",
@@ -476,22 +579,57 @@ async fn invalid_transactions_land_in_the_error_topic_with_the_rule_they_broke()
         o.to_string()
     };
     let custom = [
-        (tx("currency", "\"usd\""), "invalid_value", "three uppercase letters"),
-        (tx("currency", "\"ABC\""), "invalid_value", "not a known ISO 4217 currency"),
-        (tx("amount", "-3"), "invalid_value", "`amount` must be positive"),
-        (tx("amount", "0"), "invalid_value", "`amount` must be positive"),
-        (tx("timestamp", "\"2999-01-01T00:00:00Z\""), "invalid_value", "24 hours"),
-        (tx("timestamp", "\"20/03/2024\""), "invalid_value", "RFC 3339"),
-        (tx("transaction_id", "\"\""), "invalid_value", "must not be empty"),
+        (
+            tx("currency", "\"usd\""),
+            "invalid_value",
+            "three uppercase letters",
+        ),
+        (
+            tx("currency", "\"ABC\""),
+            "invalid_value",
+            "not a known ISO 4217 currency",
+        ),
+        (
+            tx("amount", "-3"),
+            "invalid_value",
+            "`amount` must be positive",
+        ),
+        (
+            tx("amount", "0"),
+            "invalid_value",
+            "`amount` must be positive",
+        ),
+        (
+            tx("timestamp", "\"2999-01-01T00:00:00Z\""),
+            "invalid_value",
+            "24 hours",
+        ),
+        (
+            tx("timestamp", "\"20/03/2024\""),
+            "invalid_value",
+            "RFC 3339",
+        ),
+        (
+            tx("transaction_id", "\"\""),
+            "invalid_value",
+            "must not be empty",
+        ),
         ("[1, 2]".to_string(), "wrong_type", "JSON object"),
     ];
-    send_raw(&env.topic, &custom.iter().map(|c| c.0.clone()).collect::<Vec<_>>()).await;
+    send_raw(
+        &env.topic,
+        &custom.iter().map(|c| c.0.clone()).collect::<Vec<_>>(),
+    )
+    .await;
     let poison: Vec<&Generated> = events.iter().filter(|g| g.poison.is_some()).collect();
     let total = events.len() + custom.len();
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(total as i64).await;
-    assert_eq!(env.count("transactions").await, (events.len() - poison.len()) as i64);
+    assert_eq!(
+        env.count("transactions").await,
+        (events.len() - poison.len()) as i64
+    );
     let rejected = poison.len() + custom.len();
     assert_eq!(env.count("streamops_rejections").await, rejected as i64);
 
@@ -499,14 +637,17 @@ async fn invalid_transactions_land_in_the_error_topic_with_the_rule_they_broke()
     assert_eq!(records.len(), rejected);
     let mut reasons: HashMap<String, usize> = HashMap::new();
     for g in &poison {
-        *reasons.entry(g.poison.unwrap().expected_reason().into()).or_default() += 1;
+        *reasons
+            .entry(g.poison.unwrap().expected_reason().into())
+            .or_default() += 1;
     }
     for c in &custom {
         *reasons.entry(c.1.into()).or_default() += 1;
     }
     let mut got: HashMap<String, usize> = HashMap::new();
     for r in &records {
-        *got.entry(header(r, "streamops.error.reason").unwrap()).or_default() += 1;
+        *got.entry(header(r, "streamops.error.reason").unwrap())
+            .or_default() += 1;
     }
     assert_eq!(reasons, got);
     for (value, reason, detail) in &custom {
@@ -514,7 +655,10 @@ async fn invalid_transactions_land_in_the_error_topic_with_the_rule_they_broke()
             .iter()
             .find(|r| r.payload() == Some(value.as_bytes()))
             .unwrap_or_else(|| panic!("{value} is not in the error topic"));
-        assert_eq!(header(r, "streamops.error.reason").as_deref(), Some(*reason));
+        assert_eq!(
+            header(r, "streamops.error.reason").as_deref(),
+            Some(*reason)
+        );
         let d = header(r, "streamops.error.detail").unwrap();
         assert!(d.contains(detail), "{value}: {d}");
     }
@@ -530,7 +674,9 @@ async fn with_the_scorer_down_transactions_go_to_the_error_topic_after_the_retri
     cfg.max_retries = 2;
     cfg.timeout_ms = 500;
     fraud_env(&mut env, cfg);
-    let first = env.produce(&ProduceSpec::new(HandlerKind::Fraud, 300).seed(51)).await;
+    let first = env
+        .produce(&ProduceSpec::new(HandlerKind::Fraud, 300).seed(51))
+        .await;
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(300).await;
@@ -538,15 +684,25 @@ async fn with_the_scorer_down_transactions_go_to_the_error_topic_after_the_retri
     assert_eq!(env.count("transactions").await, 0);
     assert_eq!(env.count("streamops_rejections").await, 300);
     let records = env.consume_error_topic(300);
-    assert_eq!(records.len(), 300, "every transaction is on the error topic once");
-    let mut payloads: Vec<Vec<u8>> = records.iter().map(|r| r.payload().unwrap().to_vec()).collect();
+    assert_eq!(
+        records.len(),
+        300,
+        "every transaction is on the error topic once"
+    );
+    let mut payloads: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| r.payload().unwrap().to_vec())
+        .collect();
     let mut sent: Vec<Vec<u8>> = first.iter().map(|g| g.payload.clone()).collect();
     payloads.sort();
     sent.sort();
     assert_eq!(payloads, sent);
     let mut unreachable = 0;
     for r in &records {
-        assert_eq!(header(r, "streamops.error.reason").as_deref(), Some("scoring_failed"));
+        assert_eq!(
+            header(r, "streamops.error.reason").as_deref(),
+            Some("scoring_failed")
+        );
         let d = header(r, "streamops.error.detail").unwrap();
         // The breaker opens after five failed calls; later attempts fail fast.
         assert!(
@@ -567,7 +723,10 @@ async fn with_the_scorer_down_transactions_go_to_the_error_topic_after_the_retri
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(500).await;
-    assert_predictions(&independent_predictions(&second), &stored_predictions(&env.pool).await);
+    assert_predictions(
+        &independent_predictions(&second),
+        &stored_predictions(&env.pool).await,
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -584,13 +743,21 @@ async fn a_slow_scorer_is_retried_after_timeouts_and_every_transaction_is_stored
     let mut cfg = settings(&s.predict_url());
     cfg.timeout_ms = 300;
     fraud_env(&mut env, cfg);
-    let events = env.produce(&ProduceSpec::new(HandlerKind::Fraud, 400).seed(61)).await;
+    let events = env
+        .produce(&ProduceSpec::new(HandlerKind::Fraud, 400).seed(61))
+        .await;
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(400).await;
-    assert_predictions(&independent_predictions(&events), &stored_predictions(&env.pool).await);
+    assert_predictions(
+        &independent_predictions(&events),
+        &stored_predictions(&env.pool).await,
+    );
     assert_eq!(env.count("streamops_rejections").await, 0);
-    assert_eq!(w.metric("streamops_fraud_scoring_calls_total{outcome=\"timeout\"}"), 2.0);
+    assert_eq!(
+        w.metric("streamops_fraud_scoring_calls_total{outcome=\"timeout\"}"),
+        2.0
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }

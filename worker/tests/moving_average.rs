@@ -8,13 +8,13 @@ use streamops_crds::HandlerKind;
 use streamops_worker::generate::{Event, Generated};
 use support::*;
 
+/// Per symbol: (raw_response_id, price, average) in order.
+type Averages = BTreeMap<String, Vec<(String, f64, Option<f64>)>>;
+
 /// Per symbol, in production order: (raw_response_id, price, average once the window is full),
 /// computed from the generated events alone.
-fn independent_averages(
-    events: &[Generated],
-    window: usize,
-) -> BTreeMap<String, Vec<(String, f64, Option<f64>)>> {
-    let mut out: BTreeMap<String, Vec<(String, f64, Option<f64>)>> = BTreeMap::new();
+fn independent_averages(events: &[Generated], window: usize) -> Averages {
+    let mut out: Averages = BTreeMap::new();
     let mut history: HashMap<String, Vec<f64>> = HashMap::new();
     for g in events {
         if let Some(Event::Price(p)) = &g.event {
@@ -27,16 +27,18 @@ fn independent_averages(
                 }
                 sum / window as f64
             });
-            out.entry(p.symbol.clone())
-                .or_default()
-                .push((p.raw_response_id.clone(), p.price, avg));
+            out.entry(p.symbol.clone()).or_default().push((
+                p.raw_response_id.clone(),
+                p.price,
+                avg,
+            ));
         }
     }
     out
 }
 
 /// What the database holds, per symbol in offset order (a symbol lives in one partition).
-async fn stored_averages(env: &TestEnv) -> BTreeMap<String, Vec<(String, f64, Option<f64>)>> {
+async fn stored_averages(env: &TestEnv) -> Averages {
     let rows: Vec<(String, String, f64, Option<f64>)> = sqlx::query_as(
         "SELECT p.symbol, p.raw_response_id, p.price, m.average
            FROM price_points p
@@ -47,17 +49,14 @@ async fn stored_averages(env: &TestEnv) -> BTreeMap<String, Vec<(String, f64, Op
     .fetch_all(&env.pool)
     .await
     .expect("query stored averages");
-    let mut out: BTreeMap<String, Vec<(String, f64, Option<f64>)>> = BTreeMap::new();
+    let mut out: Averages = BTreeMap::new();
     for (symbol, id, price, avg) in rows {
         out.entry(symbol).or_default().push((id, price, avg));
     }
     out
 }
 
-fn assert_same(
-    expected: &BTreeMap<String, Vec<(String, f64, Option<f64>)>>,
-    got: &BTreeMap<String, Vec<(String, f64, Option<f64>)>>,
-) {
+fn assert_same(expected: &Averages, got: &Averages) {
     assert_eq!(
         expected.keys().collect::<Vec<_>>(),
         got.keys().collect::<Vec<_>>(),
@@ -68,7 +67,12 @@ fn assert_same(
         assert_eq!(exp.len(), g.len(), "row count of {symbol}");
         for (i, (e, r)) in exp.iter().zip(g).enumerate() {
             assert_eq!(e.0, r.0, "{symbol} #{i}: event order or identity differs");
-            assert!((e.1 - r.1).abs() < 1e-9, "{symbol} #{i}: price {} != {}", e.1, r.1);
+            assert!(
+                (e.1 - r.1).abs() < 1e-9,
+                "{symbol} #{i}: price {} != {}",
+                e.1,
+                r.1
+            );
             match (e.2, r.2) {
                 (None, None) => {}
                 (Some(a), Some(b)) => {
@@ -90,7 +94,11 @@ async fn averages_equal_an_independent_computation_from_the_generated_events() {
     env.wait_for_offsets(3000).await;
     let expected = independent_averages(&events, 5);
     assert_same(&expected, &stored_averages(&env).await);
-    let with_avg: usize = expected.values().flatten().filter(|r| r.2.is_some()).count();
+    let with_avg: usize = expected
+        .values()
+        .flatten()
+        .filter(|r| r.2.is_some())
+        .count();
     assert_eq!(env.count("moving_averages").await, with_avg as i64);
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
@@ -116,19 +124,30 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
     env.wait_for_offsets(1000).await;
     w.kill();
     let committed_at_kill = env.applied_offsets().await;
-    assert!(committed_at_kill < total as i64, "the kill was not mid-stream");
+    assert!(
+        committed_at_kill < total as i64,
+        "the kill was not mid-stream"
+    );
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     let events = producer.await.expect("producer task");
     env.wait_for_offsets(total as i64).await;
 
-    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT raw_response_id) FROM price_points")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(env.count("price_points").await, total as i64, "missing or duplicate price points");
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT raw_response_id) FROM price_points")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        env.count("price_points").await,
+        total as i64,
+        "missing or duplicate price points"
+    );
     assert_eq!(distinct, total as i64, "duplicate events");
-    assert_same(&independent_averages(&events, 5), &stored_averages(&env).await);
+    assert_same(
+        &independent_averages(&events, 5),
+        &stored_averages(&env).await,
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -149,7 +168,10 @@ async fn poison_messages_land_in_the_error_topic_with_their_reasons_and_valid_on
 
     assert_eq!(env.count("price_points").await, valid as i64);
     assert_eq!(env.count("streamops_rejections").await, poison.len() as i64);
-    assert_same(&independent_averages(&events, 5), &stored_averages(&env).await);
+    assert_same(
+        &independent_averages(&events, 5),
+        &stored_averages(&env).await,
+    );
 
     // Every poison message is in the error topic once, with its reason, key and source.
     let records = env.consume_error_topic(poison.len());
@@ -169,18 +191,31 @@ async fn poison_messages_land_in_the_error_topic_with_their_reasons_and_valid_on
     for r in &records {
         use rdkafka::Message;
         let reason = header(r, "streamops.error.reason").expect("reason header");
-        assert_eq!(header(r, "streamops.source.topic").as_deref(), Some(env.topic.as_str()));
+        assert_eq!(
+            header(r, "streamops.source.topic").as_deref(),
+            Some(env.topic.as_str())
+        );
         assert!(header(r, "streamops.source.partition").is_some());
         assert!(header(r, "streamops.source.offset").is_some());
         assert!(header(r, "streamops.error.detail").is_some());
-        assert_eq!(header(r, "streamops.consumer").as_deref(), Some(env.topic.as_str()));
+        assert_eq!(
+            header(r, "streamops.consumer").as_deref(),
+            Some(env.topic.as_str())
+        );
         if reason == "too_large" {
-            assert_eq!(header(r, "streamops.error.truncated").as_deref(), Some("true"));
+            assert_eq!(
+                header(r, "streamops.error.truncated").as_deref(),
+                Some("true")
+            );
         }
         assert!(r.key().is_some(), "original key kept");
-        *got.entry((r.payload().unwrap_or_default().to_vec(), reason)).or_default() += 1;
+        *got.entry((r.payload().unwrap_or_default().to_vec(), reason))
+            .or_default() += 1;
     }
-    assert_eq!(expected, got, "error records differ from the generated poison");
+    assert_eq!(
+        expected, got,
+        "error records differ from the generated poison"
+    );
     let failed = w.metric("streamops_messages_failed_total");
     assert_eq!(failed as usize, poison.len());
     assert!(w.terminate_and_wait().success());
@@ -199,14 +234,24 @@ async fn sigterm_commits_the_batch_in_flight_and_exits_zero() {
     let events = env.produce(&spec).await;
     let start = std::time::Instant::now();
     while w.metric("streamops_messages_consumed_total") < 400.0 {
-        assert!(start.elapsed() < PATIENCE, "the worker never consumed the messages");
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the worker never consumed the messages"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(env.count("price_points").await, 0, "nothing is committed before the signal");
+    assert_eq!(
+        env.count("price_points").await,
+        0,
+        "nothing is committed before the signal"
+    );
     let status = w.terminate_and_wait();
     assert!(status.success(), "exit status {status}");
     assert_eq!(env.count("price_points").await, 400);
     assert_eq!(env.applied_offsets().await, 400);
-    assert_same(&independent_averages(&events, 5), &stored_averages(&env).await);
+    assert_same(
+        &independent_averages(&events, 5),
+        &stored_averages(&env).await,
+    );
     env.cleanup().await;
 }

@@ -52,11 +52,20 @@ async fn predict_returns_one_model_score_per_transaction_in_request_order() {
         .await
         .unwrap();
     assert_eq!(resp.model_version, MODEL_VERSION);
-    let ids: Vec<_> = resp.predictions.iter().map(|p| p.transaction_id.as_str()).collect();
+    let ids: Vec<_> = resp
+        .predictions
+        .iter()
+        .map(|p| p.transaction_id.as_str())
+        .collect();
     assert_eq!(ids, ["a", "b", "c"]);
     for (p, i) in resp.predictions.iter().zip(&req.transactions) {
         // JSON carries the shortest representation; serde_json parses it back to within an ulp.
-        assert!((p.score - model::score(i)).abs() < 1e-15, "{} vs {}", p.score, model::score(i));
+        assert!(
+            (p.score - model::score(i)).abs() < 1e-15,
+            "{} vs {}",
+            p.score,
+            model::score(i)
+        );
     }
     assert!(resp.predictions[1].score > resp.predictions[0].score);
     assert_eq!(
@@ -83,7 +92,10 @@ async fn invalid_transaction_is_answered_422_naming_the_field() {
     .await;
     assert_eq!(status, 422);
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["error"], "transactions[1].amount must be finite and positive");
+    assert_eq!(
+        v["error"],
+        "transactions[1].amount must be finite and positive"
+    );
     let (status, _) = post(&s.predict_url(), json!({"transactions": []})).await;
     assert_eq!(status, 422);
     s.stop().await.unwrap();
@@ -206,9 +218,18 @@ async fn metrics_count_requests_by_outcome() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("streamops_scorer_requests_total{outcome=\"ok\"} 1"), "{text}");
-    assert!(text.contains("streamops_scorer_requests_total{outcome=\"invalid\"} 1"), "{text}");
-    assert!(text.contains("streamops_scorer_transactions_total 1"), "{text}");
+    assert!(
+        text.contains("streamops_scorer_requests_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("streamops_scorer_requests_total{outcome=\"invalid\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("streamops_scorer_transactions_total 1"),
+        "{text}"
+    );
     s.stop().await.unwrap();
 }
 
@@ -229,4 +250,68 @@ async fn load_loop_gets_every_transaction_scored() {
     assert_eq!(report.transactions, 1000);
     assert_eq!(s.stats().transactions, 1000);
     s.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn scorer_subcommand_serves_until_sigterm_and_exits_zero() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamops-worker"))
+        .args([
+            "scorer",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--fault-status",
+            "503",
+            "--fault-count",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/health")).await {
+            assert_eq!(r.status().as_u16(), 200);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the scorer never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = json!({"transactions": [input("a", 5.0)]});
+    let url = format!("{base}/predict");
+    assert_eq!(
+        post(&url, body.clone()).await.0,
+        503,
+        "the fault flags apply"
+    );
+    assert_eq!(post(&url, body).await.0, 200);
+    assert_eq!(
+        reqwest::Client::new()
+            .post(format!("{base}/admin/faults"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404,
+        "admin endpoints need --admin"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -40,10 +40,12 @@ struct Dump {
 
 async fn dump(pool: &PgPool) -> Dump {
     Dump {
-        machines: sqlx::query_as("SELECT machine_id, first_seen, last_seen FROM machines ORDER BY 1")
-            .fetch_all(pool)
-            .await
-            .unwrap(),
+        machines: sqlx::query_as(
+            "SELECT machine_id, first_seen, last_seen FROM machines ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap(),
         failures: sqlx::query_as(
             "SELECT failure_id, machine_id, started_at, ended_at, active FROM failures ORDER BY 1",
         )
@@ -78,7 +80,9 @@ fn independent_tables(topic: &str, events: &[Generated], stored: &Dump) -> Dump 
     let mut failures: BTreeMap<String, FailureRow> = BTreeMap::new();
     let mut readings = Vec::new();
     for g in events {
-        let Some(Event::Sensor(r)) = &g.event else { continue };
+        let Some(Event::Sensor(r)) = &g.event else {
+            continue;
+        };
         let t = ts(&r.timestamp);
         let (partition, offset) = *position
             .get(&(r.machine_id.clone(), t))
@@ -91,7 +95,10 @@ fn independent_tables(topic: &str, events: &[Generated], stored: &Dump) -> Dump 
             (true, None) => {
                 let id = format!("{topic}:{partition}:{offset}");
                 open.insert(r.machine_id.clone(), (id.clone(), t));
-                failures.insert(id.clone(), (id.clone(), r.machine_id.clone(), t, None, true));
+                failures.insert(
+                    id.clone(),
+                    (id.clone(), r.machine_id.clone(), t, None, true),
+                );
                 Some(id)
             }
             (false, Some((id, _))) => {
@@ -116,7 +123,7 @@ fn independent_tables(topic: &str, events: &[Generated], stored: &Dump) -> Dump 
             false,
         ));
     }
-    readings.sort_by(|a, b| (a.1, a.2).cmp(&(b.1, b.2)));
+    readings.sort_by_key(|r| (r.1, r.2));
     Dump {
         machines: machines.into_iter().map(|(k, (f, l))| (k, f, l)).collect(),
         failures: failures.into_values().collect(),
@@ -150,7 +157,10 @@ async fn tables_equal_an_independent_computation_from_the_generated_readings() {
     env.wait_for_offsets(3000).await;
     let stored = dump(&env.pool).await;
     let expected = independent_tables(&env.topic, &events, &stored);
-    assert!(expected.failures.len() > 10, "the stream holds too few episodes");
+    assert!(
+        expected.failures.len() > 10,
+        "the stream holds too few episodes"
+    );
     assert_tables_match(&expected, &stored);
     assert!(w.metric("streamops_sensor_failures_opened_total") >= expected.failures.len() as f64);
     assert!(w.terminate_and_wait().success());
@@ -183,7 +193,9 @@ async fn tables_are_identical_whether_the_stream_ran_in_one_go_or_through_kills_
     env.config.batch.max_messages = 50;
     env.config.batch.max_wait_ms = 20;
     let total = 5000u64;
-    let spec = ProduceSpec::new(HandlerKind::Sensor, total).seed(29).rate(1200);
+    let spec = ProduceSpec::new(HandlerKind::Sensor, total)
+        .seed(29)
+        .rate(1200);
     let producer = {
         let topic = env.topic.clone();
         let spec = spec.clone();
@@ -195,7 +207,10 @@ async fn tables_are_identical_whether_the_stream_ran_in_one_go_or_through_kills_
     w0.wait_ready().await;
     env.wait_for_offsets(800).await;
     w0.kill();
-    assert!(env.applied_offsets().await < total as i64, "the kill was not mid-stream");
+    assert!(
+        env.applied_offsets().await < total as i64,
+        "the kill was not mid-stream"
+    );
     let mut w0 = env.start_worker("w-0");
     w0.wait_ready().await;
     env.wait_for_offsets(2000).await;
@@ -220,9 +235,16 @@ async fn tables_are_identical_whether_the_stream_ran_in_one_go_or_through_kills_
 
     let interrupted = dump(&env.pool).await;
     let uninterrupted = dump(&clean.pool).await;
-    assert_eq!(interrupted.readings.len(), total as usize, "missing or duplicate readings");
+    assert_eq!(
+        interrupted.readings.len(),
+        total as usize,
+        "missing or duplicate readings"
+    );
     assert_eq!(interrupted, uninterrupted, "tables differ between the runs");
-    assert_tables_match(&independent_tables(&env.topic, &events, &interrupted), &interrupted);
+    assert_tables_match(
+        &independent_tables(&env.topic, &events, &interrupted),
+        &interrupted,
+    );
     clean.cleanup().await;
     env.cleanup().await;
 }
@@ -286,11 +308,8 @@ async fn late_readings_are_stored_marked_late_and_linked_to_the_episode_covering
     let f1 = format!("{t}:0:1");
     let f2 = format!("{t}:0:8");
     let f3 = format!("{t}:0:11");
-    let links: Vec<(i64, Option<String>, bool)> = d
-        .readings
-        .iter()
-        .map(|r| (r.2, r.7.clone(), r.8))
-        .collect();
+    let links: Vec<(i64, Option<String>, bool)> =
+        d.readings.iter().map(|r| (r.2, r.7.clone(), r.8)).collect();
     assert_eq!(
         links,
         vec![
@@ -311,16 +330,35 @@ async fn late_readings_are_stored_marked_late_and_linked_to_the_episode_covering
     assert_eq!(
         d.failures,
         vec![
-            (f1, "m".into(), ts("2024-03-20T10:00:20Z"), Some(ts("2024-03-20T10:00:40Z")), false),
+            (
+                f1,
+                "m".into(),
+                ts("2024-03-20T10:00:20Z"),
+                Some(ts("2024-03-20T10:00:40Z")),
+                false
+            ),
             (f3, "m".into(), ts("2024-03-20T10:00:50Z"), None, true),
-            (f2, "m".into(), ts("2024-03-20T10:00:40Z"), Some(ts("2024-03-20T10:00:45Z")), false),
+            (
+                f2,
+                "m".into(),
+                ts("2024-03-20T10:00:40Z"),
+                Some(ts("2024-03-20T10:00:45Z")),
+                false
+            ),
         ]
     );
     assert_eq!(
         d.machines,
-        vec![("m".into(), ts("2024-03-20T10:00:05Z"), ts("2024-03-20T10:00:50Z"))]
+        vec![(
+            "m".into(),
+            ts("2024-03-20T10:00:05Z"),
+            ts("2024-03-20T10:00:50Z")
+        )]
     );
-    assert_eq!(w.metric("streamops_sensor_readings_total{order=\"late\"}"), 5.0);
+    assert_eq!(
+        w.metric("streamops_sensor_readings_total{order=\"late\"}"),
+        5.0
+    );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -328,7 +366,9 @@ async fn late_readings_are_stored_marked_late_and_linked_to_the_episode_covering
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_readings_land_in_the_error_topic_with_their_reasons_and_valid_ones_in_postgres() {
     let env = TestEnv::new("sensor-poison", HandlerKind::Sensor, 3).await;
-    let spec = ProduceSpec::new(HandlerKind::Sensor, 2000).seed(5).poison(10.0);
+    let spec = ProduceSpec::new(HandlerKind::Sensor, 2000)
+        .seed(5)
+        .poison(10.0);
     let events = env.produce(&spec).await;
     let poison: Vec<&Generated> = events.iter().filter(|g| g.poison.is_some()).collect();
     assert!(poison.len() > 100, "the generator made too little poison");
@@ -336,7 +376,10 @@ async fn poison_readings_land_in_the_error_topic_with_their_reasons_and_valid_on
     w.wait_ready().await;
     env.wait_for_offsets(events.len() as i64).await;
 
-    assert_eq!(env.count("sensor_readings").await, (events.len() - poison.len()) as i64);
+    assert_eq!(
+        env.count("sensor_readings").await,
+        (events.len() - poison.len()) as i64
+    );
     assert_eq!(env.count("streamops_rejections").await, poison.len() as i64);
     let stored = dump(&env.pool).await;
     assert_tables_match(&independent_tables(&env.topic, &events, &stored), &stored);
@@ -345,7 +388,9 @@ async fn poison_readings_land_in_the_error_topic_with_their_reasons_and_valid_on
     assert_eq!(records.len(), poison.len(), "error topic count");
     let mut expected: HashMap<String, usize> = HashMap::new();
     for g in &poison {
-        *expected.entry(g.poison.unwrap().expected_reason().into()).or_default() += 1;
+        *expected
+            .entry(g.poison.unwrap().expected_reason().into())
+            .or_default() += 1;
     }
     let mut got: HashMap<String, usize> = HashMap::new();
     for r in &records {
@@ -353,7 +398,10 @@ async fn poison_readings_land_in_the_error_topic_with_their_reasons_and_valid_on
         let detail = header(r, "streamops.error.detail").expect("detail header");
         match reason.as_str() {
             "missing_field" => assert_eq!(detail, "missing field `machine_id`"),
-            "wrong_type" => assert_eq!(detail, "field `readings.temperature` must be a number, got a string"),
+            "wrong_type" => assert_eq!(
+                detail,
+                "field `readings.temperature` must be a number, got a string"
+            ),
             "invalid_value" => assert!(detail.contains("not finite"), "{detail}"),
             _ => {}
         }

@@ -120,7 +120,12 @@ async fn consume(bootstrap: &str, topic: &str, count: u64) {
 }
 
 /// The rows the handler writes for the events, as COPY buffers: (statement, rows).
-fn copy_rows(kind: HandlerKind, opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
+fn copy_rows(
+    kind: HandlerKind,
+    opts: GenOptions,
+    count: u64,
+    partitions: i32,
+) -> Vec<(&'static str, BinaryCopy)> {
     match kind {
         HandlerKind::MovingAverage => {
             let mut points = BinaryCopy::new(8);
@@ -128,18 +133,37 @@ fn copy_rows(kind: HandlerKind, opts: GenOptions, count: u64, partitions: i32) -
             let mut windows: std::collections::HashMap<String, Window> = Default::default();
             let mut offsets = vec![0i64; partitions.max(1) as usize];
             for g in Generator::new(opts).take(count as usize) {
-                let Ok(p) = decode_price(&g.payload) else { continue };
+                let Ok(p) = decode_price(&g.payload) else {
+                    continue;
+                };
                 // Any stable key -> partition mapping will do for a load test.
-                let part = (g.key.bytes().map(u32::from).sum::<u32>() % offsets.len() as u32) as usize;
+                let part =
+                    (g.key.bytes().map(u32::from).sum::<u32>() % offsets.len() as u32) as usize;
                 let off = offsets[part];
                 offsets[part] += 1;
-                let avg = windows.entry(p.symbol.clone()).or_default().push(p.price, 5);
-                points.row().text("bench").int4(part as i32).text(&p.symbol).int8(off)
-                    .float8(p.price).timestamptz(p.event_time)
-                    .opt_text(p.source.as_deref()).opt_text(p.raw_response_id.as_deref());
+                let avg = windows
+                    .entry(p.symbol.clone())
+                    .or_default()
+                    .push(p.price, 5);
+                points
+                    .row()
+                    .text("bench")
+                    .int4(part as i32)
+                    .text(&p.symbol)
+                    .int8(off)
+                    .float8(p.price)
+                    .timestamptz(p.event_time)
+                    .opt_text(p.source.as_deref())
+                    .opt_text(p.raw_response_id.as_deref());
                 if let Some(a) = avg {
-                    avgs.row().text("bench").int4(part as i32).int8(off).text(&p.symbol)
-                        .int4(5).float8(a).timestamptz(p.event_time);
+                    avgs.row()
+                        .text("bench")
+                        .int4(part as i32)
+                        .int8(off)
+                        .text(&p.symbol)
+                        .int4(5)
+                        .float8(a)
+                        .timestamptz(p.event_time);
                 }
             }
             vec![
@@ -147,7 +171,9 @@ fn copy_rows(kind: HandlerKind, opts: GenOptions, count: u64, partitions: i32) -
                 ("COPY moving_averages (topic, partition, \"offset\", symbol, window_size, average, event_time) FROM STDIN (FORMAT binary)", avgs),
             ]
         }
-        other => fail(format!("no COPY benchmark for {other} yet (add an arm to copy_rows)")),
+        other => fail(format!(
+            "no COPY benchmark for {other} yet (add an arm to copy_rows)"
+        )),
     }
 }
 
@@ -164,7 +190,9 @@ async fn copy(url: &str, kind: HandlerKind, opts: GenOptions, count: u64, partit
     let rows = copy_rows(kind, opts, count, partitions);
     let mut conn = pool.acquire().await.unwrap_or_else(|e| fail(e.to_string()));
     let start = Instant::now();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap_or_else(|e| fail(e.to_string()));
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .unwrap_or_else(|e| fail(e.to_string()));
     let mut loaded = 0;
     for (stmt, buf) in rows {
         loaded += buf
@@ -216,9 +244,15 @@ async fn wait(url: &str, group: &str, count: i64, pid: Option<u32>, timeout: Dur
         if n >= count {
             let (t1, n1) = first.unwrap_or((begin, 0));
             let secs = now.duration_since(t1).as_secs_f64();
-            let rate = if secs > 0.0 { (n - n1) as f64 / secs } else { f64::NAN };
+            let rate = if secs > 0.0 {
+                (n - n1) as f64 / secs
+            } else {
+                f64::NAN
+            };
             let hwm = pid.and_then(vm_hwm_kb).unwrap_or(0);
-            println!("committed={n} first_seen={n1} elapsed={secs:.3} rate={rate:.0} vmhwm_kb={hwm}");
+            println!(
+                "committed={n} first_seen={n1} elapsed={secs:.3} rate={rate:.0} vmhwm_kb={hwm}"
+            );
             return;
         }
         if begin.elapsed() > timeout {
@@ -231,14 +265,44 @@ async fn wait(url: &str, group: &str, count: i64, pid: Option<u32>, timeout: Dur
 #[tokio::main]
 async fn main() {
     match Cli::parse().cmd {
-        Cmd::Consume { bootstrap_servers, topic, count } => consume(&bootstrap_servers, &topic, count).await,
-        Cmd::Copy { database_url, kind, count, seed, keys, partitions } => {
+        Cmd::Consume {
+            bootstrap_servers,
+            topic,
+            count,
+        } => consume(&bootstrap_servers, &topic, count).await,
+        Cmd::Copy {
+            database_url,
+            kind,
+            count,
+            seed,
+            keys,
+            partitions,
+        } => {
             let kind: HandlerKind = kind.into();
-            let opts = GenOptions { kind, seed, keys, poison_percent: 0.0, max_message_bytes: 1 << 20 };
+            let opts = GenOptions {
+                kind,
+                seed,
+                keys,
+                poison_percent: 0.0,
+                max_message_bytes: 1 << 20,
+            };
             copy(&database_url, kind, opts, count, partitions).await
         }
-        Cmd::Wait { database_url, group, count, pid, timeout_secs } => {
-            wait(&database_url, &group, count, pid, Duration::from_secs(timeout_secs)).await
+        Cmd::Wait {
+            database_url,
+            group,
+            count,
+            pid,
+            timeout_secs,
+        } => {
+            wait(
+                &database_url,
+                &group,
+                count,
+                pid,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
         }
     }
 }

@@ -13,12 +13,8 @@ use super::{RejectKind, Rejection};
 
 /// Parses a message value as one JSON object.
 pub(crate) fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, Rejection> {
-    let text = std::str::from_utf8(payload).map_err(|e| {
-        Rejection::new(
-            RejectKind::InvalidUtf8,
-            format!("value is not UTF-8: {e}"),
-        )
-    })?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| Rejection::new(RejectKind::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         // `1e999` is valid JSON syntax but no finite number: a bad value, not bad JSON.
         if e.to_string().starts_with("number out of range") {
@@ -97,7 +93,10 @@ pub(crate) fn req_f64(obj: &Map<String, Value>, names: &[&'static str]) -> Resul
 }
 
 /// A required boolean field.
-pub(crate) fn req_bool(obj: &Map<String, Value>, names: &[&'static str]) -> Result<bool, Rejection> {
+pub(crate) fn req_bool(
+    obj: &Map<String, Value>,
+    names: &[&'static str],
+) -> Result<bool, Rejection> {
     let (name, v) = lookup(obj, names).ok_or_else(|| missing(names[0]))?;
     v.as_bool().ok_or_else(|| wrong(name, "a boolean", v))
 }
@@ -109,7 +108,10 @@ pub(crate) fn opt_str<'a>(
 ) -> Result<Option<&'a str>, Rejection> {
     match lookup(obj, names) {
         None => Ok(None),
-        Some((name, v)) => v.as_str().map(Some).ok_or_else(|| wrong(name, "a string", v)),
+        Some((name, v)) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| wrong(name, "a string", v)),
     }
 }
 
@@ -120,7 +122,10 @@ pub(crate) fn opt_bool(
 ) -> Result<Option<bool>, Rejection> {
     match lookup(obj, names) {
         None => Ok(None),
-        Some((name, v)) => v.as_bool().map(Some).ok_or_else(|| wrong(name, "a boolean", v)),
+        Some((name, v)) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| wrong(name, "a boolean", v)),
     }
 }
 
@@ -243,7 +248,10 @@ mod tests {
     #[test]
     fn null_field_counts_as_missing() {
         let obj = parse_object(br#"{"a": null}"#).unwrap();
-        assert_eq!(req_bool(&obj, &["a"]).unwrap_err().kind, RejectKind::MissingField);
+        assert_eq!(
+            req_bool(&obj, &["a"]).unwrap_err().kind,
+            RejectKind::MissingField
+        );
     }
 
     #[test]

@@ -264,7 +264,10 @@ pub type SharedDecoder<T> = Arc<dyn Fn(&RawMessage) -> Result<T, Rejection> + Se
 pub fn payload_of(msg: &RawMessage) -> Result<&[u8], Rejection> {
     match msg.payload.as_deref() {
         Some(p) if !p.is_empty() => Ok(p),
-        _ => Err(Rejection::new(RejectKind::EmptyPayload, "message has no value")),
+        _ => Err(Rejection::new(
+            RejectKind::EmptyPayload,
+            "message has no value",
+        )),
     }
 }
 
@@ -296,12 +299,8 @@ pub fn classify_json_error(e: &serde_json::Error) -> RejectKind {
 /// Checks that `payload` is UTF-8 and parses it as JSON into `T`, with a classified rejection on
 /// failure. `T` may borrow from the payload.
 pub fn decode_json<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejection> {
-    let text = std::str::from_utf8(payload).map_err(|e| {
-        Rejection::new(
-            RejectKind::InvalidUtf8,
-            format!("value is not UTF-8: {e}"),
-        )
-    })?;
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| Rejection::new(RejectKind::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
     serde_json::from_str(text).map_err(|e| Rejection::new(classify_json_error(&e), e.to_string()))
 }
 
@@ -346,9 +345,6 @@ mod decode_tests {
             payload: Some(Vec::new()),
             timestamp_ms: None,
         };
-        assert_eq!(
-            payload_of(&msg).unwrap_err().kind,
-            RejectKind::EmptyPayload
-        );
+        assert_eq!(payload_of(&msg).unwrap_err().kind, RejectKind::EmptyPayload);
     }
 }

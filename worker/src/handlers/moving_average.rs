@@ -47,8 +47,8 @@ use streamops_crds::v1alpha1::MovingAverageSettings;
 use streamops_crds::HandlerKind;
 
 use super::{
-    decode_json, Decoded, Handler, HandlerContext, HandlerError, RawMessage, RejectKind,
-    Rejection, TopicPartition,
+    decode_json, Decoded, Handler, HandlerContext, HandlerError, RawMessage, RejectKind, Rejection,
+    TopicPartition,
 };
 use crate::copy::BinaryCopy;
 
@@ -249,8 +249,8 @@ impl MovingAverageHandler {
                CROSS JOIN LATERAL (
                    SELECT pp.price, pp.\"offset\"
                      FROM price_points pp
-                    WHERE pp.topic = k.topic AND pp.partition = k.partition
-                      AND pp.symbol = k.symbol
+                    WHERE pp.topic = (k.topic COLLATE \"C\") AND pp.partition = k.partition
+                      AND pp.symbol = (k.symbol COLLATE \"C\")
                     ORDER BY pp.\"offset\" DESC
                     LIMIT $4
                ) p
@@ -390,8 +390,14 @@ mod tests {
     #[test]
     fn rejects_each_kind_of_bad_price_event_with_its_reason() {
         let ts = "\"timestamp\":\"2024-03-20T10:30:00Z\"";
-        assert_eq!(kind(&format!("{{\"symbol\":\"A\",{ts}}}")), RejectKind::MissingField);
-        assert_eq!(kind(&format!("{{\"price\":1,{ts}}}")), RejectKind::MissingField);
+        assert_eq!(
+            kind(&format!("{{\"symbol\":\"A\",{ts}}}")),
+            RejectKind::MissingField
+        );
+        assert_eq!(
+            kind(&format!("{{\"price\":1,{ts}}}")),
+            RejectKind::MissingField
+        );
         assert_eq!(
             kind(&format!("{{\"symbol\":\"A\",\"price\":\"abc\",{ts}}}")),
             RejectKind::WrongType
@@ -420,7 +426,10 @@ mod tests {
             kind("{\"symbol\":\"A\",\"price\":1,\"timestamp\":\"yesterday\"}"),
             RejectKind::InvalidValue
         );
-        assert_eq!(kind("{\"symbol\":\"A\",\"price\":"), RejectKind::InvalidJson);
+        assert_eq!(
+            kind("{\"symbol\":\"A\",\"price\":"),
+            RejectKind::InvalidJson
+        );
     }
 
     #[test]

@@ -241,7 +241,10 @@ mod tests {
             _ => None,
         });
         assert_eq!(dropped, 3);
-        let kept: Vec<_> = msgs.iter().map(|m| (m.msg.partition, m.msg.offset)).collect();
+        let kept: Vec<_> = msgs
+            .iter()
+            .map(|m| (m.msg.partition, m.msg.offset))
+            .collect();
         assert_eq!(kept, vec![(0, 5), (1, 0)]);
     }
 

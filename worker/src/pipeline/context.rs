@@ -114,7 +114,10 @@ impl PipelineConsumerContext {
                             self.metrics.outages.inc();
                             self.metrics.in_outage.set(1);
                         }
-                        self.metrics.retries.with_label_values(&["offsets_read"]).inc();
+                        self.metrics
+                            .retries
+                            .with_label_values(&["offsets_read"])
+                            .inc();
                         let delay = backoff.next_delay();
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
                             "cannot read stored offsets for the assignment; retrying");
@@ -150,7 +153,8 @@ impl PipelineConsumerContext {
         for tp in parts {
             let next = stored.get(&tp).copied();
             if let Some(n) = next {
-                if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(n)) {
+                if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(n))
+                {
                     tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
                         "cannot position the partition at its stored offset");
                 }
@@ -161,7 +165,9 @@ impl PipelineConsumerContext {
             assigned.push((tp, epoch));
         }
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
-        self.metrics.assigned_partitions.set(self.ownership.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .set(self.ownership.len() as i64);
         let _ = self.events.send(RebalanceEvent::Assigned(assigned));
         self.health.set_joined();
     }
@@ -177,7 +183,9 @@ impl PipelineConsumerContext {
             tracing::info!(topic = %tp.topic, partition = tp.partition, "partition revoked");
         }
         self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-        self.metrics.assigned_partitions.set(self.ownership.len() as i64);
+        self.metrics
+            .assigned_partitions
+            .set(self.ownership.len() as i64);
         let _ = self.events.send(RebalanceEvent::Revoked(parts));
     }
 }

@@ -86,7 +86,9 @@ pub enum PipelineError {
     #[error("handler: {0}")]
     Handler(#[from] HandlerError),
     /// Retrying was abandoned on request (second shutdown signal).
-    #[error("aborted while retrying the in-flight batch; it will be replayed from the stored offsets")]
+    #[error(
+        "aborted while retrying the in-flight batch; it will be replayed from the stored offsets"
+    )]
     Aborted,
     /// The writer task panicked.
     #[error("writer task failed: {0}")]
@@ -358,10 +360,7 @@ fn apply_rebalance_events(
                 }
                 let dropped = pending.drop_partitions(&parts);
                 if dropped > 0 {
-                    tracing::info!(
-                        dropped,
-                        "dropped buffered messages of revoked partitions"
-                    );
+                    tracing::info!(dropped, "dropped buffered messages of revoked partitions");
                 }
                 let _ = revoke_tx.send(parts);
             }

@@ -179,7 +179,10 @@ impl<H: Handler> Writer<H> {
                 return Ok(());
             }
             // Pre-decoded items serve the first attempt only (`prepare` consumes them).
-            match self.attempt(&messages, pre.take(), &mut delivered, started).await {
+            match self
+                .attempt(&messages, pre.take(), &mut delivered, started)
+                .await
+            {
                 Ok(Outcome::Committed) => {
                     if backoff.attempts() > 0 {
                         tracing::info!(attempts = backoff.attempts(), "recovered; batch committed");
@@ -213,8 +216,13 @@ impl<H: Handler> Writer<H> {
         self.set_outage(true);
         self.p.metrics.retries.with_label_values(&[op]).inc();
         let delay = backoff.next_delay();
-        tracing::warn!(operation = op, error = detail, attempt = backoff.attempts(),
-            retry_in_ms = delay.as_millis() as u64, "batch failed; consumption paused, retrying");
+        tracing::warn!(
+            operation = op,
+            error = detail,
+            attempt = backoff.attempts(),
+            retry_in_ms = delay.as_millis() as u64,
+            "batch failed; consumption paused, retrying"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => Ok(()),
             _ = self.p.abort.cancelled() => Err(PipelineError::Aborted),
@@ -247,7 +255,9 @@ impl<H: Handler> Writer<H> {
         let max = self.p.max_message_bytes;
         let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
         let mut rejected: Vec<(usize, Rejection)> = Vec::new();
-        let mut pre = pre.filter(|p| p.len() == messages.len()).map(Vec::into_iter);
+        let mut pre = pre
+            .filter(|p| p.len() == messages.len())
+            .map(Vec::into_iter);
         for (i, f) in messages.iter().enumerate() {
             let m = &f.msg;
             let decoded = match pre.as_mut().and_then(Iterator::next) {
@@ -327,8 +337,7 @@ impl<H: Handler> Writer<H> {
                     continue;
                 }
             };
-            if offsets::compare_and_set(&mut tx, &self.p.group, tp, expected, p.next_offset)
-                .await?
+            if offsets::compare_and_set(&mut tx, &self.p.group, tp, expected, p.next_offset).await?
                 == Cas::Conflict
             {
                 conflicts.push(tp.clone());
@@ -350,7 +359,10 @@ impl<H: Handler> Writer<H> {
             .await?;
         }
         tx.commit().await?;
-        self.p.metrics.db_write_duration.observe(t0.elapsed().as_secs_f64());
+        self.p
+            .metrics
+            .db_write_duration
+            .observe(t0.elapsed().as_secs_f64());
 
         // 5. Committed: advance, report, and tell Kafka (advisory).
         for (tp, p) in &plan {

@@ -65,7 +65,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use api::{ErrorBody, HealthBody, PredictRequest, PredictResponse, ScoreInput, ScoreOutput, MAX_BATCH};
+use api::{
+    ErrorBody, HealthBody, PredictRequest, PredictResponse, ScoreInput, ScoreOutput, MAX_BATCH,
+};
 
 /// Command-line arguments of `streamops-worker scorer`.
 #[derive(Debug, Clone, clap::Args)]
@@ -204,10 +206,14 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 fn validate(i: usize, t: &ScoreInput) -> Result<(), String> {
     if t.transaction_id.trim().is_empty() {
-        return Err(format!("transactions[{i}].transaction_id must not be empty"));
+        return Err(format!(
+            "transactions[{i}].transaction_id must not be empty"
+        ));
     }
     if !(t.amount.is_finite() && t.amount > 0.0) {
-        return Err(format!("transactions[{i}].amount must be finite and positive"));
+        return Err(format!(
+            "transactions[{i}].amount must be finite and positive"
+        ));
     }
     if !(t.currency.len() == 3 && t.currency.bytes().all(|b| b.is_ascii_uppercase())) {
         return Err(format!(
@@ -293,11 +299,7 @@ async fn health() -> Json<HealthBody> {
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let mut buf = Vec::new();
     match TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-            buf,
-        )
-            .into_response(),
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], buf).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
@@ -348,10 +350,14 @@ impl ScorerServer {
     pub async fn spawn(listen: SocketAddr, faults: FaultPlan) -> Result<Self, ScorerError> {
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|source| ScorerError::Bind { addr: listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| ScorerError::Bind { addr: listen, source })?;
+            .map_err(|source| ScorerError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ScorerError::Bind {
+            addr: listen,
+            source,
+        })?;
         let shared = Arc::new(Shared::new(faults)?);
         let shutdown = CancellationToken::new();
         let app = router(shared.clone(), true);

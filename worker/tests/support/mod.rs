@@ -93,9 +93,14 @@ pub async fn fresh_database(prefix: &str) -> (String, PgPool) {
 
 /// Creates a topic through the worker's own admin command path.
 pub async fn create_topic(name: &str, partitions: i32) {
-    streamops_worker::admin::create_topic(&KafkaClientSettings::plaintext(BROKER), name, partitions, 1)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create topic {name}: {e}"));
+    streamops_worker::admin::create_topic(
+        &KafkaClientSettings::plaintext(BROKER),
+        name,
+        partitions,
+        1,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot create topic {name}: {e}"));
 }
 
 /// What to produce.
@@ -266,7 +271,10 @@ impl TestEnv {
                 return;
             }
             if start.elapsed() > PATIENCE {
-                panic!("stored offsets cover {got} messages, expected {n}; see worker logs in {}", self.dir.display());
+                panic!(
+                    "stored offsets cover {got} messages, expected {n}; see worker logs in {}",
+                    self.dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -281,7 +289,10 @@ impl TestEnv {
                 return;
             }
             if start.elapsed() > PATIENCE {
-                panic!("{table} holds {got} rows, expected {n}; see worker logs in {}", self.dir.display());
+                panic!(
+                    "{table} holds {got} rows, expected {n}; see worker logs in {}",
+                    self.dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -295,7 +306,12 @@ impl TestEnv {
     /// Drops the test database (call at the end of a passing test).
     pub async fn cleanup(self) {
         self.pool.close().await;
-        let name = self.db_url.rsplit('/').next().unwrap_or_default().to_string();
+        let name = self
+            .db_url
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         if let Ok(admin) = PgPoolOptions::new()
             .max_connections(1)
             .connect(&format!("postgres://postgres@{PG_HOST}/postgres"))
@@ -385,14 +401,22 @@ impl WorkerProcess {
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
         let cfg_path = env.dir.join(format!("{instance_id}.yaml"));
-        std::fs::write(&cfg_path, env.config.to_yaml().expect("config renders")).expect("write config");
+        std::fs::write(&cfg_path, env.config.to_yaml().expect("config renders"))
+            .expect("write config");
         let n = std::fs::read_dir(&env.dir).map(|d| d.count()).unwrap_or(0);
         let log = env.dir.join(format!("{instance_id}-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_streamops-worker"))
             .args(["run", "--config"])
             .arg(&cfg_path)
-            .args(["--instance-id", instance_id, "--http-listen", &http, "--log-format", "json"])
+            .args([
+                "--instance-id",
+                instance_id,
+                "--http-listen",
+                &http,
+                "--log-format",
+                "json",
+            ])
             .env("STREAMOPS_DATABASE_URL", &env.db_url)
             .env("RUST_LOG", "info,streamops_worker=debug")
             .envs(vars.iter().copied())
@@ -416,7 +440,10 @@ impl WorkerProcess {
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+        let body = buf
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
         Some((status, body))
     }
 
@@ -447,7 +474,10 @@ impl WorkerProcess {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("worker exited with {status} before becoming ready; log: {}", self.log.display());
+                panic!(
+                    "worker exited with {status} before becoming ready; log: {}",
+                    self.log.display()
+                );
             }
             if start.elapsed() > PATIENCE {
                 panic!("worker never became ready; log: {}", self.log.display());
@@ -474,7 +504,10 @@ impl WorkerProcess {
             }
             if start.elapsed() > PATIENCE {
                 let _ = self.child.kill();
-                panic!("worker did not exit after SIGTERM; log: {}", self.log.display());
+                panic!(
+                    "worker did not exit after SIGTERM; log: {}",
+                    self.log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

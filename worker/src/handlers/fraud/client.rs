@@ -367,7 +367,10 @@ mod tests {
             let full = BACKOFF_BASE
                 .saturating_mul(1 << (retry - 1).min(16))
                 .min(BACKOFF_CAP);
-            assert!(d <= full && d >= full / 2, "retry {retry}: {d:?} vs {full:?}");
+            assert!(
+                d <= full && d >= full / 2,
+                "retry {retry}: {d:?} vs {full:?}"
+            );
         }
         assert!(backoff(30) <= BACKOFF_CAP);
     }
@@ -389,7 +392,11 @@ mod tests {
 
     #[test]
     fn response_in_request_order_is_accepted() {
-        let s = check_response(response(&[("a", 0.1), ("b", 0.9)]), &[input("a"), input("b")]).unwrap();
+        let s = check_response(
+            response(&[("a", 0.1), ("b", 0.9)]),
+            &[input("a"), input("b")],
+        )
+        .unwrap();
         assert_eq!(s.scores, vec![0.1, 0.9]);
         assert_eq!(&*s.model_version, "v1");
     }
@@ -403,7 +410,10 @@ mod tests {
             response(&[("a", 0.1), ("b", 1.5)]),
             response(&[("a", f64::NAN), ("b", 0.5)]),
         ] {
-            assert!(matches!(check_response(bad, &inputs), Err(CallError::Malformed(_))));
+            assert!(matches!(
+                check_response(bad, &inputs),
+                Err(CallError::Malformed(_))
+            ));
         }
         let mut no_version = response(&[("a", 0.1), ("b", 0.2)]);
         no_version.model_version.clear();

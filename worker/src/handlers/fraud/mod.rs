@@ -271,8 +271,10 @@ impl Handler for FraudHandler {
     }
 
     fn revoke(&mut self, partitions: &[TopicPartition]) {
-        let revoked: HashSet<(&str, i32)> =
-            partitions.iter().map(|tp| (&*tp.topic, tp.partition)).collect();
+        let revoked: HashSet<(&str, i32)> = partitions
+            .iter()
+            .map(|tp| (&*tp.topic, tp.partition))
+            .collect();
         self.sticky
             .retain(|pos, _| !revoked.contains(&(&*pos.topic, pos.partition)));
     }

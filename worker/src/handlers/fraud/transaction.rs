@@ -74,7 +74,9 @@ impl Transaction {
             merchant: self.merchant.clone(),
             amount: self.amount,
             currency: self.currency.clone(),
-            timestamp: self.timestamp.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            timestamp: self
+                .timestamp
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         }
     }
 }
@@ -113,7 +115,9 @@ pub fn decode_transaction(
 
     let amount = req_f64(&obj, &["amount"])?;
     if amount <= 0.0 {
-        return Err(invalid(format!("field `amount` must be positive, got {amount}")));
+        return Err(invalid(format!(
+            "field `amount` must be positive, got {amount}"
+        )));
     }
     if !(MIN_AMOUNT..=MAX_AMOUNT).contains(&amount) {
         return Err(invalid(format!(
@@ -217,12 +221,26 @@ mod tests {
             r#"{"id": "t1", "user_id": "u1", "merchant_id": "m1", "amount": 1, "currency": "EUR", "timestamp": "2024-03-20T10:30:00+01:00"}"#,
         )
         .unwrap();
-        assert_eq!((t.transaction_id.as_str(), t.account_id.as_str(), t.merchant.as_str()), ("t1", "u1", "m1"));
+        assert_eq!(
+            (
+                t.transaction_id.as_str(),
+                t.account_id.as_str(),
+                t.merchant.as_str()
+            ),
+            ("t1", "u1", "m1")
+        );
     }
 
     #[test]
     fn each_required_field_is_reported_missing() {
-        for f in ["transaction_id", "account_id", "merchant", "amount", "currency", "timestamp"] {
+        for f in [
+            "transaction_id",
+            "account_id",
+            "merchant",
+            "amount",
+            "currency",
+            "timestamp",
+        ] {
             let r = decode(&without(f)).unwrap_err();
             assert_eq!(r.kind, RejectKind::MissingField, "{f}");
             assert_eq!(r.detail, format!("missing field `{f}`"));
@@ -271,8 +289,16 @@ mod tests {
 
     #[test]
     fn timestamp_more_than_a_day_after_the_record_is_invalid() {
-        assert!(decode(&with("timestamp", serde_json::json!("2024-03-21T11:59:00Z"))).is_ok());
-        let r = decode(&with("timestamp", serde_json::json!("2024-03-21T12:00:01Z"))).unwrap_err();
+        assert!(decode(&with(
+            "timestamp",
+            serde_json::json!("2024-03-21T11:59:00Z")
+        ))
+        .is_ok());
+        let r = decode(&with(
+            "timestamp",
+            serde_json::json!("2024-03-21T12:00:01Z"),
+        ))
+        .unwrap_err();
         assert!(r.detail.contains("24 hours"), "{}", r.detail);
     }
 

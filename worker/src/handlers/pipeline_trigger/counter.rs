@@ -145,6 +145,19 @@ end
 return 0
 "#;
 
+/// Takes the delivery lease of a trigger that is still pending. Checking and taking in one script
+/// means a worker working from a stale list of pending triggers cannot deliver one again after
+/// another worker finished it. KEYS: pending, lease. ARGV: seq, token, ttl_ms.
+const ACQUIRE_LUA: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  return 1
+end
+return 0
+"#;
+
 /// Releases a delivery lease if this worker holds it. KEYS: lease. ARGV: token.
 const RELEASE_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -260,6 +273,7 @@ pub struct Counter {
     count: Script,
     tick: Script,
     raise: Script,
+    acquire: Script,
     renew: Script,
     release: Script,
     finish: Script,
@@ -275,6 +289,7 @@ impl Counter {
             count: Script::new(COUNT_LUA),
             tick: Script::new(TICK_LUA),
             raise: Script::new(RAISE_SEQ_LUA),
+            acquire: Script::new(ACQUIRE_LUA),
             renew: Script::new(RENEW_LUA),
             release: Script::new(RELEASE_LUA),
             finish: Script::new(FINISH_LUA),
@@ -369,7 +384,11 @@ impl Counter {
             .await?;
         let (json, due) = match out.as_slice() {
             [j, d] => (j, d),
-            _ => return Err(CounterError::Protocol(format!("tick script returned {out:?}"))),
+            _ => {
+                return Err(CounterError::Protocol(format!(
+                    "tick script returned {out:?}"
+                )))
+            }
         };
         let due: i64 = due
             .parse()
@@ -417,7 +436,8 @@ impl Counter {
         Ok(out)
     }
 
-    /// Takes the delivery lease of trigger `seq` for `ttl` if nobody holds it.
+    /// Takes the delivery lease of trigger `seq` for `ttl` if the trigger is still pending and
+    /// nobody holds it.
     pub async fn acquire_lease(
         &self,
         seq: u64,
@@ -425,11 +445,16 @@ impl Counter {
         ttl: Duration,
     ) -> Result<bool, CounterError> {
         let mut conn = self.conn().await?;
-        let opts = redis::SetOptions::default()
-            .conditional_set(redis::ExistenceCheck::NX)
-            .with_expiration(redis::SetExpiry::PX(ttl.as_millis() as u64));
-        let set: Option<String> = conn.set_options(self.keys.lease(seq), token, opts).await?;
-        Ok(set.is_some())
+        let got: i64 = self
+            .acquire
+            .key(&self.keys.pending)
+            .key(self.keys.lease(seq))
+            .arg(seq)
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(got == 1)
     }
 
     /// Extends the lease if still held. Returns whether it is.

@@ -202,7 +202,10 @@ impl Engine {
             .get_or_try_init(|| async {
                 let floor = runs::max_seq(&self.pool, &self.consumer_id).await?;
                 if self.counter.raise_seq(floor).await? {
-                    warn!(floor, "Redis trigger sequence was behind PostgreSQL; raised it");
+                    warn!(
+                        floor,
+                        "Redis trigger sequence was behind PostgreSQL; raised it"
+                    );
                 }
                 for t in runs::pending(&self.pool, &self.consumer_id).await? {
                     if self.counter.restore_pending(&t).await? {
@@ -294,7 +297,8 @@ impl Engine {
                 Err(e) => {
                     failures += 1;
                     warn!(error = %e, failures, "trigger delivery pass failed; retrying");
-                    let wait = capped_backoff(failures, Duration::from_millis(200), LOOP_BACKOFF_CAP);
+                    let wait =
+                        capped_backoff(failures, Duration::from_millis(200), LOOP_BACKOFF_CAP);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}

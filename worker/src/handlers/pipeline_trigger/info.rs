@@ -86,14 +86,20 @@ fn error(status: StatusCode, msg: String) -> Response {
 /// Whether `id` names this consumer: its full id (`namespace/name`, URL-encoded in one segment)
 /// or its name alone.
 fn matches(consumer_id: &str, id: &str) -> bool {
-    id == consumer_id || consumer_id.rsplit_once('/').is_some_and(|(_, name)| name == id)
+    id == consumer_id
+        || consumer_id
+            .rsplit_once('/')
+            .is_some_and(|(_, name)| name == id)
 }
 
 async fn info(engine: &Engine, id: &str) -> Response {
     if !matches(&engine.consumer_id, id) {
         return error(
             StatusCode::NOT_FOUND,
-            format!("this worker serves consumer {:?}, not {id:?}", engine.consumer_id),
+            format!(
+                "this worker serves consumer {:?}, not {id:?}",
+                engine.consumer_id
+            ),
         );
     }
     let snap = match engine.counter.snapshot().await {

@@ -72,8 +72,7 @@ pub use trigger::{build_job, job_name, trigger_id, Claimed, Reason, WebhookPaylo
 
 use super::json_fields::parse_object;
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, Prepared, RawMessage, Rejection,
-    TopicPartition,
+    Decoded, Handler, HandlerContext, HandlerError, Prepared, RawMessage, Rejection, TopicPartition,
 };
 
 /// A valid event. Its contents are not used; only its position is counted.
@@ -95,18 +94,17 @@ impl PipelineTriggerHandler {
         ctx: &HandlerContext,
         settings: &PipelineTriggerSettings,
     ) -> Result<Self, HandlerError> {
-        let sink = match (&settings.webhook, &settings.job) {
-            (Some(w), None) => Sink::Webhook(WebhookSink::new(w).map_err(HandlerError::Fatal)?),
-            (None, Some(j)) => Sink::Job(Box::new(
-                JobSink::new(j, ctx.config.namespace.clone()).map_err(HandlerError::Fatal)?,
-            )),
-            _ => {
-                return Err(HandlerError::Fatal(
+        let sink =
+            match (&settings.webhook, &settings.job) {
+                (Some(w), None) => Sink::Webhook(WebhookSink::new(w).map_err(HandlerError::Fatal)?),
+                (None, Some(j)) => Sink::Job(Box::new(
+                    JobSink::new(j, ctx.config.namespace.clone()).map_err(HandlerError::Fatal)?,
+                )),
+                _ => return Err(HandlerError::Fatal(
                     "exactly one of pipelineTrigger.webhook and pipelineTrigger.job must be set"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         Self::with_sink(ctx, settings, sink)
     }
 

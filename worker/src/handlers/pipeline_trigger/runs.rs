@@ -9,7 +9,8 @@ use super::trigger::{ms_to_time, trigger_id, Claimed, Reason};
 /// `webhook` or `job`.
 pub type Target = &'static str;
 
-/// Records claimed triggers as `pending` (no-op for those already recorded).
+/// Records claimed triggers as `pending` (no-op for those already recorded). The conflict target
+/// is left open: a concurrent insert of the same trigger may hit either unique index first.
 pub async fn record_claimed(
     conn: &mut PgConnection,
     consumer_id: &str,
@@ -19,20 +20,29 @@ pub async fn record_claimed(
     if triggers.is_empty() {
         return Ok(());
     }
-    let ids: Vec<String> = triggers.iter().map(|t| trigger_id(consumer_id, t.seq)).collect();
+    let ids: Vec<String> = triggers
+        .iter()
+        .map(|t| trigger_id(consumer_id, t.seq))
+        .collect();
     let pipelines: Vec<&str> = triggers.iter().map(|t| t.pipeline.as_str()).collect();
     let seqs: Vec<i64> = triggers.iter().map(|t| t.seq as i64).collect();
     let reasons: Vec<&str> = triggers.iter().map(|t| t.reason.as_str()).collect();
     let counts: Vec<i64> = triggers.iter().map(|t| t.event_count as i64).collect();
-    let starts: Vec<DateTime<Utc>> = triggers.iter().map(|t| ms_to_time(t.window_start_ms)).collect();
-    let ends: Vec<DateTime<Utc>> = triggers.iter().map(|t| ms_to_time(t.window_end_ms)).collect();
+    let starts: Vec<DateTime<Utc>> = triggers
+        .iter()
+        .map(|t| ms_to_time(t.window_start_ms))
+        .collect();
+    let ends: Vec<DateTime<Utc>> = triggers
+        .iter()
+        .map(|t| ms_to_time(t.window_end_ms))
+        .collect();
     sqlx::query(
         "INSERT INTO pipeline_runs (trigger_id, consumer_id, pipeline_name, seq, reason, event_count, \
              window_start, window_end, target) \
          SELECT u.id, $1, u.p, u.s, u.r, u.c, u.ws, u.we, $2 \
          FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], \
                      $8::timestamptz[], $9::timestamptz[]) AS u(id, p, s, r, c, ws, we) \
-         ON CONFLICT (trigger_id) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(consumer_id)
     .bind(target)

@@ -194,7 +194,10 @@ pub fn build_job(template: &JobSpec, namespace: &str, consumer_id: &str, t: &Cla
     let annotations: BTreeMap<String, String> = [
         ("streamops.dev/trigger-id", p.trigger_id.clone()),
         ("streamops.dev/consumer-id", p.consumer_id.clone()),
-        ("streamops.dev/trigger-reason", p.reason.as_str().to_string()),
+        (
+            "streamops.dev/trigger-reason",
+            p.reason.as_str().to_string(),
+        ),
         ("streamops.dev/event-count", p.event_count.to_string()),
         ("streamops.dev/window-start", p.window_start.clone()),
         ("streamops.dev/window-end", p.window_end.clone()),
@@ -299,7 +302,10 @@ mod tests {
         assert!(long
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
-        assert_ne!(job_name("team-a/clicks", "p", 1), job_name("team-b/clicks", "p", 1));
+        assert_ne!(
+            job_name("team-a/clicks", "p", 1),
+            job_name("team-b/clicks", "p", 1)
+        );
         assert_ne!(job_name("c", "p", 1), job_name("c", "p", 2));
         assert_eq!(job_name("c", "!!!", 1).split('-').next(), Some("x"));
     }
@@ -308,7 +314,10 @@ mod tests {
     fn built_job_has_name_labels_annotations_and_trigger_env() {
         let job = build_job(&template(), "team-a", "team-a/clicks", &claimed(3));
         let meta = &job.metadata;
-        assert_eq!(meta.name.as_deref(), Some(job_name("team-a/clicks", "Nightly Load", 3).as_str()));
+        assert_eq!(
+            meta.name.as_deref(),
+            Some(job_name("team-a/clicks", "Nightly Load", 3).as_str())
+        );
         assert_eq!(meta.namespace.as_deref(), Some("team-a"));
         let labels = meta.labels.as_ref().unwrap();
         assert_eq!(labels["app.kubernetes.io/managed-by"], "streamops");
@@ -318,7 +327,10 @@ mod tests {
         assert_eq!(ann["streamops.dev/trigger-id"], "team-a/clicks:3");
         let spec = job.spec.unwrap();
         assert_eq!(spec.backoff_limit, Some(2));
-        let env = spec.template.spec.unwrap().containers[0].env.clone().unwrap();
+        let env = spec.template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
         let get = |n: &str| {
             env.iter()
                 .filter(|e| e.name == n)
@@ -326,7 +338,10 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(get("STREAMOPS_EVENT_COUNT"), vec!["1000".to_string()]);
-        assert_eq!(get("STREAMOPS_TRIGGER_ID"), vec!["team-a/clicks:3".to_string()]);
+        assert_eq!(
+            get("STREAMOPS_TRIGGER_ID"),
+            vec!["team-a/clicks:3".to_string()]
+        );
         assert_eq!(get("STREAMOPS_TRIGGER_REASON"), vec!["count".to_string()]);
     }
 

@@ -287,10 +287,16 @@ mod tests {
         assert_eq!(plan.failures.len(), 1);
         assert_eq!(plan.failures[0].started_at, t(10));
         assert_eq!(plan.failures[0].ended_at, Some(t(30)));
-        assert_eq!(plan.failures[0].closed_by.as_ref().map(|p| p.offset), Some(3));
+        assert_eq!(
+            plan.failures[0].closed_by.as_ref().map(|p| p.offset),
+            Some(3)
+        );
         assert_eq!((plan.opened, plan.closed), (1, 1));
         let m = &plan.machines["m-7"];
-        assert_eq!((m.first_seen, m.last_seen, m.open.clone()), (t(0), t(40), None));
+        assert_eq!(
+            (m.first_seen, m.last_seen, m.open.clone()),
+            (t(0), t(40), None)
+        );
     }
 
     #[test]
@@ -298,7 +304,10 @@ mod tests {
         let mut states = HashMap::new();
         let first = plan_batch(&mut states, &[reading(0, "m-1", 0, true)]);
         assert!(first.failures[0].active());
-        let second = plan_batch(&mut states, &[reading(1, "m-1", 5, true), reading(2, "m-1", 9, false)]);
+        let second = plan_batch(
+            &mut states,
+            &[reading(1, "m-1", 5, true), reading(2, "m-1", 9, false)],
+        );
         assert_eq!(links(&second)[0], Link::Failure("readings:0:0".into()));
         assert_eq!(second.failures.len(), 1);
         assert_eq!(second.failures[0].started_at, t(0));
@@ -312,7 +321,11 @@ mod tests {
             .map(|i| {
                 let machine = ["a", "b", "c"][i % 3];
                 // Failing in bursts, with some late readings mixed in.
-                let ts = if i % 7 == 6 { i as i64 - 5 } else { i as i64 * 2 };
+                let ts = if i % 7 == 6 {
+                    i as i64 - 5
+                } else {
+                    i as i64 * 2
+                };
                 reading(i as i64, machine, ts, (i / 4) % 2 == 1)
             })
             .collect();
@@ -330,8 +343,11 @@ mod tests {
                 }
             }
             assert_eq!(readings, whole.readings, "batch size {size}");
-            let whole_failures: HashMap<_, _> =
-                whole.failures.iter().map(|f| (f.id.clone(), f.clone())).collect();
+            let whole_failures: HashMap<_, _> = whole
+                .failures
+                .iter()
+                .map(|f| (f.id.clone(), f.clone()))
+                .collect();
             assert_eq!(failures, whole_failures, "batch size {size}");
             assert_eq!(states, whole_states, "batch size {size}");
         }
@@ -388,7 +404,11 @@ mod tests {
             &mut states,
             &[reading(5, "m", 1, false), reading(6, "m", 2, true)],
         );
-        let ids: Vec<_> = plan.failures.iter().map(|f| (f.id.as_str(), f.active())).collect();
+        let ids: Vec<_> = plan
+            .failures
+            .iter()
+            .map(|f| (f.id.as_str(), f.active()))
+            .collect();
         assert_eq!(ids, vec![("readings:0:0", false), ("readings:0:6", true)]);
     }
 
@@ -408,6 +428,9 @@ mod tests {
         assert!(!plan.failures[0].active());
         assert!(plan.failures[1].active());
         assert!(states["a"].open.is_none());
-        assert_eq!(states["b"].open.as_ref().map(|o| o.id.as_str()), Some("readings:0:2"));
+        assert_eq!(
+            states["b"].open.as_ref().map(|o| o.id.as_str()),
+            Some("readings:0:2")
+        );
     }
 }

@@ -70,7 +70,9 @@ use tracing::debug;
 pub use episodes::{failure_id, plan_batch, BatchPlan, Link, MachineState};
 pub use reading::{decode_reading, Reading};
 
-use super::{Decoded, Handler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition};
+use super::{
+    Decoded, Handler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
+};
 
 /// The sensor handler's metrics.
 #[derive(Clone)]

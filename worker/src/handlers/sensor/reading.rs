@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::handlers::json_fields::{check_id, parse_object, parse_timestamp, req_bool, req_object, req_str};
+use crate::handlers::json_fields::{
+    check_id, parse_object, parse_timestamp, req_bool, req_object, req_str,
+};
 use crate::handlers::{RejectKind, Rejection};
 
 /// Longest accepted `machine_id`, in bytes.
@@ -105,7 +107,10 @@ mod tests {
     fn seed_002_message_decodes() {
         let r = decode_reading(SEED_002.as_bytes()).unwrap();
         assert_eq!(r.machine_id, "m-7");
-        assert_eq!(r.timestamp, Utc.with_ymd_and_hms(2024, 3, 20, 10, 30, 0).unwrap());
+        assert_eq!(
+            r.timestamp,
+            Utc.with_ymd_and_hms(2024, 3, 20, 10, 30, 0).unwrap()
+        );
         assert_eq!(r.values, r#"{"temperature":71.2,"vibration":0.03}"#);
         assert!(!r.failure);
     }
@@ -147,7 +152,10 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r.kind, RejectKind::WrongType);
-        assert_eq!(r.detail, "field `readings.temperature` must be a number, got a string");
+        assert_eq!(
+            r.detail,
+            "field `readings.temperature` must be a number, got a string"
+        );
     }
 
     #[test]
@@ -157,7 +165,12 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r.kind, RejectKind::InvalidValue);
-        assert!(r.detail.starts_with("field `timestamp` is not an ISO 8601 timestamp"), "{}", r.detail);
+        assert!(
+            r.detail
+                .starts_with("field `timestamp` is not an ISO 8601 timestamp"),
+            "{}",
+            r.detail
+        );
     }
 
     #[test]

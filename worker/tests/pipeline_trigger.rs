@@ -1,0 +1,872 @@
+//! pipeline-trigger against real Redis, PostgreSQL and the broker: idempotent counting, exactly
+//! one trigger per threshold crossing across replicas and restarts, time triggers, webhook and
+//! Job delivery, and the consumer info endpoint.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use streamops_crds::v1alpha1::{JobTriggerSpec, PipelineTriggerSettings, WebhookSpec};
+use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, WorkerConfig};
+use streamops_worker::handlers::pipeline_trigger::{
+    job_name, Claimed, Event, JobSink, PipelineTriggerHandler, Reason, Sink, IDEMPOTENCY_KEY,
+};
+use streamops_worker::handlers::{Decoded, Handler, HandlerContext, Position};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const REDIS: &str = "127.0.0.1:6379";
+const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+fn require_redis() {
+    if std::net::TcpStream::connect_timeout(&REDIS.parse().unwrap(), Duration::from_secs(3))
+        .is_err()
+    {
+        panic!("Redis is not reachable at {REDIS}; start it (see DEVELOPERS.md, `make dev-up`)");
+    }
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to Redis at {REDIS}: {e}"))
+}
+
+/// Deletes every Redis key of `consumer_id`.
+async fn forget(consumer_id: &str) {
+    let mut r = redis().await;
+    let keys: Vec<String> = r
+        .keys(format!("consumer:{{{consumer_id}}}:*"))
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).await.unwrap();
+    }
+}
+
+async fn redis_state(consumer_id: &str) -> (u64, HashMap<String, String>) {
+    let mut r = redis().await;
+    let events: Option<u64> = r
+        .get(format!("consumer:{{{consumer_id}}}:events"))
+        .await
+        .unwrap();
+    let state: HashMap<String, String> = r
+        .hgetall(format!("consumer:{{{consumer_id}}}:state"))
+        .await
+        .unwrap();
+    (events.unwrap_or(0), state)
+}
+
+// ---- A webhook receiver that records every call.
+
+#[derive(Debug, Clone)]
+struct Call {
+    key: Option<String>,
+    team: Option<String>,
+    body: Value,
+}
+
+#[derive(Clone, Default)]
+struct Recorded {
+    calls: Arc<Mutex<Vec<Call>>>,
+    /// Statuses to answer, in order; 200 once empty.
+    plan: Arc<Mutex<VecDeque<u16>>>,
+}
+
+struct Receiver {
+    addr: SocketAddr,
+    rec: Recorded,
+    stop: CancellationToken,
+}
+
+async fn hook(
+    State(rec): State<Recorded>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> StatusCode {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    rec.calls.lock().unwrap().push(Call {
+        key: header(IDEMPOTENCY_KEY),
+        team: header("x-team"),
+        body,
+    });
+    let status = rec.plan.lock().unwrap().pop_front().unwrap_or(200);
+    StatusCode::from_u16(status).unwrap()
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let rec = Recorded::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .with_state(rec.clone());
+        let token = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+        });
+        Self { addr, rec, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    fn answer(&self, statuses: &[u16]) {
+        self.rec.plan.lock().unwrap().extend(statuses);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.rec.calls.lock().unwrap().clone()
+    }
+
+    fn distinct_keys(&self) -> BTreeSet<String> {
+        self.calls().into_iter().filter_map(|c| c.key).collect()
+    }
+
+    /// Waits until `n` distinct triggers arrived.
+    async fn wait_for_triggers(&self, n: usize) {
+        let start = Instant::now();
+        while self.distinct_keys().len() < n {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "{} of {n} triggers arrived",
+                self.distinct_keys().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn settings(
+    url: &str,
+    max_events: u64,
+    max_time_seconds: u64,
+    on_empty: bool,
+) -> PipelineTriggerSettings {
+    PipelineTriggerSettings {
+        pipeline_name: "nightly-load".into(),
+        max_events,
+        max_time_seconds,
+        trigger_on_empty_window: on_empty,
+        webhook: Some(WebhookSpec {
+            url: url.to_string(),
+            timeout_ms: 2000,
+            max_retries: 3,
+            headers: BTreeMap::from([("X-Team".to_string(), "data".to_string())]),
+        }),
+        job: None,
+    }
+}
+
+// ---- The handler in process (each handler is one replica, with its own background loops).
+
+struct Direct {
+    consumer_id: String,
+    pool: PgPool,
+    shutdown: CancellationToken,
+}
+
+impl Direct {
+    async fn new(prefix: &str) -> Self {
+        require_services();
+        require_redis();
+        let (_, pool) = fresh_database(prefix).await;
+        streamops_worker::db::MIGRATOR.run(&pool).await.unwrap();
+        Self {
+            consumer_id: unique(prefix),
+            pool,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn context(&self) -> HandlerContext {
+        let spec = StreamConsumerSpec::example(HandlerKind::PipelineTrigger);
+        let mut config = WorkerConfig::from_spec("x", None, &spec).unwrap();
+        config.consumer_id = self.consumer_id.clone();
+        HandlerContext {
+            config: Arc::new(config),
+            pool: self.pool.clone(),
+            redis_url: Some(REDIS_URL.into()),
+            registry: prometheus::Registry::new(),
+            shutdown: self.shutdown.clone(),
+            instance_id: None,
+        }
+    }
+
+    fn handler(&self, s: &PipelineTriggerSettings) -> PipelineTriggerHandler {
+        PipelineTriggerHandler::new(&self.context(), s).unwrap()
+    }
+
+    async fn runs(&self) -> Vec<(i64, String, i64, String, i32, Option<String>)> {
+        sqlx::query_as(
+            "SELECT seq, reason, event_count, status, attempts, last_error FROM pipeline_runs \
+             WHERE consumer_id = $1 ORDER BY seq",
+        )
+        .bind(&self.consumer_id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn wait_for_runs(&self, n: usize, status: &str) {
+        let start = Instant::now();
+        loop {
+            let runs = self.runs().await;
+            if runs.iter().filter(|r| r.3 == status).count() >= n {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "runs: {runs:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn finish(self) {
+        self.shutdown.cancel();
+        forget(&self.consumer_id).await;
+    }
+}
+
+fn events(partition: i32, offsets: std::ops::Range<i64>) -> Vec<Decoded<Event>> {
+    let topic: Arc<str> = Arc::from("events");
+    offsets
+        .map(|offset| Decoded {
+            pos: Position {
+                topic: topic.clone(),
+                partition,
+                offset,
+            },
+            timestamp_ms: None,
+            item: Event,
+        })
+        .collect()
+}
+
+/// Runs a batch through the handler as the pipeline does: prepare, write, commit.
+async fn run_batch(h: &mut PipelineTriggerHandler, pool: &PgPool, items: Vec<Decoded<Event>>) {
+    let p = h.prepare(items).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    h.write(&mut tx, &p.items).await.unwrap();
+    tx.commit().await.unwrap();
+    h.committed().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_overlapping_batches_are_counted_once() {
+    let d = Direct::new("pt-replay").await;
+    let hook = Receiver::start().await;
+    let mut h = d.handler(&settings(&hook.url(), 1000, 3600, false));
+    run_batch(&mut h, &d.pool, events(0, 0..100)).await;
+    // The same batch again (a retry after a failed transaction), then one overlapping it.
+    h.reset();
+    run_batch(&mut h, &d.pool, events(0, 0..100)).await;
+    run_batch(&mut h, &d.pool, events(0, 50..150)).await;
+    // Another partition has offsets of its own.
+    run_batch(&mut h, &d.pool, events(1, 0..30)).await;
+    let (window, state) = redis_state(&d.consumer_id).await;
+    assert_eq!(window, 180);
+    assert_eq!(state["events_total"], "180");
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replicas_claim_exactly_one_trigger_per_threshold_crossing() {
+    let d = Direct::new("pt-race").await;
+    let hook = Receiver::start().await;
+    let s = settings(&hook.url(), 50, 3600, false);
+    let per_partition = 700i64;
+    let mut tasks = Vec::new();
+    for partition in 0..3 {
+        let mut h = d.handler(&s);
+        let pool = d.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut offset = 0;
+            while offset < per_partition {
+                let end = (offset + 37).min(per_partition);
+                // Every batch twice: replicas retrying interleave with each other.
+                run_batch(&mut h, &pool, events(partition, offset..end)).await;
+                run_batch(&mut h, &pool, events(partition, offset..end)).await;
+                offset = end;
+            }
+            h
+        }));
+    }
+    let mut handlers = Vec::new();
+    for t in tasks {
+        handlers.push(t.await.unwrap());
+    }
+    let expected = (3 * per_partition / 50) as usize;
+    hook.wait_for_triggers(expected).await;
+    d.wait_for_runs(expected, "delivered").await;
+    let runs = d.runs().await;
+    assert_eq!(runs.len(), expected);
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(
+            (r.0, r.1.as_str(), r.2, r.3.as_str()),
+            (i as i64 + 1, "count", 50, "delivered")
+        );
+    }
+    let keys = hook.distinct_keys();
+    let want: BTreeSet<String> = (1..=expected)
+        .map(|i| format!("{}:{i}", d.consumer_id))
+        .collect();
+    assert_eq!(keys, want);
+    assert_eq!(hook.calls().len(), expected, "one call per trigger");
+    let (window, state) = redis_state(&d.consumer_id).await;
+    assert_eq!(window, (3 * per_partition % 50) as u64);
+    assert_eq!(state["events_total"], (3 * per_partition).to_string());
+    assert_eq!(state["seq"], expected.to_string());
+    drop(handlers);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_errors_are_retried_with_the_same_idempotency_key_and_every_attempt_is_recorded() {
+    let d = Direct::new("pt-retry").await;
+    let hook = Receiver::start().await;
+    hook.answer(&[503, 500]);
+    let mut h = d.handler(&settings(&hook.url(), 10, 3600, false));
+    run_batch(&mut h, &d.pool, events(0, 0..10)).await;
+    d.wait_for_runs(1, "delivered").await;
+    let calls = hook.calls();
+    assert_eq!(calls.len(), 3);
+    let key = format!("{}:1", d.consumer_id);
+    for c in &calls {
+        assert_eq!(c.key.as_deref(), Some(key.as_str()));
+        assert_eq!(c.team.as_deref(), Some("data"), "spec headers are sent");
+        assert_eq!(c.body, calls[0].body, "the same payload every time");
+    }
+    let b = &calls[0].body;
+    assert_eq!(b["trigger_id"], key);
+    assert_eq!(b["consumer_id"], d.consumer_id);
+    assert_eq!(b["pipeline_name"], "nightly-load");
+    assert_eq!(b["sequence"], 1);
+    assert_eq!(b["reason"], "count");
+    assert_eq!(b["event_count"], 10);
+    assert!(b["window_start"].as_str().unwrap() <= b["window_end"].as_str().unwrap());
+    let runs = d.runs().await;
+    assert_eq!(runs[0].4, 3, "attempts");
+    let delivered_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT delivered_at FROM pipeline_runs WHERE trigger_id = $1")
+            .bind(&key)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert!(delivered_at.is_some());
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_error_from_the_webhook_marks_the_trigger_failed_without_retrying() {
+    let d = Direct::new("pt-4xx").await;
+    let hook = Receiver::start().await;
+    hook.answer(&[400]);
+    let mut h = d.handler(&settings(&hook.url(), 5, 3600, false));
+    run_batch(&mut h, &d.pool, events(0, 0..5)).await;
+    d.wait_for_runs(1, "failed").await;
+    let runs = d.runs().await;
+    assert_eq!(runs[0].4, 1);
+    assert!(
+        runs[0]
+            .5
+            .as_deref()
+            .unwrap_or_default()
+            .contains("HTTP 400"),
+        "{runs:?}"
+    );
+    assert_eq!(hook.calls().len(), 1);
+    let mut r = redis().await;
+    let pending: u64 = r
+        .hlen(format!("consumer:{{{}}}:pending", d.consumer_id))
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "a failed trigger leaves the pending set");
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_ids_are_never_reused_and_pending_triggers_survive_when_redis_loses_its_data() {
+    let d = Direct::new("pt-lost").await;
+    let hook = Receiver::start().await;
+    let s = settings(&hook.url(), 1, 3600, false);
+    let mut h = d.handler(&s);
+    run_batch(&mut h, &d.pool, events(0, 0..3)).await;
+    d.wait_for_runs(3, "delivered").await;
+    // Redis is wiped, and a trigger claimed before was still waiting for delivery.
+    forget(&d.consumer_id).await;
+    sqlx::query(
+        "INSERT INTO pipeline_runs (trigger_id, consumer_id, pipeline_name, seq, reason, \
+             event_count, window_start, window_end, target) \
+         VALUES ($1, $2, 'nightly-load', 4, 'count', 1, now(), now(), 'webhook')",
+    )
+    .bind(format!("{}:4", d.consumer_id))
+    .bind(&d.consumer_id)
+    .execute(&d.pool)
+    .await
+    .unwrap();
+    // A new worker process: its first batch finds Redis empty.
+    let mut h2 = d.handler(&s);
+    run_batch(&mut h2, &d.pool, events(0, 3..4)).await;
+    hook.wait_for_triggers(5).await;
+    d.wait_for_runs(5, "delivered").await;
+    let seqs: Vec<i64> = d.runs().await.iter().map(|r| r.0).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(hook.calls().len(), 5);
+    drop((h, h2));
+    d.finish().await;
+}
+
+fn job_template() -> Value {
+    json!({
+        "backoffLimit": 1,
+        "template": {"spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "load", "image": "busybox", "command": ["sh", "-c", "echo $STREAMOPS_TRIGGER_ID"]}]
+        }}
+    })
+}
+
+fn claimed(seq: u64) -> Claimed {
+    Claimed {
+        seq,
+        reason: Reason::Count,
+        event_count: 100,
+        window_start_ms: 1_710_930_600_000,
+        window_end_ms: 1_710_930_660_000,
+        pipeline: "nightly-load".into(),
+    }
+}
+
+type Mock =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+fn mock_client() -> (kube::Client, Mock) {
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    (kube::Client::new(svc, "default"), handle)
+}
+
+/// Answers the next request, which must create a Job in `ns`; returns the Job sent.
+async fn answer_job_create(handle: &mut Mock, ns: &str, status: u16, reason: &str) -> Value {
+    let (req, send) = handle.next_request().await.expect("a request");
+    assert_eq!(req.method(), http::Method::POST);
+    assert_eq!(
+        req.uri().path(),
+        format!("/apis/batch/v1/namespaces/{ns}/jobs")
+    );
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+    let answer = if status == 201 {
+        body.clone()
+    } else {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("answered {status}"), "reason": reason, "code": status})
+    };
+    send.send_response(
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&answer).unwrap(),
+            ))
+            .unwrap(),
+    );
+    body
+}
+
+#[tokio::test]
+async fn job_target_creates_the_named_job_and_takes_already_exists_as_success() {
+    let (client, mut handle) = mock_client();
+    let sink = JobSink::new(
+        &JobTriggerSpec {
+            template: job_template(),
+        },
+        Some("team-a".into()),
+    )
+    .unwrap()
+    .with_client(client);
+    let api = tokio::spawn(async move {
+        let job = answer_job_create(&mut handle, "team-a", 201, "").await;
+        answer_job_create(&mut handle, "team-a", 409, "AlreadyExists").await;
+        answer_job_create(&mut handle, "team-a", 403, "Forbidden").await;
+        answer_job_create(&mut handle, "team-a", 503, "ServiceUnavailable").await;
+        job
+    });
+    let name = job_name("team-a/clicks", "nightly-load", 7);
+    let first = sink.send("team-a/clicks", &claimed(7)).await.unwrap();
+    assert_eq!(first.job_name.as_deref(), Some(name.as_str()));
+    let again = sink.send("team-a/clicks", &claimed(7)).await.unwrap();
+    assert_eq!(
+        again.job_name.as_deref(),
+        Some(name.as_str()),
+        "AlreadyExists is a success"
+    );
+    let forbidden = sink.send("team-a/clicks", &claimed(8)).await.unwrap_err();
+    assert!(!forbidden.is_retryable(), "{forbidden}");
+    let unavailable = sink.send("team-a/clicks", &claimed(9)).await.unwrap_err();
+    assert!(unavailable.is_retryable(), "{unavailable}");
+
+    let job = api.await.unwrap();
+    assert_eq!(job["metadata"]["name"], name);
+    assert_eq!(job["metadata"]["namespace"], "team-a");
+    assert_eq!(
+        job["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "streamops"
+    );
+    assert_eq!(
+        job["metadata"]["annotations"]["streamops.dev/trigger-id"],
+        "team-a/clicks:7"
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 1);
+    let env = &job["spec"]["template"]["spec"]["containers"][0]["env"];
+    let var = |n: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == n)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(var("STREAMOPS_TRIGGER_ID"), Some(json!("team-a/clicks:7")));
+    assert_eq!(var("STREAMOPS_EVENT_COUNT"), Some(json!("100")));
+    assert_eq!(var("STREAMOPS_PIPELINE_NAME"), Some(json!("nightly-load")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_trigger_is_recorded_with_its_job_name() {
+    let d = Direct::new("pt-job").await;
+    let (client, mut handle) = mock_client();
+    let s = PipelineTriggerSettings {
+        webhook: None,
+        job: Some(JobTriggerSpec {
+            template: job_template(),
+        }),
+        ..settings("http://unused", 20, 3600, false)
+    };
+    let sink = JobSink::new(s.job.as_ref().unwrap(), Some("team-a".into()))
+        .unwrap()
+        .with_client(client);
+    let mut h =
+        PipelineTriggerHandler::with_sink(&d.context(), &s, Sink::Job(Box::new(sink))).unwrap();
+    let api = tokio::spawn(async move { answer_job_create(&mut handle, "team-a", 201, "").await });
+    run_batch(&mut h, &d.pool, events(0, 0..20)).await;
+    let job = api.await.unwrap();
+    d.wait_for_runs(1, "delivered").await;
+    let (target, name): (String, Option<String>) =
+        sqlx::query_as("SELECT target, job_name FROM pipeline_runs WHERE consumer_id = $1")
+            .bind(&d.consumer_id)
+            .fetch_one(&d.pool)
+            .await
+            .unwrap();
+    assert_eq!(target, "job");
+    assert_eq!(name.as_deref(), job["metadata"]["name"].as_str());
+    assert_eq!(name, Some(job_name(&d.consumer_id, "nightly-load", 1)));
+    d.finish().await;
+}
+
+// ---- Worker processes.
+
+fn pt_env(env: &mut TestEnv, s: PipelineTriggerSettings) {
+    env.config.handler = HandlerConfig::PipelineTrigger(s);
+}
+
+fn start(env: &TestEnv, id: &str) -> WorkerProcess {
+    env.start_worker_with_env(id, &[("STREAMOPS_REDIS_URL", REDIS_URL)])
+}
+
+async fn stored_runs(env: &TestEnv) -> Vec<(i64, String, i64, String)> {
+    sqlx::query_as("SELECT seq, reason, event_count, status FROM pipeline_runs ORDER BY seq")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_for_delivered(env: &TestEnv, n: usize) {
+    let start = Instant::now();
+    loop {
+        let runs = stored_runs(env).await;
+        if runs.iter().filter(|r| r.3 == "delivered").count() >= n {
+            return;
+        }
+        assert!(start.elapsed() < PATIENCE, "runs: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GET /consumer/info/{id}` of a worker.
+async fn info(w: &WorkerProcess, id: &str) -> Value {
+    let resp = reqwest::get(format!("http://{}/consumer/info/{id}", w.http))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_yield_exactly_one_trigger_per_threshold_crossing_through_a_kill_and_restart()
+{
+    require_redis();
+    let hook = Receiver::start().await;
+    let mut env = TestEnv::new("pt-three", HandlerKind::PipelineTrigger, 3).await;
+    pt_env(&mut env, settings(&hook.url(), 100, 3600, false));
+    env.config.batch.max_messages = 40;
+    env.config.batch.max_wait_ms = 20;
+    let total = 2550u64;
+    let spec = ProduceSpec::new(HandlerKind::PipelineTrigger, total)
+        .seed(3)
+        .rate(900);
+    let producer = {
+        let topic = env.topic.clone();
+        tokio::spawn(async move { produce_events(&topic, &spec).await })
+    };
+    let mut w0 = start(&env, "w-0");
+    let mut w1 = start(&env, "w-1");
+    let mut w2 = start(&env, "w-2");
+    for w in [&mut w0, &mut w1, &mut w2] {
+        w.wait_ready().await;
+    }
+    env.wait_for_offsets(900).await;
+    w1.kill();
+    assert!(
+        env.applied_offsets().await < total as i64,
+        "the kill was not mid-stream"
+    );
+    let mut w1 = start(&env, "w-1");
+    w1.wait_ready().await;
+    producer.await.expect("producer task");
+    env.wait_for_offsets(total as i64).await;
+
+    let expected = (total / 100) as usize;
+    hook.wait_for_triggers(expected).await;
+    wait_for_delivered(&env, expected).await;
+    let runs = stored_runs(&env).await;
+    assert_eq!(runs.len(), expected, "one pipeline_runs row per trigger");
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!((r.0, r.1.as_str(), r.2), (i as i64 + 1, "count", 100));
+    }
+    let consumer = env.config.consumer_id.clone();
+    let want: BTreeSet<String> = (1..=expected).map(|i| format!("{consumer}:{i}")).collect();
+    assert_eq!(
+        hook.distinct_keys(),
+        want,
+        "exactly the claimed triggers reached the webhook"
+    );
+    // A delivery cut short by the kill is repeated with the same key and payload, never a new one.
+    let mut bodies: HashMap<String, Value> = HashMap::new();
+    for c in hook.calls() {
+        let prev = bodies.insert(c.key.clone().unwrap(), c.body.clone());
+        assert!(prev.is_none_or(|p| p == c.body));
+    }
+    let (window, state) = redis_state(&consumer).await;
+    assert_eq!(
+        state["events_total"],
+        total.to_string(),
+        "every event counted once"
+    );
+    assert_eq!(window, total % 100);
+    for w in [w0, w1, w2] {
+        assert!(w.terminate_and_wait().success());
+    }
+    forget(&consumer).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_triggers_fire_without_any_event_when_empty_windows_trigger() {
+    require_redis();
+    let hook = Receiver::start().await;
+    let mut env = TestEnv::new("pt-time", HandlerKind::PipelineTrigger, 1).await;
+    pt_env(&mut env, settings(&hook.url(), 1000, 2, true));
+    let mut w = start(&env, "w-0");
+    w.wait_ready().await;
+    hook.wait_for_triggers(2).await;
+    let calls = hook.calls();
+    let first = &calls[0].body;
+    let second = &calls[1].body;
+    for (i, b) in [first, second].iter().enumerate() {
+        assert_eq!(b["reason"], "time");
+        assert_eq!(b["event_count"], 0);
+        assert_eq!(b["sequence"], i as u64 + 1);
+    }
+    assert_eq!(
+        first["window_end"], second["window_start"],
+        "windows are contiguous"
+    );
+    wait_for_delivered(&env, 2).await;
+    assert!(w.terminate_and_wait().success());
+    forget(&env.config.consumer_id).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_empty_window_triggers_on_its_next_event_when_empty_windows_do_not() {
+    require_redis();
+    let hook = Receiver::start().await;
+    let mut env = TestEnv::new("pt-empty", HandlerKind::PipelineTrigger, 1).await;
+    pt_env(&mut env, settings(&hook.url(), 1000, 2, false));
+    let mut w = start(&env, "w-0");
+    w.wait_ready().await;
+    let id = env.config.consumer_id.clone();
+    // Wait until the window has been due for a while (several ticks).
+    let start_wait = Instant::now();
+    loop {
+        let i = info(&w, &id).await;
+        if let Some(at) = i["counters"]["time_threshold_at"].as_str() {
+            let at = chrono::DateTime::parse_from_rfc3339(at).unwrap();
+            if chrono::Utc::now() > at + chrono::Duration::milliseconds(2500) {
+                assert_eq!(
+                    i["counters"]["triggers"], 0,
+                    "an empty window triggered: {i}"
+                );
+                break;
+            }
+        }
+        assert!(start_wait.elapsed() < PATIENCE, "{i}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(hook.calls().is_empty());
+    env.produce(&ProduceSpec::new(HandlerKind::PipelineTrigger, 1))
+        .await;
+    hook.wait_for_triggers(1).await;
+    let b = &hook.calls()[0].body;
+    assert_eq!(
+        (b["reason"].clone(), b["event_count"].clone()),
+        (json!("time"), json!(1))
+    );
+    assert!(w.terminate_and_wait().success());
+    forget(&id).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_survive_a_restart_and_consumer_info_reports_counters_thresholds_and_last_trigger() {
+    require_redis();
+    let hook = Receiver::start().await;
+    let mut env = TestEnv::new("pt-restart", HandlerKind::PipelineTrigger, 2).await;
+    pt_env(&mut env, settings(&hook.url(), 1000, 3600, false));
+    let id = env.config.consumer_id.clone();
+    env.produce(&ProduceSpec::new(HandlerKind::PipelineTrigger, 600).seed(1))
+        .await;
+    let mut w = start(&env, "w-0");
+    w.wait_ready().await;
+    env.wait_for_offsets(600).await;
+    assert!(w.terminate_and_wait().success());
+    assert_eq!(
+        redis_state(&id).await.0,
+        600,
+        "the count is in Redis while no worker runs"
+    );
+
+    let mut w = start(&env, "w-0");
+    w.wait_ready().await;
+    let i = info(&w, &id).await;
+    assert_eq!(i["counters"]["events_in_window"], 600);
+    assert_eq!(i["last_trigger"], Value::Null);
+    env.produce(&ProduceSpec::new(HandlerKind::PipelineTrigger, 500).seed(2))
+        .await;
+    env.wait_for_offsets(1100).await;
+    hook.wait_for_triggers(1).await;
+    wait_for_delivered(&env, 1).await;
+
+    let i = info(&w, &id).await;
+    assert_eq!(i["consumer_id"], id);
+    assert_eq!(i["pipeline_name"], "nightly-load");
+    assert_eq!(i["target"], "webhook");
+    assert_eq!(
+        i["thresholds"],
+        json!({"max_events": 1000, "max_time_seconds": 3600, "trigger_on_empty_window": false})
+    );
+    assert_eq!(i["counters"]["events_in_window"], 100);
+    assert_eq!(i["counters"]["events_total"], 1100);
+    assert_eq!(i["counters"]["triggers"], 1);
+    assert_eq!(i["counters"]["pending_triggers"], 0);
+    let last = &i["last_trigger"];
+    assert_eq!(last["trigger_id"], format!("{id}:1"));
+    assert_eq!(last["reason"], "count");
+    assert_eq!(last["event_count"], 1000);
+    assert_eq!(last["status"], "delivered");
+    assert_eq!(last["attempts"], 1);
+    assert!(last["delivered_at"].is_string());
+    let unknown = reqwest::get(format!("http://{}/consumer/info/someone-else", w.http))
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(unknown, 404);
+    assert!(w.metric("streamops_pipeline_trigger_claimed_total") >= 1.0);
+    assert!(w.terminate_and_wait().success());
+    forget(&id).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_go_to_the_error_topic_and_are_not_counted() {
+    require_redis();
+    let hook = Receiver::start().await;
+    let mut env = TestEnv::new("pt-poison", HandlerKind::PipelineTrigger, 2).await;
+    pt_env(&mut env, settings(&hook.url(), 100, 3600, false));
+    let id = env.config.consumer_id.clone();
+    let events = env
+        .produce(
+            &ProduceSpec::new(HandlerKind::PipelineTrigger, 1500)
+                .seed(8)
+                .poison(10.0),
+        )
+        .await;
+    let poison = events.iter().filter(|g| g.poison.is_some()).count();
+    let valid = events.len() - poison;
+    assert!(poison > 50);
+    let mut w = start(&env, "w-0");
+    w.wait_ready().await;
+    env.wait_for_offsets(events.len() as i64).await;
+    assert_eq!(env.count("streamops_rejections").await, poison as i64);
+    let records = env.consume_error_topic(poison);
+    assert_eq!(records.len(), poison);
+    let mut want: HashMap<String, usize> = HashMap::new();
+    for g in events.iter().filter(|g| g.poison.is_some()) {
+        *want
+            .entry(g.poison.unwrap().expected_reason().into())
+            .or_default() += 1;
+    }
+    let mut got: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *got.entry(header(r, "streamops.error.reason").unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(want, got);
+    let (_, state) = redis_state(&id).await;
+    assert_eq!(state["events_total"], valid.to_string());
+    hook.wait_for_triggers(valid / 100).await;
+    assert!(w.terminate_and_wait().success());
+    assert_eq!(hook.distinct_keys().len(), valid / 100);
+    forget(&id).await;
+    env.cleanup().await;
+}
