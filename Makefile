@@ -49,9 +49,13 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 demo: dev-up ## Run all four handlers locally on sample data and print their results
 	bash scripts/demo.sh
 
-.PHONY: bench
-bench: dev-up ## Throughput and memory benchmarks (release build)
+.PHONY: bench bench-autoscale
+bench: dev-up ## Throughput and memory benchmarks, then autoscaling latency (release build)
 	bash scripts/bench.sh
+	$(MAKE) --no-print-directory bench-autoscale
+
+bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replicas patched (release build)
+	$(CARGO) bench -p streamops-operator --bench autoscale
 
 -include mk/kind.mk
 

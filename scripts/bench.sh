@@ -104,6 +104,75 @@ bench_moving_average() {
   window: 5"
 }
 
+bench_sensor() {
+  bench_kind sensor "  kind: sensor"
+}
+
+# wait_http URL: waits until URL answers (a service started in the background).
+wait_http() {
+  local i
+  for i in $(seq 1 200); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench: $1 never answered" >&2
+  return 1
+}
+
+# fraud: the worker against the reference scorer, then the scorer alone under a load loop, with
+# 1 request in flight (as the worker calls it) and with 4.
+bench_fraud() {
+  local port=${BENCH_SCORER_PORT:-18080} scorer_pid
+  "$BIN" scorer --listen "127.0.0.1:$port" 2>"$WORK/scorer.log" &
+  scorer_pid=$!
+  trap 'kill -TERM '"$scorer_pid"' 2>/dev/null || true; cleanup' EXIT
+  wait_http "http://127.0.0.1:$port/health"
+  bench_kind fraud "  kind: fraud
+  scoringUrl: http://127.0.0.1:$port/predict
+  timeoutMs: 2000
+  maxRetries: 3
+  batchSize: 100
+  fraudThreshold: 0.8"
+  local one four
+  one=$("$BENCH" scorer-load --url "http://127.0.0.1:$port/predict" --requests 1000 \
+    --batch-size 100 --concurrency 1)
+  four=$("$BENCH" scorer-load --url "http://127.0.0.1:$port/predict" --requests 2000 \
+    --batch-size 100 --concurrency 4)
+  kill -TERM "$scorer_pid" 2>/dev/null || true
+  wait "$scorer_pid" 2>/dev/null || true
+  trap cleanup EXIT
+  ROWS+=("$(printf '  fraud: reference scorer alone, batches of 100: %s tx/s with 1 request in flight, %s tx/s with 4' \
+    "$(field rate "$one")" "$(field rate "$four")")")
+}
+
+# pipeline-trigger: events counted in Redis, a trigger every 10,000 events (maxEvents matches
+# PIPELINE_TRIGGER_MAX_EVENTS of streamops-bench) to a local webhook receiver.
+bench_pipeline_trigger() {
+  local port=${BENCH_WEBHOOK_PORT:-18081} hook_pid
+  if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+    echo "bench: nothing listens on 127.0.0.1:6379 (Redis); start the dev services (make dev-up)" >&2
+    exit 1
+  fi
+  python3 scripts/webhook_receiver.py "127.0.0.1:$port" "$WORK/triggers.jsonl" 2>"$WORK/webhook.log" &
+  hook_pid=$!
+  trap 'kill -TERM '"$hook_pid"' 2>/dev/null || true; cleanup' EXIT
+  sleep 0.5
+  export STREAMOPS_REDIS_URL=redis://127.0.0.1:6379/
+  bench_kind pipeline-trigger "  kind: pipeline-trigger
+  pipelineName: bench
+  maxEvents: 10000
+  maxTimeSeconds: 3600
+  webhook:
+    url: http://127.0.0.1:$port/hook"
+  unset STREAMOPS_REDIS_URL
+  kill -TERM "$hook_pid" 2>/dev/null || true
+  wait "$hook_pid" 2>/dev/null || true
+  trap cleanup EXIT
+  local triggers; triggers=$(wc -l <"$WORK/triggers.jsonl" 2>/dev/null || echo 0)
+  ROWS+=("$(printf '  pipeline-trigger: %s webhook triggers received for %s events (maxEvents 10000)' "$triggers" "$COUNT")")
+  redis-cli --scan --pattern 'consumer:{bench-pipeline-trigger-*' 2>/dev/null | xargs -r redis-cli del >/dev/null 2>&1 || true
+}
+
 for kind in $KINDS; do
   fn="bench_${kind//-/_}"
   if declare -F "$fn" >/dev/null; then

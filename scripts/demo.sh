@@ -30,6 +30,7 @@ log() { printf '\033[1mdemo:\033[0m %s\n' "$*" >&2; }
 log "building the binaries"
 cargo build -q --bins
 W="$ROOT/target/debug/streamops-worker"
+D="$ROOT/target/debug/streamops-demo"
 
 PIDS=()
 cleanup() {
@@ -61,9 +62,9 @@ for kind in "${KINDS[@]}"; do
   SPEC[$kind]="$DEMO/$kind.yaml"
 done
 
-topic_of() { "$W" spec-info --spec "$1" --field topic; }
-error_topic_of() { "$W" spec-info --spec "$1" --field error-topic; }
-group_of() { "$W" spec-info --spec "$1" --field group; }
+topic_of() { "$D" info --spec "$1" --field topic; }
+error_topic_of() { "$D" info --spec "$1" --field error-topic; }
+group_of() { "$D" info --spec "$1" --field group; }
 
 for kind in "${KINDS[@]}"; do
   t="$(topic_of "${SPEC[$kind]}")"; et="$(error_topic_of "${SPEC[$kind]}")"
@@ -107,6 +108,6 @@ cleanup
 PIDS=()
 
 echo
-"$W" demo-report --database-url "$STREAMOPS_DATABASE_URL" --bootstrap-servers "$BROKER" \
+"$D" report --database-url "$STREAMOPS_DATABASE_URL" --redis-url "$STREAMOPS_REDIS_URL" --bootstrap-servers "$BROKER" \
   $(for kind in "${KINDS[@]}"; do printf -- '--spec %s ' "${SPEC[$kind]}"; done) \
   --webhooks "$DEMO/webhooks.jsonl"

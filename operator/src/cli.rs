@@ -1,10 +1,14 @@
 //! Command line. The flag and environment-variable names are a contract with the Helm chart.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
 
+use crate::lag::{LagTarget, ENV_LAG_PASSWORD, ENV_LAG_USERNAME};
+use crate::lag_poller::PollSettings;
 use crate::telemetry::LogFormat;
 
 /// Worker image used when a StreamConsumer sets no `spec.image`.
@@ -24,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the controller.
     Run(RunArgs),
+    /// Print a consumer group's lag as the operator computes it (status.lag and the autoscaler).
+    Lag(LagArgs),
 }
 
 /// `streamops-operator run`.
@@ -68,6 +74,16 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "json")]
     pub log_format: LogFormat,
+
+    /// Seconds between two lag readings of a StreamConsumer without spec.autoscaling (with it,
+    /// spec.autoscaling.pollIntervalSeconds). 0: read only the lag of autoscaled ones.
+    #[arg(long, env = "STREAMOPS_LAG_INTERVAL", default_value_t = 30)]
+    pub lag_interval: u64,
+
+    /// Least seconds between two status writes made only to refresh status.lag (a scale decision
+    /// or a change of LagAvailable is written at once).
+    #[arg(long, default_value_t = 15)]
+    pub lag_status_interval: u64,
 }
 
 impl RunArgs {
@@ -83,6 +99,141 @@ impl RunArgs {
     pub fn leader_election(&self) -> bool {
         self.leader_election && !self.no_leader_election
     }
+
+    /// Settings of the lag poller.
+    pub fn poll_settings(&self) -> PollSettings {
+        PollSettings {
+            default_interval: (self.lag_interval > 0).then(|| Duration::from_secs(self.lag_interval)),
+            status_interval: Duration::from_secs(self.lag_status_interval),
+            ..PollSettings::default()
+        }
+    }
+}
+
+/// `streamops-operator lag`. SASL credentials come from the environment, as for the controller:
+/// `STREAMOPS_LAG_KAFKA_USERNAME` and `STREAMOPS_LAG_KAFKA_PASSWORD`.
+#[derive(Debug, Clone, Args)]
+pub struct LagArgs {
+    /// Bootstrap brokers, HOST:PORT[,HOST:PORT...].
+    #[arg(long)]
+    pub bootstrap_servers: String,
+
+    /// Consumer group.
+    #[arg(long)]
+    pub group: String,
+
+    /// Consumed topic; repeat for several.
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+
+    /// Where partitions without a committed offset start (the StreamConsumer's autoOffsetReset).
+    #[arg(long, value_enum, default_value = "earliest")]
+    pub auto_offset_reset: OffsetReset,
+
+    /// Kafka security protocol.
+    #[arg(long, value_enum, default_value = "PLAINTEXT")]
+    pub security_protocol: Protocol,
+
+    /// SASL mechanism (with a SASL protocol).
+    #[arg(long, value_enum)]
+    pub sasl_mechanism: Option<Mechanism>,
+
+    /// Timeout of each request to the brokers, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_seconds: u64,
+}
+
+impl LagArgs {
+    /// What to read.
+    pub fn target(&self) -> LagTarget {
+        let protocol = SecurityProtocol::from(self.security_protocol);
+        let credentials = match (
+            std::env::var(ENV_LAG_USERNAME),
+            std::env::var(ENV_LAG_PASSWORD),
+        ) {
+            (Ok(u), Ok(p)) if protocol.uses_sasl() => Some((u, p)),
+            _ => None,
+        };
+        LagTarget {
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            group_id: self.group.clone(),
+            topics: self.topics.clone(),
+            auto_offset_reset: self.auto_offset_reset.into(),
+            security_protocol: protocol,
+            sasl_mechanism: self.sasl_mechanism.map(Into::into),
+            credentials,
+        }
+    }
+}
+
+/// `--auto-offset-reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OffsetReset {
+    /// From the oldest retained message.
+    Earliest,
+    /// From the next message produced.
+    Latest,
+}
+
+impl From<OffsetReset> for AutoOffsetReset {
+    fn from(r: OffsetReset) -> Self {
+        match r {
+            OffsetReset::Earliest => Self::Earliest,
+            OffsetReset::Latest => Self::Latest,
+        }
+    }
+}
+
+/// `--security-protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// No TLS, no authentication.
+    #[value(name = "PLAINTEXT")]
+    Plaintext,
+    /// TLS (system CAs).
+    #[value(name = "SSL")]
+    Ssl,
+    /// SASL without TLS.
+    #[value(name = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL over TLS.
+    #[value(name = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl From<Protocol> for SecurityProtocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Plaintext => Self::Plaintext,
+            Protocol::Ssl => Self::Ssl,
+            Protocol::SaslPlaintext => Self::SaslPlaintext,
+            Protocol::SaslSsl => Self::SaslSsl,
+        }
+    }
+}
+
+/// `--sasl-mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mechanism {
+    /// PLAIN.
+    #[value(name = "PLAIN")]
+    Plain,
+    /// SCRAM-SHA-256.
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// SCRAM-SHA-512.
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl From<Mechanism> for SaslMechanism {
+    fn from(m: Mechanism) -> Self {
+        match m {
+            Mechanism::Plain => Self::Plain,
+            Mechanism::ScramSha256 => Self::ScramSha256,
+            Mechanism::ScramSha512 => Self::ScramSha512,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -94,7 +245,84 @@ mod tests {
         argv.extend_from_slice(args);
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Run(r) => r,
+            other => panic!("not run: {other:?}"),
         }
+    }
+
+    fn lag(args: &[&str]) -> Result<LagArgs, clap::Error> {
+        let mut argv = vec!["streamops-operator", "lag"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Lag(l) => Ok(l),
+            other => panic!("not lag: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lag_takes_several_topics_and_defaults_to_earliest_plaintext() {
+        let l = lag(&[
+            "--bootstrap-servers",
+            "k:9092",
+            "--group",
+            "g",
+            "--topic",
+            "a",
+            "--topic",
+            "b",
+        ])
+        .unwrap();
+        let t = l.target();
+        assert_eq!(t.topics, ["a", "b"]);
+        assert_eq!(t.group_id, "g");
+        assert_eq!(t.auto_offset_reset, AutoOffsetReset::Earliest);
+        assert_eq!(t.security_protocol, SecurityProtocol::Plaintext);
+        assert_eq!(t.credentials, None);
+        let l = lag(&[
+            "--bootstrap-servers",
+            "k:9092",
+            "--group",
+            "g",
+            "--topic",
+            "a",
+            "--auto-offset-reset",
+            "latest",
+            "--security-protocol",
+            "SASL_SSL",
+            "--sasl-mechanism",
+            "SCRAM-SHA-512",
+        ])
+        .unwrap();
+        let t = l.target();
+        assert_eq!(t.auto_offset_reset, AutoOffsetReset::Latest);
+        assert_eq!(t.security_protocol, SecurityProtocol::SaslSsl);
+        assert_eq!(t.sasl_mechanism, Some(SaslMechanism::ScramSha512));
+    }
+
+    #[test]
+    fn lag_needs_a_topic_a_group_and_brokers() {
+        assert!(lag(&["--bootstrap-servers", "k:9092", "--group", "g"]).is_err());
+        assert!(lag(&["--bootstrap-servers", "k:9092", "--topic", "t"]).is_err());
+        assert!(lag(&["--group", "g", "--topic", "t"]).is_err());
+        assert!(lag(&[
+            "--bootstrap-servers",
+            "k:9092",
+            "--group",
+            "g",
+            "--topic",
+            "t",
+            "--auto-offset-reset",
+            "none"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn lag_interval_zero_reads_only_autoscaled_consumers() {
+        let settings = run(&["--lag-interval", "0"]).poll_settings();
+        assert_eq!(settings.default_interval, None);
+        let settings = run(&["--lag-interval", "12", "--lag-status-interval", "3"]).poll_settings();
+        assert_eq!(settings.default_interval, Some(Duration::from_secs(12)));
+        assert_eq!(settings.status_interval, Duration::from_secs(3));
     }
 
     // Environment variables are process-wide: every assertion that depends on them is here, so
@@ -106,6 +334,7 @@ mod tests {
             "STREAMOPS_WORKER_IMAGE",
             "STREAMOPS_LEADER_ELECTION",
             "POD_NAMESPACE",
+            "STREAMOPS_LAG_INTERVAL",
         ] {
             std::env::remove_var(var);
         }
@@ -117,6 +346,8 @@ mod tests {
         assert_eq!(r.lease_namespace, None);
         assert_eq!(r.metrics_listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(r.log_format, LogFormat::Json);
+        assert_eq!(r.lag_interval, 30);
+        assert_eq!(r.lag_status_interval, 15);
 
         let r = run(&[
             "--namespace",
@@ -148,7 +379,9 @@ mod tests {
         std::env::set_var("STREAMOPS_WORKER_IMAGE", "w:3");
         std::env::set_var("STREAMOPS_LEADER_ELECTION", "false");
         std::env::set_var("POD_NAMESPACE", "streamops-system");
+        std::env::set_var("STREAMOPS_LAG_INTERVAL", "60");
         let r = run(&[]);
+        assert_eq!(r.lag_interval, 60);
         assert_eq!(r.watch_namespace(), Some("team-b"));
         assert_eq!(r.worker_image, "w:3");
         assert!(!r.leader_election());
@@ -169,6 +402,7 @@ mod tests {
             "STREAMOPS_WORKER_IMAGE",
             "STREAMOPS_LEADER_ELECTION",
             "POD_NAMESPACE",
+            "STREAMOPS_LAG_INTERVAL",
         ] {
             std::env::remove_var(var);
         }

@@ -84,6 +84,10 @@ pub enum Error {
     #[error("cannot patch the status: {0}")]
     PatchStatus(#[source] kube::Error),
 
+    /// Writing the autoscaled count into `spec.replicas` failed.
+    #[error("cannot patch spec.replicas: {0}")]
+    PatchReplicas(#[source] kube::Error),
+
     /// Deleting the consumer group failed (retried with backoff until the cleanup deadline).
     #[error("cannot delete consumer group {group}: {source}")]
     ConsumerGroupCleanup {
@@ -119,6 +123,7 @@ impl Error {
             Self::ListChildren { .. } => "ListFailed",
             Self::DeleteChild { .. } => "DeleteFailed",
             Self::PatchStatus(_) => "StatusPatchFailed",
+            Self::PatchReplicas(_) => "ReplicasPatchFailed",
             Self::ConsumerGroupCleanup { .. } => "ConsumerGroupCleanupFailed",
             Self::MalformedObjectFinalizer(_) => "RemoveFinalizerFailed",
             Self::Finalizer(e) => match e.as_ref() {

@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 use tower_test::mock::{self, Handle};
 
 use crate::consumer_group::{GroupDeleteError, GroupDeleter, GroupDeletion, GroupTarget};
+use crate::lag::{GroupLag, LagError, LagReader, LagTarget};
 use crate::metrics::Metrics;
 use crate::names::{FIELD_MANAGER, FINALIZER};
-use crate::{Context, OperatorConfig, SpecReplicas};
+use crate::{Context, OperatorConfig, ReplicaDecider, SpecReplicas};
 
 /// UID of `StreamConsumer::test()`.
 pub const SC_UID: &str = "752d59ef-2671-4890-9feb-0097459b18c8";
@@ -115,6 +116,69 @@ impl GroupDeleter for FakeGroupDeleter {
     }
 }
 
+/// A [`LagReader`] answering from a script: per consumer group, the answers of successive readings
+/// (the last one repeats). An unscripted group fails as if the brokers were down.
+#[derive(Default)]
+pub struct FakeLagReader {
+    script: Mutex<std::collections::HashMap<String, std::collections::VecDeque<Result<GroupLag, String>>>>,
+    /// Every target read, in order.
+    pub reads: Mutex<Vec<LagTarget>>,
+}
+
+impl FakeLagReader {
+    /// Scripts the next answers for `group`.
+    pub fn answer(&self, group: &str, answers: Vec<Result<GroupLag, String>>) {
+        self.script
+            .lock()
+            .unwrap()
+            .entry(group.to_string())
+            .or_default()
+            .extend(answers);
+    }
+
+    /// Groups read, in order.
+    pub fn groups_read(&self) -> Vec<String> {
+        self.reads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|t| t.group_id.clone())
+            .collect()
+    }
+}
+
+impl LagReader for Arc<FakeLagReader> {
+    async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
+        self.reads.lock().unwrap().push(target.clone());
+        let mut script = self.script.lock().unwrap();
+        let answers = script.entry(target.group_id.clone()).or_default();
+        let answer = if answers.len() > 1 {
+            answers.pop_front()
+        } else {
+            answers.front().cloned()
+        };
+        match answer {
+            Some(Ok(lag)) => Ok(lag),
+            Some(Err(why)) => Err(LagError::Task(why)),
+            None => Err(LagError::Task("no broker answers for this group".into())),
+        }
+    }
+}
+
+/// A group lag of `total` over `partitions` partitions (all on partition 0), with `members`.
+pub fn group_lag(total: i64, partitions: i32, members: i32) -> GroupLag {
+    let per = (0..partitions)
+        .map(|p| crate::lag::PartitionLag {
+            topic: "t".into(),
+            partition: p,
+            committed: Some(0),
+            high_watermark: if p == 0 { total } else { 0 },
+            lag: if p == 0 { total } else { 0 },
+        })
+        .collect();
+    crate::lag::summarize(per, members)
+}
+
 /// A client whose requests go to the returned verifier.
 pub fn mock_client() -> (Client, ApiServerVerifier) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
@@ -143,6 +207,19 @@ impl Context {
             Arc::new(SpecReplicas),
         );
         (Arc::new(ctx), verifier, deleter)
+    }
+
+    /// Like [`Context::test`], deciding replicas (and knowing lag) with `decider`.
+    pub fn test_deciding(decider: Arc<dyn ReplicaDecider>) -> (Arc<Self>, ApiServerVerifier) {
+        let (client, verifier) = mock_client();
+        let ctx = Context::new(
+            client,
+            Metrics::register(&Registry::new()).unwrap(),
+            OperatorConfig::new(TEST_IMAGE),
+            FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+            decider,
+        );
+        (Arc::new(ctx), verifier)
     }
 }
 
@@ -549,6 +626,24 @@ pub fn delete_child(kind: Kind) -> Expect {
         ))
 }
 
+/// The type of the events the reconciler publishes with `reason`.
+pub fn event_type(reason: &str) -> &'static str {
+    match reason {
+        "ReplicasOverridden" | "LagUnavailable" => "Warning",
+        _ => "Normal",
+    }
+}
+
+/// The merge patch that sets `spec.replicas` of `test`.
+pub fn spec_replicas_patch(sc: &StreamConsumer, replicas: i32) -> Expect {
+    let mut answer = serde_json::to_value(sc).unwrap();
+    answer["spec"]["replicas"] = json!(replicas);
+    Expect::new(Method::PATCH, sc_path(""))
+        .query("fieldManager", FIELD_MANAGER)
+        .body(json!({"spec": {"replicas": replicas}}))
+        .reply(Reply::Json(200, answer))
+}
+
 /// An event on StreamConsumer `test`.
 pub fn event(type_: &str, reason: &str) -> Expect {
     Expect::new(Method::POST, path("events.k8s.io/v1", "events", ""))
@@ -617,8 +712,10 @@ pub struct ApplyPass {
     pub live: Vec<Kind>,
     /// Of those, the ones the pass must delete.
     pub deleted: Vec<Kind>,
-    /// Reasons of the events expected, in order.
+    /// Reasons of the events expected, in order (typed by [`event_type`]).
     pub events: Vec<&'static str>,
+    /// The `spec.replicas` merge patch expected (autoscaling), if any.
+    pub spec_replicas: Option<i32>,
     /// Partial status the status patch must include; `None`: no status patch.
     pub status: Option<Value>,
 }
@@ -636,6 +733,7 @@ impl ApplyPass {
             live: Vec::new(),
             deleted: Vec::new(),
             events: vec!["Created"],
+            spec_replicas: None,
             status: Some(json!({})),
         }
     }
@@ -677,7 +775,10 @@ impl ApplyPass {
             }
         }
         for reason in &self.events {
-            s.push(event("Normal", reason));
+            s.push(event(event_type(reason), reason));
+        }
+        if let Some(replicas) = self.spec_replicas {
+            s.push(spec_replicas_patch(&self.sc, replicas));
         }
         if let Some(status) = &self.status {
             s.push(status_patch(&self.sc, status.clone()));

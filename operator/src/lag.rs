@@ -267,7 +267,7 @@ fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagE
         if let Some(err) = t.error() {
             return Err(LagError::Topic {
                 topic: topic.clone(),
-                reason: format!("{:?}", rdkafka::types::RDKafkaRespErr::from(err)),
+                reason: rdkafka::types::RDKafkaErrorCode::from(err).to_string(),
             });
         }
         for p in t.partitions() {

@@ -76,7 +76,7 @@ impl From<&GroupLag> for LagFigures {
 }
 
 /// What the reconciler publishes about a StreamConsumer's lag.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LagView {
     /// The latest successful reading, as `status.lag`.
     pub last: Option<LagStatus>,

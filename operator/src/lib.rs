@@ -7,6 +7,10 @@
 //!   Deployment.
 //! - [`validation`]: the reconciler's second look at a spec (names, `validate_spec`, CEL rules).
 //! - [`consumer_group`]: deletion of the consumer group on cleanup, behind a trait.
+//! - [`lag`]: consumer-group lag from the brokers (one OffsetFetch per group, ListOffsets per
+//!   leader), behind the [`lag::LagReader`] trait; [`lag_poller`] reads it on each object's
+//!   interval into the [`lag_book`], which is the [`ReplicaDecider`] of the reconciler;
+//!   [`autoscale`] is the pure scale decision.
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`], [`http`], [`telemetry`], [`cli`], [`run`]: the process around the controller.
 //!
@@ -19,6 +23,8 @@ pub mod consumer_group;
 pub mod error;
 pub mod http;
 pub mod lag;
+pub mod lag_book;
+pub mod lag_poller;
 pub mod leader;
 pub mod metrics;
 pub mod names;

@@ -234,9 +234,7 @@ mod tests {
         m.consumer_lag.with_label_values(&["ns", "a"]).set(1);
         m.lag_read_failures.with_label_values(&["kafka_error"]).inc();
         m.scale_decisions.with_label_values(&["ScaleUp"]).inc();
-        let families = registry.gather();
-        assert!(families.len() >= 10);
-        for family in families {
+        for family in registry.gather() {
             assert!(
                 family.name().starts_with("streamops_operator_"),
                 "{}",

@@ -4,6 +4,13 @@
 //! worker configuration, server-side applies every child under one field manager, deletes the
 //! children it no longer wants, reports changes as events and writes the status; Cleanup applies
 //! `spec.cleanupPolicy`. Errors requeue with a per-object exponential backoff ([`error_policy`]).
+//!
+//! Lag and autoscaling reach the reconciler only through [`ReplicaDecider`]: the replicas to apply,
+//! the lag to publish in the status, and the scale decision to announce. With `spec.autoscaling`
+//! the reconciler also keeps `spec.replicas` equal to the applied count, so `kubectl get`, the
+//! scale subresource and the Deployment agree; a hand-made change of `spec.replicas` is set back
+//! with a `ReplicasOverridden` warning. The [lag poller](crate::lag_poller) triggers a
+//! reconciliation (`Controller::reconcile_on`) when a reading changes any of these.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -31,8 +38,11 @@ use streamops_crds::v1alpha1::{CleanupPolicy, StreamConsumer, StreamConsumerStat
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::autoscale::Decision;
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
 use crate::consumer_group::{GroupDeleter, GroupDeletion, GroupTarget};
+use crate::lag_book::LagView;
+use crate::lag_poller::LagPoller;
 use crate::metrics::Metrics;
 use crate::names::{
     children_selector, managed_selector, workload_name, CONFIG_HASH_ANNOTATION, CONTROLLER_NAME,
@@ -42,12 +52,25 @@ use crate::status;
 use crate::validation::validate_object;
 use crate::{Error, Result};
 
-/// Decides the replicas of the worker Deployment. [`SpecReplicas`] takes `spec.replicas`; lag-based
-/// autoscaling (`spec.autoscaling`) plugs in its own decision here. It must answer from memory: it
-/// runs inside every reconciliation.
+/// Decides the replicas of the worker Deployment and tells the reconciler what it knows of the
+/// lag. [`SpecReplicas`] takes `spec.replicas` and knows no lag; the operator runs with
+/// [`LagBook`](crate::lag_book::LagBook), which the lag poller fills. Every method must answer from
+/// memory: they run inside every reconciliation.
 pub trait ReplicaDecider: Send + Sync {
     /// Replicas of the worker Deployment of `sc`.
     fn desired_replicas(&self, sc: &StreamConsumer) -> i32;
+
+    /// What is known of the consumer-group lag of `sc`, for its status; `None` when nothing was
+    /// read (the status keeps what it had).
+    fn lag(&self, _sc: &StreamConsumer) -> Option<LagView> {
+        None
+    }
+
+    /// The autoscaling decision that set `replicas`, if it has not been announced yet; it counts
+    /// as announced once returned.
+    fn announce(&self, _sc: &StreamConsumer, _replicas: i32) -> Option<Decision> {
+        None
+    }
 }
 
 /// Replicas as written in `spec.replicas`.
@@ -176,12 +199,15 @@ fn object_key(meta: &ObjectMeta) -> String {
 
 /// Runs the controller until `stop` is cancelled (then finishes the reconciliations in flight).
 /// Watches StreamConsumers through a [`DeserializeGuard`], so a malformed object is skipped instead
-/// of stalling the watch, and every kind of child the operator makes, so drift is corrected.
+/// of stalling the watch, and every kind of child the operator makes, so drift is corrected. With a
+/// `lag` poller, it reads lag over the controller's own store and triggers the reconciliations its
+/// readings call for; it should write into the same book as `ctx.replicas`.
 pub async fn run_controller(
     client: Client,
     namespace: Option<String>,
     ctx: Arc<Context>,
     stop: CancellationToken,
+    lag: Option<LagPoller>,
 ) {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
@@ -195,7 +221,7 @@ pub async fn run_controller(
     }
     let ns = namespace.as_deref();
     let children = watcher::Config::default().labels(&managed_selector());
-    Controller::new(
+    let controller = Controller::new(
         api::<DeserializeGuard<StreamConsumer>>(&client, ns),
         watcher::Config::default(),
     )
@@ -205,16 +231,34 @@ pub async fn run_controller(
     .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
     .owns(api::<ServiceAccount>(&client, ns), children.clone())
     .owns(api::<Role>(&client, ns), children.clone())
-    .owns(api::<RoleBinding>(&client, ns), children)
-    .graceful_shutdown_on(async move { stop.cancelled().await })
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        match result {
-            Ok((object, _)) => debug!(object = %object, "reconciled"),
-            Err(error) => warn!(%error, "reconciliation failed"),
+    .owns(api::<RoleBinding>(&client, ns), children);
+    let poller_stop = stop.child_token();
+    let (controller, poller) = match lag {
+        Some(poller) => {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn(poller.run(controller.store(), tx, poller_stop.clone()));
+            let triggers = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            (controller.reconcile_on(triggers), Some(task))
         }
-    })
-    .await;
+        None => (controller, None),
+    };
+    let stopped = stop.clone();
+    controller
+        .graceful_shutdown_on(async move { stopped.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(object = %object, "reconciled"),
+                Err(error) => warn!(%error, "reconciliation failed"),
+            }
+        })
+        .await;
+    if let Some(task) = poller {
+        poller_stop.cancel();
+        if let Err(e) = task.await {
+            warn!(error = %e, "the lag poller failed");
+        }
+    }
 }
 
 /// Reconciles one StreamConsumer. Objects that cannot be parsed are reported and skipped.
@@ -330,6 +374,7 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     }
 
     let replicas = ctx.replicas.desired_replicas(sc);
+    let lag = ctx.replicas.lag(sc);
     let rendered = RenderedConfig::render(sc)?;
     let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?;
     let children = build_children(&build);
@@ -347,6 +392,12 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
         }
     };
 
+    let previous_replicas = applied.previous.as_ref().map(deployment_replicas);
+    let decision = if previous_replicas != Some(replicas) {
+        ctx.replicas.announce(sc, replicas)
+    } else {
+        None
+    };
     report_changes(
         ctx,
         &reference,
@@ -354,6 +405,7 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
         &children.deployment,
         &rendered.hash,
         replicas,
+        decision.as_ref(),
     )
     .await;
 
@@ -362,12 +414,64 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
         &applied.deployment,
         replicas,
         &rendered.hash,
+        lag.as_ref(),
         status::now(),
     );
+    if let Some(lost) = status::lag_lost(sc.status.as_ref(), &new_status) {
+        publish(
+            ctx,
+            &reference,
+            EventType::Warning,
+            status::REASON_LAG_UNAVAILABLE,
+            "ReadLag",
+            lost,
+        )
+        .await;
+    }
+    if sc.spec.autoscaling.is_some() && sc.spec.replicas != replicas {
+        // A hand-made change: spec.replicas moved away from what the workers ran.
+        if previous_replicas.is_some_and(|old| old != sc.spec.replicas) {
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "ReplicasOverridden",
+                "Scale",
+                format!(
+                    "spec.replicas was set to {} but spec.autoscaling owns the replicas: set back to {replicas}; \
+                     change spec.autoscaling (minReplicas, maxReplicas) instead, or remove it to scale by hand",
+                    sc.spec.replicas
+                ),
+            )
+            .await;
+        }
+        patch_spec_replicas(&consumers, id.name, replicas).await?;
+    }
     if sc.status.as_ref() != Some(&new_status) {
         patch_status(&consumers, id.name, &new_status).await?;
     }
     Ok(Action::requeue(ctx.config.resync_period))
+}
+
+fn deployment_replicas(d: &Deployment) -> i32 {
+    // The API server defaults an absent spec.replicas to 1.
+    d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+}
+
+/// Keeps `spec.replicas` equal to the autoscaled count (a merge patch: only that field changes).
+async fn patch_spec_replicas(api: &Api<StreamConsumer>, name: &str, replicas: i32) -> Result<()> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    api.patch(
+        name,
+        &params,
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .map_err(Error::PatchReplicas)?;
+    Ok(())
 }
 
 struct Applied {
@@ -600,7 +704,8 @@ fn worker_image(d: &Deployment) -> Option<&str> {
 }
 
 /// Events for what this pass changed: the workers were created, rolled (new configuration or
-/// image) or scaled.
+/// image) or scaled. A scale the autoscaler decided is announced with the decision's reason
+/// (`ScaleUp`, `ScaleDown`, `Activate`, `ScaleToZero`) and message, which names the lag.
 async fn report_changes(
     ctx: &Context,
     reference: &ObjectReference,
@@ -608,7 +713,20 @@ async fn report_changes(
     desired: &Deployment,
     config_hash: &str,
     replicas: i32,
+    decision: Option<&Decision>,
 ) {
+    if let Some(d) = decision {
+        // Published first: on creation it explains the replica count of the Created event.
+        publish(
+            ctx,
+            reference,
+            EventType::Normal,
+            d.reason.as_str(),
+            "Scale",
+            d.message.clone(),
+        )
+        .await;
+    }
     let Some(previous) = previous else {
         publish(
             ctx,
@@ -651,8 +769,8 @@ async fn report_changes(
         )
         .await;
     }
-    let old_replicas = previous.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    if old_replicas != replicas {
+    let old_replicas = deployment_replicas(previous);
+    if old_replicas != replicas && decision.is_none() {
         publish(
             ctx,
             reference,

@@ -13,10 +13,13 @@ use tracing::{error, info, warn};
 use crate::cli::RunArgs;
 use crate::consumer_group::KafkaGroupDeleter;
 use crate::http::{self, HttpState};
+use crate::lag::KafkaLagReader;
+use crate::lag_book::LagBook;
+use crate::lag_poller::LagPoller;
 use crate::leader::{run_as_leader, LeaseLock, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::run_controller;
-use crate::{Context, OperatorConfig, SpecReplicas};
+use crate::{Context, OperatorConfig};
 
 /// Runs until SIGTERM/SIGINT, or until the leader lease is lost (an error: the process should exit
 /// and restart as a candidate).
@@ -39,17 +42,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     check_crd(&client, namespace.as_deref()).await?;
     state.ready.store(true, Ordering::SeqCst);
 
+    // One book for the whole process: the poller writes it, the reconciler decides replicas and
+    // publishes lag from it. A new leader term starts with whatever it holds; the autoscaler's
+    // windows only ever make a fresh history more careful.
+    let book = Arc::new(LagBook::new());
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
         OperatorConfig::new(args.worker_image.clone()),
         Arc::new(KafkaGroupDeleter::default()),
-        Arc::new(SpecReplicas),
+        book.clone(),
     ));
+    let poll_settings = args.poll_settings();
+    let poller = || {
+        Some(LagPoller::new(
+            KafkaLagReader::default(),
+            book.clone(),
+            metrics.clone(),
+            poll_settings.clone(),
+        ))
+    };
     info!(
         namespace = namespace.as_deref().unwrap_or("<all>"),
         worker_image = %args.worker_image,
         leader_election = args.leader_election(),
+        lag_interval = ?poll_settings.default_interval,
         "starting the controller"
     );
 
@@ -62,7 +79,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let settings = LeaseSettings::new(&args.lease_name, lease_namespace, holder_identity());
         let mut lock = LeaseLock::new(client.clone(), settings);
         run_as_leader(&mut lock, &metrics, shutdown.clone(), |stop| {
-            run_controller(client.clone(), namespace.clone(), ctx.clone(), stop)
+            run_controller(client.clone(), namespace.clone(), ctx.clone(), stop, poller())
         })
         .await
         .map_err(anyhow::Error::from)
@@ -73,6 +90,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace.clone(),
             ctx.clone(),
             shutdown.clone(),
+            poller(),
         )
         .await;
         Ok(())

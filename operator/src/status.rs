@@ -1,5 +1,11 @@
 //! The StreamConsumer's status: conditions `Ready`, `Progressing` and `Degraded`, computed from
-//! the worker Deployment.
+//! the worker Deployment, and `LagAvailable` with `status.lag`, from the operator's latest lag
+//! reading.
+//!
+//! `LagAvailable` is its own condition rather than a `Degraded` reason: brokers that cannot be
+//! reached say nothing about the workers' rollout, and a rollout problem must not hide them. When
+//! it is `False`, `status.lag` keeps the last successful reading (its `observedAt` tells its age)
+//! and an autoscaled StreamConsumer holds its replicas.
 //!
 //! `Ready` reflects the workers, not the apply: it is true only once the Deployment controller has
 //! observed the current Deployment generation and every desired replica is updated and ready.
@@ -11,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
 
+use crate::lag_book::LagView;
 use crate::names::selector_string;
 use crate::validation::InvalidSpec;
 
@@ -22,8 +29,17 @@ pub const PROGRESSING: &str = "Progressing";
 /// rollout.
 pub const DEGRADED: &str = "Degraded";
 
+/// Condition type: the operator's latest attempt to read the consumer group's lag succeeded.
+/// Absent until the first attempt.
+pub const LAG_AVAILABLE: &str = "LagAvailable";
+
 /// Reason of `Degraded=True` for an invalid spec.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// Reason of `LagAvailable=True`.
+pub const REASON_LAG_READ: &str = "LagRead";
+/// Reason of the warning event when the lag stops being readable. (The condition's reason says
+/// why: `KafkaError`, `TopicUnavailable`, `MissingCredentials`, `Timeout`, `ReaderFailed`.)
+pub const REASON_LAG_UNAVAILABLE: &str = "LagUnavailable";
 
 /// The current time, truncated to whole seconds as the API server stores condition times.
 pub fn now() -> Time {
@@ -133,14 +149,46 @@ impl<'a> Conditions<'a> {
             None => self.set(type_, status, reason, message),
         }
     }
+
+    /// Carries a previous condition over unchanged, if there is one.
+    fn carry(&mut self, type_: &str) {
+        if let Some(c) = self.previous.iter().find(|c| c.type_ == type_) {
+            self.out.push(c.clone());
+        }
+    }
+
+    /// `LagAvailable` from the latest reading; carried over when there is none yet.
+    fn lag_available(&mut self, sc: &StreamConsumer, lag: Option<&LagView>, desired: i32) {
+        match lag {
+            None => self.carry(LAG_AVAILABLE),
+            Some(LagView { failure: None, .. }) => self.set(
+                LAG_AVAILABLE,
+                true,
+                REASON_LAG_READ,
+                "the consumer-group lag is read from the brokers",
+            ),
+            Some(LagView {
+                failure: Some(f), ..
+            }) => {
+                let message = if sc.spec.autoscaling.is_some() {
+                    format!("{}; autoscaling holds {desired} replicas", f.message)
+                } else {
+                    f.message.clone()
+                };
+                self.set(LAG_AVAILABLE, false, f.reason, message)
+            }
+        }
+    }
 }
 
-/// The status after a successful reconciliation, from the applied Deployment.
+/// The status after a successful reconciliation, from the applied Deployment and the latest lag
+/// reading (`None`: nothing read yet, the lag and its condition are carried over).
 pub fn observed(
     sc: &StreamConsumer,
     deployment: &Deployment,
     desired: i32,
     config_hash: &str,
+    lag: Option<&LagView>,
     now: Time,
 ) -> StreamConsumerStatus {
     let rollout = Rollout::of(deployment, desired);
@@ -203,16 +251,29 @@ pub fn observed(
         Some(msg) => c.set(DEGRADED, true, "ProgressDeadlineExceeded", msg.clone()),
         None => c.set(DEGRADED, false, "AsExpected", ""),
     }
+    c.lag_available(sc, lag, desired);
 
+    let previous_lag = sc.status.as_ref().and_then(|s| s.lag.clone());
     StreamConsumerStatus {
         conditions: c.out,
         observed_generation: sc.metadata.generation,
         replicas: rollout.replicas,
         ready_replicas: rollout.ready,
         selector: Some(selector_string(name)),
-        lag: sc.status.as_ref().and_then(|s| s.lag.clone()),
+        lag: lag.and_then(|l| l.last.clone()).or(previous_lag),
         config_hash: Some(config_hash.to_string()),
     }
+}
+
+/// The message of `LagAvailable` when it turned `False` between `old` and `new` (absent counts as
+/// available): the reconciler announces it in a warning event.
+pub fn lag_lost(old: Option<&StreamConsumerStatus>, new: &StreamConsumerStatus) -> Option<String> {
+    let now = condition(new, LAG_AVAILABLE).filter(|c| c.status == "False")?;
+    let before = old.and_then(|s| condition(s, LAG_AVAILABLE));
+    if before.is_some_and(|c| c.status == "False") {
+        return None;
+    }
+    Some(format!("cannot read the consumer-group lag: {}", now.message))
 }
 
 /// The status of an invalid spec: `Degraded` names the fields; the workers keep running whatever
@@ -233,6 +294,7 @@ pub fn invalid_spec(sc: &StreamConsumer, invalid: &InvalidSpec, now: Time) -> St
         "nothing is rolled out until the spec is fixed",
     );
     c.set(DEGRADED, true, REASON_INVALID_SPEC, invalid.to_string());
+    c.carry(LAG_AVAILABLE);
     status.conditions = c.out;
     status.observed_generation = sc.metadata.generation;
     status
@@ -245,6 +307,7 @@ pub fn failed(sc: &StreamConsumer, reason: &str, message: &str, now: Time) -> St
     c.keep_or(READY, false, reason, "the workers could not be configured");
     c.keep_or(PROGRESSING, false, reason, "the reconciliation failed");
     c.set(DEGRADED, true, reason, message);
+    c.carry(LAG_AVAILABLE);
     status.conditions = c.out;
     status
 }
@@ -297,7 +360,7 @@ mod tests {
     #[test]
     fn ready_when_every_worker_runs_the_current_generation_and_is_ready() {
         let sc = StreamConsumer::test().with_replicas(3);
-        let s = observed(&sc, &settled(4, 3), 3, "abc", t(10));
+        let s = observed(&sc, &settled(4, 3), 3, "abc", None, t(10));
         assert_eq!(is(&s, READY), ("True".into(), "WorkersReady".into()));
         assert_eq!(
             is(&s, PROGRESSING),
@@ -318,13 +381,10 @@ mod tests {
         // The status still shows 3 ready pods, but of the previous template.
         let mut d = settled(4, 3);
         d.metadata.generation = Some(5);
-        let s = observed(
-            &StreamConsumer::test().with_replicas(3),
+        let s = observed(&StreamConsumer::test().with_replicas(3),
             &d,
             3,
-            "abc",
-            t(10),
-        );
+            "abc", None, t(10));
         assert_eq!(is(&s, READY), ("False".into(), "RollingOut".into()));
         assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
     }
@@ -341,13 +401,10 @@ mod tests {
                 ..DeploymentStatus::default()
             },
         );
-        let s = observed(
-            &StreamConsumer::test().with_replicas(3),
+        let s = observed(&StreamConsumer::test().with_replicas(3),
             &d,
             3,
-            "abc",
-            t(10),
-        );
+            "abc", None, t(10));
         assert_eq!(is(&s, READY), ("False".into(), "WorkersNotReady".into()));
         assert_eq!(condition(&s, READY).unwrap().message, "1/3 workers ready");
         assert_eq!(
@@ -369,13 +426,13 @@ mod tests {
                 ..DeploymentStatus::default()
             },
         );
-        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", None, t(10));
         assert_eq!(is(&s, READY).0, "False");
         assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
         // All pods current, two extra still terminating.
         let mut d = d;
         d.status.as_mut().unwrap().updated_replicas = Some(3);
-        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", None, t(10));
         assert_eq!(is(&s, PROGRESSING), ("True".into(), "Scaling".into()));
     }
 
@@ -398,7 +455,7 @@ mod tests {
             message: Some("ReplicaSet \"test-1\" has timed out progressing.".into()),
             ..DeploymentCondition::default()
         }]);
-        let s = observed(&StreamConsumer::test(), &d, 1, "abc", t(10));
+        let s = observed(&StreamConsumer::test(), &d, 1, "abc", None, t(10));
         assert_eq!(
             is(&s, DEGRADED),
             ("True".into(), "ProgressDeadlineExceeded".into())
@@ -411,27 +468,24 @@ mod tests {
 
     #[test]
     fn zero_replicas_is_ready_once_scaled_down() {
-        let s = observed(
-            &StreamConsumer::test().with_replicas(0),
+        let s = observed(&StreamConsumer::test().with_replicas(0),
             &settled(3, 0),
             0,
-            "h",
-            t(1),
-        );
+            "h", None, t(1));
         assert_eq!(is(&s, READY), ("True".into(), "ScaledToZero".into()));
     }
 
     #[test]
     fn transition_time_moves_only_when_a_condition_flips() {
         let sc = StreamConsumer::test();
-        let first = observed(&sc, &settled(1, 1), 1, "h", t(100));
+        let first = observed(&sc, &settled(1, 1), 1, "h", None, t(100));
         let sc = sc.with_status(first.clone());
-        let again = observed(&sc, &settled(1, 1), 1, "h", t(200));
+        let again = observed(&sc, &settled(1, 1), 1, "h", None, t(200));
         assert_eq!(first, again, "an unchanged world gives an identical status");
 
         let mut rolling = settled(2, 1);
         rolling.status.as_mut().unwrap().observed_generation = Some(1);
-        let flipped = observed(&sc, &rolling, 1, "h2", t(300));
+        let flipped = observed(&sc, &rolling, 1, "h2", None, t(300));
         assert_eq!(
             condition(&flipped, READY).unwrap().last_transition_time,
             t(300)
@@ -445,7 +499,7 @@ mod tests {
 
     #[test]
     fn invalid_spec_is_degraded_naming_the_field_and_keeps_the_counts() {
-        let prev = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", t(1));
+        let prev = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", None, t(1));
         let sc = StreamConsumer::test().with_generation(2).with_status(prev);
         let invalid = InvalidSpec {
             errors: vec![FieldError {
@@ -464,6 +518,104 @@ mod tests {
         assert_eq!(s.observed_generation, Some(2));
         assert_eq!(s.config_hash.as_deref(), Some("h"));
         assert_eq!(s.ready_replicas, 1);
+    }
+
+    fn read(total: i64) -> LagView {
+        LagView {
+            last: Some(streamops_crds::v1alpha1::LagStatus {
+                total,
+                partitions: 6,
+                members: 2,
+                max_partition_lag: total / 2,
+                observed_at: Some("2025-01-01T00:00:00Z".into()),
+            }),
+            failure: None,
+        }
+    }
+
+    fn unreadable(last: Option<i64>) -> LagView {
+        LagView {
+            last: last.and_then(|t| read(t).last),
+            failure: Some(crate::lag_book::LagFailure {
+                reason: "KafkaError",
+                message: "kafka: all brokers down".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lag_reading_fills_status_lag_and_makes_lag_available() {
+        let sc = StreamConsumer::test();
+        let s = observed(&sc, &settled(1, 1), 1, "h", Some(&read(420)), t(1));
+        let lag = s.lag.as_ref().unwrap();
+        assert_eq!((lag.total, lag.partitions, lag.members, lag.max_partition_lag), (420, 6, 2, 210));
+        assert_eq!(is(&s, LAG_AVAILABLE), ("True".into(), "LagRead".into()));
+        assert_eq!(s.conditions.len(), 4);
+    }
+
+    #[test]
+    fn without_a_reading_the_lag_and_its_condition_are_carried_over() {
+        let first = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", Some(&read(7)), t(1));
+        let sc = StreamConsumer::test().with_status(first.clone());
+        let again = observed(&sc, &settled(1, 1), 1, "h", None, t(50));
+        assert_eq!(again, first);
+        // Never read, never had a condition: none is invented.
+        let fresh = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", None, t(1));
+        assert!(condition(&fresh, LAG_AVAILABLE).is_none());
+        assert!(fresh.lag.is_none());
+    }
+
+    #[test]
+    fn unreadable_lag_keeps_the_last_reading_and_says_why_and_what_autoscaling_holds() {
+        let sc = StreamConsumer::test().with_spec(|s| {
+            s.autoscaling = Some(streamops_crds::v1alpha1::AutoscalingSpec {
+                min_replicas: 1,
+                max_replicas: 5,
+                lag_threshold: 100,
+                scale_up_stabilization_seconds: 0,
+                scale_down_stabilization_seconds: 300,
+                scale_to_zero: false,
+                activation_lag: 1,
+                allow_idle_consumers: false,
+                poll_interval_seconds: 5,
+            })
+        });
+        let s = observed(&sc, &settled(1, 3), 3, "h", Some(&unreadable(Some(250))), t(1));
+        assert_eq!(is(&s, LAG_AVAILABLE), ("False".into(), "KafkaError".into()));
+        let message = &condition(&s, LAG_AVAILABLE).unwrap().message;
+        assert!(message.contains("all brokers down"), "{message}");
+        assert!(message.contains("holds 3 replicas"), "{message}");
+        assert_eq!(s.lag.as_ref().unwrap().total, 250);
+        assert_eq!(is(&s, DEGRADED).0, "False", "the workers are fine");
+    }
+
+    #[test]
+    fn losing_the_lag_is_reported_once() {
+        let sc = StreamConsumer::test();
+        let ok = observed(&sc, &settled(1, 1), 1, "h", Some(&read(1)), t(1));
+        let lost = observed(&sc.clone().with_status(ok.clone()), &settled(1, 1), 1, "h", Some(&unreadable(Some(1))), t(2));
+        let message = lag_lost(Some(&ok), &lost).unwrap();
+        assert!(message.contains("all brokers down"), "{message}");
+        let still = observed(&sc.clone().with_status(lost.clone()), &settled(1, 1), 1, "h", Some(&unreadable(Some(1))), t(3));
+        assert_eq!(lag_lost(Some(&lost), &still), None);
+        assert!(lag_lost(None, &lost).is_some(), "unreadable from the first attempt");
+        assert_eq!(lag_lost(Some(&lost), &ok), None);
+    }
+
+    #[test]
+    fn a_failed_or_invalid_pass_keeps_lag_available() {
+        let ok = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", Some(&read(1)), t(1));
+        let sc = StreamConsumer::test().with_status(ok);
+        let s = failed(&sc, "ApplyFailed", "boom", t(2));
+        assert_eq!(is(&s, LAG_AVAILABLE).0, "True");
+        let invalid = InvalidSpec {
+            errors: vec![FieldError {
+                field: "spec.kafka.groupId".into(),
+                message: "must not be empty".into(),
+            }],
+        };
+        let s = invalid_spec(&sc, &invalid, t(2));
+        assert_eq!(is(&s, LAG_AVAILABLE).0, "True");
     }
 
     #[test]

@@ -6,7 +6,11 @@ CREATE TABLE IF NOT EXISTS machines (
     machine_id  TEXT PRIMARY KEY,
     -- Earliest and latest reading timestamps received (late readings included in first_seen).
     first_seen  TIMESTAMPTZ NOT NULL,
-    last_seen   TIMESTAMPTZ NOT NULL
+    last_seen   TIMESTAMPTZ NOT NULL,
+    -- Source position of the last reading applied: a replayed reading at or below it is skipped.
+    applied_topic      TEXT NOT NULL,
+    applied_partition  INTEGER NOT NULL,
+    applied_offset     BIGINT NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS failures (

@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text", env = "STREAMOPS_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Parallel writer lanes (one database connection and transaction stream each), for handlers
+    /// whose state is per partition (moving-average). Others always use one.
+    #[arg(long, default_value_t = 2, env = "STREAMOPS_WRITER_LANES")]
+    pub writer_lanes: usize,
 }
 
 /// Event shapes of `produce`.

@@ -47,6 +47,7 @@ async fn run(args: RunArgs) -> Result<(), WorkerError> {
     init_logging(args.log_format, config.log_level.as_str());
     let secrets = Secrets::from_env(&config)?;
     let handler_spec = config.handler.clone();
+    let writer_lanes = args.writer_lanes;
     let opts = RunOptions {
         config,
         secrets,
@@ -61,7 +62,13 @@ async fn run(args: RunArgs) -> Result<(), WorkerError> {
     let hctx = rt.handler_context();
     // Handler dispatch: one arm per kind.
     let totals = match &handler_spec {
-        Handler::MovingAverage(s) => rt.run(MovingAverageHandler::new(&hctx, s)).await?,
+        Handler::MovingAverage(s) => {
+            // Windows are per partition, so partitions can be written in parallel lanes.
+            let lanes = (0..writer_lanes.max(1))
+                .map(|_| MovingAverageHandler::new(&hctx, s))
+                .collect();
+            rt.run_lanes(lanes).await?
+        }
         Handler::Sensor(s) => rt.run(SensorHandler::new(&hctx, s)?).await?,
         Handler::Fraud(s) => rt.run(FraudHandler::new(&hctx, s)?).await?,
         Handler::PipelineTrigger(s) => rt.run(PipelineTriggerHandler::new(&hctx, s)?).await?,

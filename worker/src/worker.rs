@@ -146,8 +146,16 @@ impl WorkerRuntime {
 
     /// Serves HTTP and runs the pipeline with `handler` until shutdown.
     pub async fn run<H: Handler>(self, handler: H) -> Result<WriterTotals, WorkerError> {
+        self.run_lanes(vec![handler]).await
+    }
+
+    /// Like [`WorkerRuntime::run`] with one writer lane per handler instance (see
+    /// [`pipeline::run_pipeline_lanes`]); only for handlers whose state is per partition. HTTP
+    /// routes come from the first instance.
+    pub async fn run_lanes<H: Handler>(self, handlers: Vec<H>) -> Result<WriterTotals, WorkerError> {
         let http_stop = CancellationToken::new();
-        let app = crate::http::router(self.health.clone(), self.metrics.clone(), handler.routes());
+        let routes = handlers.first().and_then(Handler::routes);
+        let app = crate::http::router(self.health.clone(), self.metrics.clone(), routes);
         let (_addr, http_task) =
             crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
         let ctx = PipelineContext {
@@ -161,7 +169,7 @@ impl WorkerRuntime {
             abort: self.abort.clone(),
         };
         // The pipeline runs on a runtime worker thread (block_in_place in the rebalance callback).
-        let result = tokio::spawn(pipeline::run_pipeline(ctx, handler)).await;
+        let result = tokio::spawn(pipeline::run_pipeline_lanes(ctx, handlers)).await;
         http_stop.cancel();
         self.shutdown.cancel();
         let _ = http_task.await;

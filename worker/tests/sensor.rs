@@ -440,8 +440,7 @@ async fn write(h: &mut SensorHandler, pool: &PgPool, batch: &[Decoded<Reading>],
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_recovered_from_postgres_after_rollbacks_restarts_and_revocations_gives_the_same_tables(
-) {
+async fn state_recovered_after_rollbacks_restarts_revocations_and_replays_gives_the_same_tables() {
     require_services();
     let topic: Arc<str> = Arc::from("readings");
     let batch: Vec<Decoded<Reading>> = ProduceSpec::new(HandlerKind::Sensor, 600)
@@ -487,4 +486,41 @@ async fn state_recovered_from_postgres_after_rollbacks_restarts_and_revocations_
     }
     assert_eq!(dump(&one).await, dump(&many).await);
     assert!(!dump(&one).await.failures.is_empty());
+
+    // Committed readings delivered again (by a fresh worker) change nothing.
+    let mut h = handler(&many);
+    write(&mut h, &many, &batch[500..], true).await;
+    write(&mut h, &many, &batch[200..300], true).await;
+    assert_eq!(dump(&one).await, dump(&many).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_reading_arriving_again_from_another_partition_is_left_alone_and_the_batch_commits(
+) {
+    require_services();
+    let (_, pool) = fresh_database("sensor-dup").await;
+    streamops_worker::db::MIGRATOR.run(&pool).await.unwrap();
+    let topic: Arc<str> = Arc::from("readings");
+    let at = |partition: i32, offset: i64, second: u32| Decoded {
+        pos: Position {
+            topic: topic.clone(),
+            partition,
+            offset,
+        },
+        timestamp_ms: None,
+        item: decode_reading(reading("m", second, false).1.as_bytes()).unwrap(),
+    };
+    let mut h = handler(&pool);
+    write(&mut h, &pool, &[at(0, 0, 9), at(1, 0, 9)], true).await;
+    // A fresh worker gets partition 0's first reading again: not a replay of the machine's last
+    // partition, in order (same time as the latest), and already stored.
+    let mut h = handler(&pool);
+    write(&mut h, &pool, &[at(0, 0, 9), at(0, 1, 10)], true).await;
+    let offsets: Vec<(i32, i64)> = dump(&pool)
+        .await
+        .readings
+        .iter()
+        .map(|r| (r.1, r.2))
+        .collect();
+    assert_eq!(offsets, vec![(0, 0), (0, 1), (1, 0)]);
 }

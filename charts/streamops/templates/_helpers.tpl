@@ -82,39 +82,48 @@ app.kubernetes.io/component: operator
 
 {{/*
 The operator's permissions on the objects it reconciles, shared by the ClusterRole (all namespaces)
-and the Role (one watched namespace). It never reads Secrets: workers get them through
-secretKeyRef environment variables, which the kubelet resolves.
+and the Role (one watched namespace): exactly the list in operator/RBAC.md, nothing more. It never
+reads Secrets: workers get them through secretKeyRef environment variables, which the kubelet
+resolves.
 */}}
 {{- define "streamops.operatorRules" -}}
+# Watch StreamConsumers; add and remove the finalizer, and keep spec.replicas equal to the
+# autoscaled count (JSON and merge patches).
 - apiGroups: ["streamops.dev"]
   resources: ["streamconsumers"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
+# Server-side apply of the status.
 - apiGroups: ["streamops.dev"]
   resources: ["streamconsumers/status"]
   verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement).
 - apiGroups: ["streamops.dev"]
   resources: ["streamconsumers/finalizers"]
   verbs: ["update"]
+# Worker Deployments: read before apply, apply, watch, delete on cleanup (DeleteConsumerGroup).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# ConfigMap and metrics Service: applied blind and watched; they go with the StreamConsumer.
 - apiGroups: [""]
-  resources: ["configmaps", "services", "serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "watch", "create", "patch"]
+# Optional children, deleted when no longer wanted.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # Held so that the operator may grant them to pipeline-trigger workers with a `job:` trigger
 # (Kubernetes only lets it grant what it holds itself).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+# Events go through kube-runtime's Recorder (events.k8s.io/v1).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

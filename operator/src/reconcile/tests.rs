@@ -779,6 +779,7 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
         Some("default".into()),
         ctx.clone(),
         stop.clone(),
+        None,
     ));
 
     let mut good = StreamConsumer::test();
@@ -866,6 +867,7 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
         Some("default".into()),
         ctx,
         stop.clone(),
+        None,
     ));
 
     let mut sc = StreamConsumer::test().finalized();
@@ -986,4 +988,385 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
         .expect("the controller stops when asked")
         .unwrap();
     drain.abort();
+}
+
+/// The lag poller inside the controller: a reading over the threshold triggers a reconciliation
+/// (through `reconcile_on`, without any watch event) that scales the Deployment, writes
+/// `spec.replicas` and announces the decision with the lag.
+#[tokio::test]
+async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_controller() {
+    use crate::fixtures::FakeLagReader;
+    use crate::lag_book::LagBook;
+    use crate::lag_poller::{LagPoller, PollSettings};
+    use crate::metrics::Metrics;
+    use crate::OperatorConfig;
+    use http::Response;
+    use kube::client::Body;
+    use streamops_crds::v1alpha1::AutoscalingSpec;
+    use tokio_util::sync::CancellationToken;
+
+    let (client, verifier) = mock_client();
+    let mut handle = verifier.into_handle();
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let book = Arc::new(LagBook::new());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        OperatorConfig::new(TEST_IMAGE),
+        FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+        book.clone(),
+    ));
+    let mut sc = StreamConsumer::test().finalized().with_spec(|s| {
+        s.autoscaling = Some(AutoscalingSpec {
+            min_replicas: 1,
+            max_replicas: 6,
+            lag_threshold: 100,
+            scale_up_stabilization_seconds: 0,
+            scale_down_stabilization_seconds: 300,
+            scale_to_zero: false,
+            activation_lag: 1,
+            allow_idle_consumers: false,
+            poll_interval_seconds: 5,
+        })
+    });
+    sc.metadata.resource_version = Some("5".into());
+    let reader = Arc::new(FakeLagReader::default());
+    // The first reading keeps 1 replica; only the second, a second later, crosses the threshold:
+    // nothing but the poller's trigger can make the controller apply it.
+    sc.spec.autoscaling.as_mut().unwrap().poll_interval_seconds = 1;
+    reader.answer(
+        &sc.spec.kafka.group_id,
+        vec![
+            Ok(crate::fixtures::group_lag(50, 6, 1)),
+            Ok(crate::fixtures::group_lag(350, 6, 1)),
+        ],
+    );
+    let poller = LagPoller::new(reader.clone(), book, metrics, PollSettings::default());
+    let stop = CancellationToken::new();
+    let controller = tokio::spawn(run_controller(
+        client,
+        Some("default".into()),
+        ctx,
+        stop.clone(),
+        Some(poller),
+    ));
+
+    let consumers = path("streamops.dev/v1alpha1", "streamconsumers", "");
+    let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items});
+    let mut watches = Vec::new();
+    let mut applied: Option<Value> = None;
+    let (mut scaled_deployment, mut scaled_spec, mut announced) = (false, false, None);
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        while !(scaled_deployment && scaled_spec && announced.is_some()) {
+            let (request, send) = handle.next_request().await.expect("the controller stopped");
+            let (parts, body) = request.into_parts();
+            let body: Value =
+                serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap_or(Value::Null);
+            let path = parts.uri.path().to_string();
+            if parts.uri.query().unwrap_or_default().contains("watch=true") {
+                watches.push(send);
+                continue;
+            }
+            let answer = match (parts.method.clone(), path.as_str()) {
+                (Method::GET, p) if p == consumers => list(vec![serde_json::to_value(&sc).unwrap()]),
+                (Method::GET, p) if p == Kind::Deployment.path("test") => match &applied {
+                    Some(d) => d.clone(),
+                    None => {
+                        let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+                        send.send_response(
+                            Response::builder()
+                                .status(404)
+                                .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                                .unwrap(),
+                        );
+                        continue;
+                    }
+                },
+                (Method::GET, _) => list(vec![]),
+                (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
+                    if applied.is_none() {
+                        assert_eq!(body["spec"]["replicas"], 1, "created before the lag crossed");
+                    }
+                    scaled_deployment |= body["spec"]["replicas"] == 4;
+                    let mut answer = body;
+                    answer["metadata"]["generation"] = json!(1);
+                    answer["metadata"]["uid"] = json!("deployment-uid");
+                    applied = Some(answer.clone());
+                    answer
+                }
+                (Method::PATCH, p) if p == format!("{consumers}/test") => {
+                    scaled_spec |= body == json!({"spec": {"replicas": 4}});
+                    serde_json::to_value(&sc).unwrap()
+                }
+                (Method::PATCH, p) if p.ends_with("/status") => serde_json::to_value(&sc).unwrap(),
+                (Method::POST, p) if p.ends_with("/events") => {
+                    if body["reason"] == "ScaleUp" {
+                        announced = body["note"].as_str().map(str::to_string);
+                    }
+                    body
+                }
+                (Method::PATCH, _) => body,
+                (m, p) => panic!("unexpected request {m} {p}: {body}"),
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    })
+    .await;
+    served.expect("the reading scaled the workers");
+    let note = announced.unwrap();
+    assert!(note.contains("lag 350"), "{note}");
+    assert!(reader.groups_read().len() >= 2);
+
+    stop.cancel();
+    drop(watches);
+    let drain = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            if request.uri().query().unwrap_or_default().contains("watch=true") {
+                held.push(send);
+                continue;
+            }
+            let answer = if request.method() == Method::GET {
+                list(vec![])
+            } else {
+                serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
+                    .unwrap_or(Value::Null)
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), controller)
+        .await
+        .expect("the controller and its poller stop when asked")
+        .unwrap();
+    drain.abort();
+}
+
+// ---- lag and autoscaling -------------------------------------------------------------------
+
+mod lag {
+    use super::*;
+    use crate::lag::LagTarget;
+    use crate::lag_book::{LagBook, LagFailure};
+    use crate::ReplicaDecider;
+    use k8s_openapi::jiff::Timestamp;
+    use streamops_crds::v1alpha1::AutoscalingSpec;
+
+    fn autoscaled(replicas: i32) -> StreamConsumer {
+        StreamConsumer::test()
+            .finalized()
+            .with_replicas(replicas)
+            .with_spec(|s| {
+                s.autoscaling = Some(AutoscalingSpec {
+                    min_replicas: 1,
+                    max_replicas: 6,
+                    lag_threshold: 100,
+                    scale_up_stabilization_seconds: 0,
+                    scale_down_stabilization_seconds: 300,
+                    scale_to_zero: false,
+                    activation_lag: 1,
+                    allow_idle_consumers: false,
+                    poll_interval_seconds: 5,
+                })
+            })
+    }
+
+    fn read(book: &LagBook, sc: &StreamConsumer, result: Result<i64, &str>, t: u64) {
+        let lag = result.map(|total| group_lag(total, 6, 2));
+        let failure = |why: &str| LagFailure {
+            reason: "KafkaError",
+            message: format!("kafka: {why}"),
+        };
+        book.record(
+            sc,
+            &LagTarget::from_resource(sc),
+            lag.as_ref().map_err(|why| failure(why)),
+            Duration::from_secs(t),
+            Timestamp::from_second(1_750_000_000 + t as i64).unwrap(),
+        )
+        .expect("the reading is recorded");
+    }
+
+    fn ready(replicas: i32) -> Value {
+        rollout(2, replicas, replicas)
+    }
+
+    /// A Deployment `test` running `replicas` workers of `sc`.
+    fn running(sc: &StreamConsumer, replicas: i32) -> Deployment {
+        live_deployment(&sc.clone().with_replicas(replicas), 1)
+    }
+
+    #[tokio::test]
+    async fn a_lag_reading_is_published_in_the_status() {
+        let book = Arc::new(LagBook::new());
+        let sc = StreamConsumer::test().finalized();
+        read(&book, &sc, Ok(420), 0);
+        let (ctx, server) = Context::test_deciding(book);
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(live_deployment(&sc, 2));
+        pass.deployment_answer = ready(1);
+        pass.events = vec![];
+        pass.status = Some(json!({
+            "lag": {"total": 420, "partitions": 6, "members": 2, "maxPartitionLag": 420,
+                    "observedAt": "2025-06-15T15:06:40Z"},
+            "conditions": [{}, {}, {},
+                {"type": "LagAvailable", "status": "True", "reason": "LagRead"}]
+        }));
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        finish(mock).await;
+        result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn autoscaled_replicas_go_to_the_deployment_and_the_spec_with_an_event_naming_the_lag() {
+        let book = Arc::new(LagBook::new());
+        let sc = autoscaled(1);
+        read(&book, &sc, Ok(350), 0);
+        let (ctx, server) = Context::test_deciding(book.clone());
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(running(&sc, 1));
+        pass.deployment_answer = rollout(2, 1, 1);
+        pass.pdb = true;
+        pass.events = vec!["ScaleUp"];
+        pass.spec_replicas = Some(4);
+        pass.status = Some(json!({
+            "lag": {"total": 350, "partitions": 6},
+            "conditions": [{}, {"type": "Progressing", "status": "True", "reason": "Scaling"}, {},
+                {"type": "LagAvailable", "status": "True"}]
+        }));
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc.clone()).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap();
+
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 4);
+        let ev = requests
+            .iter()
+            .find(|r| r.path.ends_with("/events"))
+            .unwrap();
+        let note = ev.body["note"].as_str().unwrap();
+        assert!(note.contains("from 1 to 4 replicas"), "{note}");
+        assert!(note.contains("lag 350 over 6 partitions"), "{note}");
+        assert!(note.contains("threshold 100"), "{note}");
+        assert_eq!(
+            book.announce(&sc, 4),
+            None,
+            "the decision is announced once, not at every pass"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreadable_lag_holds_the_replicas_and_reports_lag_unavailable() {
+        let book = Arc::new(LagBook::new());
+        let sc = autoscaled(1);
+        read(&book, &sc, Ok(250), 0);
+        book.announce(&sc, 3);
+        // The previous pass applied 3 replicas and published the lag.
+        let before = status::observed(
+            &sc,
+            &running(&sc, 3),
+            3,
+            &hash_of(&sc),
+            book.lag(&sc).as_ref(),
+            status::now(),
+        );
+        let sc = sc.with_replicas(3).with_status(before);
+        read(&book, &sc, Err("all brokers down"), 5);
+        assert_eq!(book.desired_replicas(&sc), 3);
+
+        let (ctx, server) = Context::test_deciding(book);
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(running(&sc, 3));
+        pass.deployment_answer = ready(3);
+        pass.pdb = true;
+        pass.live = vec![Kind::Pdb];
+        pass.events = vec!["LagUnavailable"];
+        pass.status = Some(json!({
+            "lag": {"total": 250},
+            "conditions": [{"type": "Ready", "status": "True"}, {}, {"type": "Degraded", "status": "False"},
+                {"type": "LagAvailable", "status": "False", "reason": "KafkaError"}]
+        }));
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap();
+
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 3, "held");
+        let ev = requests
+            .iter()
+            .find(|r| r.path.ends_with("/events"))
+            .unwrap();
+        let note = ev.body["note"].as_str().unwrap();
+        assert!(note.contains("all brokers down"), "{note}");
+        assert!(note.contains("holds 3 replicas"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn a_manual_scale_of_an_autoscaled_consumer_is_set_back_with_a_warning() {
+        let book = Arc::new(LagBook::new());
+        let sc = autoscaled(1);
+        read(&book, &sc, Ok(250), 0);
+        book.announce(&sc, 3);
+        // Someone ran `kubectl scale stc/test --replicas=7`.
+        let sc = sc.with_generation(2).with_replicas(7);
+        let (ctx, server) = Context::test_deciding(book);
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(running(&sc, 3));
+        pass.deployment_answer = ready(3);
+        pass.pdb = true;
+        pass.live = vec![Kind::Pdb];
+        pass.events = vec!["ReplicasOverridden"];
+        pass.spec_replicas = Some(3);
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap();
+
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 3);
+        let ev = requests
+            .iter()
+            .find(|r| r.path.ends_with("/events"))
+            .unwrap();
+        let note = ev.body["note"].as_str().unwrap();
+        assert!(note.contains("set to 7"), "{note}");
+        assert!(note.contains("set back to 3"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn before_any_reading_an_autoscaled_consumer_keeps_its_spec_replicas() {
+        let book = Arc::new(LagBook::new());
+        let sc = autoscaled(2);
+        let (ctx, server) = Context::test_deciding(book);
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(running(&sc, 2));
+        pass.deployment_answer = ready(2);
+        pass.pdb = true;
+        pass.live = vec![Kind::Pdb];
+        pass.events = vec![];
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap();
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 2);
+        let status = requests.last().unwrap();
+        assert!(status.body["status"].get("lag").is_none());
+    }
 }

@@ -55,6 +55,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         partitions: i32,
     },
+    /// Rate of the reference fraud scorer alone under a bounded load loop.
+    ScorerLoad(streamops_worker::scorer::load::LoadArgs),
     /// Worker rate from the offsets table.
     Wait {
         #[arg(long)]
@@ -171,10 +173,197 @@ fn copy_rows(
                 ("COPY moving_averages (topic, partition, \"offset\", symbol, window_size, average, event_time) FROM STDIN (FORMAT binary)", avgs),
             ]
         }
-        other => fail(format!(
-            "no COPY benchmark for {other} yet (add an arm to copy_rows)"
-        )),
+        HandlerKind::Sensor => sensor_rows(opts, count, partitions),
+        HandlerKind::Fraud => fraud_rows(opts, count, partitions),
+        HandlerKind::PipelineTrigger => pipeline_trigger_rows(count),
     }
+}
+
+/// A stable key -> partition mapping for the COPY rows (any will do for a load test).
+fn bench_partition(key: &str, partitions: &mut [i64]) -> (i32, i64) {
+    let part = (key.bytes().map(u32::from).sum::<u32>() % partitions.len() as u32) as usize;
+    let off = partitions[part];
+    partitions[part] += 1;
+    (part as i32, off)
+}
+
+/// The sensor handler's rows (machines, failure episodes, readings), planned by its own state
+/// machine.
+fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
+    use streamops_worker::handlers::sensor::{decode_reading, plan_batch, Link};
+    use streamops_worker::handlers::{Decoded, Position};
+    let topic: std::sync::Arc<str> = std::sync::Arc::from("bench");
+    let mut offsets = vec![0i64; partitions.max(1) as usize];
+    let items: Vec<_> = Generator::new(opts)
+        .take(count as usize)
+        .filter_map(|g| {
+            let item = decode_reading(&g.payload).ok()?;
+            let (partition, offset) = bench_partition(&g.key, &mut offsets);
+            Some(Decoded {
+                pos: Position {
+                    topic: topic.clone(),
+                    partition,
+                    offset,
+                },
+                timestamp_ms: None,
+                item,
+            })
+        })
+        .collect();
+    let plan = plan_batch(&mut Default::default(), &items);
+    let mut machines = BinaryCopy::new(6);
+    for (id, m) in &plan.machines {
+        let Some(applied) = &m.last_applied else {
+            continue;
+        };
+        machines
+            .row()
+            .text(id)
+            .timestamptz(m.first_seen)
+            .timestamptz(m.last_seen)
+            .text(&applied.topic)
+            .int4(applied.partition)
+            .int8(applied.offset);
+    }
+    let mut failures = BinaryCopy::new(8);
+    for f in &plan.failures {
+        let mut row = failures.row();
+        row.text(&f.id)
+            .text(&f.machine_id)
+            .timestamptz(f.started_at);
+        match f.ended_at {
+            Some(t) => row.timestamptz(t),
+            None => row.null(),
+        };
+        row.bool(f.active())
+            .text(&f.opened_by.topic)
+            .int4(f.opened_by.partition)
+            .int8(f.opened_by.offset);
+    }
+    let mut readings = BinaryCopy::new(9);
+    for r in &plan.readings {
+        let link = match &r.link {
+            Link::Failure(id) => Some(id.as_str()),
+            Link::None | Link::Lookup => None,
+        };
+        readings
+            .row()
+            .text(&r.pos.topic)
+            .int4(r.pos.partition)
+            .int8(r.pos.offset)
+            .text(&r.machine_id)
+            .timestamptz(r.timestamp)
+            .jsonb(&r.values)
+            .bool(r.failure)
+            .opt_text(link)
+            .bool(matches!(r.link, Link::Lookup));
+    }
+    vec![
+        ("COPY machines (machine_id, first_seen, last_seen, applied_topic, applied_partition, applied_offset) FROM STDIN (FORMAT binary)", machines),
+        ("COPY failures (failure_id, machine_id, started_at, ended_at, active, opened_topic, opened_partition, opened_offset) FROM STDIN (FORMAT binary)", failures),
+        ("COPY sensor_readings (source_topic, source_partition, source_offset, machine_id, reading_time, sensor_values, failure, failure_id, late) FROM STDIN (FORMAT binary)", readings),
+    ]
+}
+
+/// PostgreSQL's binary `numeric` of `v` rounded to 4 decimals (`NUMERIC(20, 4)`).
+fn numeric_4(v: f64) -> Vec<u8> {
+    let text = format!("{:.4}", v.abs());
+    let (int, frac) = text.split_once('.').unwrap_or((&text, "0000"));
+    let int = int.trim_start_matches('0');
+    // Base-10000 digits of the integer part, most significant first.
+    let pad = (4 - int.len() % 4) % 4;
+    let padded = format!("{}{int}", "0".repeat(pad));
+    let mut digits: Vec<i16> = padded
+        .as_bytes()
+        .chunks(4)
+        .map(|c| std::str::from_utf8(c).unwrap_or("0").parse().unwrap_or(0))
+        .collect();
+    let weight = digits.len() as i16 - 1;
+    digits.push(frac.parse().unwrap_or(0));
+    while digits.last() == Some(&0) {
+        digits.pop();
+    }
+    let mut weight = weight;
+    while digits.first() == Some(&0) {
+        digits.remove(0);
+        weight -= 1;
+    }
+    let mut out = Vec::with_capacity(8 + 2 * digits.len());
+    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
+    out.extend_from_slice(&weight.to_be_bytes());
+    out.extend_from_slice(&(if v < 0.0 { 0x4000u16 } else { 0 }).to_be_bytes());
+    out.extend_from_slice(&4u16.to_be_bytes());
+    for d in digits {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out
+}
+
+/// The fraud handler's rows: transactions and their predictions by the reference model.
+fn fraud_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
+    use streamops_worker::handlers::fraud::decode_transaction;
+    use streamops_worker::scorer::model;
+    let now = chrono::Utc::now();
+    let mut offsets = vec![0i64; partitions.max(1) as usize];
+    let mut txs = BinaryCopy::new(12);
+    let mut preds = BinaryCopy::new(5);
+    for g in Generator::new(opts).take(count as usize) {
+        let Ok(t) = decode_transaction(&g.payload, now) else {
+            continue;
+        };
+        let (partition, offset) = bench_partition(&g.key, &mut offsets);
+        let mut row = txs.row();
+        row.text(&t.transaction_id)
+            .text(&t.account_id)
+            .text(&t.merchant)
+            .opt_text(t.merchant_category.as_deref())
+            .bytea(&numeric_4(t.amount))
+            .text(&t.currency)
+            .opt_text(t.country.as_deref());
+        match t.card_present {
+            Some(b) => row.bool(b),
+            None => row.null(),
+        };
+        row.timestamptz(t.timestamp)
+            .text("bench")
+            .int4(partition)
+            .int8(offset);
+        let score = model::score(&t.score_input());
+        preds
+            .row()
+            .text(&t.transaction_id)
+            .float8(score)
+            .bool(score >= 0.8)
+            .float8(0.8)
+            .text(model::MODEL_VERSION);
+    }
+    vec![
+        ("COPY transactions (transaction_id, account_id, merchant, merchant_category, amount, currency, country, card_present, transaction_time, source_topic, source_partition, source_offset) FROM STDIN (FORMAT binary)", txs),
+        ("COPY predictions (transaction_id, fraud_score, is_fraud, threshold, model_version) FROM STDIN (FORMAT binary)", preds),
+    ]
+}
+
+/// `maxEvents` of the pipeline-trigger benchmark (scripts/bench.sh uses the same).
+const PIPELINE_TRIGGER_MAX_EVENTS: u64 = 10_000;
+
+/// The pipeline-trigger handler writes no per-event rows (events are counted in Redis): its rows
+/// are one `pipeline_runs` row per `maxEvents` events.
+fn pipeline_trigger_rows(count: u64) -> Vec<(&'static str, BinaryCopy)> {
+    let mut runs = BinaryCopy::new(9);
+    let now = chrono::Utc::now();
+    for seq in 1..=(count / PIPELINE_TRIGGER_MAX_EVENTS) as i64 {
+        runs.row()
+            .text(&format!("bench:{seq}"))
+            .text("bench")
+            .text("bench")
+            .int8(seq)
+            .text("count")
+            .int8(PIPELINE_TRIGGER_MAX_EVENTS as i64)
+            .timestamptz(now)
+            .timestamptz(now)
+            .text("webhook");
+    }
+    vec![("COPY pipeline_runs (trigger_id, consumer_id, pipeline_name, seq, reason, event_count, window_start, window_end, target) FROM STDIN (FORMAT binary)", runs)]
 }
 
 async fn copy(url: &str, kind: HandlerKind, opts: GenOptions, count: u64, partitions: i32) {
@@ -287,6 +476,21 @@ async fn main() {
                 max_message_bytes: 1 << 20,
             };
             copy(&database_url, kind, opts, count, partitions).await
+        }
+        Cmd::ScorerLoad(args) => {
+            let r = streamops_worker::scorer::load::run(&args)
+                .await
+                .unwrap_or_else(|e| fail(e.to_string()));
+            if r.failed_requests > 0 {
+                fail(format!(
+                    "{} of {} scoring requests failed",
+                    r.failed_requests, args.requests
+                ));
+            }
+            println!(
+                "requests={} transactions={} elapsed={:.3} rate={:.0}",
+                r.ok_requests, r.transactions, r.seconds, r.transactions_per_second
+            );
         }
         Cmd::Wait {
             database_url,

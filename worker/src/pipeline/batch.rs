@@ -93,6 +93,26 @@ impl Pending {
     }
 }
 
+/// A stable hash of a topic name (FNV-1a), for [`lane_for`].
+pub fn topic_hash(topic: &str) -> u64 {
+    topic.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The writer lane of a partition: consecutive partitions of a topic go to consecutive lanes.
+pub fn lane_for(topic_hash: u64, partition: i32, lanes: usize) -> usize {
+    if lanes <= 1 {
+        return 0;
+    }
+    ((topic_hash % lanes as u64) as usize + partition.max(0) as usize) % lanes
+}
+
+/// [`lane_for`] from a topic name.
+pub fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
+    lane_for(topic_hash(topic), partition, lanes)
+}
+
 /// Where a partition's messages in a batch end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionPlan {
@@ -246,6 +266,14 @@ mod tests {
             .map(|m| (m.msg.partition, m.msg.offset))
             .collect();
         assert_eq!(kept, vec![(0, 5), (1, 0)]);
+    }
+
+    #[test]
+    fn partitions_spread_evenly_over_lanes_and_always_to_the_same_one() {
+        let lanes: Vec<_> = (0..4).map(|p| lane_of("prices", p, 2)).collect();
+        assert_eq!(lanes.iter().filter(|l| **l == 0).count(), 2);
+        assert_eq!(lanes, (0..4).map(|p| lane_of("prices", p, 2)).collect::<Vec<_>>());
+        assert!((0..10).all(|p| lane_of("t", p, 1) == 0));
     }
 
     #[test]

@@ -50,6 +50,9 @@ use context::{PipelineConsumerContext, RebalanceEvent};
 pub use state::{Health, Ownership};
 pub use writer::WriterTotals;
 
+/// Batches a writer lane may have buffered in the poll loop before fetching stops.
+pub const LANE_BUFFER_BATCHES: usize = 3;
+
 /// How often librdkafka reports statistics (lag gauge).
 pub const STATISTICS_INTERVAL_MS: u32 = 5_000;
 
@@ -104,8 +107,27 @@ pub async fn run_pipeline<H: Handler>(
     ctx: PipelineContext,
     handler: H,
 ) -> Result<WriterTotals, PipelineError> {
+    run_pipeline_lanes(ctx, vec![handler]).await
+}
+
+/// Like [`run_pipeline`], with one writer lane per handler instance. Partitions are spread over
+/// the lanes ([`batch::lane_of`]); each lane writes its partitions in its own transactions on
+/// its own connection, so PostgreSQL applies the lanes in parallel. Only for handlers whose
+/// state is per partition (each instance sees a subset of the partitions). An empty vector is
+/// an error.
+pub async fn run_pipeline_lanes<H: Handler>(
+    ctx: PipelineContext,
+    handlers: Vec<H>,
+) -> Result<WriterTotals, PipelineError> {
+    let Some(first) = handlers.first() else {
+        return Err(PipelineError::Handler(HandlerError::Fatal(
+            "run_pipeline_lanes needs at least one handler".into(),
+        )));
+    };
     let config = ctx.config.clone();
-    let kind = handler.kind();
+    let kind = first.kind();
+    let decoder = first.shared_decoder();
+    let lanes = handlers.len();
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let ownership = Arc::new(Ownership::default());
     let consumer_ctx = PipelineConsumerContext::new(
@@ -129,87 +151,114 @@ pub async fn run_pipeline<H: Handler>(
     );
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let errors = ErrorSink::new(
+    let errors = Arc::new(ErrorSink::new(
         &ctx.kafka,
         &config.error_topic,
         &config.consumer_id,
         config.max_message_bytes,
-    )?;
+    )?);
     tracing::info!(
         handler = %kind,
         topics = ?config.kafka.topics,
         group = %config.kafka.group_id,
         instance_id = ?ctx.instance_id,
         error_topic = %config.error_topic,
+        lanes,
         "pipeline started"
     );
 
-    let decoder = handler.shared_decoder();
     let max_bytes = config.max_message_bytes as usize;
-    let (batch_tx, batch_rx) = mpsc::channel::<writer::DecodedBatch<H::Item>>(1);
-    let (revoke_tx, revoke_rx) = mpsc::unbounded_channel();
-    let (outage_tx, mut outage_rx) = watch::channel(false);
-    let writer = writer::Writer::new(
-        handler,
-        writer::WriterParts {
-            pool: ctx.pool.clone(),
-            group: config.kafka.group_id.clone(),
-            errors,
-            ownership: ownership.clone(),
-            health: ctx.health.clone(),
-            metrics: ctx.metrics.clone(),
-            consumer: consumer.clone(),
-            revocations: revoke_rx,
-            outage: outage_tx,
-            max_message_bytes: config.max_message_bytes as usize,
-            progress_every: config.progress_every,
-            abort: ctx.abort.clone(),
-        },
-    );
-    let mut writer_task = tokio::spawn(writer.run(batch_rx));
+    let (outage_tx, mut outage_rx) = watch::channel(0u64);
+    let outage_tx = Arc::new(outage_tx);
+    let mut batch_txs = Vec::with_capacity(lanes);
+    let mut revoke_txs = Vec::with_capacity(lanes);
+    let mut writers = tokio::task::JoinSet::new();
+    for (lane, handler) in handlers.into_iter().enumerate() {
+        let (batch_tx, batch_rx) = mpsc::channel::<writer::DecodedBatch<H::Item>>(1);
+        let (revoke_tx, revoke_rx) = mpsc::unbounded_channel();
+        let writer = writer::Writer::new(
+            handler,
+            writer::WriterParts {
+                lane,
+                pool: ctx.pool.clone(),
+                group: config.kafka.group_id.clone(),
+                errors: errors.clone(),
+                ownership: ownership.clone(),
+                health: ctx.health.clone(),
+                metrics: ctx.metrics.clone(),
+                consumer: consumer.clone(),
+                revocations: revoke_rx,
+                outage: outage_tx.clone(),
+                max_message_bytes: max_bytes,
+                progress_every: config.progress_every,
+                abort: ctx.abort.clone(),
+            },
+        );
+        writers.spawn(writer.run(batch_rx));
+        batch_txs.push(batch_tx);
+        revoke_txs.push(revoke_tx);
+    }
+    drop(outage_tx);
 
     let max_messages = config.batch.max_messages.max(1) as usize;
     let max_wait = Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1)));
     let consumed = ctx.metrics.consumed.with_label_values(&[kind.as_str()]);
-    let mut pending = Pending::default();
+    let mut pending: Vec<Pending> = (0..lanes).map(|_| Pending::default()).collect();
     let mut epochs: HashMap<TopicPartition, u64> = HashMap::new();
     let mut paused = false;
     let mut stopping = false;
-    let mut last_topic: Option<Arc<str>> = None;
-    let mut writer_result = None;
+    let mut last_topic: Option<(Arc<str>, u64)> = None;
+    let mut writer_failure: Option<Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>> = None;
 
     loop {
         apply_rebalance_events(
             &mut events_rx,
             &mut epochs,
             &mut pending,
-            &revoke_tx,
+            &revoke_txs,
             paused,
             &consumer,
         );
-        if stopping && pending.is_empty() {
+        if stopping && pending.iter().all(Pending::is_empty) {
             break;
         }
         let now = Instant::now();
-        let due = !pending.is_empty() && (stopping || pending.due(max_messages, max_wait, now));
-        let can_fetch = !stopping && (paused || pending.len() < max_messages);
+        let due: Vec<usize> = (0..lanes)
+            .filter(|&l| {
+                !pending[l].is_empty()
+                    && (stopping || pending[l].due(max_messages, max_wait, now))
+            })
+            .collect();
+        // Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
+        // whose writer is busy must not stop the others from filling (fetching stops only when
+        // some lane is this far behind).
+        let can_fetch = !stopping
+            && (paused
+                || pending
+                    .iter()
+                    .all(|p| p.len() < max_messages.saturating_mul(LANE_BUFFER_BATCHES)));
         let deadline = pending
-            .deadline(max_wait)
+            .iter()
+            .filter_map(|p| p.deadline(max_wait))
+            .min()
             .unwrap_or(now + Duration::from_secs(3600));
+        let waiting = pending.iter().any(|p| !p.is_empty());
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled(), if !stopping => {
                 stopping = true;
                 ctx.health.set_stopping();
-                tracing::info!(buffered = pending.len(), "shutdown requested: committing what was fetched");
+                let buffered: usize = pending.iter().map(Pending::len).sum();
+                tracing::info!(buffered, "shutdown requested: committing what was fetched");
             }
-            r = &mut writer_task => {
-                writer_result = Some(r);
+            r = writers.join_next() => {
+                // A writer only ends early on a fatal error (or a panic).
+                writer_failure = r;
                 break;
             }
             changed = outage_rx.changed() => {
                 if changed.is_err() { continue; }
-                let outage = *outage_rx.borrow_and_update();
+                let outage = *outage_rx.borrow_and_update() != 0;
                 if outage != paused {
                     match consumer.assignment() {
                         Ok(tpl) => {
@@ -224,24 +273,18 @@ pub async fn run_pipeline<H: Handler>(
                     tracing::info!(paused, "consumption {}", if paused { "paused" } else { "resumed" });
                 }
             }
-            permit = batch_tx.reserve(), if due => {
-                match permit {
-                    Ok(permit) => {
-                        if let Some(b) = pending.take(max_messages) {
-                            // Decoding here overlaps the writer's work on the previous batch.
-                            let pre = decoder.as_ref().map(|d| {
-                                b.messages
-                                    .iter()
-                                    .map(|f| writer::precheck(&f.msg, max_bytes).and_then(|()| d(&f.msg)))
-                                    .collect()
-                            });
-                            permit.send((b, pre));
-                        }
-                    }
-                    Err(_) => {
-                        // The writer is gone; its result arrives through `writer_task`.
-                    }
+            (lane, permit) = reserve_any(&batch_txs, &due), if !due.is_empty() => {
+                if let (Ok(permit), Some(b)) = (permit, pending[lane].take(max_messages)) {
+                    // Decoding here overlaps the writers' work on earlier batches.
+                    let pre = decoder.as_ref().map(|d| {
+                        b.messages
+                            .iter()
+                            .map(|f| writer::precheck(&f.msg, max_bytes).and_then(|()| d(&f.msg)))
+                            .collect()
+                    });
+                    permit.send((b, pre));
                 }
+                // A closed channel means the writer is gone; `join_next` reports why.
             }
             msg = consumer.recv(), if can_fetch => {
                 match msg {
@@ -250,20 +293,22 @@ pub async fn run_pipeline<H: Handler>(
                         if ctx.health.kafka_down() {
                             ctx.health.set_kafka_down(false);
                         }
-                        let topic = match &last_topic {
-                            Some(t) if &**t == m.topic() => t.clone(),
+                        let (topic, topic_hash) = match &last_topic {
+                            Some((t, h)) if &**t == m.topic() => (t.clone(), *h),
                             _ => {
                                 let t = consumer.context().intern(m.topic());
-                                last_topic = Some(t.clone());
-                                t
+                                let h = batch::topic_hash(&t);
+                                last_topic = Some((t.clone(), h));
+                                (t, h)
                             }
                         };
                         let tp = TopicPartition { topic, partition: m.partition() };
                         // A rebalance may have run inside this very `recv`: apply it before
                         // tagging the message with its partition's assignment epoch.
-                        apply_rebalance_events(&mut events_rx, &mut epochs, &mut pending, &revoke_tx, paused, &consumer);
+                        apply_rebalance_events(&mut events_rx, &mut epochs, &mut pending, &revoke_txs, paused, &consumer);
                         match epochs.get(&tp) {
                             Some(epoch) => {
+                                let lane = batch::lane_for(topic_hash, tp.partition, lanes);
                                 let raw = RawMessage {
                                     topic: tp.topic,
                                     partition: tp.partition,
@@ -272,7 +317,7 @@ pub async fn run_pipeline<H: Handler>(
                                     payload: m.payload().map(<[u8]>::to_vec),
                                     timestamp_ms: m.timestamp().to_millis(),
                                 };
-                                pending.push(Fetched { msg: raw, epoch: *epoch }, now);
+                                pending[lane].push(Fetched { msg: raw, epoch: *epoch }, now);
                             }
                             None => tracing::debug!(topic = %tp.topic, partition = tp.partition,
                                 offset = m.offset(), "message of a partition not owned; dropped"),
@@ -284,19 +329,40 @@ pub async fn run_pipeline<H: Handler>(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(deadline.into()), if !pending.is_empty() && !due => {}
+            _ = tokio::time::sleep_until(deadline.into()), if waiting && due.is_empty() => {}
         }
     }
 
-    drop(batch_tx);
-    let writer_result = match writer_result {
-        Some(r) => r,
-        None => writer_task.await,
+    drop(batch_txs);
+    let mut result: Result<WriterTotals, PipelineError> = Ok(WriterTotals::default());
+    let mut absorb = |r: Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>| {
+        match r {
+            Ok(Ok(t)) => {
+                if let Ok(total) = &mut result {
+                    total.processed += t.processed;
+                    total.rejected += t.rejected;
+                    total.batches += t.batches;
+                }
+            }
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(PipelineError::Writer(e.to_string()));
+                }
+            }
+        }
     };
-    let result = match writer_result {
-        Ok(r) => r,
-        Err(e) => Err(PipelineError::Writer(e.to_string())),
-    };
+    if let Some(r) = writer_failure {
+        absorb(r);
+        // The other lanes stop too: their channels are closed.
+    }
+    while let Some(r) = writers.join_next().await {
+        absorb(r);
+    }
 
     // Final advisory commit of what PostgreSQL holds, then close (leaves the group, or keeps the
     // static membership until the same instance id returns).
@@ -329,14 +395,28 @@ pub async fn run_pipeline<H: Handler>(
     result
 }
 
+/// Waits for room in the channel of any lane in `due`; returns the lane and its permit.
+async fn reserve_any<'a, T>(
+    txs: &'a [mpsc::Sender<T>],
+    due: &[usize],
+) -> (
+    usize,
+    Result<mpsc::Permit<'a, T>, mpsc::error::SendError<()>>,
+) {
+    let futures = due.iter().map(|&lane| {
+        Box::pin(async move { (lane, txs[lane].reserve().await) })
+    });
+    futures::future::select_all(futures).await.0
+}
+
 /// Applies the rebalance callback's events, in order, to the poll loop's view: epochs of owned
 /// partitions, buffered messages of revoked partitions (dropped), the writer (told to drop the
 /// handler state of revoked partitions), and the pause state of new partitions.
 fn apply_rebalance_events(
     events_rx: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
     epochs: &mut HashMap<TopicPartition, u64>,
-    pending: &mut Pending,
-    revoke_tx: &mpsc::UnboundedSender<Vec<TopicPartition>>,
+    pending: &mut [Pending],
+    revoke_txs: &[mpsc::UnboundedSender<Vec<TopicPartition>>],
     paused: bool,
     consumer: &StreamConsumer<PipelineConsumerContext>,
 ) {
@@ -358,11 +438,13 @@ fn apply_rebalance_events(
                 for tp in &parts {
                     epochs.remove(tp);
                 }
-                let dropped = pending.drop_partitions(&parts);
+                let dropped: usize = pending.iter_mut().map(|p| p.drop_partitions(&parts)).sum();
                 if dropped > 0 {
                     tracing::info!(dropped, "dropped buffered messages of revoked partitions");
                 }
-                let _ = revoke_tx.send(parts);
+                for tx in revoke_txs {
+                    let _ = tx.send(parts.clone());
+                }
             }
         }
     }

@@ -26,15 +26,17 @@ use crate::offsets::{self, Cas};
 
 /// Everything the writer needs apart from the handler.
 pub(crate) struct WriterParts {
+    pub lane: usize,
     pub pool: PgPool,
     pub group: String,
-    pub errors: ErrorSink,
+    pub errors: Arc<ErrorSink>,
     pub ownership: Arc<Ownership>,
     pub health: Arc<Health>,
     pub metrics: Metrics,
     pub consumer: Arc<StreamConsumer<PipelineConsumerContext>>,
     pub revocations: mpsc::UnboundedReceiver<Vec<TopicPartition>>,
-    pub outage: watch::Sender<bool>,
+    /// One bit per lane in outage backoff.
+    pub outage: Arc<watch::Sender<u64>>,
     pub max_message_bytes: usize,
     pub progress_every: u64,
     pub abort: CancellationToken,
@@ -140,18 +142,24 @@ impl<H: Handler> Writer<H> {
     }
 
     fn set_outage(&self, on: bool) {
-        if self.p.health.outage() != on {
-            self.p.health.set_outage(on);
-            self.p.metrics.in_outage.set(i64::from(on));
-            if on {
+        let bit = 1u64 << (self.p.lane % 64);
+        let mut was_any = false;
+        let mut now_any = false;
+        self.p.outage.send_if_modified(|mask| {
+            was_any = *mask != 0;
+            let new = if on { *mask | bit } else { *mask & !bit };
+            let changed = new != *mask;
+            *mask = new;
+            now_any = new != 0;
+            changed
+        });
+        if was_any != now_any {
+            self.p.health.set_outage(now_any);
+            self.p.metrics.in_outage.set(i64::from(now_any));
+            if now_any {
                 self.p.metrics.outages.inc();
             }
         }
-        self.p.outage.send_if_modified(|v| {
-            let changed = *v != on;
-            *v = on;
-            changed
-        });
     }
 
     async fn process(

@@ -18,6 +18,8 @@
 //!   after it.
 //! - `first_seen` is the earliest timestamp ever received (late readings included), `last_seen` the
 //!   latest.
+//! - A reading at or below the machine's last applied offset of the same partition was applied
+//!   before (a replay): it is skipped, so replaying committed messages changes nothing.
 
 use std::collections::HashMap;
 
@@ -46,6 +48,17 @@ pub struct MachineState {
     pub last_seen: DateTime<Utc>,
     /// The open episode, if the machine is failing.
     pub open: Option<OpenFailure>,
+    /// Position of the last reading applied.
+    pub last_applied: Option<Position>,
+}
+
+impl MachineState {
+    /// Whether the reading at `pos` was applied before.
+    fn has_applied(&self, pos: &Position) -> bool {
+        self.last_applied.as_ref().is_some_and(|p| {
+            p.partition == pos.partition && p.offset >= pos.offset && p.topic == pos.topic
+        })
+    }
 }
 
 /// The id of a failure episode opened by the reading at `pos`: `topic:partition:offset`. Topic
@@ -123,6 +136,8 @@ pub struct BatchPlan {
     pub closed: u64,
     /// Late readings.
     pub late: u64,
+    /// Readings skipped because they were applied before.
+    pub replayed: u64,
 }
 
 /// Applies a batch's readings, in order, to `states` (which must hold the state of every machine
@@ -138,6 +153,13 @@ pub fn plan_batch(
     for d in readings {
         let r = &d.item;
         let ts = r.timestamp;
+        if states
+            .get(&r.machine_id)
+            .is_some_and(|s| s.has_applied(&d.pos))
+        {
+            plan.replayed += 1;
+            continue;
+        }
         let link = match states.get_mut(&r.machine_id) {
             Some(state) if ts < state.last_seen => {
                 // Late: stored, linked by interval, changes nothing else.
@@ -157,6 +179,7 @@ pub fn plan_batch(
                         first_seen: ts,
                         last_seen: ts,
                         open: None,
+                        last_applied: None,
                     }),
                 };
                 match (r.failure, state.open.take()) {
@@ -208,6 +231,9 @@ pub fn plan_batch(
                 }
             }
         };
+        if let Some(s) = states.get_mut(&r.machine_id) {
+            s.last_applied = Some(d.pos.clone());
+        }
         plan.readings.push(ReadingRow {
             pos: d.pos.clone(),
             machine_id: r.machine_id.clone(),
@@ -410,6 +436,24 @@ mod tests {
             .map(|f| (f.id.as_str(), f.active()))
             .collect();
         assert_eq!(ids, vec![("readings:0:0", false), ("readings:0:6", true)]);
+    }
+
+    #[test]
+    fn replayed_readings_are_skipped_and_change_nothing() {
+        let mut states = HashMap::new();
+        let batch = vec![
+            reading(0, "m", 0, true),
+            reading(1, "m", 5, false),
+            reading(2, "m", 5, true),
+        ];
+        plan_batch(&mut states, &batch);
+        let before = states.clone();
+        let again = plan_batch(&mut states, &batch[1..]);
+        assert_eq!(again.replayed, 2);
+        assert!(again.readings.is_empty() && again.failures.is_empty());
+        assert_eq!(states, before);
+        let next = plan_batch(&mut states, &[reading(3, "m", 6, false)]);
+        assert_eq!((next.replayed, next.closed), (0, 1));
     }
 
     #[test]

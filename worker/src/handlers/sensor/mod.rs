@@ -21,7 +21,8 @@
 //! the detail.
 //!
 //! # Tables (migration `0003_sensor.sql`)
-//! - `machines`: `first_seen` (earliest reading timestamp) and `last_seen` (latest).
+//! - `machines`: `first_seen` (earliest reading timestamp) and `last_seen` (latest), and the
+//!   source position of the last reading applied.
 //! - `sensor_readings`: one row per message, keyed by source topic/partition/offset, with the
 //!   values as JSONB, the failure flag, the episode it belongs to (`failure_id`) and `late`.
 //! - `failures`: one row per episode: `started_at`, `ended_at` (NULL while open), `active`, and
@@ -51,9 +52,11 @@
 //! and open episode) is cached per machine with the partition it came from, and loaded from
 //! PostgreSQL inside the transaction for machines not cached: on partition assignment, after a
 //! restart, and after `reset` (a failed transaction). The cache only takes a batch's new state once
-//! that batch committed. Readings use their source position as primary key and are inserted with
-//! `ON CONFLICT DO NOTHING`, so the tables are identical whether the stream ran in one go or
-//! through restarts and rebalances. The one requirement is the one Kafka ordering needs anyway:
+//! that batch committed. Readings use their source position as primary key, and each machine
+//! records the position of the last reading applied (`machines.applied_*`): a reading at or below
+//! it is a replay and is skipped, so even a replay of committed messages (which the pipeline's
+//! offsets already rule out) changes nothing. The tables are identical whether the stream ran in
+//! one go or through restarts and rebalances. The one requirement is the one Kafka ordering needs anyway:
 //! all readings of a machine are in one partition (key = machine id).
 
 mod episodes;

@@ -1,6 +1,6 @@
 //! PostgreSQL side of the sensor handler: loading machine state and writing a batch plan. Every
-//! statement works on whole batches (`UNNEST` of arrays), so a batch costs a handful of round
-//! trips whatever its size.
+//! statement works on whole batches (binary `COPY`, or `UNNEST` of arrays), so a batch costs a
+//! handful of round trips whatever its size.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
 use super::episodes::{BatchPlan, Link, MachineState, OpenFailure, ReadingRow};
+use crate::copy::BinaryCopy;
 use crate::handlers::Position;
 
 /// Loads the state of the given machines, as committed: dates, and the open episode if any.
@@ -19,6 +20,7 @@ pub async fn load_states(
 ) -> Result<HashMap<String, MachineState>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT m.machine_id, m.first_seen, m.last_seen, \
+                m.applied_topic, m.applied_partition, m.applied_offset, \
                 f.failure_id, f.started_at, f.opened_topic, f.opened_partition, f.opened_offset \
          FROM machines m \
          LEFT JOIN failures f ON f.machine_id = m.machine_id AND f.active \
@@ -45,12 +47,18 @@ pub async fn load_states(
             }
             None => None,
         };
+        let applied_topic: String = row.try_get("applied_topic")?;
         out.insert(
             row.try_get("machine_id")?,
             MachineState {
                 first_seen: row.try_get("first_seen")?,
                 last_seen: row.try_get("last_seen")?,
                 open,
+                last_applied: Some(Position {
+                    topic: Arc::from(applied_topic),
+                    partition: row.try_get("applied_partition")?,
+                    offset: row.try_get("applied_offset")?,
+                }),
             },
         );
     }
@@ -83,10 +91,71 @@ impl ReadingColumns {
     }
 }
 
+const READINGS_COPY: &str = "COPY sensor_readings (source_topic, source_partition, \
+    source_offset, machine_id, reading_time, sensor_values, failure, failure_id, late) \
+    FROM STDIN (FORMAT binary)";
+
+/// In-order readings go in by binary COPY, the fast path. COPY cannot skip rows already stored,
+/// so it runs under a savepoint: should the batch hold a reading stored before (a replay of
+/// committed messages, which the pipeline's offsets normally rule out), it is rolled back to the
+/// savepoint and the rows are inserted with `ON CONFLICT DO NOTHING` instead.
+async fn insert_in_order(conn: &mut PgConnection, c: &ReadingColumns) -> Result<(), sqlx::Error> {
+    let mut copy = BinaryCopy::with_capacity(9, c.offsets.len() * 160);
+    for i in 0..c.offsets.len() {
+        copy.row()
+            .text(&c.topics[i])
+            .int4(c.partitions[i])
+            .int8(c.offsets[i])
+            .text(&c.machines[i])
+            .timestamptz(c.times[i])
+            .jsonb(&c.values[i])
+            .bool(c.failures[i])
+            .opt_text(c.links[i].as_deref())
+            .bool(false);
+    }
+    sqlx::query("SAVEPOINT sensor_readings_copy")
+        .execute(&mut *conn)
+        .await?;
+    match copy.load(conn, READINGS_COPY).await {
+        Ok(_) => {
+            sqlx::query("RELEASE SAVEPOINT sensor_readings_copy")
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            tracing::warn!("sensor readings already stored in this batch; inserting the others");
+            sqlx::query("ROLLBACK TO SAVEPOINT sensor_readings_copy")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(
+                "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, \
+                     machine_id, reading_time, sensor_values, failure, failure_id, late) \
+                 SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, u.l, FALSE \
+                 FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
+                             $6::text[], $7::bool[], $8::text[]) AS u(t, p, o, m, ts, v, f, l) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&c.topics)
+            .bind(&c.partitions)
+            .bind(&c.offsets)
+            .bind(&c.machines)
+            .bind(&c.times)
+            .bind(&c.values)
+            .bind(&c.failures)
+            .bind(&c.links)
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Writes a batch plan inside the caller's transaction: machines, then episodes, then readings
 /// (in-order readings with their episode, late readings linked to the episode containing their
 /// timestamp). Readings already stored (same source position) are left alone, so even a replay of
-/// committed messages changes nothing.
+/// committed messages changes nothing (see [`insert_in_order`]).
 pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(), sqlx::Error> {
     if plan.readings.is_empty() {
         return Ok(());
@@ -98,15 +167,30 @@ pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(),
     let ids: Vec<&str> = machines.iter().map(|(id, _)| id.as_str()).collect();
     let first: Vec<DateTime<Utc>> = machines.iter().map(|(_, s)| s.first_seen).collect();
     let last: Vec<DateTime<Utc>> = machines.iter().map(|(_, s)| s.last_seen).collect();
+    let applied: Vec<Option<&Position>> = machines
+        .iter()
+        .map(|(_, s)| s.last_applied.as_ref())
+        .collect();
+    let a_topic: Vec<Option<&str>> = applied.iter().map(|p| p.map(|p| &*p.topic)).collect();
+    let a_part: Vec<Option<i32>> = applied.iter().map(|p| p.map(|p| p.partition)).collect();
+    let a_off: Vec<Option<i64>> = applied.iter().map(|p| p.map(|p| p.offset)).collect();
     sqlx::query(
-        "INSERT INTO machines (machine_id, first_seen, last_seen) \
-         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[]) \
+        "INSERT INTO machines (machine_id, first_seen, last_seen, applied_topic, \
+             applied_partition, applied_offset) \
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::text[], \
+                              $5::int4[], $6::int8[]) \
          ON CONFLICT (machine_id) DO UPDATE \
-         SET first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen",
+         SET first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen, \
+             applied_topic = EXCLUDED.applied_topic, \
+             applied_partition = EXCLUDED.applied_partition, \
+             applied_offset = EXCLUDED.applied_offset",
     )
     .bind(&ids)
     .bind(&first)
     .bind(&last)
+    .bind(&a_topic)
+    .bind(&a_part)
+    .bind(&a_off)
     .execute(&mut *conn)
     .await?;
 
@@ -169,25 +253,7 @@ pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(),
         }
     }
     if !in_order.offsets.is_empty() {
-        let c = &in_order;
-        sqlx::query(
-            "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, machine_id, \
-                 reading_time, sensor_values, failure, failure_id, late) \
-             SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, u.l, FALSE \
-             FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
-                         $6::text[], $7::bool[], $8::text[]) AS u(t, p, o, m, ts, v, f, l) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&c.topics)
-        .bind(&c.partitions)
-        .bind(&c.offsets)
-        .bind(&c.machines)
-        .bind(&c.times)
-        .bind(&c.values)
-        .bind(&c.failures)
-        .bind(&c.links)
-        .execute(&mut *conn)
-        .await?;
+        insert_in_order(conn, &in_order).await?;
     }
     if !late.offsets.is_empty() {
         let c = &late;

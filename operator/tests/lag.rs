@@ -1,0 +1,239 @@
+//! Consumer-group lag of a real group on the local broker (tansu, DEVELOPERS.md): a topic with 3
+//! partitions, records produced one per batch, offsets committed for some partitions only.
+//! Fails loudly when the broker is absent.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+use streamops_crds::v1alpha1::{AutoOffsetReset, SecurityProtocol};
+use streamops_operator::lag::{render, GroupLag, KafkaLagReader, LagError, LagReader, LagTarget};
+use support::kafka::{self, BROKER};
+
+/// Records produced to partitions 0, 1 and 2.
+const PRODUCED: [i64; 3] = [10, 20, 30];
+
+struct Fixture {
+    topic: String,
+    group: String,
+}
+
+/// A fresh topic with [`PRODUCED`] records, and a group that committed offset 4 on partition 0
+/// and 20 (everything) on partition 1, and nothing on partition 2.
+async fn fixture() -> Fixture {
+    kafka::require_broker();
+    let topic = kafka::unique("operator-lag");
+    let group = kafka::unique("operator-lag-group");
+    kafka::create_topic(&topic, 3).await;
+    let producer = kafka::producer();
+    for (partition, count) in PRODUCED.iter().enumerate() {
+        kafka::produce(&producer, &topic, partition as i32, *count as usize).await;
+    }
+    commit(&group, &topic, &[(0, 4), (1, 20)]);
+    Fixture { topic, group }
+}
+
+/// Commits offsets for `group` without joining it (a consumer that never subscribes).
+fn commit(group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .expect("a valid offset");
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .unwrap_or_else(|e| panic!("cannot commit offsets for {group}: {e}"));
+}
+
+fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
+    LagTarget {
+        bootstrap_servers: BROKER.into(),
+        group_id: f.group.clone(),
+        topics: vec![f.topic.clone()],
+        auto_offset_reset: reset,
+        security_protocol: SecurityProtocol::Plaintext,
+        sasl_mechanism: None,
+        credentials: None,
+    }
+}
+
+async fn read(target: &LagTarget) -> GroupLag {
+    KafkaLagReader::default()
+        .read(target)
+        .await
+        .unwrap_or_else(|e| panic!("cannot read the lag of {}: {e}", target.group_id))
+}
+
+/// partition -> (committed, high watermark, lag)
+fn per_partition(lag: &GroupLag) -> BTreeMap<i32, (Option<i64>, i64, i64)> {
+    lag.per_partition
+        .iter()
+        .map(|p| (p.partition, (p.committed, p.high_watermark, p.lag)))
+        .collect()
+}
+
+#[tokio::test]
+async fn lag_of_a_real_group_counts_uncommitted_partitions_from_the_start_or_the_end() {
+    let f = fixture().await;
+
+    let earliest = read(&target(&f, AutoOffsetReset::Earliest)).await;
+    assert_eq!(
+        per_partition(&earliest),
+        BTreeMap::from([
+            (0, (Some(4), 10, 6)),
+            (1, (Some(20), 20, 0)),
+            (2, (None, 30, 30)),
+        ]),
+        "{earliest:#?}"
+    );
+    assert_eq!(earliest.total, 36);
+    assert_eq!(earliest.max_partition_lag, 30);
+    assert_eq!(earliest.partitions, 3);
+    assert_eq!(earliest.members, 0, "nobody joined the group");
+
+    let latest = read(&target(&f, AutoOffsetReset::Latest)).await;
+    assert_eq!(
+        per_partition(&latest),
+        BTreeMap::from([
+            (0, (Some(4), 10, 6)),
+            (1, (Some(20), 20, 0)),
+            (2, (None, 30, 0)),
+        ]),
+        "{latest:#?}"
+    );
+    assert_eq!((latest.total, latest.max_partition_lag), (6, 6));
+
+    // More records and a commit move the figures exactly.
+    kafka::produce(&kafka::producer(), &f.topic, 1, 5).await;
+    commit(&f.group, &f.topic, &[(2, 25)]);
+    let later = read(&target(&f, AutoOffsetReset::Earliest)).await;
+    assert_eq!(
+        per_partition(&later),
+        BTreeMap::from([
+            (0, (Some(4), 10, 6)),
+            (1, (Some(20), 25, 5)),
+            (2, (Some(25), 30, 5)),
+        ])
+    );
+    assert_eq!((later.total, later.max_partition_lag), (16, 6));
+    kafka::delete_topic(&f.topic).await;
+}
+
+#[tokio::test]
+async fn a_group_that_never_committed_has_all_of_its_topics_as_lag_under_earliest() {
+    let f = fixture().await;
+    let fresh = LagTarget {
+        group_id: kafka::unique("operator-lag-nobody"),
+        ..target(&f, AutoOffsetReset::Earliest)
+    };
+    let lag = read(&fresh).await;
+    assert_eq!(lag.total, PRODUCED.iter().sum::<i64>());
+    assert!(lag.per_partition.iter().all(|p| p.committed.is_none()));
+    let lag = read(&LagTarget {
+        auto_offset_reset: AutoOffsetReset::Latest,
+        ..fresh
+    })
+    .await;
+    assert_eq!(lag.total, 0);
+    kafka::delete_topic(&f.topic).await;
+}
+
+#[tokio::test]
+async fn a_missing_topic_is_an_error_not_zero_lag() {
+    kafka::require_broker();
+    let target = LagTarget {
+        bootstrap_servers: BROKER.into(),
+        group_id: kafka::unique("operator-lag-missing"),
+        topics: vec![kafka::unique("operator-lag-no-such-topic")],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        security_protocol: SecurityProtocol::Plaintext,
+        sasl_mechanism: None,
+        credentials: None,
+    };
+    let err = KafkaLagReader::default()
+        .read(&target)
+        .await
+        .expect_err("a topic that does not exist has no lag");
+    assert!(
+        matches!(err, LagError::Topic { .. } | LagError::Partition { .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_brokers_are_an_error() {
+    let target = LagTarget {
+        // Nothing listens on port 1.
+        bootstrap_servers: "127.0.0.1:1".into(),
+        group_id: "g".into(),
+        topics: vec!["t".into()],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        security_protocol: SecurityProtocol::Plaintext,
+        sasl_mechanism: None,
+        credentials: None,
+    };
+    let reader = KafkaLagReader {
+        timeout: Duration::from_secs(1),
+    };
+    let err = reader.read(&target).await.expect_err("no broker, no lag");
+    assert_eq!(err.reason(), "KafkaError", "{err}");
+}
+
+#[tokio::test]
+async fn the_lag_command_prints_what_the_operator_reads() {
+    let f = fixture().await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_streamops-operator"))
+        .args([
+            "lag",
+            "--bootstrap-servers",
+            BROKER,
+            "--group",
+            &f.group,
+            "--topic",
+            &f.topic,
+            "--auto-offset-reset",
+            "earliest",
+        ])
+        .output()
+        .expect("the operator binary runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let target = target(&f, AutoOffsetReset::Earliest);
+    assert_eq!(stdout, render(&target, &read(&target).await));
+    assert!(
+        stdout.contains("total lag 36, partitions 3, members 0, max partition lag 30"),
+        "{stdout}"
+    );
+
+    let failed = std::process::Command::new(env!("CARGO_BIN_EXE_streamops-operator"))
+        .args([
+            "lag",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+            "--group",
+            "g",
+            "--topic",
+            "t",
+            "--timeout-seconds",
+            "1",
+        ])
+        .output()
+        .expect("the operator binary runs");
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("cannot read the lag of group g"));
+    kafka::delete_topic(&f.topic).await;
+}
