@@ -169,7 +169,7 @@ bench_pipeline_trigger() {
   wait "$hook_pid" 2>/dev/null || true
   trap cleanup EXIT
   local triggers; triggers=$(wc -l <"$WORK/triggers.jsonl" 2>/dev/null || echo 0)
-  ROWS+=("$(printf '  pipeline-trigger: %s webhook triggers received for %s events (maxEvents 10000)' "$triggers" "$COUNT")")
+  ROWS+=("$(printf '  pipeline-trigger: %s webhook triggers for %s events (maxEvents 10000); events are counted in Redis, so pg-copy is only the pipeline_runs rows' "$triggers" "$COUNT")")
   redis-cli --scan --pattern 'consumer:{bench-pipeline-trigger-*' 2>/dev/null | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
 

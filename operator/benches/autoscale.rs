@@ -37,9 +37,9 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 const NAMESPACE: &str = "bench";
-const NAME: &str = "bench";
-const PARTITIONS: i32 = 6;
-const ROUNDS: i32 = 5;
+const NAME: &str = "orders";
+const PARTITIONS: i32 = 9;
+const ROUNDS: i32 = 8;
 const TARGET: Duration = Duration::from_secs(15);
 
 // ---- a fake Kubernetes API server ------------------------------------------------------------
@@ -90,6 +90,15 @@ fn merge(base: &mut Value, patch: &Value) {
     }
 }
 
+/// Whether `path` names a namespaced collection (`.../namespaces/NS/PLURAL`), not one object.
+fn is_collection(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    segments
+        .iter()
+        .position(|s| *s == "namespaces")
+        .is_some_and(|i| segments.len() == i + 3)
+}
+
 fn json_response(code: StatusCode, v: &Value) -> Response {
     Response::builder()
         .status(code)
@@ -122,7 +131,10 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let consumers = api.consumer_path.trim_end_matches(&format!("/{NAME}")).to_string();
+    let consumers = api
+        .consumer_path
+        .trim_end_matches(&format!("/{NAME}"))
+        .to_string();
     let mut world = api.world();
     world.requests += 1;
 
@@ -154,13 +166,21 @@ async fn serve(
     match method {
         Method::GET => {
             if path == consumers {
-                let items: Vec<Value> = world.objects.get(&api.consumer_path).cloned().into_iter().collect();
-                return json_response(StatusCode::OK, &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}));
+                let items: Vec<Value> = world
+                    .objects
+                    .get(&api.consumer_path)
+                    .cloned()
+                    .into_iter()
+                    .collect();
+                return json_response(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": items}),
+                );
             }
             match world.objects.get(&path) {
                 Some(o) => json_response(StatusCode::OK, o),
                 // Collections (label-selected lists of children): nothing to clean up.
-                None if path.ends_with('s') && !path.contains(&format!("/{NAME}")) => json_response(
+                None if is_collection(&path) => json_response(
                     StatusCode::OK,
                     &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": rv}, "items": []}),
                 ),
@@ -168,7 +188,10 @@ async fn serve(
             }
         }
         Method::POST => {
-            let name = body["metadata"]["name"].as_str().unwrap_or("unnamed").to_string();
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or("unnamed")
+                .to_string();
             world.objects.insert(format!("{path}/{name}"), body.clone());
             json_response(StatusCode::CREATED, &body)
         }
@@ -219,7 +242,9 @@ async fn serve(
             object["metadata"]["resourceVersion"] = json!(rv);
             if path.contains("/deployments/") {
                 let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
-                let old = previous.as_ref().and_then(|p| p["spec"]["replicas"].as_i64());
+                let old = previous
+                    .as_ref()
+                    .and_then(|p| p["spec"]["replicas"].as_i64());
                 let generation = previous
                     .as_ref()
                     .and_then(|p| p["metadata"]["generation"].as_i64())
@@ -239,7 +264,10 @@ async fn serve(
         }
         Method::DELETE => {
             world.objects.remove(&path);
-            json_response(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
+            json_response(
+                StatusCode::OK,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
         }
         _ => json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({})),
     }
@@ -258,8 +286,10 @@ fn consumer(topic: &str, group: &str) -> StreamConsumer {
     sc.spec.kafka.group_id = group.into();
     // Everything else at the CRD's defaults, as a user would write it.
     sc.spec.autoscaling = Some(
-        serde_json::from_value::<AutoscalingSpec>(json!({"maxReplicas": PARTITIONS, "lagThreshold": 100}))
-            .expect("a valid autoscaling spec"),
+        serde_json::from_value::<AutoscalingSpec>(
+            json!({"maxReplicas": PARTITIONS, "lagThreshold": 100}),
+        )
+        .expect("a valid autoscaling spec"),
     );
     sc
 }
@@ -300,18 +330,24 @@ async fn main() {
     let autoscaling = sc.spec.autoscaling.clone().expect("set above");
     let settings = PollSettings::default();
 
-    let consumer_path = format!("/apis/streamops.dev/v1alpha1/namespaces/{NAMESPACE}/streamconsumers/{NAME}");
+    let consumer_path =
+        format!("/apis/streamops.dev/v1alpha1/namespaces/{NAMESPACE}/streamconsumers/{NAME}");
     let (events, _) = broadcast::channel(1024);
     let api = Arc::new(FakeApi {
         world: Mutex::new(World {
-            objects: HashMap::from([(consumer_path.clone(), serde_json::to_value(&sc).expect("json"))]),
+            objects: HashMap::from([(
+                consumer_path.clone(),
+                serde_json::to_value(&sc).expect("json"),
+            )]),
             resource_version: 1,
             ..World::default()
         }),
         consumer_path,
         events,
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
     let address = listener.local_addr().expect("an address");
     let app = axum::Router::new().fallback(serve).with_state(api.clone());
     let stop = CancellationToken::new();
@@ -359,7 +395,10 @@ async fn main() {
         autoscaling.scale_up_stabilization_seconds,
         settings.tick,
     );
-    println!("  lag read from the real group on {}; Kubernetes: in-process fake API over HTTP", kafka::BROKER);
+    println!(
+        "  lag read from the real group on {}; Kubernetes: in-process fake API over HTTP",
+        kafka::BROKER
+    );
 
     let producer = kafka::producer();
     let threshold = i64::try_from(autoscaling.lag_threshold).unwrap_or(i64::MAX);
@@ -371,7 +410,13 @@ async fn main() {
         // Fill up to exactly round × threshold: the current count is still right.
         let fill = replicas * threshold - produced;
         for i in 0..fill {
-            kafka::produce(&producer, &topic, i32::try_from(i % i64::from(PARTITIONS)).unwrap_or(0), 1).await;
+            kafka::produce(
+                &producer,
+                &topic,
+                i32::try_from(i % i64::from(PARTITIONS)).unwrap_or(0),
+                1,
+            )
+            .await;
         }
         produced += fill;
         tokio::time::sleep(random_below(poll)).await;
@@ -381,12 +426,19 @@ async fn main() {
         let want = replicas + 1;
         let scaled = wait_for("the Deployment scale-up", || {
             let w = api.world();
-            w.deployment_scaled[seen_before..].iter().find(|s| s.replicas == want).copied()
+            w.deployment_scaled[seen_before..]
+                .iter()
+                .find(|s| s.replicas == want)
+                .copied()
         })
         .await;
         let spec = wait_for("the spec.replicas patch", || {
             let w = api.world();
-            w.spec_scaled.iter().rev().find(|s| s.replicas == want).copied()
+            w.spec_scaled
+                .iter()
+                .rev()
+                .find(|s| s.replicas == want)
+                .copied()
         })
         .await;
         let early = api.world().deployment_scaled[seen_before..]

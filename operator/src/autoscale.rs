@@ -264,35 +264,113 @@ mod tests {
 
     #[test]
     fn recommendation_is_lag_over_threshold_rounded_up() {
-        let cases = [(0, 1), (1, 1), (100, 1), (101, 2), (450, 5), (999, 10), (5000, 10)];
+        let cases = [
+            (0, 1),
+            (1, 1),
+            (100, 1),
+            (101, 2),
+            (450, 5),
+            (999, 10),
+            (5000, 10),
+        ];
         for (total, want) in cases {
-            let got = recommend(&policy(), LagSample { total_lag: total, partitions: 12 }, 1);
+            let got = recommend(
+                &policy(),
+                LagSample {
+                    total_lag: total,
+                    partitions: 12,
+                },
+                1,
+            );
             assert_eq!(got, want, "lag {total}");
         }
     }
 
     #[test]
     fn replicas_are_capped_at_partitions_unless_idle_consumers_are_allowed() {
-        let s = LagSample { total_lag: 10_000, partitions: 3 };
+        let s = LagSample {
+            total_lag: 10_000,
+            partitions: 3,
+        };
         assert_eq!(recommend(&policy(), s, 1), 3);
-        let idle = ScalePolicy { allow_idle_consumers: true, ..policy() };
+        let idle = ScalePolicy {
+            allow_idle_consumers: true,
+            ..policy()
+        };
         assert_eq!(recommend(&idle, s, 1), 10);
     }
 
     #[test]
     fn min_replicas_is_a_floor_without_scale_to_zero() {
-        let p = ScalePolicy { min_replicas: 2, ..policy() };
-        assert_eq!(recommend(&p, LagSample { total_lag: 0, partitions: 6 }, 4), 2);
+        let p = ScalePolicy {
+            min_replicas: 2,
+            ..policy()
+        };
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 0,
+                    partitions: 6
+                },
+                4
+            ),
+            2
+        );
     }
 
     #[test]
     fn scale_to_zero_needs_activation_lag_to_wake_up() {
-        let p = ScalePolicy { scale_to_zero: true, activation_lag: 50, ..policy() };
-        assert_eq!(recommend(&p, LagSample { total_lag: 0, partitions: 6 }, 2), 0);
-        assert_eq!(recommend(&p, LagSample { total_lag: 49, partitions: 6 }, 0), 0);
-        assert_eq!(recommend(&p, LagSample { total_lag: 50, partitions: 6 }, 0), 1);
+        let p = ScalePolicy {
+            scale_to_zero: true,
+            activation_lag: 50,
+            ..policy()
+        };
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 0,
+                    partitions: 6
+                },
+                2
+            ),
+            0
+        );
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 49,
+                    partitions: 6
+                },
+                0
+            ),
+            0
+        );
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 50,
+                    partitions: 6
+                },
+                0
+            ),
+            1
+        );
         // A running consumer with a little lag keeps running.
-        assert_eq!(recommend(&p, LagSample { total_lag: 10, partitions: 6 }, 1), 1);
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 10,
+                    partitions: 6
+                },
+                1
+            ),
+            1
+        );
     }
 
     #[test]
@@ -325,7 +403,10 @@ mod tests {
 
     #[test]
     fn scale_up_waits_for_the_up_window_to_agree() {
-        let p = ScalePolicy { up_window: secs(20), ..policy() };
+        let p = ScalePolicy {
+            up_window: secs(20),
+            ..policy()
+        };
         let mut h = ScaleHistory::default();
         let d = decide(&p, &lag(50, 6), 1, secs(0), &mut h);
         assert_eq!(d.replicas, 1);
@@ -370,12 +451,26 @@ mod tests {
 
     #[test]
     fn missing_lag_holds_the_current_replicas_and_never_scales_to_zero() {
-        let p = ScalePolicy { scale_to_zero: true, down_window: Duration::ZERO, ..policy() };
+        let p = ScalePolicy {
+            scale_to_zero: true,
+            down_window: Duration::ZERO,
+            ..policy()
+        };
         let mut h = ScaleHistory::default();
-        let d = decide(&p, &Observation::Unavailable("broker down".into()), 3, secs(0), &mut h);
+        let d = decide(
+            &p,
+            &Observation::Unavailable("broker down".into()),
+            3,
+            secs(0),
+            &mut h,
+        );
         assert_eq!((d.replicas, d.reason), (3, DecisionReason::LagUnavailable));
         assert!(d.message.contains("broker down"));
-        assert_eq!(h, ScaleHistory::default(), "nothing recorded on missing data");
+        assert_eq!(
+            h,
+            ScaleHistory::default(),
+            "nothing recorded on missing data"
+        );
     }
 
     #[test]
@@ -399,11 +494,81 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_from_the_spec_never_divides_by_zero_or_caps_below_one() {
+        let spec = AutoscalingSpec {
+            min_replicas: -3,
+            max_replicas: 0,
+            lag_threshold: 0,
+            scale_up_stabilization_seconds: 0,
+            scale_down_stabilization_seconds: 60,
+            scale_to_zero: false,
+            activation_lag: 0,
+            allow_idle_consumers: false,
+            poll_interval_seconds: 5,
+        };
+        let p = ScalePolicy::from(&spec);
+        assert_eq!(
+            (
+                p.min_replicas,
+                p.max_replicas,
+                p.lag_threshold,
+                p.activation_lag
+            ),
+            (0, 1, 1, 1)
+        );
+        assert_eq!(p.down_window, Duration::from_secs(60));
+        assert_eq!(
+            recommend(
+                &p,
+                LagSample {
+                    total_lag: 1_000,
+                    partitions: 4
+                },
+                1
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn a_count_above_the_partition_cap_comes_down_only_after_the_down_window() {
+        // 7 replicas (set by hand before the first reading) on 3 partitions: 4 sit idle, but
+        // removing them is still a scale-down and waits for the window like any other.
+        let mut h = ScaleHistory::default();
+        let d = decide(&policy(), &lag(5_000, 3), 7, secs(0), &mut h);
+        assert_eq!((d.replicas, d.reason), (7, DecisionReason::Stable));
+        let d = decide(&policy(), &lag(5_000, 3), 7, secs(60), &mut h);
+        assert_eq!((d.replicas, d.reason), (3, DecisionReason::ScaleDown));
+        assert!(
+            d.message.contains("lag 5000 over 3 partitions"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn lag_that_falls_and_rises_within_the_down_window_never_scales_down() {
+        let mut h = ScaleHistory::default();
+        let mut current = decide(&policy(), &lag(500, 12), 1, secs(0), &mut h).replicas;
+        assert_eq!(current, 5);
+        // A quiet spell shorter than the window, then the load is back.
+        for t in (5..=50).step_by(5) {
+            current = decide(&policy(), &lag(0, 12), current, secs(t), &mut h).replicas;
+        }
+        let d = decide(&policy(), &lag(480, 12), current, secs(55), &mut h);
+        assert_eq!((d.replicas, d.reason), (5, DecisionReason::Stable));
+    }
+
+    #[test]
     fn caps_apply_after_stabilization_too() {
         let mut h = ScaleHistory::default();
         let d = decide(&policy(), &lag(1_000_000, 4), 1, secs(0), &mut h);
         assert_eq!(d.replicas, 4, "capped at 4 partitions");
-        let p = ScalePolicy { allow_idle_consumers: true, max_replicas: 7, ..policy() };
+        let p = ScalePolicy {
+            allow_idle_consumers: true,
+            max_replicas: 7,
+            ..policy()
+        };
         let mut h = ScaleHistory::default();
         let d = decide(&p, &lag(1_000_000, 4), 1, secs(0), &mut h);
         assert_eq!(d.replicas, 7, "capped at maxReplicas");

@@ -103,7 +103,8 @@ impl RunArgs {
     /// Settings of the lag poller.
     pub fn poll_settings(&self) -> PollSettings {
         PollSettings {
-            default_interval: (self.lag_interval > 0).then(|| Duration::from_secs(self.lag_interval)),
+            default_interval: (self.lag_interval > 0)
+                .then(|| Duration::from_secs(self.lag_interval)),
             status_interval: Duration::from_secs(self.lag_status_interval),
             ..PollSettings::default()
         }

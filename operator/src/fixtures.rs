@@ -120,7 +120,9 @@ impl GroupDeleter for FakeGroupDeleter {
 /// (the last one repeats). An unscripted group fails as if the brokers were down.
 #[derive(Default)]
 pub struct FakeLagReader {
-    script: Mutex<std::collections::HashMap<String, std::collections::VecDeque<Result<GroupLag, String>>>>,
+    script: Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<Result<GroupLag, String>>>,
+    >,
     /// Every target read, in order.
     pub reads: Mutex<Vec<LagTarget>>,
 }

@@ -63,9 +63,7 @@ impl LagTarget {
             topics: sc.spec.kafka.topics.clone(),
             auto_offset_reset: sc.spec.kafka.auto_offset_reset,
             security_protocol: protocol,
-            sasl_mechanism: security
-                .and_then(|s| s.sasl.as_ref())
-                .map(|s| s.mechanism),
+            sasl_mechanism: security.and_then(|s| s.sasl.as_ref()).map(|s| s.mechanism),
             credentials,
         }
     }
@@ -82,7 +80,10 @@ impl std::fmt::Debug for LagTarget {
             .field("sasl_mechanism", &self.sasl_mechanism)
             .field(
                 "credentials",
-                &self.credentials.as_ref().map(|(user, _)| (user, "<redacted>")),
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(user, _)| (user, "<redacted>")),
             )
             .finish()
     }
@@ -390,7 +391,10 @@ mod tests {
 
     #[test]
     fn committed_offset_lag_is_high_watermark_minus_committed() {
-        assert_eq!(partition_lag(Some(40), 0, 100, AutoOffsetReset::Earliest), 60);
+        assert_eq!(
+            partition_lag(Some(40), 0, 100, AutoOffsetReset::Earliest),
+            60
+        );
         assert_eq!(partition_lag(Some(100), 0, 100, AutoOffsetReset::Latest), 0);
     }
 
@@ -403,7 +407,10 @@ mod tests {
     #[test]
     fn lag_is_never_negative() {
         // A committed offset past the high watermark (a truncated topic) is zero lag.
-        assert_eq!(partition_lag(Some(120), 0, 100, AutoOffsetReset::Earliest), 0);
+        assert_eq!(
+            partition_lag(Some(120), 0, 100, AutoOffsetReset::Earliest),
+            0
+        );
     }
 
     #[test]
@@ -416,7 +423,10 @@ mod tests {
             lag,
         };
         let g = summarize(vec![p(2, 5), p(0, 30), p(1, 7)], 2);
-        assert_eq!((g.total, g.partitions, g.members, g.max_partition_lag), (42, 3, 2, 30));
+        assert_eq!(
+            (g.total, g.partitions, g.members, g.max_partition_lag),
+            (42, 3, 2, 30)
+        );
         let order: Vec<i32> = g.per_partition.iter().map(|p| p.partition).collect();
         assert_eq!(order, [0, 1, 2]);
     }
@@ -432,6 +442,9 @@ mod tests {
             sasl_mechanism: Some(SaslMechanism::ScramSha512),
             credentials: None,
         };
-        assert!(matches!(client_config(&target), Err(LagError::MissingCredentials)));
+        assert!(matches!(
+            client_config(&target),
+            Err(LagError::MissingCredentials)
+        ));
     }
 }

@@ -314,7 +314,10 @@ impl ReplicaDecider for LagBook {
 
     fn announce(&self, sc: &StreamConsumer, replicas: i32) -> Option<Decision> {
         self.with_entry(sc, |e| {
-            if e.unannounced.as_ref().is_some_and(|d| d.replicas == replicas) {
+            if e.unannounced
+                .as_ref()
+                .is_some_and(|d| d.replicas == replicas)
+            {
                 e.unannounced.take()
             } else {
                 None
@@ -368,7 +371,12 @@ mod tests {
         Timestamp::from_second(1_700_000_000 + sec).unwrap()
     }
 
-    fn record(book: &LagBook, sc: &StreamConsumer, r: Result<&GroupLag, LagFailure>, t: u64) -> Recorded {
+    fn record(
+        book: &LagBook,
+        sc: &StreamConsumer,
+        r: Result<&GroupLag, LagFailure>,
+        t: u64,
+    ) -> Recorded {
         book.record(
             sc,
             &LagTarget::from_resource(sc),
@@ -433,10 +441,7 @@ mod tests {
         assert_eq!(r.was_available, Some(true));
         assert!(r.availability_changed());
         assert_eq!(r.replicas_changed_from, None);
-        assert_eq!(
-            r.decision.unwrap().reason,
-            DecisionReason::LagUnavailable
-        );
+        assert_eq!(r.decision.unwrap().reason, DecisionReason::LagUnavailable);
         assert_eq!(book.desired_replicas(&sc), 3);
         let view = book.lag(&sc).unwrap();
         assert_eq!(view.failure.unwrap().reason, "KafkaError");

@@ -184,8 +184,7 @@ impl Scheduler {
             && slot
                 .last_trigger
                 .is_none_or(|t| now.saturating_duration_since(t) >= settings.status_interval);
-        let trigger =
-            r.replicas_changed_from.is_some() || r.availability_changed() || figures_due;
+        let trigger = r.replicas_changed_from.is_some() || r.availability_changed() || figures_due;
         if trigger {
             slot.last_trigger = Some(now);
             if r.figures.is_some() {
@@ -207,17 +206,23 @@ impl Scheduler {
             .filter(|s| !s.in_flight)
             .filter_map(Slot::due)
             .min()
-            .map_or(latest, |due| due.clamp(now + Duration::from_millis(10), latest))
+            .map_or(latest, |due| {
+                due.clamp(now + Duration::from_millis(10), latest)
+            })
     }
 }
 
 /// [`LagReader`] behind a pointer (the trait itself is not object safe).
 trait ReadLag: Send + Sync {
-    fn read_boxed<'a>(&'a self, target: &'a LagTarget) -> BoxFuture<'a, Result<GroupLag, LagError>>;
+    fn read_boxed<'a>(&'a self, target: &'a LagTarget)
+        -> BoxFuture<'a, Result<GroupLag, LagError>>;
 }
 
 impl<R: LagReader> ReadLag for R {
-    fn read_boxed<'a>(&'a self, target: &'a LagTarget) -> BoxFuture<'a, Result<GroupLag, LagError>> {
+    fn read_boxed<'a>(
+        &'a self,
+        target: &'a LagTarget,
+    ) -> BoxFuture<'a, Result<GroupLag, LagError>> {
         Box::pin(self.read(target))
     }
 }
@@ -285,12 +290,16 @@ impl LagPoller {
                 }
             }
             let now = Instant::now();
-            let free = self.settings.max_concurrent_reads.saturating_sub(reads.len());
+            let free = self
+                .settings
+                .max_concurrent_reads
+                .saturating_sub(reads.len());
             let plan = scheduler.plan(&store.state(), now, &self.settings, free);
             self.forget(&plan.forgotten, &scheduler);
             for job in plan.jobs {
                 let key = job.key.clone();
-                let handle = reads.spawn(read(self.reader.clone(), job, self.settings.read_timeout));
+                let handle =
+                    reads.spawn(read(self.reader.clone(), job, self.settings.read_timeout));
                 running.insert(handle.id(), key);
             }
             let saturated = reads.len() >= self.settings.max_concurrent_reads;
@@ -303,7 +312,12 @@ impl LagPoller {
     fn forget(&self, keys: &[String], scheduler: &Scheduler) {
         let mut keys: HashSet<String> = keys.iter().cloned().collect();
         // Also whatever the book holds that the scheduler does not track.
-        keys.extend(self.book.keys().into_iter().filter(|k| !scheduler.tracks(k)));
+        keys.extend(
+            self.book
+                .keys()
+                .into_iter()
+                .filter(|k| !scheduler.tracks(k)),
+        );
         for key in keys {
             self.book.forget(&key);
             if let Some((namespace, name)) = key.split_once('/') {

@@ -232,7 +232,9 @@ mod tests {
         m.reconcile_failed(&Error::MissingMetadata("uid"));
         m.group_cleanups.with_label_values(&["deleted"]).inc();
         m.consumer_lag.with_label_values(&["ns", "a"]).set(1);
-        m.lag_read_failures.with_label_values(&["kafka_error"]).inc();
+        m.lag_read_failures
+            .with_label_values(&["kafka_error"])
+            .inc();
         m.scale_decisions.with_label_values(&["ScaleUp"]).inc();
         for family in registry.gather() {
             assert!(

@@ -79,7 +79,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let settings = LeaseSettings::new(&args.lease_name, lease_namespace, holder_identity());
         let mut lock = LeaseLock::new(client.clone(), settings);
         run_as_leader(&mut lock, &metrics, shutdown.clone(), |stop| {
-            run_controller(client.clone(), namespace.clone(), ctx.clone(), stop, poller())
+            run_controller(
+                client.clone(),
+                namespace.clone(),
+                ctx.clone(),
+                stop,
+                poller(),
+            )
         })
         .await
         .map_err(anyhow::Error::from)

@@ -273,7 +273,10 @@ pub fn lag_lost(old: Option<&StreamConsumerStatus>, new: &StreamConsumerStatus) 
     if before.is_some_and(|c| c.status == "False") {
         return None;
     }
-    Some(format!("cannot read the consumer-group lag: {}", now.message))
+    Some(format!(
+        "cannot read the consumer-group lag: {}",
+        now.message
+    ))
 }
 
 /// The status of an invalid spec: `Degraded` names the fields; the workers keep running whatever
@@ -381,10 +384,14 @@ mod tests {
         // The status still shows 3 ready pods, but of the previous template.
         let mut d = settled(4, 3);
         d.metadata.generation = Some(5);
-        let s = observed(&StreamConsumer::test().with_replicas(3),
+        let s = observed(
+            &StreamConsumer::test().with_replicas(3),
             &d,
             3,
-            "abc", None, t(10));
+            "abc",
+            None,
+            t(10),
+        );
         assert_eq!(is(&s, READY), ("False".into(), "RollingOut".into()));
         assert_eq!(is(&s, PROGRESSING), ("True".into(), "RollingOut".into()));
     }
@@ -401,10 +408,14 @@ mod tests {
                 ..DeploymentStatus::default()
             },
         );
-        let s = observed(&StreamConsumer::test().with_replicas(3),
+        let s = observed(
+            &StreamConsumer::test().with_replicas(3),
             &d,
             3,
-            "abc", None, t(10));
+            "abc",
+            None,
+            t(10),
+        );
         assert_eq!(is(&s, READY), ("False".into(), "WorkersNotReady".into()));
         assert_eq!(condition(&s, READY).unwrap().message, "1/3 workers ready");
         assert_eq!(
@@ -468,10 +479,14 @@ mod tests {
 
     #[test]
     fn zero_replicas_is_ready_once_scaled_down() {
-        let s = observed(&StreamConsumer::test().with_replicas(0),
+        let s = observed(
+            &StreamConsumer::test().with_replicas(0),
             &settled(3, 0),
             0,
-            "h", None, t(1));
+            "h",
+            None,
+            t(1),
+        );
         assert_eq!(is(&s, READY), ("True".into(), "ScaledToZero".into()));
     }
 
@@ -548,14 +563,29 @@ mod tests {
         let sc = StreamConsumer::test();
         let s = observed(&sc, &settled(1, 1), 1, "h", Some(&read(420)), t(1));
         let lag = s.lag.as_ref().unwrap();
-        assert_eq!((lag.total, lag.partitions, lag.members, lag.max_partition_lag), (420, 6, 2, 210));
+        assert_eq!(
+            (
+                lag.total,
+                lag.partitions,
+                lag.members,
+                lag.max_partition_lag
+            ),
+            (420, 6, 2, 210)
+        );
         assert_eq!(is(&s, LAG_AVAILABLE), ("True".into(), "LagRead".into()));
         assert_eq!(s.conditions.len(), 4);
     }
 
     #[test]
     fn without_a_reading_the_lag_and_its_condition_are_carried_over() {
-        let first = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", Some(&read(7)), t(1));
+        let first = observed(
+            &StreamConsumer::test(),
+            &settled(1, 1),
+            1,
+            "h",
+            Some(&read(7)),
+            t(1),
+        );
         let sc = StreamConsumer::test().with_status(first.clone());
         let again = observed(&sc, &settled(1, 1), 1, "h", None, t(50));
         assert_eq!(again, first);
@@ -580,7 +610,14 @@ mod tests {
                 poll_interval_seconds: 5,
             })
         });
-        let s = observed(&sc, &settled(1, 3), 3, "h", Some(&unreadable(Some(250))), t(1));
+        let s = observed(
+            &sc,
+            &settled(1, 3),
+            3,
+            "h",
+            Some(&unreadable(Some(250))),
+            t(1),
+        );
         assert_eq!(is(&s, LAG_AVAILABLE), ("False".into(), "KafkaError".into()));
         let message = &condition(&s, LAG_AVAILABLE).unwrap().message;
         assert!(message.contains("all brokers down"), "{message}");
@@ -593,18 +630,42 @@ mod tests {
     fn losing_the_lag_is_reported_once() {
         let sc = StreamConsumer::test();
         let ok = observed(&sc, &settled(1, 1), 1, "h", Some(&read(1)), t(1));
-        let lost = observed(&sc.clone().with_status(ok.clone()), &settled(1, 1), 1, "h", Some(&unreadable(Some(1))), t(2));
+        let lost = observed(
+            &sc.clone().with_status(ok.clone()),
+            &settled(1, 1),
+            1,
+            "h",
+            Some(&unreadable(Some(1))),
+            t(2),
+        );
         let message = lag_lost(Some(&ok), &lost).unwrap();
         assert!(message.contains("all brokers down"), "{message}");
-        let still = observed(&sc.clone().with_status(lost.clone()), &settled(1, 1), 1, "h", Some(&unreadable(Some(1))), t(3));
+        let still = observed(
+            &sc.clone().with_status(lost.clone()),
+            &settled(1, 1),
+            1,
+            "h",
+            Some(&unreadable(Some(1))),
+            t(3),
+        );
         assert_eq!(lag_lost(Some(&lost), &still), None);
-        assert!(lag_lost(None, &lost).is_some(), "unreadable from the first attempt");
+        assert!(
+            lag_lost(None, &lost).is_some(),
+            "unreadable from the first attempt"
+        );
         assert_eq!(lag_lost(Some(&lost), &ok), None);
     }
 
     #[test]
     fn a_failed_or_invalid_pass_keeps_lag_available() {
-        let ok = observed(&StreamConsumer::test(), &settled(1, 1), 1, "h", Some(&read(1)), t(1));
+        let ok = observed(
+            &StreamConsumer::test(),
+            &settled(1, 1),
+            1,
+            "h",
+            Some(&read(1)),
+            t(1),
+        );
         let sc = StreamConsumer::test().with_status(ok);
         let s = failed(&sc, "ApplyFailed", "boom", t(2));
         assert_eq!(is(&s, LAG_AVAILABLE).0, "True");

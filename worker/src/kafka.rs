@@ -131,8 +131,24 @@ impl KafkaClientSettings {
         if let Some(id) = s.instance_id {
             c.set("group.instance.id", id);
         }
+        for (k, v) in parse_overrides(&std::env::var(ENV_CONSUMER_OVERRIDES).unwrap_or_default()) {
+            c.set(k, v);
+        }
         c
     }
+}
+
+/// librdkafka consumer properties applied last, as `key=value,key=value` (tuning and
+/// debugging, e.g. `debug=cgrp`). Never put credentials here.
+pub const ENV_CONSUMER_OVERRIDES: &str = "STREAMOPS_KAFKA_CONSUMER_OVERRIDES";
+
+/// Parses `key=value,key=value`; entries without `=` are ignored.
+pub fn parse_overrides(text: &str) -> Vec<(&str, &str)> {
+    text.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -154,6 +170,14 @@ mod tests {
         assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(c.get("sasl.username"), Some("u"));
         assert_eq!(c.get("ssl.ca.location"), Some("/ca.crt"));
+    }
+
+    #[test]
+    fn overrides_are_parsed_as_key_value_pairs() {
+        assert_eq!(
+            parse_overrides("debug=cgrp, fetch.max.bytes = 1000,junk,"),
+            vec![("debug", "cgrp"), ("fetch.max.bytes", "1000")]
+        );
     }
 
     #[test]

@@ -152,7 +152,10 @@ impl WorkerRuntime {
     /// Like [`WorkerRuntime::run`] with one writer lane per handler instance (see
     /// [`pipeline::run_pipeline_lanes`]); only for handlers whose state is per partition. HTTP
     /// routes come from the first instance.
-    pub async fn run_lanes<H: Handler>(self, handlers: Vec<H>) -> Result<WriterTotals, WorkerError> {
+    pub async fn run_lanes<H: Handler>(
+        self,
+        handlers: Vec<H>,
+    ) -> Result<WriterTotals, WorkerError> {
         let http_stop = CancellationToken::new();
         let routes = handlers.first().and_then(Handler::routes);
         let app = crate::http::router(self.health.clone(), self.metrics.clone(), routes);

@@ -69,7 +69,10 @@ fn a_new_object_is_read_at_once_then_on_its_interval() {
     assert_eq!(plan.jobs[0].key, "default/a");
     assert_eq!(plan.jobs[0].target.group_id, "group-a");
     s.finished("default/a", None, t0 + secs(1), &settings());
-    assert!(s.plan(&objects, t0 + secs(4), &settings(), 4).jobs.is_empty());
+    assert!(s
+        .plan(&objects, t0 + secs(4), &settings(), 4)
+        .jobs
+        .is_empty());
     assert_eq!(s.plan(&objects, t0 + secs(5), &settings(), 4).jobs.len(), 1);
 }
 
@@ -80,9 +83,15 @@ fn an_object_is_never_read_twice_at_once() {
     let t0 = Instant::now();
     assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs.len(), 1);
     // The reading outlives its interval: no second one until it finishes.
-    assert!(s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.is_empty());
+    assert!(s
+        .plan(&objects, t0 + secs(30), &settings(), 4)
+        .jobs
+        .is_empty());
     s.finished("default/a", None, t0 + secs(30), &settings());
-    assert_eq!(s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(), 1);
+    assert_eq!(
+        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(),
+        1
+    );
 }
 
 #[test]
@@ -92,8 +101,14 @@ fn objects_without_autoscaling_use_the_default_interval_or_are_not_read() {
     let t0 = Instant::now();
     assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs.len(), 1);
     s.finished("default/plain", None, t0, &settings());
-    assert!(s.plan(&objects, t0 + secs(29), &settings(), 4).jobs.is_empty());
-    assert_eq!(s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(), 1);
+    assert!(s
+        .plan(&objects, t0 + secs(29), &settings(), 4)
+        .jobs
+        .is_empty());
+    assert_eq!(
+        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(),
+        1
+    );
 
     let off = PollSettings {
         default_interval: None,
@@ -101,7 +116,11 @@ fn objects_without_autoscaling_use_the_default_interval_or_are_not_read() {
     };
     let plan = s.plan(&objects, t0 + secs(60), &off, 4);
     assert!(plan.jobs.is_empty());
-    assert_eq!(plan.forgotten, ["default/plain"], "no longer read: forgotten");
+    assert_eq!(
+        plan.forgotten,
+        ["default/plain"],
+        "no longer read: forgotten"
+    );
 }
 
 #[test]
@@ -118,7 +137,12 @@ fn gone_deleted_and_malformed_objects_are_forgotten() {
     let plan = s.plan(&[], t0, &settings(), 4);
     assert_eq!(plan.forgotten, ["default/a"]);
     // A reading that finishes after its object went is not acted on.
-    assert!(!s.finished("default/a", Some(&recorded(Some(5), None, true)), t0, &settings()));
+    assert!(!s.finished(
+        "default/a",
+        Some(&recorded(Some(5), None, true)),
+        t0,
+        &settings()
+    ));
 }
 
 #[test]
@@ -130,7 +154,11 @@ fn concurrent_readings_are_bounded() {
         .collect();
     let t0 = Instant::now();
     assert_eq!(s.plan(&objects, t0, &settings(), 1).jobs.len(), 1);
-    assert_eq!(s.plan(&objects, t0, &settings(), 2).jobs.len(), 2, "the others next");
+    assert_eq!(
+        s.plan(&objects, t0, &settings(), 2).jobs.len(),
+        2,
+        "the others next"
+    );
     assert!(s.plan(&objects, t0, &settings(), 0).jobs.is_empty());
 }
 
@@ -144,12 +172,30 @@ fn readings_trigger_a_reconciliation_only_when_they_matter() {
         s.plan(&objects, t0 + at, &settings(), 4);
         s.finished(key, Some(&r), t0 + at, &settings())
     };
-    assert!(read(secs(0), recorded(Some(10), None, false)), "first reading");
-    assert!(!read(secs(30), recorded(Some(10), Some(true), false)), "nothing changed");
-    assert!(read(secs(60), recorded(Some(20), Some(true), false)), "new figures, status old enough");
-    assert!(read(secs(90), recorded(None, Some(true), false)), "lag became unavailable");
-    assert!(!read(secs(120), recorded(None, Some(false), false)), "still unavailable");
-    assert!(read(secs(150), recorded(Some(20), Some(false), false)), "available again");
+    assert!(
+        read(secs(0), recorded(Some(10), None, false)),
+        "first reading"
+    );
+    assert!(
+        !read(secs(30), recorded(Some(10), Some(true), false)),
+        "nothing changed"
+    );
+    assert!(
+        read(secs(60), recorded(Some(20), Some(true), false)),
+        "new figures, status old enough"
+    );
+    assert!(
+        read(secs(90), recorded(None, Some(true), false)),
+        "lag became unavailable"
+    );
+    assert!(
+        !read(secs(120), recorded(None, Some(false), false)),
+        "still unavailable"
+    );
+    assert!(
+        read(secs(150), recorded(Some(20), Some(false), false)),
+        "available again"
+    );
 }
 
 #[test]
@@ -163,10 +209,19 @@ fn status_refreshes_are_rate_limited_but_scale_decisions_are_not() {
         s.finished(key, Some(&r), t0 + at, &settings())
     };
     assert!(read(secs(0), recorded(Some(10), None, false)));
-    assert!(!read(secs(5), recorded(Some(20), Some(true), false)), "within the status interval");
-    assert!(read(secs(10), recorded(Some(450), Some(true), true)), "a scale decision at once");
+    assert!(
+        !read(secs(5), recorded(Some(20), Some(true), false)),
+        "within the status interval"
+    );
+    assert!(
+        read(secs(10), recorded(Some(450), Some(true), true)),
+        "a scale decision at once"
+    );
     assert!(!read(secs(15), recorded(Some(460), Some(true), false)));
-    assert!(read(secs(25), recorded(Some(470), Some(true), false)), "15 s after the last one");
+    assert!(
+        read(secs(25), recorded(Some(470), Some(true), false)),
+        "15 s after the last one"
+    );
 }
 
 #[test]
@@ -174,7 +229,11 @@ fn the_loop_wakes_for_the_earliest_due_reading_within_a_tick() {
     let mut s = Scheduler::default();
     let t0 = Instant::now();
     let tick = settings().tick;
-    assert_eq!(s.next_wake(t0, &settings(), false), t0 + tick, "nothing tracked");
+    assert_eq!(
+        s.next_wake(t0, &settings(), false),
+        t0 + tick,
+        "nothing tracked"
+    );
     let objects = vec![guarded(consumer("a", true))];
     s.plan(&objects, t0, &settings(), 4);
     assert_eq!(s.next_wake(t0, &settings(), false), t0 + tick, "in flight");
@@ -182,7 +241,10 @@ fn the_loop_wakes_for_the_earliest_due_reading_within_a_tick() {
     let at = t0 + secs(5) - Duration::from_millis(300);
     assert_eq!(s.next_wake(at, &settings(), false), t0 + secs(5));
     let late = t0 + secs(9);
-    assert!(s.next_wake(late, &settings(), false) > late, "an overdue reading never spins");
+    assert!(
+        s.next_wake(late, &settings(), false) > late,
+        "an overdue reading never spins"
+    );
     assert_eq!(s.next_wake(at, &settings(), true), at + tick, "saturated");
 }
 
@@ -243,7 +305,8 @@ async fn the_poller_records_each_objects_lag_and_triggers_its_reconciliation() {
     let mut h = start();
     let scaled = consumer("scaled", true);
     let plain = consumer("plain", false);
-    h.reader.answer("group-scaled", vec![Ok(group_lag(350, 6, 2))]);
+    h.reader
+        .answer("group-scaled", vec![Ok(group_lag(350, 6, 2))]);
     h.reader.answer("group-plain", vec![Ok(group_lag(7, 3, 1))]);
     h.apply(&scaled);
     h.apply(&plain);
@@ -252,17 +315,46 @@ async fn the_poller_records_each_objects_lag_and_triggers_its_reconciliation() {
     triggered.sort();
     assert_eq!(triggered, ["plain", "scaled"]);
 
-    assert_eq!(h.book.desired_replicas(&scaled), 4, "lag 350, threshold 100");
+    assert_eq!(
+        h.book.desired_replicas(&scaled),
+        4,
+        "lag 350, threshold 100"
+    );
     assert_eq!(h.book.desired_replicas(&plain), 1, "spec.replicas");
     assert_eq!(h.book.lag(&plain).unwrap().last.unwrap().total, 7);
     let announced = h.book.announce(&scaled, 4).unwrap();
     assert_eq!(announced.reason, DecisionReason::ScaleUp);
     let m = &h.metrics;
-    assert_eq!(m.consumer_lag.with_label_values(&["default", "scaled"]).get(), 350);
-    assert_eq!(m.consumer_lag.with_label_values(&["default", "plain"]).get(), 7);
-    assert_eq!(m.consumer_members.with_label_values(&["default", "scaled"]).get(), 2);
-    assert_eq!(m.consumer_max_partition_lag.with_label_values(&["default", "plain"]).get(), 7);
-    assert_eq!(m.autoscaler_replicas.with_label_values(&["default", "scaled"]).get(), 4);
+    assert_eq!(
+        m.consumer_lag
+            .with_label_values(&["default", "scaled"])
+            .get(),
+        350
+    );
+    assert_eq!(
+        m.consumer_lag
+            .with_label_values(&["default", "plain"])
+            .get(),
+        7
+    );
+    assert_eq!(
+        m.consumer_members
+            .with_label_values(&["default", "scaled"])
+            .get(),
+        2
+    );
+    assert_eq!(
+        m.consumer_max_partition_lag
+            .with_label_values(&["default", "plain"])
+            .get(),
+        7
+    );
+    assert_eq!(
+        m.autoscaler_replicas
+            .with_label_values(&["default", "scaled"])
+            .get(),
+        4
+    );
     assert_eq!(m.scale_decisions.with_label_values(&["ScaleUp"]).get(), 1);
     h.stop().await;
 }
@@ -282,7 +374,10 @@ async fn an_unreadable_group_is_counted_reported_once_and_holds_the_replicas() {
     while h.reader.groups_read().len() < 4 {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    assert!(h.rx.try_recv().is_err(), "no trigger while still unavailable");
+    assert!(
+        h.rx.try_recv().is_err(),
+        "no trigger while still unavailable"
+    );
     assert!(
         h.metrics
             .lag_read_failures
@@ -293,7 +388,11 @@ async fn an_unreadable_group_is_counted_reported_once_and_holds_the_replicas() {
     h.reader.answer("group-down", vec![Ok(group_lag(0, 6, 3))]);
     assert_eq!(h.next_trigger().await, "down", "available again");
     assert_eq!(h.book.lag(&sc).unwrap().failure, None);
-    assert_eq!(h.book.desired_replicas(&sc), 3, "a fresh history never scales down at once");
+    assert_eq!(
+        h.book.desired_replicas(&sc),
+        3,
+        "a fresh history never scales down at once"
+    );
     h.stop().await;
 }
 

@@ -1068,11 +1068,14 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                 continue;
             }
             let answer = match (parts.method.clone(), path.as_str()) {
-                (Method::GET, p) if p == consumers => list(vec![serde_json::to_value(&sc).unwrap()]),
+                (Method::GET, p) if p == consumers => {
+                    list(vec![serde_json::to_value(&sc).unwrap()])
+                }
                 (Method::GET, p) if p == Kind::Deployment.path("test") => match &applied {
                     Some(d) => d.clone(),
                     None => {
-                        let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+                        let status =
+                            kube::core::Status::failure("not found", "NotFound").with_code(404);
                         send.send_response(
                             Response::builder()
                                 .status(404)
@@ -1085,7 +1088,10 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                 (Method::GET, _) => list(vec![]),
                 (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
                     if applied.is_none() {
-                        assert_eq!(body["spec"]["replicas"], 1, "created before the lag crossed");
+                        assert_eq!(
+                            body["spec"]["replicas"], 1,
+                            "created before the lag crossed"
+                        );
                     }
                     scaled_deployment |= body["spec"]["replicas"] == 4;
                     let mut answer = body;
@@ -1126,7 +1132,12 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
     let drain = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
-            if request.uri().query().unwrap_or_default().contains("watch=true") {
+            if request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .contains("watch=true")
+            {
                 held.push(send);
                 continue;
             }

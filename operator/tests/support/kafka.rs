@@ -84,7 +84,12 @@ pub fn producer() -> FutureProducer {
 
 /// Produces `count` records to `partition` of `topic`, one at a time (one record per batch);
 /// returns when the last one was acknowledged, and when.
-pub async fn produce(producer: &FutureProducer, topic: &str, partition: i32, count: usize) -> Instant {
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    count: usize,
+) -> Instant {
     let mut acked = Instant::now();
     for i in 0..count {
         let payload = format!("record {i}");

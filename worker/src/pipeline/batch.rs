@@ -272,7 +272,10 @@ mod tests {
     fn partitions_spread_evenly_over_lanes_and_always_to_the_same_one() {
         let lanes: Vec<_> = (0..4).map(|p| lane_of("prices", p, 2)).collect();
         assert_eq!(lanes.iter().filter(|l| **l == 0).count(), 2);
-        assert_eq!(lanes, (0..4).map(|p| lane_of("prices", p, 2)).collect::<Vec<_>>());
+        assert_eq!(
+            lanes,
+            (0..4).map(|p| lane_of("prices", p, 2)).collect::<Vec<_>>()
+        );
         assert!((0..10).all(|p| lane_of("t", p, 1) == 0));
     }
 

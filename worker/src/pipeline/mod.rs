@@ -208,7 +208,9 @@ pub async fn run_pipeline_lanes<H: Handler>(
     let mut paused = false;
     let mut stopping = false;
     let mut last_topic: Option<(Arc<str>, u64)> = None;
-    let mut writer_failure: Option<Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>> = None;
+    let mut writer_failure: Option<
+        Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>,
+    > = None;
 
     loop {
         apply_rebalance_events(
@@ -225,8 +227,7 @@ pub async fn run_pipeline_lanes<H: Handler>(
         let now = Instant::now();
         let due: Vec<usize> = (0..lanes)
             .filter(|&l| {
-                !pending[l].is_empty()
-                    && (stopping || pending[l].due(max_messages, max_wait, now))
+                !pending[l].is_empty() && (stopping || pending[l].due(max_messages, max_wait, now))
             })
             .collect();
         // Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
@@ -335,8 +336,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
 
     drop(batch_txs);
     let mut result: Result<WriterTotals, PipelineError> = Ok(WriterTotals::default());
-    let mut absorb = |r: Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>| {
-        match r {
+    let mut absorb =
+        |r: Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>| match r {
             Ok(Ok(t)) => {
                 if let Ok(total) = &mut result {
                     total.processed += t.processed;
@@ -354,8 +355,7 @@ pub async fn run_pipeline_lanes<H: Handler>(
                     result = Err(PipelineError::Writer(e.to_string()));
                 }
             }
-        }
-    };
+        };
     if let Some(r) = writer_failure {
         absorb(r);
         // The other lanes stop too: their channels are closed.
@@ -403,9 +403,9 @@ async fn reserve_any<'a, T>(
     usize,
     Result<mpsc::Permit<'a, T>, mpsc::error::SendError<()>>,
 ) {
-    let futures = due.iter().map(|&lane| {
-        Box::pin(async move { (lane, txs[lane].reserve().await) })
-    });
+    let futures = due
+        .iter()
+        .map(|&lane| Box::pin(async move { (lane, txs[lane].reserve().await) }));
     futures::future::select_all(futures).await.0
 }
 
