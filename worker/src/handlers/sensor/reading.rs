@@ -1,7 +1,11 @@
 //! The sensor reading message and its decoding. The schema is documented in the `sensor` module.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::{Map, Number, Value};
 
 use crate::handlers::json_fields::{
     check_id, parse_object, parse_timestamp, req_bool, req_object, req_str,
@@ -28,8 +32,43 @@ pub struct Reading {
     pub failure: bool,
 }
 
-/// Decodes and validates one reading.
+/// The well-formed shape, read in one pass without building a JSON tree.
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    machine_id: Cow<'a, str>,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    readings: BTreeMap<String, Number>,
+    failure: bool,
+}
+
+/// Decodes and validates one reading. Well-formed messages take a typed fast path; anything it
+/// does not accept goes through the field-by-field path, which accepts the same messages with the
+/// same result and names the reason for the others.
 pub fn decode_reading(payload: &[u8]) -> Result<Reading, Rejection> {
+    let fast = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Wire>(text).ok())
+        .and_then(|w| {
+            let machine_id = check_id("machine_id", &w.machine_id, MAX_MACHINE_ID_BYTES).ok()?;
+            let timestamp = parse_timestamp("timestamp", &w.timestamp, true).ok()?;
+            let values = values_text(w.readings.iter().map(|(k, v)| (k.as_str(), v))).ok()?;
+            Some(Reading {
+                machine_id: machine_id.to_string(),
+                timestamp,
+                values,
+                failure: w.failure,
+            })
+        });
+    match fast {
+        Some(r) => Ok(r),
+        None => decode_fields(payload),
+    }
+}
+
+/// The field-by-field path: the same rules, with a precise rejection.
+fn decode_fields(payload: &[u8]) -> Result<Reading, Rejection> {
     let obj = parse_object(payload)?;
     let machine_id = check_id(
         "machine_id",
@@ -48,51 +87,63 @@ pub fn decode_reading(payload: &[u8]) -> Result<Reading, Rejection> {
     })
 }
 
-fn check_values(readings: &Map<String, Value>) -> Result<String, Rejection> {
-    if readings.len() > MAX_READINGS {
+/// Checks the count and names of sensor values and renders them as a JSON object with keys in
+/// sorted order (numbers keep their written form: `70` stays `70`, `70.0` stays `70.0`).
+fn values_text<'a>(
+    values: impl ExactSizeIterator<Item = (&'a str, &'a Number)>,
+) -> Result<String, Rejection> {
+    if values.len() > MAX_READINGS {
         return Err(Rejection::new(
             RejectKind::InvalidValue,
             format!(
                 "field `readings` has {} values; at most {MAX_READINGS} are allowed",
-                readings.len()
+                values.len()
             ),
         ));
     }
-    for (name, v) in readings {
+    let mut sorted: BTreeMap<&str, &Number> = BTreeMap::new();
+    for (name, n) in values {
         if name.is_empty() || name.len() > MAX_SENSOR_NAME_BYTES {
             return Err(Rejection::new(
                 RejectKind::InvalidValue,
-                format!("sensor names in `readings` must be 1-{MAX_SENSOR_NAME_BYTES} bytes long, got {name:?}"),
+                format!(
+                    "sensor names in `readings` must be 1-{MAX_SENSOR_NAME_BYTES} bytes long, got {name:?}"
+                ),
             ));
         }
-        match v.as_f64() {
-            // serde_json never yields a non-finite number, but a value could come from
-            // elsewhere one day.
-            Some(n) if n.is_finite() => {}
-            Some(_) => {
-                return Err(Rejection::new(
-                    RejectKind::InvalidValue,
-                    format!("field `readings.{name}` must be finite"),
-                ))
-            }
-            None => {
-                return Err(Rejection::new(
-                    RejectKind::WrongType,
-                    format!(
-                        "field `readings.{name}` must be a number, got {}",
-                        crate::handlers::json_fields::type_name(v)
-                    ),
-                ))
-            }
+        if !n.as_f64().is_some_and(f64::is_finite) {
+            return Err(Rejection::new(
+                RejectKind::InvalidValue,
+                format!("field `readings.{name}` must be finite"),
+            ));
         }
+        sorted.insert(name, n);
     }
-    // serde_json's map is ordered by key, so the text is the same for equal readings.
-    serde_json::to_string(readings).map_err(|e| {
+    serde_json::to_string(&sorted).map_err(|e| {
         Rejection::new(
             RejectKind::InvalidValue,
             format!("field `readings` cannot be re-encoded: {e}"),
         )
     })
+}
+
+fn check_values(readings: &Map<String, Value>) -> Result<String, Rejection> {
+    let mut numbers = Vec::with_capacity(readings.len());
+    for (name, v) in readings {
+        match v {
+            Value::Number(n) => numbers.push((name.as_str(), n)),
+            other => {
+                return Err(Rejection::new(
+                    RejectKind::WrongType,
+                    format!(
+                        "field `readings.{name}` must be a number, got {}",
+                        crate::handlers::json_fields::type_name(other)
+                    ),
+                ))
+            }
+        }
+    }
+    values_text(numbers.into_iter())
 }
 
 #[cfg(test)]
@@ -123,6 +174,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn fast_and_field_by_field_paths_give_the_same_reading() {
+        for msg in [
+            SEED_002,
+            r#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00", "readings": {"b": 70, "a": 70.0, "c": -1e-3}, "failure": true, "x": [1]}"#,
+            r#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00+02:00", "readings": {"t": 1, "t": 2}, "failure": false}"#,
+        ] {
+            assert_eq!(
+                decode_reading(msg.as_bytes()),
+                decode_fields(msg.as_bytes()),
+                "{msg}"
+            );
+        }
+        let r = decode_reading(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {"b": 70, "a": 70.0}, "failure": true}"#,
+        )
+        .unwrap();
+        assert_eq!(r.values, r#"{"a":70.0,"b":70}"#);
+    }
+
+    #[test]
+    fn duplicate_fields_are_decided_by_the_field_by_field_path() {
+        let msg = br#"{"machine_id": "a", "machine_id": "b", "timestamp": "2024-03-20T10:30:00Z", "readings": {}, "failure": false}"#;
+        assert_eq!(decode_reading(msg).unwrap().machine_id, "b");
     }
 
     #[test]
