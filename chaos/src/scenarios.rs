@@ -298,10 +298,20 @@ async fn setup_lane(
     let expected_valid = generated.iter().filter(|g| g.event.is_some()).count() as u64;
     let expected_poison = messages - expected_valid;
 
-    let env = vec![
+    let mut env = vec![
         ("STREAMOPS_DATABASE_URL".to_string(), db_url),
         ("STREAMOPS_REDIS_URL".to_string(), stack.redis_url()),
     ];
+    let mut notes = Vec::new();
+    if scenario == Scenario::Membership {
+        // tansu 0.6 never completes a cooperative rebalance (DEVELOPERS.md, caveat 4): membership
+        // changes run with the eager protocol so that they measure the worker, not that bug.
+        env.push((
+            "STREAMOPS_KAFKA_CONSUMER_OVERRIDES".to_string(),
+            "partition.assignment.strategy=range".to_string(),
+        ));
+        notes.push("eager assignment (tansu caveat 4)".to_string());
+    }
     let base_port = 20000 + (lane_index as u16) * 10;
     let fleet = Fleet::new(&stack.worker_bin, config_path, dir, env, base_port);
     Ok(Lane {
@@ -315,7 +325,7 @@ async fn setup_lane(
         expected_valid,
         expected_poison,
         max_events,
-        notes: Vec::new(),
+        notes,
         crashes: Vec::new(),
     })
 }
@@ -657,7 +667,7 @@ pub async fn run(
                 lane.crashes.join(", ")
             ));
         }
-        row.notes.extend(lane.notes.drain(..));
+        row.notes.append(&mut lane.notes);
         row.recovery = recovery.or(if scenario == Scenario::Backlog {
             Some(wall)
         } else {

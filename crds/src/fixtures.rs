@@ -13,7 +13,9 @@ impl StreamConsumerSpec {
             pipeline_trigger: None,
         };
         match kind {
-            HandlerKind::MovingAverage => handler.moving_average = Some(MovingAverageSettings::default()),
+            HandlerKind::MovingAverage => {
+                handler.moving_average = Some(MovingAverageSettings::default())
+            }
             HandlerKind::Sensor => handler.sensor = Some(SensorSettings::default()),
             HandlerKind::Fraud => {
                 handler.fraud = Some(FraudSettings {
@@ -119,9 +121,10 @@ impl StreamConsumer {
 
     /// Marks the object as being deleted, with the given finalizer still on it.
     pub fn being_deleted(mut self, finalizer: &str) -> Self {
-        self.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-        ));
+        self.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
         self.metadata.finalizers = Some(vec![finalizer.to_string()]);
         self
     }

@@ -35,12 +35,41 @@ pub const VERSION: &str = "v1alpha1";
     status = "StreamConsumerStatus",
     derive = "PartialEq",
     annotation("helm.sh/resource-policy", "keep"),
-    printcolumn(name = "Handler", type_ = "string", json_path = ".spec.handler.kind", description = "Handler kind"),
-    printcolumn(name = "Topics", type_ = "string", json_path = ".spec.kafka.topics", description = "Consumed topics"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas", description = "Desired worker replicas"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready worker replicas"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag.total", description = "Total consumer-group lag in messages"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Handler",
+        type_ = "string",
+        json_path = ".spec.handler.kind",
+        description = "Handler kind"
+    ),
+    printcolumn(
+        name = "Topics",
+        type_ = "string",
+        json_path = ".spec.kafka.topics",
+        description = "Consumed topics"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Desired worker replicas"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Ready worker replicas"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.lag.total",
+        description = "Total consumer-group lag in messages"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -128,7 +157,10 @@ pub struct KafkaSpec {
     pub bootstrap_servers: String,
 
     /// Topics to consume. Each must exist.
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))
+    )]
     pub topics: Vec<String>,
 
     /// Consumer group id shared by all replicas.

@@ -35,7 +35,10 @@ impl SpecError {
 
     /// The first invalid field's path.
     pub fn first_field(&self) -> &str {
-        self.errors.first().map(|e| e.field.as_str()).unwrap_or("spec")
+        self.errors
+            .first()
+            .map(|e| e.field.as_str())
+            .unwrap_or("spec")
     }
 }
 
@@ -185,10 +188,18 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
 
     let h = &spec.handler;
     let blocks = [
-        ("movingAverage", h.moving_average.is_some(), HandlerKind::MovingAverage),
+        (
+            "movingAverage",
+            h.moving_average.is_some(),
+            HandlerKind::MovingAverage,
+        ),
         ("sensor", h.sensor.is_some(), HandlerKind::Sensor),
         ("fraud", h.fraud.is_some(), HandlerKind::Fraud),
-        ("pipelineTrigger", h.pipeline_trigger.is_some(), HandlerKind::PipelineTrigger),
+        (
+            "pipelineTrigger",
+            h.pipeline_trigger.is_some(),
+            HandlerKind::PipelineTrigger,
+        ),
     ];
     for (name, present, kind) in blocks {
         c.check(
@@ -206,7 +217,11 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
     }
     match h.kind {
         HandlerKind::Fraud => match &h.fraud {
-            None => c.check(false, "spec.handler.fraud", "required when handler.kind is fraud"),
+            None => c.check(
+                false,
+                "spec.handler.fraud",
+                "required when handler.kind is fraud",
+            ),
             Some(f) => {
                 c.check(
                     is_http_url(&f.scoring_url),

@@ -14,11 +14,9 @@ fn first_error_field(spec: &StreamConsumerSpec) -> String {
 
 #[test]
 fn committed_crd_is_identical_to_the_generated_one() {
-    let committed = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/streamconsumer.yaml"
-    ))
-    .expect("crds/streamconsumer.yaml is committed");
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/streamconsumer.yaml"))
+            .expect("crds/streamconsumer.yaml is committed");
     let generated = streamops_crds::crd_yaml().expect("CRD renders");
     assert!(
         committed == generated,
@@ -34,9 +32,18 @@ fn crd_has_scale_subresource_status_and_short_name_that_is_not_sc() {
     assert_eq!(crd["spec"]["group"], "streamops.dev");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     assert_eq!(version["name"], "v1alpha1");
-    assert_eq!(version["subresources"]["scale"]["specReplicasPath"], ".spec.replicas");
-    assert_eq!(version["subresources"]["scale"]["statusReplicasPath"], ".status.replicas");
-    assert_eq!(version["subresources"]["scale"]["labelSelectorPath"], ".status.selector");
+    assert_eq!(
+        version["subresources"]["scale"]["specReplicasPath"],
+        ".spec.replicas"
+    );
+    assert_eq!(
+        version["subresources"]["scale"]["statusReplicasPath"],
+        ".status.replicas"
+    );
+    assert_eq!(
+        version["subresources"]["scale"]["labelSelectorPath"],
+        ".status.selector"
+    );
     assert!(version["subresources"]["status"].is_object());
     let short: Vec<&str> = crd["spec"]["names"]["shortNames"]
         .as_array()
@@ -51,7 +58,10 @@ fn crd_has_scale_subresource_status_and_short_name_that_is_not_sc() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(columns, ["Handler", "Topics", "Desired", "Ready", "Lag", "Age"]);
+    assert_eq!(
+        columns,
+        ["Handler", "Topics", "Desired", "Ready", "Lag", "Age"]
+    );
 }
 
 #[test]
@@ -76,7 +86,10 @@ fn every_spec_property_carries_a_description_for_kubectl_explain() {
     let mut missing = Vec::new();
     // spec is ours end to end; status embeds metav1.Condition, whose fields are documented upstream.
     walk("spec", &root["spec"], &mut missing);
-    assert!(missing.is_empty(), "fields without doc comments: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without doc comments: {missing:?}"
+    );
 }
 
 #[test]
@@ -115,7 +128,10 @@ fn pipeline_trigger_needs_redis_and_exactly_one_trigger() {
         template: serde_json::json!({"template": {"spec": {"containers": []}}}),
     });
     let err = validate_spec(&both).unwrap_err();
-    assert!(err.to_string().contains("exactly one of webhook and job"), "{err}");
+    assert!(
+        err.to_string().contains("exactly one of webhook and job"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -162,7 +178,11 @@ fn every_invalid_field_is_reported_not_only_the_first() {
     let fields: Vec<&str> = err.errors.iter().map(|e| e.field.as_str()).collect();
     assert_eq!(
         fields,
-        ["spec.replicas", "spec.batch.maxMessages", "spec.handler.fraud.fraudThreshold"]
+        [
+            "spec.replicas",
+            "spec.batch.maxMessages",
+            "spec.handler.fraud.fraudThreshold"
+        ]
     );
 }
 
@@ -179,7 +199,10 @@ fn config_defaults_the_error_topic_to_the_first_topic_plus_failed() {
 fn config_fills_in_the_default_moving_average_window() {
     let sc = StreamConsumer::test().with_spec(|s| s.handler.moving_average = None);
     let cfg = WorkerConfig::from_resource(&sc).unwrap();
-    assert_eq!(cfg.handler, Handler::MovingAverage(MovingAverageSettings { window: 5 }));
+    assert_eq!(
+        cfg.handler,
+        Handler::MovingAverage(MovingAverageSettings { window: 5 })
+    );
 }
 
 #[test]
@@ -212,8 +235,14 @@ fn config_carries_tls_file_paths_and_sasl_mechanism_but_never_credentials() {
         Some("/etc/streamops/tls/ca/ca.crt")
     );
     let yaml = cfg.to_yaml().unwrap();
-    assert!(!yaml.contains("kafka-creds"), "secret names leak into the config:\n{yaml}");
-    assert!(!yaml.contains("urlSecretRef"), "secret refs leak into the config:\n{yaml}");
+    assert!(
+        !yaml.contains("kafka-creds"),
+        "secret names leak into the config:\n{yaml}"
+    );
+    assert!(
+        !yaml.contains("urlSecretRef"),
+        "secret refs leak into the config:\n{yaml}"
+    );
 }
 
 #[test]
@@ -253,7 +282,10 @@ spec:
     assert_eq!(sc.metadata.name.as_deref(), Some("price-averages"));
     assert_eq!(sc.spec.replicas, 1, "replicas defaults to 1");
     let cfg = WorkerConfig::from_resource(&sc).unwrap();
-    assert_eq!(cfg.handler, Handler::MovingAverage(MovingAverageSettings { window: 7 }));
+    assert_eq!(
+        cfg.handler,
+        Handler::MovingAverage(MovingAverageSettings { window: 7 })
+    );
     assert_eq!(cfg.batch.max_messages, 1000);
     assert_eq!(cfg.error_topic, "price-events-failed");
 }
@@ -262,7 +294,11 @@ spec:
 fn manifest_without_a_stream_consumer_is_an_error() {
     let err = stream_consumer_from_manifest("apiVersion: v1\nkind: Secret\nmetadata: {name: x}\n")
         .unwrap_err();
-    assert!(err.to_string().contains("no document of kind StreamConsumer"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no document of kind StreamConsumer"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -277,20 +313,34 @@ spec:
   handler: {kind: sensor}
   sink: {postgres: {urlSecretRef: {name: pg, key: url}}}
 "#;
-    let err = stream_consumer_from_manifest(manifest).unwrap_err().to_string();
+    let err = stream_consumer_from_manifest(manifest)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid type"), "{err}");
 }
 
 #[test]
 fn cel_rules_reject_what_the_rust_validation_rejects() {
-    let no_redis = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None);
-    assert!(no_redis.validate_cel().is_err(), "pipeline-trigger without redis passes CEL");
+    let no_redis =
+        StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None);
+    assert!(
+        no_redis.validate_cel().is_err(),
+        "pipeline-trigger without redis passes CEL"
+    );
 
-    let wrong_block = StreamConsumer::test().with_spec(|s| s.handler.sensor = Some(SensorSettings::default()));
-    assert!(wrong_block.validate_cel().is_err(), "sensor block on moving-average passes CEL");
+    let wrong_block =
+        StreamConsumer::test().with_spec(|s| s.handler.sensor = Some(SensorSettings::default()));
+    assert!(
+        wrong_block.validate_cel().is_err(),
+        "sensor block on moving-average passes CEL"
+    );
 
-    let fraud_missing = StreamConsumer::test_of(HandlerKind::Fraud).with_spec(|s| s.handler.fraud = None);
-    assert!(fraud_missing.validate_cel().is_err(), "fraud without settings passes CEL");
+    let fraud_missing =
+        StreamConsumer::test_of(HandlerKind::Fraud).with_spec(|s| s.handler.fraud = None);
+    assert!(
+        fraud_missing.validate_cel().is_err(),
+        "fraud without settings passes CEL"
+    );
 
     let bad_autoscaling = StreamConsumer::test().with_spec(|s| {
         s.autoscaling = Some(AutoscalingSpec {
@@ -305,6 +355,12 @@ fn cel_rules_reject_what_the_rust_validation_rejects() {
             poll_interval_seconds: 5,
         })
     });
-    assert!(bad_autoscaling.validate_cel().is_err(), "min > max passes CEL");
-    assert_eq!(first_error_field(&bad_autoscaling.spec), "spec.autoscaling.minReplicas");
+    assert!(
+        bad_autoscaling.validate_cel().is_err(),
+        "min > max passes CEL"
+    );
+    assert_eq!(
+        first_error_field(&bad_autoscaling.spec),
+        "spec.autoscaling.minReplicas"
+    );
 }

@@ -65,6 +65,14 @@ pub async fn load_states(
     Ok(out)
 }
 
+/// The episode an in-order reading links to.
+fn link_of(r: &ReadingRow) -> Option<&str> {
+    match &r.link {
+        Link::Failure(id) => Some(id),
+        Link::None | Link::Lookup => None,
+    }
+}
+
 /// Column arrays of a set of readings.
 #[derive(Default)]
 struct ReadingColumns {
@@ -79,6 +87,14 @@ struct ReadingColumns {
 }
 
 impl ReadingColumns {
+    fn of(rows: &[&ReadingRow]) -> Self {
+        let mut c = Self::default();
+        for r in rows {
+            c.push(r, link_of(r).map(str::to_string));
+        }
+        c
+    }
+
     fn push(&mut self, r: &ReadingRow, link: Option<String>) {
         self.topics.push(r.pos.topic.to_string());
         self.partitions.push(r.pos.partition);
@@ -99,18 +115,18 @@ const READINGS_COPY: &str = "COPY sensor_readings (source_topic, source_partitio
 /// so it runs under a savepoint: should the batch hold a reading stored before (a replay of
 /// committed messages, which the pipeline's offsets normally rule out), it is rolled back to the
 /// savepoint and the rows are inserted with `ON CONFLICT DO NOTHING` instead.
-async fn insert_in_order(conn: &mut PgConnection, c: &ReadingColumns) -> Result<(), sqlx::Error> {
-    let mut copy = BinaryCopy::with_capacity(9, c.offsets.len() * 160);
-    for i in 0..c.offsets.len() {
+async fn insert_in_order(conn: &mut PgConnection, rows: &[&ReadingRow]) -> Result<(), sqlx::Error> {
+    let mut copy = BinaryCopy::with_capacity(9, rows.len() * 160);
+    for r in rows {
         copy.row()
-            .text(&c.topics[i])
-            .int4(c.partitions[i])
-            .int8(c.offsets[i])
-            .text(&c.machines[i])
-            .timestamptz(c.times[i])
-            .jsonb(&c.values[i])
-            .bool(c.failures[i])
-            .opt_text(c.links[i].as_deref())
+            .text(&r.pos.topic)
+            .int4(r.pos.partition)
+            .int8(r.pos.offset)
+            .text(&r.machine_id)
+            .timestamptz(r.timestamp)
+            .jsonb(&r.values)
+            .bool(r.failure)
+            .opt_text(link_of(r))
             .bool(false);
     }
     sqlx::query("SAVEPOINT sensor_readings_copy")
@@ -128,6 +144,7 @@ async fn insert_in_order(conn: &mut PgConnection, c: &ReadingColumns) -> Result<
             sqlx::query("ROLLBACK TO SAVEPOINT sensor_readings_copy")
                 .execute(&mut *conn)
                 .await?;
+            let c = ReadingColumns::of(rows);
             sqlx::query(
                 "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, \
                      machine_id, reading_time, sensor_values, failure, failure_id, late) \
@@ -243,18 +260,14 @@ pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(),
         .await?;
     }
 
-    let mut in_order = ReadingColumns::default();
-    let mut late = ReadingColumns::default();
-    for r in &plan.readings {
-        match &r.link {
-            Link::None => in_order.push(r, None),
-            Link::Failure(id) => in_order.push(r, Some(id.clone())),
-            Link::Lookup => late.push(r, None),
-        }
-    }
-    if !in_order.offsets.is_empty() {
+    let (in_order, late): (Vec<&ReadingRow>, Vec<&ReadingRow>) = plan
+        .readings
+        .iter()
+        .partition(|r| !matches!(r.link, Link::Lookup));
+    if !in_order.is_empty() {
         insert_in_order(conn, &in_order).await?;
     }
+    let late = ReadingColumns::of(&late);
     if !late.offsets.is_empty() {
         let c = &late;
         sqlx::query(
