@@ -21,8 +21,10 @@ CREATE TABLE IF NOT EXISTS transactions (
 CREATE INDEX IF NOT EXISTS transactions_created_at ON transactions (created_at);
 CREATE INDEX IF NOT EXISTS transactions_account_time ON transactions (account_id, transaction_time);
 
+-- One prediction per stored transaction, written by the handler in the same transaction as it.
+-- No foreign key: its per-row check would triple the cost of storing predictions.
 CREATE TABLE IF NOT EXISTS predictions (
-    transaction_id  TEXT PRIMARY KEY REFERENCES transactions (transaction_id),
+    transaction_id  TEXT PRIMARY KEY,
     fraud_score     DOUBLE PRECISION NOT NULL CHECK (fraud_score >= 0 AND fraud_score <= 1),
     -- fraud_score >= threshold
     is_fraud        BOOLEAN NOT NULL,

@@ -265,43 +265,9 @@ fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static s
     ]
 }
 
-/// PostgreSQL's binary `numeric` of `v` rounded to 4 decimals (`NUMERIC(20, 4)`).
-fn numeric_4(v: f64) -> Vec<u8> {
-    let text = format!("{:.4}", v.abs());
-    let (int, frac) = text.split_once('.').unwrap_or((&text, "0000"));
-    let int = int.trim_start_matches('0');
-    // Base-10000 digits of the integer part, most significant first.
-    let pad = (4 - int.len() % 4) % 4;
-    let padded = format!("{}{int}", "0".repeat(pad));
-    let mut digits: Vec<i16> = padded
-        .as_bytes()
-        .chunks(4)
-        .map(|c| std::str::from_utf8(c).unwrap_or("0").parse().unwrap_or(0))
-        .collect();
-    let weight = digits.len() as i16 - 1;
-    digits.push(frac.parse().unwrap_or(0));
-    while digits.last() == Some(&0) {
-        digits.pop();
-    }
-    let mut weight = weight;
-    while digits.first() == Some(&0) {
-        digits.remove(0);
-        weight -= 1;
-    }
-    let mut out = Vec::with_capacity(8 + 2 * digits.len());
-    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
-    out.extend_from_slice(&weight.to_be_bytes());
-    out.extend_from_slice(&(if v < 0.0 { 0x4000u16 } else { 0 }).to_be_bytes());
-    out.extend_from_slice(&4u16.to_be_bytes());
-    for d in digits {
-        out.extend_from_slice(&d.to_be_bytes());
-    }
-    out
-}
-
 /// The fraud handler's rows: transactions and their predictions by the reference model.
 fn fraud_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
-    use streamops_worker::handlers::fraud::decode_transaction;
+    use streamops_worker::handlers::fraud::{amount_numeric, decode_transaction};
     use streamops_worker::scorer::model;
     let now = chrono::Utc::now();
     let mut offsets = vec![0i64; partitions.max(1) as usize];
@@ -317,7 +283,7 @@ fn fraud_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static st
             .text(&t.account_id)
             .text(&t.merchant)
             .opt_text(t.merchant_category.as_deref())
-            .bytea(&numeric_4(t.amount))
+            .bytea(&amount_numeric(t.amount))
             .text(&t.currency)
             .opt_text(t.country.as_deref());
         match t.card_present {

@@ -46,7 +46,9 @@
 //! (`fraud_score`, `is_fraud = fraud_score >= fraudThreshold`, `threshold`, `model_version`, and
 //! seed 003's `prediction` = `fraud` | `legitimate`), written in the pipeline's transaction with
 //! the offsets. A transaction id already stored is not stored again; such duplicates are counted
-//! in `streamops_fraud_duplicates_total`.
+//! in `streamops_fraud_duplicates_total`. (`predictions` has no foreign key to `transactions`:
+//! both rows are written together, and the per-row check would triple the cost of storing
+//! predictions.)
 
 mod breaker;
 mod client;
@@ -65,6 +67,7 @@ use tracing::warn;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{backoff, CallError, ClientSettings, Scored, ScoringClient, ScoringFailure};
+pub use store::{amount_numeric, amount_text};
 pub use transaction::{decode_transaction, Transaction};
 
 use super::{

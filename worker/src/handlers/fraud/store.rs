@@ -1,10 +1,122 @@
 //! PostgreSQL side of the fraud handler.
+//!
+//! A batch goes in by binary `COPY` (the fast path) under a savepoint. `COPY` cannot skip a
+//! transaction id that is already stored, so if the batch holds one (or holds the same id twice),
+//! it is rolled back to the savepoint and written with `INSERT ... ON CONFLICT DO NOTHING`, which
+//! keeps the first occurrence.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::FraudItem;
+use crate::copy::BinaryCopy;
 use crate::handlers::{Decoded, HandlerError};
+
+/// Decimal places of `transactions.amount` (`NUMERIC(20, 4)`).
+pub const AMOUNT_SCALE: usize = 4;
+
+/// An amount rounded to [`AMOUNT_SCALE`] decimals, as decimal text (both write paths round the
+/// same way).
+pub fn amount_text(amount: f64) -> String {
+    format!("{:.*}", AMOUNT_SCALE, amount)
+}
+
+/// PostgreSQL's binary `numeric` encoding of [`amount_text`]`(amount)`.
+pub fn amount_numeric(amount: f64) -> Vec<u8> {
+    let text = amount_text(amount.abs());
+    let (int, frac) = text.split_once('.').unwrap_or((&text, "0"));
+    let int = int.trim_start_matches('0');
+    // Base-10000 digits, most significant first: the integer part in groups of four from the
+    // right, then the four decimals.
+    let padded = format!("{}{int}", "0".repeat((4 - int.len() % 4) % 4));
+    let mut digits: Vec<i16> = padded
+        .as_bytes()
+        .chunks(4)
+        .map(|c| c.iter().fold(0i16, |n, d| n * 10 + i16::from(d - b'0')))
+        .collect();
+    let mut weight = digits.len() as i16 - 1;
+    digits.push(frac.bytes().fold(0i16, |n, d| n * 10 + i16::from(d - b'0')));
+    while digits.last() == Some(&0) {
+        digits.pop();
+    }
+    while digits.first() == Some(&0) {
+        digits.remove(0);
+        weight -= 1;
+    }
+    if digits.is_empty() {
+        weight = 0;
+    }
+    let sign: u16 = if amount < 0.0 && !digits.is_empty() {
+        0x4000
+    } else {
+        0
+    };
+    let mut out = Vec::with_capacity(8 + 2 * digits.len());
+    out.extend_from_slice(&(digits.len() as i16).to_be_bytes());
+    out.extend_from_slice(&weight.to_be_bytes());
+    out.extend_from_slice(&sign.to_be_bytes());
+    out.extend_from_slice(&(AMOUNT_SCALE as u16).to_be_bytes());
+    for d in digits {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out
+}
+
+const TRANSACTIONS_COPY: &str = "COPY transactions (transaction_id, account_id, merchant, \
+    merchant_category, amount, currency, country, card_present, transaction_time, source_topic, \
+    source_partition, source_offset) FROM STDIN (FORMAT binary)";
+const PREDICTIONS_COPY: &str = "COPY predictions (transaction_id, fraud_score, is_fraud, \
+    threshold, model_version) FROM STDIN (FORMAT binary)";
+
+/// The fast path: every row by `COPY`. Fails with a unique violation if an id is already stored
+/// or repeated.
+async fn copy_batch(
+    conn: &mut PgConnection,
+    items: &[Decoded<FraudItem>],
+    threshold: f64,
+) -> Result<Written, sqlx::Error> {
+    let mut txs = BinaryCopy::with_capacity(12, items.len() * 200);
+    let mut preds = BinaryCopy::with_capacity(5, items.len() * 80);
+    let mut flagged = 0;
+    for d in items {
+        let t = &d.item.transaction;
+        let Some(p) = d.item.prediction.as_ref() else {
+            continue;
+        };
+        let mut row = txs.row();
+        row.text(&t.transaction_id)
+            .text(&t.account_id)
+            .text(&t.merchant)
+            .opt_text(t.merchant_category.as_deref())
+            .bytea(&amount_numeric(t.amount))
+            .text(&t.currency)
+            .opt_text(t.country.as_deref());
+        match t.card_present {
+            Some(b) => row.bool(b),
+            None => row.null(),
+        };
+        row.timestamptz(t.timestamp)
+            .text(&d.pos.topic)
+            .int4(d.pos.partition)
+            .int8(d.pos.offset);
+        let is_fraud = p.score >= threshold;
+        flagged += u64::from(is_fraud);
+        preds
+            .row()
+            .text(&t.transaction_id)
+            .float8(p.score)
+            .bool(is_fraud)
+            .float8(threshold)
+            .text(&p.model_version);
+    }
+    let stored = txs.load(conn, TRANSACTIONS_COPY).await?;
+    preds.load(conn, PREDICTIONS_COPY).await?;
+    Ok(Written {
+        transactions: stored,
+        duplicates: 0,
+        flagged,
+    })
+}
 
 /// Rows written by one batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +140,38 @@ pub async fn write_batch(
     if items.is_empty() {
         return Ok(Written::default());
     }
+    if let Some(d) = items.iter().find(|d| d.item.prediction.is_none()) {
+        return Err(HandlerError::Fatal(format!(
+            "transaction {:?} reached write without a prediction",
+            d.item.transaction.transaction_id
+        )));
+    }
+    sqlx::query("SAVEPOINT fraud_copy")
+        .execute(&mut *conn)
+        .await?;
+    match copy_batch(conn, items, threshold).await {
+        Ok(w) => {
+            sqlx::query("RELEASE SAVEPOINT fraud_copy")
+                .execute(&mut *conn)
+                .await?;
+            Ok(w)
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            sqlx::query("ROLLBACK TO SAVEPOINT fraud_copy")
+                .execute(&mut *conn)
+                .await?;
+            insert_batch(conn, items, threshold).await
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The slow path: `INSERT ... ON CONFLICT DO NOTHING`, keeping the first occurrence of each id.
+async fn insert_batch(
+    conn: &mut PgConnection,
+    items: &[Decoded<FraudItem>],
+    threshold: f64,
+) -> Result<Written, HandlerError> {
     let n = items.len();
     let mut ids = Vec::with_capacity(n);
     let mut accounts = Vec::with_capacity(n);
@@ -56,7 +200,7 @@ pub async fn write_batch(
         accounts.push(t.account_id.as_str());
         merchants.push(t.merchant.as_str());
         categories.push(t.merchant_category.as_deref());
-        amounts.push(t.amount);
+        amounts.push(amount_text(t.amount));
         currencies.push(t.currency.as_str());
         countries.push(t.country.as_deref());
         card_present.push(t.card_present);
@@ -75,7 +219,7 @@ pub async fn write_batch(
              currency, country, card_present, transaction_time, source_topic, source_partition, \
              source_offset) \
          SELECT u.id, u.acc, u.m, u.cat, u.amt::numeric(20, 4), u.cur, u.cty, u.cp, u.ts, u.t, u.p, u.o \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                      $7::text[], $8::bool[], $9::timestamptz[], $10::text[], $11::int4[], $12::int8[]) \
               WITH ORDINALITY AS u(id, acc, m, cat, amt, cur, cty, cp, ts, t, p, o, n) \
          ORDER BY u.n \
@@ -132,4 +276,38 @@ pub async fn write_batch(
         duplicates: (n - p_ids.len()) as u64,
         flagged: p_flags.iter().filter(|f| **f).count() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric(ndigits: i16, weight: i16, sign: u16, digits: &[i16]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&ndigits.to_be_bytes());
+        v.extend_from_slice(&weight.to_be_bytes());
+        v.extend_from_slice(&sign.to_be_bytes());
+        v.extend_from_slice(&4u16.to_be_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn amounts_encode_as_base_10000_numerics_with_four_decimals() {
+        assert_eq!(amount_numeric(129.99), numeric(2, 0, 0, &[129, 9900]));
+        assert_eq!(amount_numeric(0.5), numeric(1, -1, 0, &[5000]));
+        assert_eq!(amount_numeric(10_000.0), numeric(1, 1, 0, &[1]));
+        assert_eq!(amount_numeric(1_000_000_000.0), numeric(1, 2, 0, &[10]));
+        assert_eq!(amount_numeric(12_345.000_1), numeric(3, 1, 0, &[1, 2345, 1]));
+        assert_eq!(amount_numeric(0.0001), numeric(1, -1, 0, &[1]));
+        assert_eq!(amount_numeric(0.0), numeric(0, 0, 0, &[]));
+    }
+
+    #[test]
+    fn amounts_are_rounded_to_four_decimals() {
+        assert_eq!(amount_text(1.23456), "1.2346");
+        assert_eq!(amount_numeric(1.23456), amount_numeric(1.2346));
+    }
 }
