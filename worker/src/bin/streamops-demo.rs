@@ -56,7 +56,8 @@ enum Cmd {
 }
 
 fn load(path: &PathBuf) -> Result<WorkerConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let sc = stream_consumer_from_manifest(&text)?;
     Ok(WorkerConfig::from_resource(&sc)?)
 }
@@ -126,7 +127,11 @@ async fn report_one(
     webhooks: Option<&PathBuf>,
 ) -> Result<()> {
     let kind = cfg.handler.kind();
-    println!("== {} ({kind}) — topics {}", cfg.consumer_id, cfg.kafka.topics.join(","));
+    println!(
+        "== {} ({kind}) — topics {}",
+        cfg.consumer_id,
+        cfg.kafka.topics.join(",")
+    );
     let consumed: i64 = sqlx::query_scalar(
         "SELECT COALESCE(SUM(next_offset), 0)::BIGINT FROM streamops_offsets WHERE consumer_group = $1",
     )
@@ -145,7 +150,13 @@ async fn report_one(
             )
             .fetch_all(pool)
             .await?;
-            println!("   {:<8} {:>12} {:>16} {:>8}", "symbol", "last price", format!("{}-pt average", s.window), "points");
+            println!(
+                "   {:<8} {:>12} {:>16} {:>8}",
+                "symbol",
+                "last price",
+                format!("{}-pt average", s.window),
+                "points"
+            );
             for (symbol, price, avg, n) in rows {
                 let avg = avg.map(|a| format!("{a:.4}")).unwrap_or_else(|| "-".into());
                 println!("   {symbol:<8} {price:>12.2} {avg:>16} {n:>8}");
@@ -193,8 +204,15 @@ async fn report_one(
             let mut conn = client.get_multiplexed_async_connection().await?;
             let state_key = format!("consumer:{{{}}}:state", cfg.consumer_id);
             let events_key = format!("consumer:{{{}}}:events", cfg.consumer_id);
-            let total: Option<i64> = redis::cmd("HGET").arg(&state_key).arg("events_total").query_async(&mut conn).await?;
-            let window: Option<i64> = redis::cmd("GET").arg(&events_key).query_async(&mut conn).await?;
+            let total: Option<i64> = redis::cmd("HGET")
+                .arg(&state_key)
+                .arg("events_total")
+                .query_async(&mut conn)
+                .await?;
+            let window: Option<i64> = redis::cmd("GET")
+                .arg(&events_key)
+                .query_async(&mut conn)
+                .await?;
             let runs: Vec<(i64, String, i64, String)> = sqlx::query_as(
                 "SELECT seq, reason, event_count, status FROM pipeline_runs ORDER BY seq",
             )
@@ -208,7 +226,12 @@ async fn report_one(
                 p.max_time_seconds
             );
             let delivered = runs.iter().filter(|r| r.3 == "delivered").count();
-            println!("   triggers of {}: {} ({} delivered)", p.pipeline_name, runs.len(), delivered);
+            println!(
+                "   triggers of {}: {} ({} delivered)",
+                p.pipeline_name,
+                runs.len(),
+                delivered
+            );
             for (seq, reason, count, status) in runs.iter().take(5) {
                 println!("   #{seq:<3} {reason:<5} {count:>6} events  {status}");
             }
@@ -220,20 +243,32 @@ async fn report_one(
                 let mut keys: Vec<String> = text
                     .lines()
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .filter_map(|v| v.get("_idempotency_key").and_then(|k| k.as_str()).map(str::to_string))
+                    .filter_map(|v| {
+                        v.get("_idempotency_key")
+                            .and_then(|k| k.as_str())
+                            .map(str::to_string)
+                    })
                     .collect();
                 let calls = keys.len();
                 keys.sort();
                 keys.dedup();
-                println!("   webhook receiver: {calls} calls, {} distinct idempotency keys", keys.len());
+                println!(
+                    "   webhook receiver: {calls} calls, {} distinct idempotency keys",
+                    keys.len()
+                );
             }
             println!("   messages consumed {consumed}, rejected {rejected}");
         }
     }
     let (bs, topic) = (bootstrap.to_string(), cfg.error_topic.clone());
-    let (count, reasons) = tokio::task::spawn_blocking(move || error_topic_reasons(&bs, &topic)).await??;
+    let (count, reasons) =
+        tokio::task::spawn_blocking(move || error_topic_reasons(&bs, &topic)).await??;
     let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
-    println!("   error topic {}: {count} messages ({})", cfg.error_topic, reasons.join(", "));
+    println!(
+        "   error topic {}: {count} messages ({})",
+        cfg.error_topic,
+        reasons.join(", ")
+    );
     println!();
     Ok(())
 }
@@ -257,10 +292,20 @@ async fn run(cli: Cli) -> Result<()> {
             specs,
             webhooks,
         } => {
-            let pool = PgPoolOptions::new().max_connections(2).connect(&database_url).await?;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&database_url)
+                .await?;
             for spec in &specs {
                 let cfg = load(spec)?;
-                report_one(&pool, &redis_url, &bootstrap_servers, &cfg, webhooks.as_ref()).await?;
+                report_one(
+                    &pool,
+                    &redis_url,
+                    &bootstrap_servers,
+                    &cfg,
+                    webhooks.as_ref(),
+                )
+                .await?;
             }
         }
     }

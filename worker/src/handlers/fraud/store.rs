@@ -300,7 +300,10 @@ mod tests {
         assert_eq!(amount_numeric(0.5), numeric(1, -1, 0, &[5000]));
         assert_eq!(amount_numeric(10_000.0), numeric(1, 1, 0, &[1]));
         assert_eq!(amount_numeric(1_000_000_000.0), numeric(1, 2, 0, &[10]));
-        assert_eq!(amount_numeric(12_345.000_1), numeric(3, 1, 0, &[1, 2345, 1]));
+        assert_eq!(
+            amount_numeric(12_345.000_1),
+            numeric(3, 1, 0, &[1, 2345, 1])
+        );
         assert_eq!(amount_numeric(0.0001), numeric(1, -1, 0, &[1]));
         assert_eq!(amount_numeric(0.0), numeric(0, 0, 0, &[]));
     }

@@ -155,6 +155,11 @@ impl PipelineTriggerHandler {
     }
 }
 
+/// Decodes one event: any JSON object. Pure; the fuzz target `decode_pipeline_event` drives it.
+pub fn decode_event(payload: &[u8]) -> Result<Event, Rejection> {
+    parse_object(payload).map(|_| Event)
+}
+
 impl Handler for PipelineTriggerHandler {
     type Item = Event;
 
@@ -163,7 +168,7 @@ impl Handler for PipelineTriggerHandler {
     }
 
     fn decode(&self, msg: &RawMessage) -> Result<Event, Rejection> {
-        parse_object(msg.payload.as_deref().unwrap_or_default()).map(|_| Event)
+        decode_event(msg.payload.as_deref().unwrap_or_default())
     }
 
     async fn prepare(
