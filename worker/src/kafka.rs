@@ -123,10 +123,7 @@ impl KafkaClientSettings {
             .set("heartbeat.interval.ms", "3000")
             .set("max.poll.interval.ms", "300000")
             .set("fetch.wait.max.ms", "100")
-            // Prefetch is what bounds a worker's memory under a backlog: at most 16 MiB (librdkafka
-            // defaults to 64 MiB) and 50,000 messages per partition, plenty to keep the writer busy.
-            .set("queued.min.messages", "50000")
-            .set("queued.max.messages.kbytes", "16384")
+            .set("queued.min.messages", "200000")
             .set(
                 "statistics.interval.ms",
                 s.statistics_interval_ms.to_string(),
