@@ -70,7 +70,10 @@ impl Fleet {
             .args(["--http-listen", &format!("127.0.0.1:{port}")])
             .args(["--log-format", "json"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("STREAMOPS_CHAOS_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log_file(&self.dir, &format!("{id}.log"))?)
             .stderr(log_file(&self.dir, &format!("{id}.log"))?)
             .stdin(Stdio::null())
