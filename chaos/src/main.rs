@@ -11,27 +11,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use streamops_crds::HandlerKind;
+use streamops_worker::cli::KindArg;
 
 use scenarios::{Profile, Row, Scenario};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum KindArg {
-    MovingAverage,
-    Sensor,
-    Fraud,
-    PipelineTrigger,
-}
-
-impl From<KindArg> for HandlerKind {
-    fn from(k: KindArg) -> Self {
-        match k {
-            KindArg::MovingAverage => HandlerKind::MovingAverage,
-            KindArg::Sensor => HandlerKind::Sensor,
-            KindArg::Fraud => HandlerKind::Fraud,
-            KindArg::PipelineTrigger => HandlerKind::PipelineTrigger,
-        }
-    }
-}
 
 /// Runs the worker under faults and reconciles every message produced against what came out.
 #[derive(Debug, Parser)]
