@@ -2,42 +2,15 @@
 //! Service and is a label value), `validate_spec`, and the CRD's CEL rules, for objects that reached
 //! the cluster past an older CRD or with validation off.
 
-use std::fmt;
-
 use streamops_crds::validate::FieldError;
 use streamops_crds::{validate_spec, StreamConsumer};
 
 /// Longest StreamConsumer name: it is a Service name and a label value.
 pub const MAX_NAME_LEN: usize = 63;
 
-/// Every invalid field of a StreamConsumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InvalidSpec {
-    /// The invalid fields, never empty.
-    pub errors: Vec<FieldError>,
-}
-
-impl InvalidSpec {
-    /// Path of the first invalid field.
-    pub fn first_field(&self) -> &str {
-        self.errors
-            .first()
-            .map(|e| e.field.as_str())
-            .unwrap_or("spec")
-    }
-}
-
-impl fmt::Display for InvalidSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{}: {}", e.field, e.message)?;
-        }
-        Ok(())
-    }
-}
+/// Every invalid field of a StreamConsumer: the API crate's error, so the reconciler and the
+/// worker report invalid specs the same way.
+pub type InvalidSpec = streamops_crds::SpecError;
 
 /// A DNS-1035 label: lowercase letters, digits and `-`, starting with a letter, ending with a letter
 /// or digit, at most 63 characters.
