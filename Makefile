@@ -62,7 +62,7 @@ bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replic
 .PHONY: chaos chaos-short fuzz
 chaos: dev-up ## Full fault-injection suite (1,000,000 messages; long)
 	$(CARGO) build --release -p streamops-worker -p streamops-chaos
-	target/release/streamops-chaos --profile full --worker-bin target/release/streamops-worker
+	target/release/streamops-chaos --profile full --worker-bin target/release/streamops-worker $(CHAOS_ARGS)
 
 chaos-short: dev-up ## Short fault-injection suite (the same scenarios, fewer messages; runs in CI)
 	$(CARGO) build -p streamops-worker -p streamops-chaos

@@ -28,6 +28,9 @@ struct Args {
     /// Handlers to run (default: every handler a scenario applies to).
     #[arg(long = "handler", value_enum)]
     handlers: Vec<KindArg>,
+    /// Messages per lane for every scenario, instead of the profile's counts.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(100..))]
+    messages: Option<u64>,
     /// The worker binary.
     #[arg(long, default_value = "target/release/streamops-worker")]
     worker_bin: PathBuf,
@@ -60,6 +63,22 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -82,6 +101,9 @@ async fn main() -> ExitCode {
     } else {
         args.scenarios.clone()
     };
+    if let Some(n) = args.messages {
+        scenarios::override_messages(n);
+    }
     let only: Vec<HandlerKind> = args.handlers.iter().map(|k| (*k).into()).collect();
     let run_id = format!("{}", std::process::id());
     let dir = args.dir.join(&run_id);
@@ -108,14 +130,25 @@ async fn main() -> ExitCode {
             scenario.name(),
             args.profile
         );
-        match scenarios::run(&mut stack, scenario, args.profile, &only, &run_id).await {
-            Ok(mut r) => rows.append(&mut r),
-            Err(e) => {
+        // An interrupt drops the scenario, whose child processes are killed on drop, and still
+        // tears the stack down and prints what ran.
+        let outcome = tokio::select! {
+            r = scenarios::run(&mut stack, scenario, args.profile, &only, &run_id) => Some(r),
+            _ = interrupted() => None,
+        };
+        match outcome {
+            Some(Ok(mut r)) => rows.append(&mut r),
+            Some(Err(e)) => {
                 eprintln!(
                     "streamops-chaos: scenario {} could not run: {e:#}",
                     scenario.name()
                 );
                 failed_to_run.push(scenario.name());
+            }
+            None => {
+                eprintln!("streamops-chaos: interrupted during {}", scenario.name());
+                failed_to_run.push(scenario.name());
+                break;
             }
         }
     }

@@ -68,7 +68,11 @@ pub fn producer(
         (max_message_bytes + 64 * 1024).max(1_000_000).to_string(),
     )
     .set("queue.buffering.max.messages", "1000000")
-    .set("queue.buffering.max.kbytes", "1048576");
+    .set("queue.buffering.max.kbytes", "1048576")
+    // A load generator waits out a slow broker rather than failing messages: with idempotence,
+    // a timed-out message makes librdkafka bump the producer epoch, which a busy tansu answers with
+    // a fatal ProducerFenced for what is still in flight (seen in the chaos suite's full run).
+    .set("message.timeout.ms", "300000");
     if one_per_batch {
         cfg.set("batch.num.messages", "1").set("linger.ms", "0");
     } else {
