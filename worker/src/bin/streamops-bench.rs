@@ -267,9 +267,13 @@ fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static s
 
 /// The fraud handler's rows: transactions and their predictions by the reference model.
 fn fraud_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
-    use streamops_worker::handlers::fraud::{amount_numeric, decode_transaction};
+    use streamops_worker::handlers::fraud::{
+        decode_transaction, prediction_row, transaction_row, PREDICTIONS_COPY, TRANSACTIONS_COPY,
+    };
+    use streamops_worker::handlers::Position;
     use streamops_worker::scorer::model;
     let now = chrono::Utc::now();
+    let topic: std::sync::Arc<str> = std::sync::Arc::from("bench");
     let mut offsets = vec![0i64; partitions.max(1) as usize];
     let mut txs = BinaryCopy::new(12);
     let mut preds = BinaryCopy::new(5);
@@ -278,35 +282,22 @@ fn fraud_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static st
             continue;
         };
         let (partition, offset) = bench_partition(&g.key, &mut offsets);
-        let mut row = txs.row();
-        row.text(&t.transaction_id)
-            .text(&t.account_id)
-            .text(&t.merchant)
-            .opt_text(t.merchant_category.as_deref())
-            .bytea(&amount_numeric(t.amount))
-            .text(&t.currency)
-            .opt_text(t.country.as_deref());
-        match t.card_present {
-            Some(b) => row.bool(b),
-            None => row.null(),
+        let pos = Position {
+            topic: topic.clone(),
+            partition,
+            offset,
         };
-        row.timestamptz(t.timestamp)
-            .text("bench")
-            .int4(partition)
-            .int8(offset);
+        transaction_row(&mut txs, &t, &pos);
         let score = model::score(&t.score_input());
-        preds
-            .row()
-            .text(&t.transaction_id)
-            .float8(score)
-            .bool(score >= 0.8)
-            .float8(0.8)
-            .text(model::MODEL_VERSION);
+        prediction_row(
+            &mut preds,
+            &t.transaction_id,
+            score,
+            0.8,
+            model::MODEL_VERSION,
+        );
     }
-    vec![
-        ("COPY transactions (transaction_id, account_id, merchant, merchant_category, amount, currency, country, card_present, transaction_time, source_topic, source_partition, source_offset) FROM STDIN (FORMAT binary)", txs),
-        ("COPY predictions (transaction_id, fraud_score, is_fraud, threshold, model_version) FROM STDIN (FORMAT binary)", preds),
-    ]
+    vec![(TRANSACTIONS_COPY, txs), (PREDICTIONS_COPY, preds)]
 }
 
 /// `maxEvents` of the pipeline-trigger benchmark (scripts/bench.sh uses the same).

@@ -67,7 +67,10 @@ use tracing::warn;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{backoff, CallError, ClientSettings, Scored, ScoringClient, ScoringFailure};
-pub use store::{amount_numeric, amount_text};
+pub use store::{
+    amount_numeric, amount_text, prediction_row, transaction_row, PREDICTIONS_COPY,
+    TRANSACTIONS_COPY,
+};
 pub use transaction::{decode_transaction, Transaction};
 
 use super::{

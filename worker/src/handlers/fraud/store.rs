@@ -8,9 +8,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::FraudItem;
+use super::{FraudItem, Transaction};
 use crate::copy::BinaryCopy;
-use crate::handlers::{Decoded, HandlerError};
+use crate::handlers::{Decoded, HandlerError, Position};
 
 /// Decimal places of `transactions.amount` (`NUMERIC(20, 4)`).
 pub const AMOUNT_SCALE: usize = 4;
@@ -62,11 +62,52 @@ pub fn amount_numeric(amount: f64) -> Vec<u8> {
     out
 }
 
-const TRANSACTIONS_COPY: &str = "COPY transactions (transaction_id, account_id, merchant, \
+/// Binary `COPY` of `transactions`, in the column order of [`transaction_row`].
+pub const TRANSACTIONS_COPY: &str = "COPY transactions (transaction_id, account_id, merchant, \
     merchant_category, amount, currency, country, card_present, transaction_time, source_topic, \
     source_partition, source_offset) FROM STDIN (FORMAT binary)";
-const PREDICTIONS_COPY: &str = "COPY predictions (transaction_id, fraud_score, is_fraud, \
+/// Binary `COPY` of `predictions`, in the column order of [`prediction_row`].
+pub const PREDICTIONS_COPY: &str = "COPY predictions (transaction_id, fraud_score, is_fraud, \
     threshold, model_version) FROM STDIN (FORMAT binary)";
+
+/// Appends one `transactions` row (see [`TRANSACTIONS_COPY`]) for `t`, read from `pos`.
+pub fn transaction_row(copy: &mut BinaryCopy, t: &Transaction, pos: &Position) {
+    let mut row = copy.row();
+    row.text(&t.transaction_id)
+        .text(&t.account_id)
+        .text(&t.merchant)
+        .opt_text(t.merchant_category.as_deref())
+        .bytea(&amount_numeric(t.amount))
+        .text(&t.currency)
+        .opt_text(t.country.as_deref());
+    match t.card_present {
+        Some(b) => row.bool(b),
+        None => row.null(),
+    };
+    row.timestamptz(t.timestamp)
+        .text(&pos.topic)
+        .int4(pos.partition)
+        .int8(pos.offset);
+}
+
+/// Appends one `predictions` row (see [`PREDICTIONS_COPY`]); returns `is_fraud`
+/// (`score >= threshold`).
+pub fn prediction_row(
+    copy: &mut BinaryCopy,
+    transaction_id: &str,
+    score: f64,
+    threshold: f64,
+    model_version: &str,
+) -> bool {
+    let is_fraud = score >= threshold;
+    copy.row()
+        .text(transaction_id)
+        .float8(score)
+        .bool(is_fraud)
+        .float8(threshold)
+        .text(model_version);
+    is_fraud
+}
 
 /// The fast path: every row by `COPY`. Fails with a unique violation if an id is already stored
 /// or repeated.
@@ -83,31 +124,15 @@ async fn copy_batch(
         let Some(p) = d.item.prediction.as_ref() else {
             continue;
         };
-        let mut row = txs.row();
-        row.text(&t.transaction_id)
-            .text(&t.account_id)
-            .text(&t.merchant)
-            .opt_text(t.merchant_category.as_deref())
-            .bytea(&amount_numeric(t.amount))
-            .text(&t.currency)
-            .opt_text(t.country.as_deref());
-        match t.card_present {
-            Some(b) => row.bool(b),
-            None => row.null(),
-        };
-        row.timestamptz(t.timestamp)
-            .text(&d.pos.topic)
-            .int4(d.pos.partition)
-            .int8(d.pos.offset);
-        let is_fraud = p.score >= threshold;
+        transaction_row(&mut txs, t, &d.pos);
+        let is_fraud = prediction_row(
+            &mut preds,
+            &t.transaction_id,
+            p.score,
+            threshold,
+            &p.model_version,
+        );
         flagged += u64::from(is_fraud);
-        preds
-            .row()
-            .text(&t.transaction_id)
-            .float8(p.score)
-            .bool(is_fraud)
-            .float8(threshold)
-            .text(&p.model_version);
     }
     let stored = txs.load(conn, TRANSACTIONS_COPY).await?;
     preds.load(conn, PREDICTIONS_COPY).await?;
