@@ -12,6 +12,7 @@ use std::time::Instant;
 use clap::Parser;
 use streamops_crds::HandlerKind;
 use streamops_worker::cli::KindArg;
+use streamops_worker::worker::wait_for_signal;
 
 use scenarios::{Profile, Row, Scenario};
 
@@ -60,22 +61,6 @@ fn print_table(rows: &[Row]) {
             if r.passed { "PASS" } else { "FAIL" },
             r.notes.join("; ")
         );
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn interrupted() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 
@@ -134,7 +119,7 @@ async fn main() -> ExitCode {
         // tears the stack down and prints what ran.
         let outcome = tokio::select! {
             r = scenarios::run(&mut stack, scenario, args.profile, &only, &run_id) => Some(r),
-            _ = interrupted() => None,
+            _ = wait_for_signal() => None,
         };
         match outcome {
             Some(Ok(mut r)) => rows.append(&mut r),

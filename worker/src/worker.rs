@@ -69,8 +69,9 @@ pub fn install_signal_handlers(shutdown: CancellationToken, abort: CancellationT
     });
 }
 
+/// Resolves on the next SIGTERM or SIGINT (Ctrl-C where those cannot be watched).
 #[cfg(unix)]
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -88,8 +89,9 @@ async fn wait_for_signal() {
     }
 }
 
+/// Resolves on the next Ctrl-C.
 #[cfg(not(unix))]
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
