@@ -12,10 +12,9 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 while read -r what version; do
   case "$what" in
-    tansu)
-      if [ -f "$DEV/tansu.pid" ]; then
-        kill "$(cat "$DEV/tansu.pid")" 2>/dev/null && echo "dev-down: stopped tansu"
-        rm -f "$DEV/tansu.pid"
+    kafka)
+      if [ -f "$DEV/kafka/kafka.pid" ]; then
+        bash "$ROOT/scripts/kafka.sh" stop "$DEV/kafka" && echo "dev-down: stopped Kafka"
       fi ;;
     redis)
       if [ -f "$DEV/redis.pid" ]; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts whatever of the local stack is missing: build tools, PostgreSQL, Redis and the tansu broker.
+# Starts whatever of the local stack is missing: build tools, PostgreSQL, Redis and Apache Kafka
+# (one KRaft node from Maven Central, version pinned in versions.env).
 # Idempotent. Records what it started in .dev/started so that dev-down.sh stops only that.
 set -euo pipefail
 
@@ -83,21 +84,18 @@ else
   wait_port 6379 Redis
 fi
 
-# --- tansu, the Kafka-compatible broker
+# --- Apache Kafka: one node, broker and controller (KRaft), classpath from Maven Central
 if port_open 9092; then
   log "a broker is already listening on 127.0.0.1:9092"
+  bash "$ROOT/scripts/kafka.sh" ready 127.0.0.1:9092 90
 else
-  if ! command -v tansu >/dev/null; then
-    log "installing tansu (cargo install --locked tansu --features dynostore; about 8 minutes)"
-    cargo install --locked tansu --features dynostore
+  if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+    apt_install default-jdk-headless maven
   fi
-  log "starting tansu on 127.0.0.1:9092 (memory storage)"
-  (cd "$DEV" && nohup tansu broker \
-      --listener-url tcp://127.0.0.1:9092 \
-      --advertised-listener-url tcp://127.0.0.1:9092 \
-      --storage-engine memory://tansu/ > "$DEV/tansu.log" 2>&1 & echo $! > "$DEV/tansu.pid")
-  mark_started tansu
-  wait_port 9092 tansu
+  bash "$ROOT/scripts/kafka.sh" start "$DEV/kafka" 9092 9093
+  mark_started kafka
+  log "waiting for Kafka to answer a Metadata request"
+  bash "$ROOT/scripts/kafka.sh" ready 127.0.0.1:9092 120
 fi
 
-log "stack is up: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, Kafka (tansu) 127.0.0.1:9092"
+log "stack is up: PostgreSQL 127.0.0.1:5432, Redis 127.0.0.1:6379, Kafka 127.0.0.1:9092 (log .dev/kafka/kafka.log)"
