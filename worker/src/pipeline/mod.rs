@@ -1,5 +1,5 @@
 //! The pipeline: consume, batch, decode, route rejections, and commit each batch's effects and
-//! offsets in one PostgreSQL transaction. Generic over [`Handler`], so every handler kind plugs
+//! offsets in one PostgreSQL transaction. Generic over [`MessageHandler`], so every handler kind plugs
 //! into the same exactly-once machinery.
 //!
 //! How a message flows:
@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::errortopic::ErrorSink;
-use crate::handlers::{Handler, HandlerError, RawMessage, TopicPartition};
+use crate::handlers::{MessageHandler, HandlerError, RawMessage, TopicPartition};
 use crate::kafka::{ConsumerSettings, KafkaClientSettings};
 use crate::metrics::Metrics;
 use batch::{Fetched, Pending};
@@ -103,7 +103,7 @@ pub enum PipelineError {
 ///
 /// Must run on a multi-thread tokio runtime: the rebalance callback reads the stored offsets
 /// with `block_in_place`.
-pub async fn run_pipeline<H: Handler>(
+pub async fn run_pipeline<H: MessageHandler>(
     ctx: PipelineContext,
     handler: H,
 ) -> Result<WriterTotals, PipelineError> {
@@ -115,7 +115,7 @@ pub async fn run_pipeline<H: Handler>(
 /// its own connection, so PostgreSQL applies the lanes in parallel. Only for handlers whose
 /// state is per partition (each instance sees a subset of the partitions). An empty vector is
 /// an error.
-pub async fn run_pipeline_lanes<H: Handler>(
+pub async fn run_pipeline_lanes<H: MessageHandler>(
     ctx: PipelineContext,
     handlers: Vec<H>,
 ) -> Result<WriterTotals, PipelineError> {

@@ -19,7 +19,7 @@ use super::PipelineError;
 use crate::backoff::Backoff;
 use crate::errortopic::{ErrorRecord, ErrorSink};
 use crate::handlers::{
-    Decoded, Handler, HandlerError, Position, RawMessage, RejectKind, Rejection, TopicPartition,
+    Decoded, MessageHandler, HandlerError, Position, RawMessage, RejectKind, Rejection, TopicPartition,
 };
 use crate::metrics::Metrics;
 use crate::offsets::{self, Cas};
@@ -99,7 +99,7 @@ type ErrKey = (Arc<str>, i32, i64);
 /// A batch with its messages already decoded, when the handler offers a shared decoder.
 pub(crate) type DecodedBatch<T> = (Batch, Option<Vec<Result<T, Rejection>>>);
 
-pub(crate) struct Writer<H: Handler> {
+pub(crate) struct Writer<H: MessageHandler> {
     handler: H,
     p: WriterParts,
     totals: WriterTotals,
@@ -108,7 +108,7 @@ pub(crate) struct Writer<H: Handler> {
     label: &'static str,
 }
 
-impl<H: Handler> Writer<H> {
+impl<H: MessageHandler> Writer<H> {
     pub(crate) fn new(handler: H, p: WriterParts) -> Self {
         let label = handler.kind().as_str();
         let processed_counter = p.metrics.processed.with_label_values(&[label]);

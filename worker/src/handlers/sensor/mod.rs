@@ -74,7 +74,7 @@ pub use episodes::{failure_id, plan_batch, BatchPlan, Link, MachineState};
 pub use reading::{decode_reading, Reading};
 
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
+    Decoded, MessageHandler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
 };
 
 /// The sensor handler's metrics.
@@ -163,7 +163,7 @@ impl SensorHandler {
     }
 }
 
-impl Handler for SensorHandler {
+impl MessageHandler for SensorHandler {
     type Item = Reading;
 
     fn kind(&self) -> HandlerKind {
