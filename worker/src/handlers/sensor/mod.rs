@@ -72,9 +72,10 @@ use tracing::debug;
 
 pub use episodes::{failure_id, plan_batch, BatchPlan, Link, MachineState};
 pub use reading::{decode_reading, Reading};
+pub use store::{reading_row, READINGS_COPY};
 
 use super::{
-    Decoded, MessageHandler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, RawMessage, Rejection, TopicPartition,
 };
 
 /// The sensor handler's metrics.
