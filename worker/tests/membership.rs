@@ -26,6 +26,13 @@ use support::*;
 const PARTITIONS: i32 = 6;
 /// Sampling period of the progress observer.
 const SAMPLE: Duration = Duration::from_millis(25);
+/// The shortest pause of a moved partition during which the stayed partitions must be seen
+/// progressing (far above the batch wait of 20 ms and the sampling period).
+const RESOLVABLE: Duration = Duration::from_secs(1);
+
+/// One membership test at a time: each runs three workers, and running them side by side on a
+/// small machine makes every partition stall now and then, whatever the group does.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `(when, partition, next_offset)` whenever a partition's stored offset changes.
 type Advances = Arc<Mutex<Vec<(Instant, i32, i64)>>>;
@@ -216,8 +223,9 @@ fn longest_gap_after(advances: &[(Instant, i32, i64)], p: i32, t0: Instant) -> (
 }
 
 /// Asserts that every stayed partition advanced strictly inside every moved partition's pause,
-/// and prints the measured gaps. A pause shorter than a few sampling periods and batch waits is
-/// below what the observer resolves: it is reported, not asserted on.
+/// and prints the measured gaps. A pause shorter than [`RESOLVABLE`] is reported, not asserted on:
+/// on a loaded machine every partition of a worker can stall that long at once (PostgreSQL
+/// commits, scheduling), which says nothing about the rebalance.
 fn assert_stayed_partitions_kept_progressing(
     advances: &Advances,
     moved: &BTreeSet<i32>,
@@ -226,7 +234,6 @@ fn assert_stayed_partitions_kept_progressing(
     case: &str,
 ) {
     let advances = advances.lock().unwrap().clone();
-    let resolvable = SAMPLE * 8;
     let mut checked = 0;
     for &m in moved {
         let (from, to) = longest_gap_after(&advances, m, t0);
@@ -234,7 +241,7 @@ fn assert_stayed_partitions_kept_progressing(
             "{case}: moved partition {m} paused {:.0} ms",
             (to - from).as_secs_f64() * 1000.0
         );
-        if to - from < resolvable {
+        if to - from < RESOLVABLE {
             continue;
         }
         checked += 1;
@@ -243,11 +250,17 @@ fn assert_stayed_partitions_kept_progressing(
                 .iter()
                 .filter(|a| a.1 == s && a.0 > from && a.0 < to)
                 .count();
+            let around: Vec<String> = advances
+                .iter()
+                .filter(|a| a.1 == s && a.0 + Duration::from_secs(2) > from && a.0 < to + Duration::from_secs(2))
+                .map(|a| format!("{:+.0}ms:{}", (a.0 - t0).as_secs_f64() * 1000.0 - (from - t0).as_secs_f64() * 1000.0, a.2))
+                .collect();
             assert!(
                 inside > 0,
                 "{case}: stayed partition {s} made no progress while moved partition {m} was paused \
-                 ({:.0} ms)",
-                (to - from).as_secs_f64() * 1000.0
+                 ({:.0} ms from {:.0} ms after the change); its advances around then: {around:?}",
+                (to - from).as_secs_f64() * 1000.0,
+                (from.max(t0) - t0).as_secs_f64() * 1000.0
             );
         }
     }
@@ -282,6 +295,7 @@ async fn setup(prefix: &str, seconds: u64) -> (TestEnv, u64, tokio::task::JoinHa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joining_takes_partitions_without_pausing_the_ones_that_stay() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (env, total, producer) = setup("member-join", 20).await;
     let (advances, stop) = observe_progress(&env);
     let mut w0 = env.start_worker("w-0");
@@ -334,6 +348,7 @@ async fn a_member_joining_takes_partitions_without_pausing_the_ones_that_stay() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_with_sigterm_leaves_and_only_its_partitions_move() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let (env, total, producer) = setup("member-leave", 20).await;
     let (advances, stop) = observe_progress(&env);
     let mut w0 = env.start_worker("w-0");
@@ -383,6 +398,7 @@ async fn a_member_stopped_with_sigterm_leaves_and_only_its_partitions_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_killed_with_sigkill_holds_its_partitions_until_its_session_expires_and_only_they_pause(
 ) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     // A shorter session timeout than the 45 s default, as a user who wants faster failover sets
     // it (the broker's minimum, group.min.session.timeout.ms, is 6 s), through the worker's
     // consumer overrides. The assignment strategy is left alone.
