@@ -441,12 +441,23 @@ async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> O
     let start = Instant::now();
     let mut targets = Vec::new();
     for l in lanes {
-        let (b, t) = (bootstrap.to_string(), l.topic.clone());
-        let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
-            .await
-            .ok()
-            .flatten()?;
-        targets.push(produced);
+        // Right after a broker restart the watermarks are briefly unavailable (partitions being
+        // loaded): ask again until they answer.
+        loop {
+            let (b, t) = (bootstrap.to_string(), l.topic.clone());
+            let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
+                .await
+                .ok()
+                .flatten();
+            if let Some(p) = produced {
+                targets.push(p);
+                break;
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let mut pending: Vec<usize> = (0..lanes.len()).collect();
     while !pending.is_empty() && start.elapsed() < limit {

@@ -69,8 +69,7 @@ pub async fn create_topic(
     wait_for_metadata(settings, name, |t| match t {
         Some(t) => {
             t.partitions().len() >= want.max(1) as usize
-                && t
-                    .partitions()
+                && t.partitions()
                     .iter()
                     .all(|p| p.leader() >= 0 && p.error().is_none())
         }

@@ -189,8 +189,16 @@ async fn assert_nothing_lost_or_doubled(env: &TestEnv, produced: u64) {
         .fetch_one(&env.pool)
         .await
         .expect("reconcile query");
-        assert_eq!(missing, 0, "partition {p}: {missing} offsets below {high} have no row");
-        assert_eq!(rows, distinct, "partition {p}: {} duplicated rows", rows - distinct);
+        assert_eq!(
+            missing, 0,
+            "partition {p}: {missing} offsets below {high} have no row"
+        );
+        assert_eq!(
+            rows,
+            distinct,
+            "partition {p}: {} duplicated rows",
+            rows - distinct
+        );
         assert_eq!(rows, *high, "partition {p}: rows beyond the high watermark");
         let next: i64 = sqlx::query_scalar(
             "SELECT next_offset FROM streamops_offsets
@@ -209,11 +217,7 @@ async fn assert_nothing_lost_or_doubled(env: &TestEnv, produced: u64) {
 /// The longest interval between two consecutive observed advances of `p` that ends after `t0`:
 /// the pause of a moved partition.
 fn longest_gap_after(advances: &[(Instant, i32, i64)], p: i32, t0: Instant) -> (Instant, Instant) {
-    let times: Vec<Instant> = advances
-        .iter()
-        .filter(|a| a.1 == p)
-        .map(|a| a.0)
-        .collect();
+    let times: Vec<Instant> = advances.iter().filter(|a| a.1 == p).map(|a| a.0).collect();
     times
         .windows(2)
         .filter(|w| w[1] > t0)
@@ -252,8 +256,18 @@ fn assert_stayed_partitions_kept_progressing(
                 .count();
             let around: Vec<String> = advances
                 .iter()
-                .filter(|a| a.1 == s && a.0 + Duration::from_secs(2) > from && a.0 < to + Duration::from_secs(2))
-                .map(|a| format!("{:+.0}ms:{}", (a.0 - t0).as_secs_f64() * 1000.0 - (from - t0).as_secs_f64() * 1000.0, a.2))
+                .filter(|a| {
+                    a.1 == s
+                        && a.0 + Duration::from_secs(2) > from
+                        && a.0 < to + Duration::from_secs(2)
+                })
+                .map(|a| {
+                    format!(
+                        "{:+.0}ms:{}",
+                        (a.0 - t0).as_secs_f64() * 1000.0 - (from - t0).as_secs_f64() * 1000.0,
+                        a.2
+                    )
+                })
                 .collect();
             assert!(
                 inside > 0,
@@ -381,7 +395,10 @@ async fn a_member_stopped_with_sigterm_leaves_and_only_its_partitions_move() {
             assigned.is_subset(&moved),
             "w-{i} got {assigned:?}, but only {moved:?} were left behind"
         );
-        assert!(owned(w).is_superset(&before[i]), "w-{i} kept its partitions");
+        assert!(
+            owned(w).is_superset(&before[i]),
+            "w-{i} kept its partitions"
+        );
     }
 
     producer.await.expect("producer task");
@@ -438,7 +455,10 @@ async fn a_member_killed_with_sigkill_holds_its_partitions_until_its_session_exp
             assigned.is_subset(&moved),
             "w-{i} got {assigned:?}, but only {moved:?} were orphaned"
         );
-        assert!(owned(w).is_superset(&before[i]), "w-{i} kept its partitions");
+        assert!(
+            owned(w).is_superset(&before[i]),
+            "w-{i} kept its partitions"
+        );
     }
 
     producer.await.expect("producer task");
