@@ -647,11 +647,7 @@ async fn three_workers_yield_exactly_one_trigger_per_threshold_crossing_through_
     let total = 2550u64;
     let spec = ProduceSpec::new(HandlerKind::PipelineTrigger, total)
         .seed(3)
-        .rate(900);
-    let producer = {
-        let topic = env.topic.clone();
-        tokio::spawn(async move { produce_events(&topic, &spec).await })
-    };
+        .rate(600);
     // Static members, as the operator runs three pods: the restart of w-1 is a container restart
     // in its pod.
     let mut w0 = start_static(&env, "w-0");
@@ -660,6 +656,11 @@ async fn three_workers_yield_exactly_one_trigger_per_threshold_crossing_through_
     for w in [&mut w0, &mut w1, &mut w2] {
         w.wait_ready().await;
     }
+    // Produce once the group is up, so that the kill below lands mid-stream.
+    let producer = {
+        let topic = env.topic.clone();
+        tokio::spawn(async move { produce_events(&topic, &spec).await })
+    };
     env.wait_for_offsets(900).await;
     w1.kill();
     assert!(
