@@ -11,7 +11,7 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: dev-up dev-down
-dev-up: ## Start what is missing of the local stack (tansu, PostgreSQL, Redis)
+dev-up: ## Start what is missing of the local stack (Kafka, PostgreSQL, Redis)
 	bash scripts/dev-up.sh
 
 dev-down: ## Stop only what dev-up started

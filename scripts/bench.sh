@@ -4,7 +4,7 @@
 #   2. raw consume rate of the same topic, no processing
 #   3. PostgreSQL binary COPY rate of the same rows
 #   ratio = worker / min(2, 3); peak RSS of the worker (VmHWM)
-# Needs the local services of DEVELOPERS.md (tansu, PostgreSQL).
+# Needs the local services of DEVELOPERS.md (Kafka, PostgreSQL).
 #
 # Adding a kind: write `bench_<kind>` (dashes become underscores) that calls `bench_kind` with the
 # kind and a handler block for the worker configuration, and give `streamops-bench copy` an arm

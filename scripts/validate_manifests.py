@@ -533,6 +533,15 @@ def workspace_version() -> str:
     return cargo_toml()["workspace"]["package"]["version"]
 
 
+def pinned_version(name: str) -> str:
+    """A version pinned in versions.env (`NAME=value` lines)."""
+    for line in (ROOT / "versions.env").read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == name:
+            return value.strip()
+    raise ValueError(f"versions.env pins no {name}")
+
+
 def version_tuple(v: str) -> tuple[int, int, int]:
     parts = [int(x) for x in re.findall(r"\d+", v)[:3]]
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
@@ -1209,11 +1218,18 @@ class Checks:
         kafka = [d for d in docs if d.kind == "Deployment" and d.name == "kafka"]
         if kafka:
             c = kafka[0].obj["spec"]["template"]["spec"]["containers"][0]
-            args = c.get("args") or []
-            if not c["image"].startswith("ghcr.io/tansu-io/tansu:") or args[:1] != ["broker"]:
-                errs.append("kafka must run the tansu broker")
-            elif args[args.index("--advertised-listener-url") + 1] != f"tcp://kafka.{DEV_NS}:9092":
-                errs.append("tansu must advertise tcp://kafka.streamops-dev:9092")
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            kafka_version = pinned_version("KAFKA_VERSION")
+            if c["image"] != f"apache/kafka:{kafka_version}":
+                errs.append(f"kafka must run the official image apache/kafka:{kafka_version} (KAFKA_VERSION in versions.env)")
+            roles = set((env.get("KAFKA_PROCESS_ROLES") or "").split(","))
+            if roles != {"broker", "controller"} or not env.get("KAFKA_CONTROLLER_QUORUM_VOTERS"):
+                errs.append("kafka must run one KRaft node in combined mode (broker,controller)")
+            if env.get("KAFKA_ADVERTISED_LISTENERS") != f"PLAINTEXT://kafka.{DEV_NS}:9092":
+                errs.append(f"kafka must advertise PLAINTEXT://kafka.{DEV_NS}:9092")
+            for rf in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+                if env.get(rf) != "1":
+                    errs.append(f"kafka: {rf} must be 1 on a single node")
         require(not errs, "\n".join(errs))
         check_workloads(docs)
         secret_values = [v for d in docs if d.kind == "Secret" for v in (d.obj.get("stringData") or {}).values()]

@@ -1,9 +1,8 @@
 //! The scenarios and the exact reconciliation of input against output.
 //!
 //! Every scenario runs one lane per handler it applies to, side by side: a fresh database, fresh
-//! topics, a fleet of worker processes in one consumer group, and a producer writing one record
-//! per batch (tansu resumes correctly only then; see DEVELOPERS.md). Faults are injected while the
-//! producer runs. When every lane has stored the offset of every produced message (or the time
+//! topics, a fleet of worker processes in one consumer group, and a producer that batches and
+//! compresses as any producer does. Faults are injected while the producer runs. When every lane has stored the offset of every produced message (or the time
 //! limit passes), the fleets stop gracefully and each lane is reconciled:
 //!
 //! - every produced offset must be accounted for exactly once, either by the handler's row for it
@@ -28,7 +27,7 @@ use streamops_crds::HandlerKind;
 use streamops_worker::generate::{generate, GenOptions};
 use tokio::process::{Child, Command};
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Membership};
 use crate::stack::{log_file, Stack};
 
 /// How long and how hard.
@@ -59,11 +58,13 @@ pub enum Scenario {
     PgRestart,
     /// Cut the broker connection (TCP proxy) mid-run.
     BrokerCut,
+    /// Stop the broker process (SIGTERM), start it again on its data; later the same with SIGKILL.
+    BrokerRestart,
     /// Scoring service down, then slow (fraud).
     ScorerOutage,
     /// Restart Redis mid-run (pipeline-trigger).
     RedisRestart,
-    /// Group membership 3 → 1 → 4 during the run.
+    /// Group membership 3 → 1 → 4 during the run (dynamic members, cooperative-sticky).
     Membership,
     /// 1% poison messages: malformed, oversized, invalid UTF-8, wrong types.
     Poison,
@@ -73,11 +74,12 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Self::Poison,
         Self::Kill,
         Self::PgRestart,
         Self::BrokerCut,
+        Self::BrokerRestart,
         Self::Membership,
         Self::ScorerOutage,
         Self::RedisRestart,
@@ -90,6 +92,7 @@ impl Scenario {
             Self::Kill => "kill",
             Self::PgRestart => "pg-restart",
             Self::BrokerCut => "broker-cut",
+            Self::BrokerRestart => "broker-restart",
             Self::ScorerOutage => "scorer-outage",
             Self::RedisRestart => "redis-restart",
             Self::Membership => "membership",
@@ -319,33 +322,30 @@ async fn setup_lane(
     let expected_valid = generated.iter().filter(|g| g.event.is_some()).count() as u64;
     let expected_poison = messages - expected_valid;
 
-    let mut env = vec![
+    let env = vec![
         ("STREAMOPS_DATABASE_URL".to_string(), db_url),
         ("STREAMOPS_REDIS_URL".to_string(), stack.redis_url()),
     ];
-    let mut notes = Vec::new();
-    let mut overrides = Vec::new();
-    if scenario == Scenario::Membership {
-        // tansu 0.6 never completes a cooperative rebalance (DEVELOPERS.md, caveat 4): membership
-        // changes run with the eager protocol so that they measure the worker, not that bug.
-        overrides.push("partition.assignment.strategy=range");
-        notes.push("eager assignment (tansu caveat 4)".to_string());
-    }
-    if profile == Profile::Full {
-        // tansu's memory engine lists every record batch of a partition on each fetch
-        // (DEVELOPERS.md, caveat 6), and with one record per batch a consumer at the tail of a
-        // long topic costs the broker O(topic size) per fetch. Fewer, fuller fetches keep the
-        // 1,000,000-message runs within the machine; the worker's behaviour is unchanged.
-        overrides.push("fetch.wait.max.ms=1000,fetch.min.bytes=262144");
-    }
-    if !overrides.is_empty() {
-        env.push((
-            "STREAMOPS_KAFKA_CONSUMER_OVERRIDES".to_string(),
-            overrides.join(","),
-        ));
-    }
+    let notes = Vec::new();
     let base_port = 20000 + (lane_index as u16) * 10;
-    let fleet = Fleet::new(&stack.worker_bin, config_path, dir, env, base_port);
+    // The kill scenario restarts a killed member under the same instance id, as a container
+    // restarts in its pod under the operator (static membership, `group.instance.id` = the pod
+    // name): it gets its partitions back at once. Membership changes use dynamic members, the
+    // worker's default, which leave the group on SIGTERM; a static member would hold its
+    // partitions until `session.timeout.ms` (librdkafka sends no LeaveGroup for it, KIP-345).
+    let membership = if scenario == Scenario::Membership {
+        Membership::Dynamic
+    } else {
+        Membership::Static
+    };
+    let fleet = Fleet::new(
+        &stack.worker_bin,
+        config_path,
+        dir,
+        env,
+        base_port,
+        membership,
+    );
     Ok(Lane {
         kind,
         name,
@@ -388,7 +388,6 @@ fn start_producer(
             &(7 + lane_index as u64).to_string(),
             "--poison-percent",
             &scenario.poison_percent().to_string(),
-            "--one-per-batch",
         ])
         .stdout(log_file(&stack.dir.join(&lane.topic), "producer.log")?)
         .stderr(log_file(&stack.dir.join(&lane.topic), "producer.log")?)
@@ -421,8 +420,7 @@ async fn producers_done(lanes: &mut [Lane]) -> Result<bool> {
     Ok(all)
 }
 
-/// Sum of the high watermarks of a topic's partitions: the messages produced so far (the producer
-/// writes one record per batch, for which tansu reports exact watermarks).
+/// Sum of the high watermarks of a topic's partitions: the messages produced so far.
 fn produced_so_far(bootstrap: &str, topic: &str) -> Option<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -446,12 +444,23 @@ async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> O
     let start = Instant::now();
     let mut targets = Vec::new();
     for l in lanes {
-        let (b, t) = (bootstrap.to_string(), l.topic.clone());
-        let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
-            .await
-            .ok()
-            .flatten()?;
-        targets.push(produced);
+        // Right after a broker restart the watermarks are briefly unavailable (partitions being
+        // loaded): ask again until they answer.
+        loop {
+            let (b, t) = (bootstrap.to_string(), l.topic.clone());
+            let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
+                .await
+                .ok()
+                .flatten();
+            if let Some(p) = produced {
+                targets.push(p);
+                break;
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let mut pending: Vec<usize> = (0..lanes.len()).collect();
     while !pending.is_empty() && start.elapsed() < limit {
@@ -542,7 +551,7 @@ pub async fn run(
         Profile::Full => Duration::from_secs(30),
         Profile::Short => Duration::from_secs(8),
     };
-    // The broker, not the worker, sets the pace of a full run (caveat 6): allow it.
+    // A generous limit: it only ends a run that stopped making progress.
     let limit = match profile {
         Profile::Full => Duration::from_secs(produce_secs * 30 + 600),
         Profile::Short => Duration::from_secs(produce_secs * 4 + 300),
@@ -550,6 +559,7 @@ pub async fn run(
     let mut recovery: Option<Duration> = None;
     let mut faulted = false;
     let mut membership_step = 0;
+    let mut broker_restarts = 0;
     let mut next_kill = Instant::now() + Duration::from_secs(2);
     let kill_every = match profile {
         Profile::Full => Duration::from_secs(5),
@@ -593,6 +603,18 @@ pub async fn run(
                 stack.restart_postgres(outage / 3).await?;
                 recovery =
                     time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+            }
+            Scenario::BrokerRestart if broker_restarts == 0 && elapsed >= fault_at => {
+                broker_restarts = 1;
+                recovery = restart_broker(stack, &mut lanes, false, outage / 4).await?;
+            }
+            Scenario::BrokerRestart if broker_restarts == 1 && elapsed >= fault_at * 2 => {
+                broker_restarts = 2;
+                let r = restart_broker(stack, &mut lanes, true, outage / 4).await?;
+                recovery = match (recovery, r) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
             }
             Scenario::BrokerCut if !faulted && elapsed >= fault_at => {
                 faulted = true;
@@ -714,6 +736,7 @@ pub async fn run(
             scenario,
             Scenario::PgRestart
                 | Scenario::BrokerCut
+                | Scenario::BrokerRestart
                 | Scenario::ScorerOutage
                 | Scenario::RedisRestart
                 | Scenario::Membership
@@ -726,6 +749,32 @@ pub async fn run(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Stops the broker (SIGTERM, or SIGKILL when `abrupt`), keeps it down for `down_for`, starts it
+/// again on its data directory, and returns the time until every lane caught up.
+async fn restart_broker(
+    stack: &mut Stack,
+    lanes: &mut [Lane],
+    abrupt: bool,
+    down_for: Duration,
+) -> Result<Option<Duration>> {
+    let how = if abrupt { "SIGKILL" } else { "SIGTERM" };
+    let t = Instant::now();
+    stack.stop_broker(abrupt).await?;
+    let stopped = t.elapsed();
+    tokio::time::sleep(down_for).await;
+    let t = Instant::now();
+    stack.start_broker().await?;
+    let started = t.elapsed();
+    for lane in lanes.iter_mut() {
+        lane.notes.push(format!(
+            "broker {how}: stopped in {:.1}s, up again in {:.1}s",
+            stopped.as_secs_f64(),
+            started.as_secs_f64()
+        ));
+    }
+    Ok(time_to_catch_up(&stack.bootstrap(), lanes, Duration::from_secs(300)).await)
 }
 
 async fn count_pair(pool: &PgPool, sql: &str) -> Result<(i64, i64)> {

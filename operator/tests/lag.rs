@@ -1,5 +1,6 @@
-//! Consumer-group lag of a real group on the local broker (tansu, DEVELOPERS.md): a topic with 3
-//! partitions, records produced one per batch, offsets committed for some partitions only.
+//! Consumer-group lag of a real group on the local broker (Apache Kafka, DEVELOPERS.md): a topic
+//! with 3 partitions, records produced in ordinary (multi-record, compressed) batches, offsets
+//! committed for some partitions only.
 //! Fails loudly when the broker is absent.
 
 mod support;

@@ -115,9 +115,6 @@ pub struct ProduceArgs {
     /// The consumer's maxMessageBytes; oversized poison exceeds it by one byte.
     #[arg(long, default_value_t = 1_048_576)]
     pub max_message_bytes: usize,
-    /// One record per producer batch (tansu tests that resume consumers or measure lag).
-    #[arg(long)]
-    pub one_per_batch: bool,
 }
 
 /// `topic` actions.

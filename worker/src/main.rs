@@ -100,7 +100,6 @@ async fn produce_cmd(args: ProduceArgs) -> Result<(), WorkerError> {
             poison_percent: args.poison_percent,
             max_message_bytes: args.max_message_bytes,
         },
-        one_per_batch: args.one_per_batch,
     };
     let summary = produce(&settings, &opts).await?;
     println!("{summary}");

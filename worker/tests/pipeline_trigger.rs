@@ -602,6 +602,11 @@ fn start(env: &TestEnv, id: &str) -> WorkerProcess {
     env.start_worker_with_env(id, &[("STREAMOPS_REDIS_URL", REDIS_URL)])
 }
 
+/// A static member (`--instance-id id`), as the operator runs a pod.
+fn start_static(env: &TestEnv, id: &str) -> WorkerProcess {
+    env.start_static_worker_with_env(id, &[("STREAMOPS_REDIS_URL", REDIS_URL)])
+}
+
 async fn stored_runs(env: &TestEnv) -> Vec<(i64, String, i64, String)> {
     sqlx::query_as("SELECT seq, reason, event_count, status FROM pipeline_runs ORDER BY seq")
         .fetch_all(&env.pool)
@@ -642,24 +647,27 @@ async fn three_workers_yield_exactly_one_trigger_per_threshold_crossing_through_
     let total = 2550u64;
     let spec = ProduceSpec::new(HandlerKind::PipelineTrigger, total)
         .seed(3)
-        .rate(900);
+        .rate(600);
+    // Static members, as the operator runs three pods: the restart of w-1 is a container restart
+    // in its pod.
+    let mut w0 = start_static(&env, "w-0");
+    let mut w1 = start_static(&env, "w-1");
+    let mut w2 = start_static(&env, "w-2");
+    for w in [&mut w0, &mut w1, &mut w2] {
+        w.wait_ready().await;
+    }
+    // Produce once the group is up, so that the kill below lands mid-stream.
     let producer = {
         let topic = env.topic.clone();
         tokio::spawn(async move { produce_events(&topic, &spec).await })
     };
-    let mut w0 = start(&env, "w-0");
-    let mut w1 = start(&env, "w-1");
-    let mut w2 = start(&env, "w-2");
-    for w in [&mut w0, &mut w1, &mut w2] {
-        w.wait_ready().await;
-    }
     env.wait_for_offsets(900).await;
     w1.kill();
     assert!(
         env.applied_offsets().await < total as i64,
         "the kill was not mid-stream"
     );
-    let mut w1 = start(&env, "w-1");
+    let mut w1 = start_static(&env, "w-1");
     w1.wait_ready().await;
     producer.await.expect("producer task");
     env.wait_for_offsets(total as i64).await;

@@ -1,6 +1,6 @@
 //! Kafka helpers for the operator's broker tests and the autoscaling benchmark: the local broker
-//! of DEVELOPERS.md (tansu on 127.0.0.1:9092), unique names, topics, and producing one record per
-//! batch (tansu reports a wrong high watermark for multi-record batches; see DEVELOPERS.md).
+//! of DEVELOPERS.md (Apache Kafka on 127.0.0.1:9092), unique names, topics, and producing records
+//! with an ordinary batching, compressing producer.
 #![allow(dead_code)]
 
 use std::net::TcpStream;
@@ -20,7 +20,7 @@ pub fn require_broker() {
     let addr = BROKER.parse().expect("valid address");
     if TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_err() {
         panic!(
-            "the Kafka broker (tansu) is not reachable at {BROKER}; start it (see DEVELOPERS.md, \
+            "the Kafka broker is not reachable at {BROKER}; start it (see DEVELOPERS.md, \
              `make dev-up`) before running the operator's broker tests"
         );
     }
@@ -71,40 +71,42 @@ pub async fn delete_topic(name: &str) {
     let _ = admin().delete_topics(&[name], &opts).await;
 }
 
-/// A producer that sends every record in its own batch.
+/// A reliable producer that batches and compresses (several records per batch).
 pub fn producer() -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", BROKER)
-        .set("batch.num.messages", "1")
-        .set("linger.ms", "0")
         .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "snappy")
+        .set("linger.ms", "5")
         .create()
         .expect("a producer")
 }
 
-/// Produces `count` records to `partition` of `topic`, one at a time (one record per batch);
-/// returns when the last one was acknowledged, and when.
+/// Produces `count` records to `partition` of `topic`, all in flight together (so they share
+/// batches); returns when the last one was acknowledged.
 pub async fn produce(
     producer: &FutureProducer,
     topic: &str,
     partition: i32,
     count: usize,
 ) -> Instant {
-    let mut acked = Instant::now();
-    for i in 0..count {
+    let sends = (0..count).map(|i| {
         let payload = format!("record {i}");
         let key = format!("k{i}");
-        producer
-            .send(
-                FutureRecord::to(topic)
-                    .partition(partition)
-                    .key(&key)
-                    .payload(&payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("cannot produce to {topic}/{partition}: {e}"));
-        acked = Instant::now();
-    }
-    acked
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .partition(partition)
+                        .key(&key)
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("cannot produce to {topic}/{partition}: {e}"))
+        }
+    });
+    futures::future::join_all(sends).await;
+    Instant::now()
 }
