@@ -6,8 +6,9 @@
 # through the wrapper modules in tools/ (their go.sum files make the builds reproducible). A binary
 # already in the cache is not rebuilt. One log per binary in $STREAMOPS_CACHE/logs/build-<binary>-<v>.log.
 #
-#   scripts/cluster-build.sh            build what is missing
-#   scripts/cluster-build.sh --print    print the cached binary paths (KEY=path), building nothing
+#   scripts/cluster-build.sh                  build what is missing
+#   scripts/cluster-build.sh etcd helm        only these components (kubernetes, etcd, helm)
+#   scripts/cluster-build.sh --print          print the cached binary paths (KEY=path), building nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=../versions.env
@@ -26,6 +27,10 @@ if [[ "${1:-}" == "--print" ]]; then
   echo "HELM=$HELM_DIR/helm"
   exit 0
 fi
+
+COMPONENTS=("$@")
+[[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(kubernetes etcd helm)
+wanted() { [[ " ${COMPONENTS[*]} " == *" $1 "* ]]; }
 
 command -v go >/dev/null || { echo "cluster-build: go is missing (Go >= 1.26 is needed to build the control plane)" >&2; exit 1; }
 mkdir -p "$K8S_DIR" "$ETCD_DIR" "$HELM_DIR" "$LOG_DIR"
@@ -49,14 +54,14 @@ build() {
     echo "# $(date -u +%FT%TZ) go build $pkg ($bin $version) in $moddir"
     go version
     set -x
-    go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$out.tmp" "$pkg"
+    go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$out.tmp.$$" "$pkg"
   }) >"$log" 2>&1; then
-    rm -f "$out.tmp"
+    rm -f "$out.tmp.$$"
     echo "cluster-build: FAILED to build $bin $version (step: go build $pkg in ${moddir#"$ROOT"/}); log: $log" >&2
     tail -n 20 "$log" >&2
     return 1
   fi
-  mv "$out.tmp" "$out"
+  mv "$out.tmp.$$" "$out"
   local took=$((SECONDS - start))
   echo "# built in ${took}s" >>"$log"
   echo "cluster-build: built $bin $version in ${took}s"
@@ -72,13 +77,16 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $p.gitVersion=v$KUBERNETES_VERSION -X $p.gitMajor=$K8S_MAJOR -X $p.gitMinor=$K8S_MINOR -X $p.gitTreeState=clean"
 done
 for b in kube-apiserver kube-controller-manager kubectl; do
+  wanted kubernetes || continue
   build "$b" "$KUBERNETES_VERSION" "$ROOT/tools/k8s" "$K8S_DIR/$b" "k8s.io/kubernetes/cmd/$b" "selinux,notest" "$k8s_ldflags"
 done
 
-build etcd "$ETCD_VERSION" "$ROOT/tools/etcd" "$ETCD_DIR/etcd" "go.etcd.io/etcd/server/v3" "" "-s -w"
+wanted etcd && build etcd "$ETCD_VERSION" "$ROOT/tools/etcd" "$ETCD_DIR/etcd" "go.etcd.io/etcd/server/v3" "" "-s -w"
 
 # helm: its Makefile derives the default KubeVersion from the k8s.io/client-go version in its go.mod.
-if [[ ! -x "$HELM_DIR/helm" ]]; then
+if ! wanted helm; then
+  :
+elif [[ ! -x "$HELM_DIR/helm" ]]; then
   client_go="$(cd "$ROOT/tools/helm" && go list -m -f '{{.Version}}' k8s.io/client-go)" # v0.37.0
   client_minor="${client_go#v0.}"
   client_minor="${client_minor%%.*}"

@@ -107,6 +107,17 @@ async fn wait_deployment(client: &Client, ns: &str, name: &str, replicas: i32) -
     .await
 }
 
+/// The first value of `key` anywhere in `v`.
+fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
+
 fn controller_uid<K: kube::Resource>(obj: &K) -> Option<String> {
     obj.meta()
         .owner_references
@@ -151,8 +162,8 @@ async fn a_consumer_gets_its_children_and_a_status_that_follows_the_workers() {
     assert_eq!(controller_uid(&svc).as_deref(), Some(uid.as_str()));
 
     // The finalizer, and a status for generation 1: pods exist but none is ready.
-    let (sc, status) = wait_status(&api, "orders", "status with Ready=False", |s| {
-        condition(s, "Ready").is_some_and(|c| c.status == "False") && s.replicas == 1
+    let (sc, status) = wait_status(&api, "orders", "Ready=False WorkersNotReady", |s| {
+        condition(s, "Ready").is_some_and(|c| c.status == "False" && c.reason == "WorkersNotReady")
     })
     .await;
     assert_eq!(sc.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
@@ -221,9 +232,10 @@ async fn a_consumer_gets_its_children_and_a_status_that_follows_the_workers() {
         .get("orders-config")
         .await
         .unwrap();
+    let config: serde_json::Value = serde_yaml::from_str(&cm.data.unwrap()["worker.yaml"]).unwrap();
     assert!(
-        cm.data.unwrap()["worker.yaml"].contains("250"),
-        "the new batch wait reaches the worker configuration"
+        find_key(&config, "maxWaitMs") == Some(&json!(250)),
+        "the new batch wait reaches the worker configuration: {config}"
     );
     kafka::delete_topic(&topic).await;
 }
