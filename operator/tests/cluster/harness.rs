@@ -104,10 +104,8 @@ fn setup() -> Result<Env, String> {
         .first()
         .and_then(|c| c.cluster.clone())
         .ok_or("the admin kubeconfig has no cluster")?;
-    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "cluster-tests-{}",
-        std::process::id()
-    ));
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cluster-tests-{}", std::process::id()));
     fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
     let env = Env {
         kubectl: path_of("KUBECTL")?,

@@ -28,7 +28,11 @@ fn helm_template_with_default_values_is_manifests_install_yaml() {
     let env = env();
     let version = env.helm(&["version", "--template", "{{.Version}}"]);
     let expected_version = format!("v{}", versions_env("HELM_VERSION"));
-    assert_eq!(version.trim(), expected_version, "helm reports its real version");
+    assert_eq!(
+        version.trim(),
+        expected_version,
+        "helm reports its real version"
+    );
     let rendered = env.helm(&[
         "template",
         "streamops",
@@ -86,14 +90,25 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crd() {
     let operator_name = format!("{release}-operator");
     let client = admin().await;
 
-    let out = env.helm(&["install", &release, "charts/streamops", "--namespace", &ns.name]);
+    let out = env.helm(&[
+        "install",
+        &release,
+        "charts/streamops",
+        "--namespace",
+        &ns.name,
+    ]);
     assert!(out.contains("STATUS: deployed"), "{out}");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let d = deployments.get(&operator_name).await.unwrap();
     let spec = d.spec.unwrap();
     assert_eq!(spec.replicas, Some(1));
     assert_eq!(
-        spec.template.spec.as_ref().unwrap().service_account_name.as_deref(),
+        spec.template
+            .spec
+            .as_ref()
+            .unwrap()
+            .service_account_name
+            .as_deref(),
         Some(operator_name.as_str())
     );
     Api::<ClusterRole>::all(client.clone())
@@ -102,14 +117,25 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crd() {
         .expect("the ClusterRole");
     let roles: Api<Role> = Api::namespaced(client.clone(), &ns.name);
     assert!(
-        roles.get_opt(&format!("{operator_name}-leader-election")).await.unwrap().is_none(),
+        roles
+            .get_opt(&format!("{operator_name}-leader-election"))
+            .await
+            .unwrap()
+            .is_none(),
         "one replica: no leader election"
     );
 
     // Upgrade with changed values: two replicas turn leader election on.
     let out = env.helm(&[
-        "upgrade", &release, "charts/streamops", "--namespace", &ns.name,
-        "--set", "replicaCount=2", "--set", "logLevel=debug",
+        "upgrade",
+        &release,
+        "charts/streamops",
+        "--namespace",
+        &ns.name,
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "logLevel=debug",
     ]);
     assert!(out.contains("REVISION: 2"), "{out}");
     let d = deployments.get(&operator_name).await.unwrap();
@@ -125,7 +151,10 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crd() {
             .and_then(|e| e.value.clone())
     };
     assert_eq!(env_value("RUST_LOG").as_deref(), Some("debug"));
-    assert_eq!(env_value("STREAMOPS_LEADER_ELECTION").as_deref(), Some("true"));
+    assert_eq!(
+        env_value("STREAMOPS_LEADER_ELECTION").as_deref(),
+        Some("true")
+    );
     roles
         .get(&format!("{operator_name}-leader-election"))
         .await
@@ -133,15 +162,19 @@ async fn helm_install_upgrade_and_uninstall_keep_the_crd() {
 
     // Uninstall removes the release's objects and keeps the CRD.
     env.helm(&["uninstall", &release, "--namespace", &ns.name]);
-    eventually("the release's objects gone", Duration::from_secs(30), || async {
-        let gone = deployments.get_opt(&operator_name).await.ok()?.is_none()
-            && Api::<ClusterRole>::all(client.clone())
-                .get_opt(&operator_name)
-                .await
-                .ok()?
-                .is_none();
-        gone.then_some(())
-    })
+    eventually(
+        "the release's objects gone",
+        Duration::from_secs(30),
+        || async {
+            let gone = deployments.get_opt(&operator_name).await.ok()?.is_none()
+                && Api::<ClusterRole>::all(client.clone())
+                    .get_opt(&operator_name)
+                    .await
+                    .ok()?
+                    .is_none();
+            gone.then_some(())
+        },
+    )
     .await;
     let crd = Api::<CustomResourceDefinition>::all(client.clone())
         .get("streamconsumers.streamops.dev")
@@ -167,9 +200,15 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
     let release = unique("streamops-n");
     let operator_name = format!("{release}-operator");
     env.helm(&[
-        "install", &release, "charts/streamops", "--namespace", &system.name,
-        "--set", &format!("watchNamespace={}", watched.name),
-        "--set", "leaderElection.force=true",
+        "install",
+        &release,
+        "charts/streamops",
+        "--namespace",
+        &system.name,
+        "--set",
+        &format!("watchNamespace={}", watched.name),
+        "--set",
+        "leaderElection.force=true",
     ]);
 
     // The ServiceAccount may act in the watched namespace only.
@@ -183,7 +222,10 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
     assert!(can("patch", "deployments.apps", &watched.name));
     assert!(!can("list", "streamconsumers.streamops.dev", &other.name));
     assert!(!can("list", "streamconsumers.streamops.dev", "default"));
-    assert!(!can("get", "secrets", &watched.name), "the operator reads no Secrets");
+    assert!(
+        !can("get", "secrets", &watched.name),
+        "the operator reads no Secrets"
+    );
 
     let _op = Operator::start(OperatorSpec {
         sa_namespace: system.name.clone(),
@@ -209,9 +251,11 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
     });
     api.create(&PostParams::default(), &sc).await.unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched.name);
-    eventually("the Deployment in the watched namespace", Duration::from_secs(90), || async {
-        deployments.get("scoped").await.ok()
-    })
+    eventually(
+        "the Deployment in the watched namespace",
+        Duration::from_secs(90),
+        || async { deployments.get("scoped").await.ok() },
+    )
     .await;
     wait_status(&api, "scoped", "a status", |s| s.selector.is_some()).await;
     Api::<Role>::namespaced(client.clone(), &watched.name)
@@ -219,10 +263,11 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
         .await
         .expect("the workers' Role");
     // The Lease is the chart's, in the release namespace.
-    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &system.name)
-        .get(&operator_name)
-        .await
-        .expect("the chart's Lease");
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &system.name)
+            .get(&operator_name)
+            .await
+            .expect("the chart's Lease");
     assert!(lease.spec.unwrap().holder_identity.is_some());
     env.helm(&["uninstall", &release, "--namespace", &system.name]);
 }

@@ -9,7 +9,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use streamops_crds::v1alpha1::HandlerKind;
 use streamops_crds::StreamConsumer;
 
-use crate::harness::{admin, eventually, unique, Operator, OperatorSpec, TestNs, LEASE_NAME, SYSTEM_NS};
+use crate::harness::{
+    admin, eventually, unique, Operator, OperatorSpec, TestNs, LEASE_NAME, SYSTEM_NS,
+};
 use crate::lifecycle::consumer;
 
 /// The operator's lease settings (client-go's defaults, operator/src/leader.rs).
@@ -84,9 +86,11 @@ async fn killing_the_leader_hands_over_after_the_lease_expires_and_never_two_lea
     .unwrap();
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(client.clone(), &ns.name);
-    eventually("the leader to apply the Deployment", Duration::from_secs(60), || async {
-        deployments.get("led").await.ok()
-    })
+    eventually(
+        "the leader to apply the Deployment",
+        Duration::from_secs(60),
+        || async { deployments.get("led").await.ok() },
+    )
     .await;
     assert!(
         !ops[second].log_text().contains("became the leader"),
@@ -98,7 +102,15 @@ async fn killing_the_leader_hands_over_after_the_lease_expires_and_never_two_lea
     let before = leases.get(LEASE_NAME).await.unwrap();
     let transitions = before.spec.as_ref().unwrap().lease_transitions.unwrap_or(0);
     ops[first].kill();
-    let last_renew = micros(&leases.get(LEASE_NAME).await.unwrap().spec.unwrap().renew_time);
+    let last_renew = micros(
+        &leases
+            .get(LEASE_NAME)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .renew_time,
+    );
     let taken = eventually(
         "the other process to take the lease over",
         LEASE_DURATION + RETRY_PERIOD * 5,
@@ -135,16 +147,23 @@ async fn killing_the_leader_hands_over_after_the_lease_expires_and_never_two_lea
     )
     .await
     .unwrap();
-    eventually("the new leader to scale the Deployment", Duration::from_secs(60), || async {
-        let d = deployments.get("led").await.ok()?;
-        (d.spec?.replicas == Some(2)).then_some(())
-    })
+    eventually(
+        "the new leader to scale the Deployment",
+        Duration::from_secs(60),
+        || async {
+            let d = deployments.get("led").await.ok()?;
+            (d.spec?.replicas == Some(2)).then_some(())
+        },
+    )
     .await;
     assert!(!ops[second].exited(), "the new leader is still running");
 
     stop.store(true, Ordering::SeqCst);
     sampler.await.unwrap();
-    assert!(samples.load(Ordering::SeqCst) > 50, "the gauges were sampled");
+    assert!(
+        samples.load(Ordering::SeqCst) > 50,
+        "the gauges were sampled"
+    );
     assert_eq!(
         both.load(Ordering::SeqCst),
         0,

@@ -310,7 +310,15 @@ async fn an_edit_of_an_owned_field_is_reverted_and_a_field_the_operator_does_not
     .await
     .unwrap();
     let d = wait_deployment(&client, &ns.name, "fraud", 1).await;
-    let image = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    let image = d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
         .image
         .clone()
         .unwrap();
@@ -322,7 +330,11 @@ async fn an_edit_of_an_owned_field_is_reverted_and_a_field_the_operator_does_not
         .filter(|m| m.operation.as_deref() == Some("Apply"))
         .filter_map(|m| m.manager.clone())
         .collect();
-    assert_eq!(managers, ["streamops-operator"], "one field manager applies");
+    assert_eq!(
+        managers,
+        ["streamops-operator"],
+        "one field manager applies"
+    );
 
     // Someone else changes a field the operator owns (the image) and adds one it does not own
     // (an annotation), in one server-side apply with force.
@@ -389,17 +401,54 @@ async fn delete_with_retain_releases_the_object_and_the_garbage_collector_remove
     // the ConfigMap, the Service and the disruption budget go through their owner references.
     let sel = ListParams::default().labels("app.kubernetes.io/instance=keep");
     eventually("every child collected", Duration::from_secs(90), || async {
-        let n = Api::<Deployment>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len()
-            + Api::<ReplicaSet>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len()
-            + Api::<Pod>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len()
-            + Api::<ConfigMap>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len()
-            + Api::<Service>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len()
-            + Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns.name).list(&sel).await.ok()?.items.len();
+        let n = Api::<Deployment>::namespaced(client.clone(), &ns.name)
+            .list(&sel)
+            .await
+            .ok()?
+            .items
+            .len()
+            + Api::<ReplicaSet>::namespaced(client.clone(), &ns.name)
+                .list(&sel)
+                .await
+                .ok()?
+                .items
+                .len()
+            + Api::<Pod>::namespaced(client.clone(), &ns.name)
+                .list(&sel)
+                .await
+                .ok()?
+                .items
+                .len()
+            + Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+                .list(&sel)
+                .await
+                .ok()?
+                .items
+                .len()
+            + Api::<Service>::namespaced(client.clone(), &ns.name)
+                .list(&sel)
+                .await
+                .ok()?
+                .items
+                .len()
+            + Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns.name)
+                .list(&sel)
+                .await
+                .ok()?
+                .items
+                .len();
         (n == 0).then_some(())
     })
     .await;
     // The event says the group was kept.
-    let events = env().kubectl(&["get", "events.events.k8s.io", "-n", &ns.name, "-o", "jsonpath={.items[*].reason}"]);
+    let events = env().kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
     assert!(events.contains("ConsumerGroupRetained"), "{events}");
 }
 
@@ -431,10 +480,15 @@ async fn the_garbage_collector_removes_children_of_a_consumer_deleted_while_no_o
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let sel = ListParams::default().labels("app.kubernetes.io/instance=orphan");
-    eventually("the Deployment and its pods collected", Duration::from_secs(90), || async {
-        let n = deployments.list(&sel).await.ok()?.items.len() + pods.list(&sel).await.ok()?.items.len();
-        (n == 0).then_some(())
-    })
+    eventually(
+        "the Deployment and its pods collected",
+        Duration::from_secs(90),
+        || async {
+            let n = deployments.list(&sel).await.ok()?.items.len()
+                + pods.list(&sel).await.ok()?.items.len();
+            (n == 0).then_some(())
+        },
+    )
     .await;
 }
 
@@ -457,16 +511,33 @@ async fn delete_with_delete_consumer_group_stops_the_workers_and_deletes_the_gro
     wait_deployment(&client, &ns.name, "drop", 1).await;
     wait_status(&api, "drop", "a first status", |s| s.selector.is_some()).await;
     api.delete("drop", &Default::default()).await.unwrap();
-    eventually("the StreamConsumer to be gone", Duration::from_secs(90), || async {
-        match api.get_opt("drop").await {
-            Ok(None) => Some(()),
-            _ => None,
-        }
-    })
+    eventually(
+        "the StreamConsumer to be gone",
+        Duration::from_secs(90),
+        || async {
+            match api.get_opt("drop").await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        },
+    )
     .await;
-    assert!(!group_exists(&group), "the consumer group {group} was deleted");
-    let events = env().kubectl(&["get", "events.events.k8s.io", "-n", &ns.name, "-o", "jsonpath={.items[*].reason}"]);
-    assert!(!events.contains("ConsumerGroupCleanupAbandoned"), "{events}");
+    assert!(
+        !group_exists(&group),
+        "the consumer group {group} was deleted"
+    );
+    let events = env().kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &ns.name,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(
+        !events.contains("ConsumerGroupCleanupAbandoned"),
+        "{events}"
+    );
     kafka::delete_topic(&topic).await;
 }
 

@@ -71,7 +71,9 @@ async fn kubectl_apply_of_crds_installs_an_established_crd() {
     let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
     for t in ["Established", "NamesAccepted"] {
         assert!(
-            conditions.iter().any(|c| c.type_ == t && c.status == "True"),
+            conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == "True"),
             "{t}: {conditions:?}"
         );
     }
@@ -101,8 +103,7 @@ async fn the_apiserver_accepts_every_example() {
             f.display()
         );
     }
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(admin().await, &ns.name, &api_resource());
+    let api: Api<DynamicObject> = Api::namespaced_with(admin().await, &ns.name, &api_resource());
     let names: BTreeSet<String> = api
         .list(&Default::default())
         .await
@@ -162,8 +163,7 @@ fn invalid_specs() -> Vec<Invalid> {
 #[tokio::test]
 async fn the_apiserver_rejects_invalid_specs_naming_the_field_and_evaluates_every_cel_rule() {
     let ns = TestNs::new("invalid").await;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(admin().await, &ns.name, &api_resource());
+    let api: Api<DynamicObject> = Api::namespaced_with(admin().await, &ns.name, &api_resource());
     let mut seen = BTreeSet::new();
     let mut failures = Vec::new();
     for (i, case) in invalid_specs().into_iter().enumerate() {
@@ -172,8 +172,20 @@ async fn the_apiserver_rejects_invalid_specs_naming_the_field_and_evaluates_ever
         // The unchanged object is accepted (server-side dry run), so the rejection below is the
         // change's doing.
         let valid: DynamicObject = serde_json::from_value(obj.clone()).unwrap();
-        if let Err(e) = api.create(&PostParams { dry_run: true, ..Default::default() }, &valid).await {
-            failures.push(format!("{}: the valid base object was rejected: {e}", case.what));
+        if let Err(e) = api
+            .create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &valid,
+            )
+            .await
+        {
+            failures.push(format!(
+                "{}: the valid base object was rejected: {e}",
+                case.what
+            ));
             continue;
         }
         (case.change)(&mut obj["spec"]);
@@ -224,13 +236,21 @@ async fn kubectl_get_shows_the_printer_columns_with_lag() {
     .unwrap();
     let out = env.kubectl(&["get", "streamconsumers", "-n", &ns.name]);
     let mut lines = out.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(
         header,
         ["NAME", "HANDLER", "TOPICS", "DESIRED", "READY", "LAG", "AGE"],
         "{out}"
     );
-    let row: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     assert_eq!(row.len(), header.len(), "{out}");
     assert_eq!(row[0], "columns");
     assert_eq!(row[1], "sensor");
@@ -242,7 +262,10 @@ async fn kubectl_get_shows_the_printer_columns_with_lag() {
     let out = env.kubectl(&["get", "stc", "-n", &ns.name, "-o", "name"]);
     assert_eq!(out.trim(), "streamconsumer.streamops.dev/columns");
     let out = env.kubectl(&["get", "streamops", "-n", &ns.name, "-o", "name"]);
-    assert!(out.contains("streamconsumer.streamops.dev/columns"), "{out}");
+    assert!(
+        out.contains("streamconsumer.streamops.dev/columns"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
