@@ -190,6 +190,7 @@ start kube-apiserver "$KUBE_APISERVER" \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --bind-address=127.0.0.1 \
   --advertise-address=127.0.0.1 \
+  --endpoint-reconciler-type=none \
   --secure-port="$APISERVER_PORT" \
   --cert-dir="$DIR/apiserver" \
   --tls-cert-file="$PKI/apiserver.crt" \
