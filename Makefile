@@ -35,7 +35,7 @@ validate: $(VENV)/.installed ## Validate manifests, examples and the chart offli
 	$(VENV)/bin/python scripts/validate_manifests.py
 
 .PHONY: test
-test: dev-up ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, manifests
+test: dev-up cluster-build ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, real control plane, manifests
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) --no-print-directory validate
@@ -58,6 +58,7 @@ bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replic
 	$(CARGO) bench -p streamops-operator --bench autoscale
 
 -include mk/kind.mk
+-include mk/cluster.mk
 
 .PHONY: chaos chaos-short fuzz
 chaos: dev-up ## Full fault-injection suite (1,000,000 messages; long)
