@@ -17,6 +17,7 @@
 //! The RBAC the operator needs is listed in `operator/RBAC.md`.
 
 pub mod autoscale;
+pub mod brokers;
 pub mod build;
 pub mod cli;
 pub mod consumer_group;
@@ -28,6 +29,7 @@ pub mod lag_poller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod policy;
 pub mod reconcile;
 pub mod run;
 pub mod status;
@@ -36,6 +38,8 @@ pub mod validation;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod secret_scan_tests;
 
 pub use error::{Error, Result};
 pub use reconcile::{

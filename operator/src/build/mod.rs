@@ -7,6 +7,7 @@
 
 mod config_map;
 mod deployment;
+mod network_policy;
 mod pdb;
 mod rbac;
 mod service;
@@ -16,6 +17,7 @@ pub use deployment::{
     build_deployment, termination_grace_period_seconds, CONFIG_VOLUME, POD_USER_ID,
     SHUTDOWN_MARGIN_MS,
 };
+pub use network_policy::{build_network_policy, egress_ports, url_port, WorkerNetwork};
 pub use pdb::build_pdb;
 pub use rbac::{
     build_role, build_role_binding, build_service_account, build_worker_rbac, WorkerRbac,
