@@ -29,6 +29,7 @@ pub mod lag_poller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod ownership;
 pub mod policy;
 pub mod reconcile;
 pub mod run;

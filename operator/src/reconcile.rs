@@ -20,8 +20,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -39,17 +40,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::autoscale::Decision;
-use crate::build::{build_children, BuildContext, Children, RenderedConfig};
+use crate::build::{build_children, BuildContext, Children, RenderedConfig, WorkerNetwork};
 use crate::consumer_group::{GroupDeleter, GroupDeletion, GroupTarget};
 use crate::lag_book::LagView;
 use crate::lag_poller::LagPoller;
 use crate::metrics::Metrics;
 use crate::names::{
     children_selector, managed_selector, workload_name, CONFIG_HASH_ANNOTATION, CONTROLLER_NAME,
-    FIELD_MANAGER, FINALIZER,
+    DEFAULT_JOB_TRIGGER_CLUSTER_ROLE, FIELD_MANAGER, FINALIZER,
 };
+use crate::ownership::{controlled_by, existing_child, Swept};
+use crate::policy::Policy;
 use crate::status;
-use crate::validation::validate_object;
+use crate::validation::validate_with_policy;
 use crate::{Error, Result};
 
 /// Decides the replicas of the worker Deployment and tells the reconciler what it knows of the
@@ -98,13 +101,24 @@ pub struct OperatorConfig {
     pub backoff_base: Duration,
     /// Longest requeue delay after failures.
     pub backoff_max: Duration,
+    /// What a StreamConsumer may make the operator run (images, Job triggers).
+    pub policy: Policy,
+    /// The ClusterRole Job-trigger workers are bound to.
+    pub job_trigger_cluster_role: String,
+    /// Worker NetworkPolicies; `None`: none are made (and none are watched).
+    pub worker_network: Option<WorkerNetwork>,
 }
 
 impl OperatorConfig {
-    /// The defaults, with the given worker image.
+    /// The defaults, with the given worker image: the strictest policy (only that image, no
+    /// Job triggers) and no worker NetworkPolicies.
     pub fn new(worker_image: impl Into<String>) -> Self {
+        let worker_image = worker_image.into();
         Self {
-            worker_image: worker_image.into(),
+            policy: Policy::strict(worker_image.clone()),
+            job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
+            worker_network: None,
+            worker_image,
             resync_period: Duration::from_secs(300),
             cleanup_deadline: Duration::from_secs(300),
             backoff_base: Duration::from_secs(5),
@@ -230,8 +244,14 @@ pub async fn run_controller(
     .owns(api::<Service>(&client, ns), children.clone())
     .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
     .owns(api::<ServiceAccount>(&client, ns), children.clone())
-    .owns(api::<Role>(&client, ns), children.clone())
-    .owns(api::<RoleBinding>(&client, ns), children);
+    .owns(api::<RoleBinding>(&client, ns), children.clone());
+    // NetworkPolicies are watched (and the operator may touch them) only when the admin turned
+    // them on.
+    let controller = if ctx.config.worker_network.is_some() {
+        controller.owns(api::<NetworkPolicy>(&client, ns), children)
+    } else {
+        controller
+    };
     let poller_stop = stop.child_token();
     let (controller, poller) = match lag {
         Some(poller) => {
@@ -353,7 +373,7 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     let consumers: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), id.namespace);
     let reference = sc.object_ref(&());
 
-    if let Err(invalid) = validate_object(sc) {
+    if let Err(invalid) = validate_with_policy(sc, &ctx.config.policy) {
         // Nothing is applied: the workers keep running their last valid configuration. No
         // requeue: only a new spec can change the verdict.
         let new_status = status::invalid_spec(sc, &invalid, status::now());
@@ -376,7 +396,11 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     let replicas = ctx.replicas.desired_replicas(sc);
     let lag = ctx.replicas.lag(sc);
     let rendered = RenderedConfig::render(sc)?;
-    let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?;
+    let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?
+        .with_settings(
+            &ctx.config.job_trigger_cluster_role,
+            ctx.config.worker_network.as_ref(),
+        );
     let children = build_children(&build);
 
     let applied = match apply_children(ctx, &id, &children).await {
@@ -482,60 +506,49 @@ struct Applied {
 }
 
 /// Applies the children in dependency order (configuration and RBAC before the pods that use
-/// them), then deletes the ones no longer wanted.
+/// them), then deletes the ones no longer wanted. First every child's name is read: if any object
+/// there is not controlled by this StreamConsumer, nothing at all is written
+/// ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and an event says so).
 async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<Applied> {
     let client = &ctx.client;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), id.namespace);
-    let deployment_name = workload_name(id.name);
-    let previous = deployments
-        .get_opt(&deployment_name)
-        .await
-        .map_err(|source| Error::GetChild {
-            kind: "Deployment".into(),
-            name: deployment_name.clone(),
-            source,
-        })?;
-    if let Some(existing) = &previous {
-        if !controlled_by(&existing.metadata, id.uid) {
-            return Err(Error::ChildConflict {
-                kind: "Deployment".into(),
-                name: deployment_name,
-            });
-        }
+    let ns = id.namespace;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let previous = existing_child(&deployments, &workload_name(id.name), id.uid).await?;
+    existing_child::<ConfigMap>(&Api::namespaced(client.clone(), ns), name_of(&children.config_map), id.uid).await?;
+    if let Some(rbac) = &children.worker_rbac {
+        existing_child::<ServiceAccount>(&Api::namespaced(client.clone(), ns), name_of(&rbac.service_account), id.uid).await?;
+        existing_child::<RoleBinding>(&Api::namespaced(client.clone(), ns), name_of(&rbac.role_binding), id.uid).await?;
+    }
+    existing_child::<Service>(&Api::namespaced(client.clone(), ns), name_of(&children.service), id.uid).await?;
+    if let Some(pdb) = &children.pdb {
+        existing_child::<PodDisruptionBudget>(&Api::namespaced(client.clone(), ns), name_of(pdb), id.uid).await?;
+    }
+    if let Some(np) = &children.network_policy {
+        existing_child::<NetworkPolicy>(&Api::namespaced(client.clone(), ns), name_of(np), id.uid).await?;
     }
 
-    apply_child(
-        &Api::namespaced(client.clone(), id.namespace),
-        &children.config_map,
-    )
-    .await?;
+    apply_child(&Api::namespaced(client.clone(), ns), &children.config_map).await?;
     if let Some(rbac) = &children.worker_rbac {
-        apply_child(
-            &Api::namespaced(client.clone(), id.namespace),
-            &rbac.service_account,
-        )
-        .await?;
-        apply_child(&Api::namespaced(client.clone(), id.namespace), &rbac.role).await?;
-        apply_child(
-            &Api::namespaced(client.clone(), id.namespace),
-            &rbac.role_binding,
-        )
-        .await?;
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.service_account).await?;
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.role_binding).await?;
     }
     let deployment = apply_child(&deployments, &children.deployment).await?;
-    apply_child(
-        &Api::namespaced(client.clone(), id.namespace),
-        &children.service,
-    )
-    .await?;
+    apply_child(&Api::namespaced(client.clone(), ns), &children.service).await?;
     if let Some(pdb) = &children.pdb {
-        apply_child(&Api::namespaced(client.clone(), id.namespace), pdb).await?;
+        apply_child(&Api::namespaced(client.clone(), ns), pdb).await?;
     }
-    delete_orphans(client, id, children).await?;
+    if let Some(np) = &children.network_policy {
+        apply_child(&Api::namespaced(client.clone(), ns), np).await?;
+    }
+    delete_orphans(ctx, id, children).await?;
     Ok(Applied {
         previous,
         deployment,
     })
+}
+
+fn name_of<K: Resource>(object: &K) -> &str {
+    object.meta().name.as_deref().unwrap_or_default()
 }
 
 async fn apply_child<K>(api: &Api<K>, object: &K) -> Result<K>
@@ -556,59 +569,70 @@ where
     })
 }
 
-fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
-}
-
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
-/// to one replica, the RBAC after leaving the job trigger. Candidates are selected by label and
-/// must be controlled by this StreamConsumer.
-async fn delete_orphans(client: &Client, id: &Identity<'_>, children: &Children) -> Result<()> {
+/// to one replica, the RBAC after leaving the job trigger, the NetworkPolicy after the admin turned
+/// them off. Candidates are selected by label and must be controlled by this StreamConsumer; one
+/// under a child's name that is not is left alone and reported ([`Error::ChildConflict`]).
+async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<()> {
+    let client = &ctx.client;
     let selector = children_selector(id.name);
     let keep = |meta: Option<&ObjectMeta>| meta.and_then(|m| m.name.clone());
     let rbac = children.worker_rbac.as_ref();
-    delete_owned::<PodDisruptionBudget>(
+    let mut foreign = Vec::new();
+    let pdb = delete_owned::<PodDisruptionBudget>(
         client,
         id,
         &selector,
         keep(children.pdb.as_ref().map(|p| &p.metadata)).as_deref(),
     )
     .await?;
-    delete_owned::<ServiceAccount>(
+    foreign.extend(pdb.conflicts("PodDisruptionBudget", &[&workload_name(id.name)]));
+    let sa = delete_owned::<ServiceAccount>(
         client,
         id,
         &selector,
         keep(rbac.map(|r| &r.service_account.metadata)).as_deref(),
     )
     .await?;
-    delete_owned::<Role>(
-        client,
-        id,
-        &selector,
-        keep(rbac.map(|r| &r.role.metadata)).as_deref(),
-    )
-    .await?;
-    delete_owned::<RoleBinding>(
+    foreign.extend(sa.conflicts("ServiceAccount", &[&crate::names::worker_rbac_name(id.name)]));
+    let rb = delete_owned::<RoleBinding>(
         client,
         id,
         &selector,
         keep(rbac.map(|r| &r.role_binding.metadata)).as_deref(),
     )
     .await?;
-    Ok(())
+    foreign.extend(rb.conflicts(
+        "RoleBinding",
+        &[
+            &crate::names::job_trigger_binding_name(id.name),
+            &crate::names::worker_rbac_name(id.name),
+        ],
+    ));
+    if ctx.config.worker_network.is_some() {
+        let np = delete_owned::<NetworkPolicy>(
+            client,
+            id,
+            &selector,
+            keep(children.network_policy.as_ref().map(|n| &n.metadata)).as_deref(),
+        )
+        .await?;
+        foreign.extend(np.conflicts("NetworkPolicy", &[&workload_name(id.name)]));
+    }
+    match foreign.into_iter().next() {
+        Some((kind, name)) => Err(Error::ChildConflict { kind, name }),
+        None => Ok(()),
+    }
 }
 
 /// Deletes every `K` matching `selector` and controlled by the StreamConsumer, except `keep`.
-/// Returns how many were deleted.
+/// Objects controlled by anything else are never touched; they are returned in [`Swept`].
 async fn delete_owned<K>(
     client: &Client,
     id: &Identity<'_>,
     selector: &str,
     keep: Option<&str>,
-) -> Result<usize>
+) -> Result<Swept>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -624,7 +648,7 @@ where
             kind: kind.clone(),
             source,
         })?;
-    let mut deleted = 0;
+    let mut swept = Swept::default();
     for item in list.items {
         let Some(name) = item.metadata.name.as_deref() else {
             continue;
@@ -633,7 +657,8 @@ where
             continue;
         }
         if !controlled_by(&item.metadata, id.uid) {
-            debug!(%kind, name, "labelled like a child but controlled by something else; left alone");
+            warn!(%kind, name, namespace = id.namespace, "labelled like a child but not controlled by this StreamConsumer; left alone");
+            swept.foreign.push(name.to_string());
             continue;
         }
         let params = DeleteParams::background().preconditions(Preconditions {
@@ -643,7 +668,7 @@ where
         match api.delete(name, &params).await {
             Ok(_) => {
                 info!(%kind, name, namespace = id.namespace, "deleted a child that is no longer wanted");
-                deleted += 1;
+                swept.deleted += 1;
             }
             // Already gone, or replaced by another object since the list.
             Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
@@ -656,7 +681,7 @@ where
             }
         }
     }
-    Ok(deleted)
+    Ok(swept)
 }
 
 async fn patch_status(
@@ -842,7 +867,18 @@ async fn delete_consumer_group(
     let id = identity(sc)?;
     let stopped =
         delete_owned::<Deployment>(&ctx.client, &id, &children_selector(id.name), None).await?;
-    if stopped > 0 {
+    for name in &stopped.foreign {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            "ChildConflict",
+            "Delete",
+            format!("Deployment {name} is labelled like this StreamConsumer's workers but is not controlled by it: left running"),
+        )
+        .await;
+    }
+    if stopped.deleted > 0 {
         info!(object = %object_key(&sc.metadata), "stopped the workers before deleting their consumer group");
     }
     match ctx.group_deleter.delete_group(&target).await {

@@ -54,7 +54,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
-        OperatorConfig::new(args.worker_image.clone()),
+        OperatorConfig {
+            policy: args.policy(),
+            job_trigger_cluster_role: args.job_trigger_cluster_role.clone(),
+            worker_network: args.worker_network(),
+            ..OperatorConfig::new(args.worker_image.clone())
+        },
         Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),
         book.clone(),
     ));
@@ -73,6 +78,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_election = args.leader_election(),
         lag_interval = ?poll_settings.default_interval,
         allowed_brokers = brokers.brokers().len(),
+        job_triggers = args.job_triggers,
+        worker_network_policy = args.worker_network_policy,
         "starting the controller"
     );
 
