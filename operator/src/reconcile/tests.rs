@@ -19,6 +19,7 @@ use crate::build::{build_deployment, BuildContext, RenderedConfig};
 use crate::consumer_group::{GroupDeleteError, GroupDeletion};
 use crate::fixtures::*;
 use crate::names::CONFIG_HASH_ANNOTATION;
+use crate::status;
 
 /// The Deployment the operator would have applied for `sc`, as the API server stores it.
 fn live_deployment(sc: &StreamConsumer, generation: i64) -> Deployment {

@@ -19,7 +19,8 @@ use super::PipelineError;
 use crate::backoff::Backoff;
 use crate::errortopic::{ErrorRecord, ErrorSink};
 use crate::handlers::{
-    Decoded, Handler, HandlerError, Position, RawMessage, RejectKind, Rejection, TopicPartition,
+    Decoded, HandlerError, MessageHandler, Position, RawMessage, RejectKind, Rejection,
+    TopicPartition,
 };
 use crate::metrics::Metrics;
 use crate::offsets::{self, Cas};
@@ -99,7 +100,7 @@ type ErrKey = (Arc<str>, i32, i64);
 /// A batch with its messages already decoded, when the handler offers a shared decoder.
 pub(crate) type DecodedBatch<T> = (Batch, Option<Vec<Result<T, Rejection>>>);
 
-pub(crate) struct Writer<H: Handler> {
+pub(crate) struct Writer<H: MessageHandler> {
     handler: H,
     p: WriterParts,
     totals: WriterTotals,
@@ -108,7 +109,7 @@ pub(crate) struct Writer<H: Handler> {
     label: &'static str,
 }
 
-impl<H: Handler> Writer<H> {
+impl<H: MessageHandler> Writer<H> {
     pub(crate) fn new(handler: H, p: WriterParts) -> Self {
         let label = handler.kind().as_str();
         let processed_counter = p.metrics.processed.with_label_values(&[label]);
@@ -252,6 +253,10 @@ impl<H: Handler> Writer<H> {
         Ok(())
     }
 
+    /// One attempt at a batch, in four steps: [decode](Self::decode),
+    /// [prepare](Self::prepare), [error topic](deliver_rejections) and
+    /// [transaction](Self::transaction); then, once committed, [`Self::after_commit`]. Each step
+    /// works on the messages it is given, so a step can be run again on part of a batch.
     async fn attempt(
         &mut self,
         messages: &[Fetched],
@@ -259,7 +264,28 @@ impl<H: Handler> Writer<H> {
         delivered: &mut HashSet<ErrKey>,
         started: Instant,
     ) -> Result<Outcome, Failure> {
-        // 1. Decode (pure; done again on every attempt, since `prepare` consumes the items).
+        let (items, mut rejected) = self.decode(messages, pre);
+        let items = self.prepare(messages, items, &mut rejected).await?;
+        let (errors, max) = (&self.p.errors, self.p.max_message_bytes);
+        deliver_rejections(errors, max, messages, &rejected, delivered).await?;
+        let plan = plan_offsets(messages);
+        let outcome = self.transaction(messages, &plan, &items, &rejected).await?;
+        if let Outcome::Committed = outcome {
+            self.after_commit(&plan, messages.len(), items.len(), &rejected, started)
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Step 1, decode: the pipeline's checks, then the handler's `decode`. Pure, and done again on
+    /// every attempt, since `prepare` consumes the items; the poll loop's pre-decoded results
+    /// (`pre`) serve when they cover exactly these messages. Returns the items and the rejections
+    /// (by index into `messages`).
+    fn decode(
+        &self,
+        messages: &[Fetched],
+        pre: Option<Vec<Result<H::Item, Rejection>>>,
+    ) -> (Vec<Decoded<H::Item>>, Vec<(usize, Rejection)>) {
         let max = self.p.max_message_bytes;
         let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
         let mut rejected: Vec<(usize, Rejection)> = Vec::new();
@@ -285,8 +311,18 @@ impl<H: Handler> Writer<H> {
                 Err(r) => rejected.push((i, r)),
             }
         }
+        (items, rejected)
+    }
 
-        // 2. Remote preparation, which may reject more.
+    /// Step 2, prepare: the handler's remote preparation (outside any transaction), which may
+    /// reject more items; those are added to `rejected`. A rejection of a message that is not in
+    /// `messages` is a handler bug, and fatal.
+    async fn prepare(
+        &mut self,
+        messages: &[Fetched],
+        items: Vec<Decoded<H::Item>>,
+        rejected: &mut Vec<(usize, Rejection)>,
+    ) -> Result<Vec<Decoded<H::Item>>, Failure> {
         let prepared = self.handler.prepare(items).await?;
         if !prepared.rejected.is_empty() {
             let index: HashMap<(&str, i32, i64), usize> = messages
@@ -308,36 +344,26 @@ impl<H: Handler> Writer<H> {
                 }
             }
         }
-        let items = prepared.items;
+        Ok(prepared.items)
+    }
 
-        // 3. Every rejection reaches the error topic before anything commits.
-        let mut records: Vec<ErrorRecord> = rejected
-            .iter()
-            .filter(|(i, _)| {
-                let m = &messages[*i].msg;
-                !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
-            })
-            .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
-            .collect();
-        if !records.is_empty() {
-            let mut done = vec![false; records.len()];
-            let result = self.p.errors.deliver(&mut records, &mut done).await;
-            for (rec, ok) in records.iter().zip(&done) {
-                if *ok {
-                    delivered.insert((Arc::from(rec.topic.as_str()), rec.partition, rec.offset));
-                }
-            }
-            if let Err(e) = result {
-                return Err(Failure::Retry("error_topic", e.to_string()));
-            }
-        }
-
-        // 4. One transaction: offsets (compare-and-set), handler rows, rejections.
-        let plan = plan_offsets(messages);
+    /// Step 4, transaction: in one PostgreSQL transaction, moves each partition of `plan` from
+    /// the offset this worker knows (its [`Ownership`]) to the plan's next offset with a
+    /// compare-and-set, lets the handler write `items`, and records `rejected` (indices into
+    /// `messages`). A partition no longer owned under the plan's epoch, or whose stored offset
+    /// moved, rolls everything back: [`Outcome::Conflict`]. Nothing in memory changes here, so the
+    /// step can be retried, on the whole batch or on part of it.
+    async fn transaction(
+        &mut self,
+        messages: &[Fetched],
+        plan: &BTreeMap<TopicPartition, PartitionPlan>,
+        items: &[Decoded<H::Item>],
+        rejected: &[(usize, Rejection)],
+    ) -> Result<Outcome, Failure> {
         let t0 = Instant::now();
         let mut tx = self.p.pool.begin().await?;
         let mut conflicts = Vec::new();
-        for (tp, p) in &plan {
+        for (tp, p) in plan {
             let expected = match self.p.ownership.get(tp) {
                 Some(o) if o.epoch == p.epoch => o.next_offset,
                 _ => {
@@ -355,14 +381,14 @@ impl<H: Handler> Writer<H> {
             tx.rollback().await?;
             return Ok(Outcome::Conflict(conflicts));
         }
-        self.handler.write(&mut tx, &items).await?;
+        self.handler.write(&mut tx, items).await?;
         if !rejected.is_empty() {
             insert_rejections(
                 &mut tx,
                 &self.p.group,
                 self.p.errors.topic(),
                 messages,
-                &rejected,
+                rejected,
             )
             .await?;
         }
@@ -371,18 +397,28 @@ impl<H: Handler> Writer<H> {
             .metrics
             .db_write_duration
             .observe(t0.elapsed().as_secs_f64());
+        Ok(Outcome::Committed)
+    }
 
-        // 5. Committed: advance, report, and tell Kafka (advisory).
-        for (tp, p) in &plan {
+    /// After the commit: advances the known offsets, runs the handler's post-commit hook, counts,
+    /// and tells Kafka (advisory).
+    async fn after_commit(
+        &mut self,
+        plan: &BTreeMap<TopicPartition, PartitionPlan>,
+        batch_len: usize,
+        processed: usize,
+        rejected: &[(usize, Rejection)],
+        started: Instant,
+    ) {
+        for (tp, p) in plan {
             self.p.ownership.set_next_offset(tp, p.epoch, p.next_offset);
         }
         if let Err(e) = self.handler.committed().await {
             tracing::warn!(error = %e, "handler post-commit hook failed; resetting its state");
             self.handler.reset();
         }
-        self.account(messages.len(), items.len(), &rejected, started);
-        self.advisory_commit(&plan);
-        Ok(Outcome::Committed)
+        self.account(batch_len, processed, rejected, started);
+        self.advisory_commit(plan);
     }
 
     fn account(
@@ -434,6 +470,37 @@ impl<H: Handler> Writer<H> {
             tracing::debug!(error = %e, "advisory Kafka commit failed (offsets are in PostgreSQL)");
         }
     }
+}
+
+/// Step 3, error topic: every rejection reaches the error topic (acknowledged) before anything
+/// commits; values are cut to `max` bytes. `delivered` remembers what earlier attempts of the batch already delivered, so a
+/// retry does not send it again.
+async fn deliver_rejections(
+    errors: &ErrorSink,
+    max: usize,
+    messages: &[Fetched],
+    rejected: &[(usize, Rejection)],
+    delivered: &mut HashSet<ErrKey>,
+) -> Result<(), Failure> {
+    let mut records: Vec<ErrorRecord> = rejected
+        .iter()
+        .filter(|(i, _)| {
+            let m = &messages[*i].msg;
+            !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
+        })
+        .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut done = vec![false; records.len()];
+    let result = errors.deliver(&mut records, &mut done).await;
+    for (rec, ok) in records.iter().zip(&done) {
+        if *ok {
+            delivered.insert((Arc::from(rec.topic.as_str()), rec.partition, rec.offset));
+        }
+    }
+    result.map_err(|e| Failure::Retry("error_topic", e.to_string()))
 }
 
 async fn insert_rejections(
