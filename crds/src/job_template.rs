@@ -120,7 +120,10 @@ pub fn restricted_violations(job: &JobSpec) -> Vec<FieldError> {
     }
     let groups: [(&str, Vec<&Container>); 2] = [
         ("containers", pod.containers.iter().collect()),
-        ("initContainers", pod.init_containers.iter().flatten().collect()),
+        (
+            "initContainers",
+            pod.init_containers.iter().flatten().collect(),
+        ),
     ];
     for (group, containers) in groups {
         for (i, c) in containers.into_iter().enumerate() {
@@ -319,8 +322,8 @@ mod tests {
 
     #[test]
     fn a_template_that_is_not_a_job_spec_names_the_field() {
-        let err = parse_template(&json!({"template": {"spec": {"containers": "nope"}}}))
-            .unwrap_err();
+        let err =
+            parse_template(&json!({"template": {"spec": {"containers": "nope"}}})).unwrap_err();
         assert_eq!(
             err.field,
             "spec.handler.pipelineTrigger.job.template.template.spec.containers"
@@ -368,12 +371,18 @@ mod tests {
             template(json!({"containers": [container(json!({"securityContext": v}))]}))
         };
         let c = format!("{TEMPLATE_FIELD}.template.spec.containers[0].securityContext");
-        assert_eq!(fields(sc(json!({"privileged": true}))), [format!("{c}.privileged")]);
+        assert_eq!(
+            fields(sc(json!({"privileged": true}))),
+            [format!("{c}.privileged")]
+        );
         assert_eq!(
             fields(sc(json!({"allowPrivilegeEscalation": true}))),
             [format!("{c}.allowPrivilegeEscalation")]
         );
-        assert_eq!(fields(sc(json!({"runAsUser": 0}))), [format!("{c}.runAsUser")]);
+        assert_eq!(
+            fields(sc(json!({"runAsUser": 0}))),
+            [format!("{c}.runAsUser")]
+        );
         assert_eq!(
             fields(sc(json!({"runAsNonRoot": false}))),
             [format!("{c}.runAsNonRoot")]
@@ -382,7 +391,10 @@ mod tests {
             fields(sc(json!({"capabilities": {"add": ["SYS_ADMIN"]}}))),
             [format!("{c}.capabilities.add")]
         );
-        assert_eq!(fields(sc(json!({"runAsUser": 1000, "privileged": false}))), Vec::<String>::new());
+        assert_eq!(
+            fields(sc(json!({"runAsUser": 1000, "privileged": false}))),
+            Vec::<String>::new()
+        );
         let init = template(json!({
             "containers": [container(json!({}))],
             "initContainers": [container(json!({"securityContext": {"privileged": true}}))]
@@ -412,7 +424,9 @@ mod tests {
 
     #[test]
     fn only_service_accounts_the_policy_allows_may_be_named() {
-        let t = template(json!({"serviceAccountName": "cluster-admin-sa", "containers": [container(json!({}))]}));
+        let t = template(
+            json!({"serviceAccountName": "cluster-admin-sa", "containers": [container(json!({}))]}),
+        );
         let none = check_template(&t, &JobTemplatePolicy::default()).unwrap_err();
         assert_eq!(
             none[0].field,
@@ -422,7 +436,8 @@ mod tests {
             allowed_service_accounts: vec!["loader".into()],
         };
         assert!(check_template(&t, &policy).is_err());
-        let ok = template(json!({"serviceAccountName": "loader", "containers": [container(json!({}))]}));
+        let ok =
+            template(json!({"serviceAccountName": "loader", "containers": [container(json!({}))]}));
         assert!(check_template(&ok, &policy).is_ok());
     }
 
@@ -433,7 +448,10 @@ mod tests {
         let pod = job.template.spec.as_ref().unwrap();
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
         let sc = pod.containers[0].security_context.as_ref().unwrap();
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(
@@ -449,8 +467,16 @@ mod tests {
         .unwrap();
         harden(&mut job);
         let pod = job.template.spec.as_ref().unwrap();
-        assert_eq!(pod.security_context.as_ref().unwrap().run_as_user, Some(1000));
-        let caps = pod.containers[0].security_context.as_ref().unwrap().capabilities.as_ref();
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_user,
+            Some(1000)
+        );
+        let caps = pod.containers[0]
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref();
         assert_eq!(
             caps.unwrap().drop.as_deref(),
             Some(&["NET_RAW".to_string(), "ALL".to_string()][..])

@@ -539,7 +539,10 @@ pub struct WebhookSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretHeader {
     /// Header name, such as `Authorization`.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    )]
     pub name: String,
     /// Secret key holding the header value, in the StreamConsumer's namespace.
     pub secret_key_ref: SecretKeyRef,

@@ -110,9 +110,8 @@ pub fn is_credential_header(name: &str) -> bool {
 fn is_header_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 256
-        && n.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn check_webhook_headers(c: &mut Collector, w: &crate::v1alpha1::WebhookSpec) {

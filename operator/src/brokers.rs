@@ -346,7 +346,11 @@ mod tests {
         assert_eq!(c.credentials.unwrap().username, "lag-reader");
         let dev = p.resolve("KAFKA.dev:9092").unwrap();
         assert_eq!(dev.entry.name, "dev");
-        assert_eq!(dev.connection().credentials, None, "entry 1 has no credentials");
+        assert_eq!(
+            dev.connection().credentials,
+            None,
+            "entry 1 has no credentials"
+        );
     }
 
     #[test]

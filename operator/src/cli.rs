@@ -27,6 +27,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller.
@@ -92,7 +94,12 @@ pub struct RunArgs {
     /// as a JSON list of {name, bootstrapServers, hostPatterns, securityProtocol, saslMechanism,
     /// sslCaLocation}; entry N's credentials come from STREAMOPS_LAG_BROKER_<N>_USERNAME and
     /// _PASSWORD. Empty: none, so no lag is read.
-    #[arg(long, env = "STREAMOPS_LAG_BROKERS", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "STREAMOPS_LAG_BROKERS",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub lag_brokers: String,
 
     /// Further worker images spec.image may name, comma-separated: exact, or a prefix ending in

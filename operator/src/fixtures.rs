@@ -645,7 +645,8 @@ pub fn child_object(kind: Kind, owner_uid: Option<&str>) -> Value {
     }
     let mut o = json!({"apiVersion": api_version, "kind": kind.kind(), "metadata": meta});
     if kind == Kind::RoleBinding {
-        o["roleRef"] = json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "x"});
+        o["roleRef"] =
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "x"});
     }
     o
 }

@@ -28,14 +28,11 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned,
 {
     let kind = K::kind(&()).into_owned();
-    let existing = api
-        .get_opt(name)
-        .await
-        .map_err(|source| Error::GetChild {
-            kind: kind.clone(),
-            name: name.to_string(),
-            source,
-        })?;
+    let existing = api.get_opt(name).await.map_err(|source| Error::GetChild {
+        kind: kind.clone(),
+        name: name.to_string(),
+        source,
+    })?;
     match existing {
         Some(o) if !controlled_by(o.meta(), uid) => Err(Error::ChildConflict {
             kind,

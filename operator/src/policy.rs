@@ -43,10 +43,13 @@ impl Policy {
     /// Whether the workers may run `image`.
     pub fn allows_image(&self, image: &str) -> bool {
         image == self.default_image
-            || self.allowed_images.iter().any(|a| match a.strip_suffix('*') {
-                Some(prefix) => !prefix.is_empty() && image.starts_with(prefix),
-                None => a == image,
-            })
+            || self
+                .allowed_images
+                .iter()
+                .any(|a| match a.strip_suffix('*') {
+                    Some(prefix) => !prefix.is_empty() && image.starts_with(prefix),
+                    None => a == image,
+                })
     }
 
     /// Checks `spec` against the policy; every violation names its field.
@@ -128,7 +131,10 @@ mod tests {
         spec.image = Some("attacker.example/miner:latest".into());
         let err = p.check(&spec).unwrap_err();
         assert_eq!(err.first_field(), "spec.image");
-        assert!(err.to_string().contains("policy.allowedWorkerImages"), "{err}");
+        assert!(
+            err.to_string().contains("policy.allowedWorkerImages"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -172,14 +178,17 @@ mod tests {
             ..Policy::strict("w")
         };
         let sa = |name: &str| {
-            job_spec(json!({"serviceAccountName": name, "containers": [{"name": "c", "image": "i"}]}))
+            job_spec(
+                json!({"serviceAccountName": name, "containers": [{"name": "c", "image": "i"}]}),
+            )
         };
         assert!(on.check(&sa("loader")).is_ok());
         assert_eq!(
             fields(on.check(&sa("operator-admin"))),
             ["spec.handler.pipelineTrigger.job.template.template.spec.serviceAccountName"]
         );
-        let privileged = job_spec(json!({"hostPID": true, "containers": [{"name": "c", "image": "i"}]}));
+        let privileged =
+            job_spec(json!({"hostPID": true, "containers": [{"name": "c", "image": "i"}]}));
         assert_eq!(
             fields(on.check(&privileged)),
             ["spec.handler.pipelineTrigger.job.template.template.spec.hostPID"]

@@ -28,10 +28,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(signal_on(shutdown.clone()));
 
     // The allow-list is checked before anything else: a malformed one stops the operator.
-    let brokers = Arc::new(
-        args.broker_policy()
-            .context("invalid broker allow-list")?,
-    );
+    let brokers = Arc::new(args.broker_policy().context("invalid broker allow-list")?);
     let state = HttpState::default();
     let metrics = Metrics::register(&state.registry).context("cannot register metrics")?;
     let listener = http::bind(args.metrics_listen)

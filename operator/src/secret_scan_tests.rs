@@ -95,7 +95,12 @@ async fn no_secret_value_appears_in_logs_events_status_or_metrics() {
         timeout: Duration::from_secs(1),
         ..KafkaLagReader::allowed(policy)
     };
-    let poller = LagPoller::new(reader, book.clone(), metrics.clone(), PollSettings::default());
+    let poller = LagPoller::new(
+        reader,
+        book.clone(),
+        metrics.clone(),
+        PollSettings::default(),
+    );
     let task = tokio::spawn(poller.run(store, tx, stop.clone()));
     let mut triggered = Vec::new();
     while triggered.len() < 2 {
@@ -163,6 +168,9 @@ async fn no_secret_value_appears_in_logs_events_status_or_metrics() {
         ("events and status", &written),
         ("/metrics", &metrics_text),
     ] {
-        assert!(!text.contains(PASSWORD), "the password appears in {what}:\n{text}");
+        assert!(
+            !text.contains(PASSWORD),
+            "the password appears in {what}:\n{text}"
+        );
     }
 }

@@ -30,7 +30,10 @@ pub fn validate_with_policy(
     sc: &StreamConsumer,
     policy: &crate::policy::Policy,
 ) -> Result<(), InvalidSpec> {
-    let mut errors = validate_object(sc).err().map(|e| e.errors).unwrap_or_default();
+    let mut errors = validate_object(sc)
+        .err()
+        .map(|e| e.errors)
+        .unwrap_or_default();
     if let Err(e) = policy.check(&sc.spec) {
         for error in e.errors {
             if !errors.contains(&error) {

@@ -253,7 +253,11 @@ async fn the_fake_broker_records_a_password_sent_with_plain_in_clear_text() {
     assert!(
         broker.received(PASSWORD),
         "the fake broker must see a clear-text password, or it proves nothing: {:?}",
-        broker.requests().iter().map(|r| r.api_key).collect::<Vec<_>>()
+        broker
+            .requests()
+            .iter()
+            .map(|r| r.api_key)
+            .collect::<Vec<_>>()
     );
 }
 

@@ -103,12 +103,11 @@ async fn no_secret_value_appears_in_logs_metrics_or_consumer_info() {
     // The webhook fails once, then the retry is delivered.
     let start = Instant::now();
     loop {
-        let delivered: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pipeline_runs WHERE status = 'delivered'",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
+        let delivered: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pipeline_runs WHERE status = 'delivered'")
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
         if delivered >= 1 {
             break;
         }
@@ -123,20 +122,24 @@ async fn no_secret_value_appears_in_logs_metrics_or_consumer_info() {
     );
 
     let consumer_id = env.config.consumer_id.clone();
-    let info = reqwest::get(format!("http://{}/consumer/info/{consumer_id}", worker.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let info = reqwest::get(format!(
+        "http://{}/consumer/info/{consumer_id}",
+        worker.http
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
     let metrics = worker.metrics();
     let last_errors: Vec<Option<String>> =
         sqlx::query_scalar("SELECT last_error FROM pipeline_runs")
             .fetch_all(&env.pool)
             .await
             .unwrap();
+    let log_path = worker.log.clone();
     let status = worker.terminate_and_wait();
-    let log = std::fs::read_to_string(&worker.log).unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
     server.abort();
 
     assert!(status.success(), "worker exit {status:?}\n{log}");
@@ -144,7 +147,10 @@ async fn no_secret_value_appears_in_logs_metrics_or_consumer_info() {
         info.contains("\"consumer_id\""),
         "/consumer/info answered: {info}"
     );
-    assert!(metrics.contains("streamops_"), "/metrics answered: {metrics}");
+    assert!(
+        metrics.contains("streamops_"),
+        "/metrics answered: {metrics}"
+    );
     assert!(log.len() > 1000, "the worker logged: {log}");
     for (what, text) in [
         ("the worker's log", log.as_str()),
@@ -153,7 +159,10 @@ async fn no_secret_value_appears_in_logs_metrics_or_consumer_info() {
         ("pipeline_runs.last_error", &format!("{last_errors:?}")),
     ] {
         for secret in [DB_PASSWORD, "hook-secret-93c2aa"] {
-            assert!(!text.contains(secret), "{secret} appears in {what}:\n{text}");
+            assert!(
+                !text.contains(secret),
+                "{secret} appears in {what}:\n{text}"
+            );
         }
         assert!(
             !text.contains(REMOTE_BODY),

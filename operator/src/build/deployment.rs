@@ -13,9 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use streamops_crds::config::{
-    webhook_header_env, Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH, ENV_DATABASE_URL,
-    ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL, TLS_CERT_KEY,
-    TLS_KEY_KEY, WORKER_HTTP_PORT,
+    webhook_header_env, Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH,
+    ENV_DATABASE_URL, ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL,
+    TLS_CERT_KEY, TLS_KEY_KEY, WORKER_HTTP_PORT,
 };
 
 use super::BuildContext;
@@ -262,7 +262,12 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
         }
     }
     if let Handler::PipelineTrigger(p) = &config.handler {
-        for (i, h) in p.webhook.iter().flat_map(|w| w.secret_headers.iter()).enumerate() {
+        for (i, h) in p
+            .webhook
+            .iter()
+            .flat_map(|w| w.secret_headers.iter())
+            .enumerate()
+        {
             let r = &h.secret_key_ref;
             env.push(env_secret(&webhook_header_env(i), &r.name, &r.key));
         }

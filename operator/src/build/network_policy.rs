@@ -55,11 +55,7 @@ fn tcp(port: u16) -> NetworkPolicyPort {
 pub fn egress_ports(ctx: &BuildContext<'_>, net: &WorkerNetwork) -> BTreeSet<u16> {
     let mut ports = BTreeSet::new();
     for hp in ctx.config.config.kafka.bootstrap_servers.split(',') {
-        if let Some(p) = hp
-            .trim()
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-        {
+        if let Some(p) = hp.trim().rsplit_once(':').and_then(|(_, p)| p.parse().ok()) {
             ports.insert(p);
         }
     }
@@ -149,12 +145,22 @@ mod tests {
             .with_spec(|s| s.kafka.bootstrap_servers = "k-0:9092,k-1:9093".into());
         assert_eq!(ports_of(&sc), [5432, 9092, 9093]);
         let fraud = StreamConsumer::test_of(HandlerKind::Fraud);
-        let scoring = fraud.spec.handler.fraud.as_ref().unwrap().scoring_url.clone();
+        let scoring = fraud
+            .spec
+            .handler
+            .fraud
+            .as_ref()
+            .unwrap()
+            .scoring_url
+            .clone();
         assert!(ports_of(&fraud).contains(&url_port(&scoring).unwrap()));
         let hook = StreamConsumer::test_of(HandlerKind::PipelineTrigger);
         let p = ports_of(&hook);
         assert!(p.contains(&6379) && p.contains(&8081), "{p:?}");
-        assert!(!p.contains(&443), "webhook workers do not reach the API server");
+        assert!(
+            !p.contains(&443),
+            "webhook workers do not reach the API server"
+        );
         let job = hook.with_spec(|s| {
             let p = s.handler.pipeline_trigger.as_mut().unwrap();
             p.webhook = None;
@@ -189,7 +195,16 @@ mod tests {
         let egress = spec.egress.unwrap();
         assert_eq!(egress.len(), 2);
         assert!(egress.iter().all(|r| r.to.is_none()));
-        let dns: Vec<_> = egress[0].ports.as_ref().unwrap().iter().map(|p| p.port.clone()).collect();
-        assert_eq!(dns, [Some(IntOrString::Int(53)), Some(IntOrString::Int(53))]);
+        let dns: Vec<_> = egress[0]
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.port.clone())
+            .collect();
+        assert_eq!(
+            dns,
+            [Some(IntOrString::Int(53)), Some(IntOrString::Int(53))]
+        );
     }
 }

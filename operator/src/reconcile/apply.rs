@@ -220,9 +220,13 @@ where
         + DeserializeOwned,
 {
     let name = desired.meta().name.as_deref().unwrap_or_default();
-    existing_child::<K>(&Api::namespaced(ctx.client.clone(), id.namespace), name, id.uid)
-        .await
-        .map(|_| ())
+    existing_child::<K>(
+        &Api::namespaced(ctx.client.clone(), id.namespace),
+        name,
+        id.uid,
+    )
+    .await
+    .map(|_| ())
 }
 
 async fn apply_child<K>(api: &Api<K>, object: &K) -> Result<K>
@@ -279,7 +283,10 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
     .await?;
     foreign.extend(rb.conflicts(
         "RoleBinding",
-        &[&job_trigger_binding_name(id.name), &worker_rbac_name(id.name)],
+        &[
+            &job_trigger_binding_name(id.name),
+            &worker_rbac_name(id.name),
+        ],
     ));
     if ctx.config.worker_network.is_some() {
         let np = delete_owned::<NetworkPolicy>(

@@ -386,7 +386,10 @@ async fn every_kind_of_child_is_applied_when_nothing_else_holds_its_name() {
 #[tokio::test]
 async fn an_object_holding_a_childs_name_without_our_controller_reference_is_never_written() {
     let (_, probe) = every_child();
-    let kinds: Vec<Kind> = [Kind::Deployment].into_iter().chain(probe.wanted()).collect();
+    let kinds: Vec<Kind> = [Kind::Deployment]
+        .into_iter()
+        .chain(probe.wanted())
+        .collect();
     for foreign_kind in kinds {
         for owner in [Some("someone-else"), None] {
             let (ctx, server) = network_context();
@@ -408,8 +411,7 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
                 }
             }
             let name = foreign_kind.child_name();
-            let kind_name = serde_json::to_value(child_object(foreign_kind, None))
-                .unwrap()["kind"]
+            let kind_name = serde_json::to_value(child_object(foreign_kind, None)).unwrap()["kind"]
                 .as_str()
                 .unwrap()
                 .to_string();
@@ -1055,7 +1057,8 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
                 }
                 (Method::GET, p) if is_child_object(p) => {
                     // The ownership check before writing: nothing holds the name yet.
-                    let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
                     send.send_response(
                         Response::builder()
                             .status(404)
@@ -1167,7 +1170,8 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
                 }
                 (Method::GET, p) if is_child_object(p) => {
                     // The ownership check before writing: nothing holds the name yet.
-                    let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
                     send.send_response(
                         Response::builder()
                             .status(404)
@@ -1352,7 +1356,8 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                 },
                 (Method::GET, p) if is_child_object(p) => {
                     // The ownership check before writing: nothing holds the name yet.
-                    let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
                     send.send_response(
                         Response::builder()
                             .status(404)

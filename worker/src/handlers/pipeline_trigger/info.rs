@@ -152,10 +152,7 @@ pub fn without_remote_body(error: &str) -> String {
     const PREFIX: &str = "webhook answered HTTP ";
     match error.strip_prefix(PREFIX) {
         Some(rest) => {
-            let status: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect();
+            let status: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
             format!("{PREFIX}{status}")
         }
         None => error.to_string(),
