@@ -22,6 +22,11 @@ pub const ENV_REDIS_URL: &str = "STREAMOPS_REDIS_URL";
 pub const ENV_KAFKA_USERNAME: &str = "STREAMOPS_KAFKA_USERNAME";
 /// SASL password.
 pub const ENV_KAFKA_PASSWORD: &str = "STREAMOPS_KAFKA_PASSWORD";
+/// Environment variable holding the value of `webhook.secretHeaders[index]`; the operator fills
+/// it from the header's Secret with a `secretKeyRef`.
+pub fn webhook_header_env(index: usize) -> String {
+    format!("STREAMOPS_WEBHOOK_HEADER_{index}")
+}
 /// Static group membership id (`group.instance.id`); the operator sets it to the pod name.
 pub const ENV_INSTANCE_ID: &str = "STREAMOPS_INSTANCE_ID";
 /// Path of the rendered configuration file the worker reads.

@@ -39,6 +39,7 @@ impl StreamConsumerSpec {
                         timeout_ms: 5000,
                         max_retries: 5,
                         headers: Default::default(),
+                        secret_headers: Vec::new(),
                     }),
                     job: None,
                 })

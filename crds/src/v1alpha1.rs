@@ -78,7 +78,8 @@ pub const VERSION: &str = "v1alpha1";
 )]
 #[x_kube(
     validation = Rule::new("self.handler.kind != 'pipeline-trigger' || has(self.redis)").message("spec.redis is required when spec.handler.kind is pipeline-trigger").field_path(".redis"),
-    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas").message("spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas").field_path(".autoscaling")
+    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas").message("spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas").field_path(".autoscaling"),
+    validation = Rule::new("has(self.errorTopic) ? !(self.errorTopic in self.kafka.topics) : !((self.kafka.topics[0] + '-failed') in self.kafka.topics)").message("spec.errorTopic (default: the first topic plus -failed) must differ from every consumed topic, or rejected messages loop back into the consumer").field_path(".errorTopic")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamConsumerSpec {
@@ -520,9 +521,31 @@ pub struct WebhookSpec {
     #[serde(default = "default_webhook_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub max_retries: u32,
-    /// Extra HTTP headers sent with every call. Never put credentials here.
+    /// Extra HTTP headers sent with every call, inline. Never put credentials here: use
+    /// `secretHeaders`. Credential-bearing names (Authorization, Proxy-Authorization, Cookie and
+    /// any name containing token, secret, key or password) are refused inline.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// HTTP headers whose values come from Secrets, such as `Authorization`. The kubelet puts each
+    /// value into the worker's environment (`STREAMOPS_WEBHOOK_HEADER_<index>`); it never appears
+    /// in the StreamConsumer, the worker configuration, logs or status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub secret_headers: Vec<SecretHeader>,
+}
+
+/// An HTTP header whose value is read from a Secret.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretHeader {
+    /// Header name, such as `Authorization`.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    )]
+    pub name: String,
+    /// Secret key holding the header value, in the StreamConsumer's namespace.
+    pub secret_key_ref: SecretKeyRef,
 }
 
 fn default_webhook_timeout_ms() -> u32 {
@@ -532,20 +555,174 @@ fn default_webhook_retries() -> u32 {
     5
 }
 
-/// A Kubernetes Job trigger.
+/// A Kubernetes Job trigger. Only when the operator's admin enabled Job triggers.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobTriggerSpec {
     /// A `batch/v1` JobSpec. Each trigger creates one Job from it, in the StreamConsumer's
-    /// namespace, named after the pipeline and the trigger.
-    #[schemars(schema_with = "preserve_unknown_object")]
+    /// namespace, named after the pipeline and the trigger. Its pod must meet the restricted Pod
+    /// Security Standard (no privileged containers, host namespaces, hostPath volumes, host ports,
+    /// added capabilities, privilege escalation or running as root; what it leaves unset the
+    /// workers set to the restricted values) and may name only a ServiceAccount the operator's
+    /// policy allows.
+    #[schemars(schema_with = "job_template_schema")]
     pub template: serde_json::Value,
 }
 
-fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+/// `schema` with a `description` (for `kubectl explain`).
+fn described(mut schema: serde_json::Value, description: &str) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("description".into(), description.into());
+    }
+    schema
+}
+
+/// An object whose listed properties are typed and whose other fields are kept as written.
+fn open_object(description: &str, properties: serde_json::Value) -> serde_json::Value {
+    described(
+        serde_json::json!({
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+            "properties": properties
+        }),
+        description,
+    )
+}
+
+fn typed(type_: &str, description: &str) -> serde_json::Value {
+    described(serde_json::json!({ "type": type_ }), description)
+}
+
+fn int64(description: &str) -> serde_json::Value {
+    described(
+        serde_json::json!({"type": "integer", "format": "int64"}),
+        description,
+    )
+}
+
+/// Schema of the containers of a Job template: the fields the restricted Pod Security Standard
+/// constrains are typed and checked by CEL; everything else is kept as written.
+fn restricted_containers_schema(description: &str) -> serde_json::Value {
+    let security_context = open_object(
+        "Container security context; must meet the restricted Pod Security Standard.",
+        serde_json::json!({
+            "privileged": typed("boolean", "Must not be true."),
+            "allowPrivilegeEscalation": typed("boolean", "Must not be true; the workers set false when unset."),
+            "runAsNonRoot": typed("boolean", "Must not be false."),
+            "runAsUser": int64("Must not be 0 (root)."),
+            "capabilities": open_object(
+                "Capabilities; the workers drop ALL.",
+                serde_json::json!({
+                    "add": described(
+                        serde_json::json!({"type": "array", "maxItems": 64, "items": {"type": "string"}}),
+                        "Must be empty: no capability may be added."
+                    )
+                })
+            )
+        }),
+    );
+    let ports = described(
+        serde_json::json!({
+            "type": "array",
+            "maxItems": 64,
+            "items": open_object("A container port.", serde_json::json!({
+                "hostPort": described(serde_json::json!({"type": "integer", "format": "int32"}), "Must be unset or 0.")
+            }))
+        }),
+        "Container ports; host ports are not allowed.",
+    );
+    let mut item = open_object(
+        "A container.",
+        serde_json::json!({"ports": ports, "securityContext": security_context}),
+    );
+    item["x-kubernetes-validations"] = serde_json::json!([
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.privileged) || !self.securityContext.privileged",
+         "message": "privileged containers are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.privileged"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.allowPrivilegeEscalation) || !self.securityContext.allowPrivilegeEscalation",
+         "message": "allowPrivilegeEscalation must be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.allowPrivilegeEscalation"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+         "message": "runAsNonRoot must not be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsNonRoot"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+         "message": "running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsUser"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.capabilities) || !has(self.securityContext.capabilities.add) || size(self.securityContext.capabilities.add) == 0",
+         "message": "added capabilities are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.capabilities.add"},
+        {"rule": "!has(self.ports) || self.ports.all(p, !has(p.hostPort) || p.hostPort == 0)",
+         "message": "host ports are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".ports"}
+    ]);
+    described(
+        serde_json::json!({"type": "array", "maxItems": 32, "items": item}),
+        description,
+    )
+}
+
+fn job_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let volumes = described(
+        serde_json::json!({
+            "type": "array",
+            "maxItems": 128,
+            "items": open_object("A volume.", serde_json::json!({
+                "hostPath": described(
+                    serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+                    "Not allowed."
+                )
+            }))
+        }),
+        "Volumes; hostPath volumes are not allowed.",
+    );
+    let mut pod_spec = open_object(
+        "The pod spec; must meet the restricted Pod Security Standard.",
+        serde_json::json!({
+            "hostNetwork": typed("boolean", "Must not be true."),
+            "hostPID": typed("boolean", "Must not be true."),
+            "hostIPC": typed("boolean", "Must not be true."),
+            "serviceAccountName": typed("string", "Only a ServiceAccount the operator's policy allows; unset runs as the namespace's default ServiceAccount."),
+            "securityContext": open_object(
+                "Pod security context; the workers set runAsNonRoot and the RuntimeDefault seccomp profile when unset.",
+                serde_json::json!({
+                    "runAsNonRoot": typed("boolean", "Must not be false."),
+                    "runAsUser": int64("Must not be 0 (root).")
+                })
+            ),
+            "volumes": volumes,
+            "containers": restricted_containers_schema("Containers."),
+            "initContainers": restricted_containers_schema("Init containers."),
+            "ephemeralContainers": restricted_containers_schema("Ephemeral containers.")
+        }),
+    );
+    pod_spec["x-kubernetes-validations"] = serde_json::json!([
+        {"rule": "!has(self.hostNetwork) || !self.hostNetwork",
+         "message": "hostNetwork is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostNetwork"},
+        {"rule": "!has(self.hostPID) || !self.hostPID",
+         "message": "hostPID is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostPID"},
+        {"rule": "!has(self.hostIPC) || !self.hostIPC",
+         "message": "hostIPC is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostIPC"},
+        {"rule": "!has(self.volumes) || self.volumes.all(v, !has(v.hostPath))",
+         "message": "hostPath volumes are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".volumes"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+         "message": "runAsNonRoot must not be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsNonRoot"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+         "message": "running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsUser"}
+    ]);
+    let template = open_object(
+        "The Job's pod template.",
+        serde_json::json!({ "spec": pod_spec }),
+    );
     schemars::json_schema!({
         "type": "object",
-        "x-kubernetes-preserve-unknown-fields": true
+        "x-kubernetes-preserve-unknown-fields": true,
+        "properties": { "template": template }
     })
 }
 

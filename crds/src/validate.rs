@@ -95,6 +95,61 @@ fn is_bootstrap_list(s: &str) -> bool {
         })
 }
 
+/// Whether an inline webhook header looks like it carries a credential; such headers must come
+/// from a Secret (`secretHeaders`).
+pub fn is_credential_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || ["token", "secret", "key", "password", "auth", "session"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+fn is_header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 256
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_webhook_headers(c: &mut Collector, w: &crate::v1alpha1::WebhookSpec) {
+    for name in w.headers.keys() {
+        c.check(
+            !is_credential_header(name),
+            &format!("spec.handler.pipelineTrigger.webhook.headers.{name}"),
+            "looks like a credential: inline header values are visible to anyone who can read the StreamConsumer; use secretHeaders",
+        );
+    }
+    c.check(
+        w.secret_headers.len() <= 32,
+        "spec.handler.pipelineTrigger.webhook.secretHeaders",
+        "at most 32 entries",
+    );
+    for (i, h) in w.secret_headers.iter().enumerate() {
+        let field = format!("spec.handler.pipelineTrigger.webhook.secretHeaders[{i}]");
+        c.check(
+            is_header_name(&h.name),
+            &format!("{field}.name"),
+            format!("{:?} is not a valid HTTP header name", h.name),
+        );
+        c.check(
+            !w.headers.keys().any(|k| k.eq_ignore_ascii_case(&h.name))
+                && !w.secret_headers[..i]
+                    .iter()
+                    .any(|o| o.name.eq_ignore_ascii_case(&h.name)),
+            &format!("{field}.name"),
+            format!("header {:?} is set twice", h.name),
+        );
+        c.check(
+            !h.secret_key_ref.name.is_empty() && !h.secret_key_ref.key.is_empty(),
+            &format!("{field}.secretKeyRef"),
+            "name and key must not be empty",
+        );
+    }
+}
+
 /// Validates a spec; every error names its field.
 pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
     let mut c = Collector::default();
@@ -161,6 +216,11 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
             derived.len() <= 249,
             "spec.errorTopic",
             "the default error topic name would exceed 249 characters; set errorTopic",
+        );
+        c.check(
+            !k.topics.contains(&derived),
+            "spec.errorTopic",
+            format!("the default error topic {derived:?} is a consumed topic: rejected messages would loop back into the consumer; set errorTopic to another topic"),
         );
     }
 
@@ -288,13 +348,13 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
                         "spec.handler.pipelineTrigger.webhook.url",
                         "must be an http:// or https:// URL",
                     );
+                    check_webhook_headers(&mut c, w);
                 }
                 if let Some(j) = &p.job {
-                    c.check(
-                        j.template.is_object(),
-                        "spec.handler.pipelineTrigger.job.template",
-                        "must be a batch/v1 JobSpec object",
-                    );
+                    match crate::job_template::parse_template(&j.template) {
+                        Ok(job) => c.0.extend(crate::job_template::restricted_violations(&job)),
+                        Err(e) => c.0.push(e),
+                    }
                 }
                 c.check(
                     spec.redis.is_some(),

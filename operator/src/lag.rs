@@ -9,6 +9,7 @@
 //! A partition without a committed offset counts its lag from where a new member would start:
 //! from the low watermark under `autoOffsetReset: earliest`, and as zero under `latest`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -17,8 +18,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
 use streamops_crds::StreamConsumer;
 
-/// Environment variables holding SASL credentials the operator uses to read lag of secured
-/// clusters. The operator never reads Secrets itself; the chart maps a Secret into these.
+use crate::brokers::BrokerPolicy;
+
+/// Environment variables holding SASL credentials of `streamops-operator lag`, the admin's command
+/// line tool, for the brokers named on its command line. The controller never uses them: it
+/// connects only to the brokers of its [`BrokerPolicy`], with each one's own credentials.
 pub const ENV_LAG_USERNAME: &str = "STREAMOPS_LAG_KAFKA_USERNAME";
 /// See [`ENV_LAG_USERNAME`].
 pub const ENV_LAG_PASSWORD: &str = "STREAMOPS_LAG_KAFKA_PASSWORD";
@@ -40,23 +44,19 @@ pub struct LagTarget {
     pub sasl_mechanism: Option<SaslMechanism>,
     /// SASL username and password, when the protocol uses SASL.
     pub credentials: Option<(String, String)>,
+    /// PEM CA file for TLS protocols (default: the system CAs).
+    pub ssl_ca_location: Option<String>,
 }
 
 impl LagTarget {
-    /// The lag target of a StreamConsumer. SASL credentials come from the operator's own
-    /// environment ([`ENV_LAG_USERNAME`], [`ENV_LAG_PASSWORD`]).
+    /// The lag target of a StreamConsumer: its brokers, group and topics, and the protocol the
+    /// spec names, never any credentials. A reader with a [`BrokerPolicy`] (the controller's)
+    /// replaces protocol, mechanism and credentials with those of the allowed entry.
     pub fn from_resource(sc: &StreamConsumer) -> Self {
         let security = sc.spec.kafka.security.as_ref();
         let protocol = security
             .map(|s| s.protocol)
             .unwrap_or(SecurityProtocol::Plaintext);
-        let credentials = match (
-            std::env::var(ENV_LAG_USERNAME),
-            std::env::var(ENV_LAG_PASSWORD),
-        ) {
-            (Ok(u), Ok(p)) if protocol.uses_sasl() => Some((u, p)),
-            _ => None,
-        };
         Self {
             bootstrap_servers: sc.spec.kafka.bootstrap_servers.clone(),
             group_id: sc.spec.kafka.group_id.clone(),
@@ -64,7 +64,8 @@ impl LagTarget {
             auto_offset_reset: sc.spec.kafka.auto_offset_reset,
             security_protocol: protocol,
             sasl_mechanism: security.and_then(|s| s.sasl.as_ref()).map(|s| s.mechanism),
-            credentials,
+            credentials: None,
+            ssl_ca_location: None,
         }
     }
 }
@@ -85,6 +86,7 @@ impl std::fmt::Debug for LagTarget {
                     .as_ref()
                     .map(|(user, _)| (user, "<redacted>")),
             )
+            .field("ssl_ca_location", &self.ssl_ca_location)
             .finish()
     }
 }
@@ -123,8 +125,14 @@ pub struct GroupLag {
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
     /// SASL is required and the operator has no credentials.
-    #[error("the cluster requires SASL and the operator has no credentials ({ENV_LAG_USERNAME}/{ENV_LAG_PASSWORD} unset)")]
+    #[error("the cluster requires SASL and the operator has no credentials for it (chart value lag.brokers[].credentialsSecret)")]
     MissingCredentials,
+    /// The brokers are not among those the operator's admin allowed: no connection is made.
+    #[error("{0}")]
+    BrokerNotAllowed(String),
+    /// SASL PLAIN without TLS would send the password in clear text: refused.
+    #[error("SASL PLAIN without TLS would send the password in clear text; use SASL_SSL or a SCRAM mechanism")]
+    PlainWithoutTls,
     /// A Kafka request failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
@@ -157,6 +165,8 @@ impl LagError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingCredentials => "MissingCredentials",
+            Self::BrokerNotAllowed(_) => "BrokerNotAllowed",
+            Self::PlainWithoutTls => "PlainWithoutTls",
             Self::Kafka(_) => "KafkaError",
             Self::Topic { .. } | Self::Partition { .. } => "TopicUnavailable",
             Self::Task(_) => "ReaderFailed",
@@ -205,19 +215,53 @@ pub trait LagReader: Send + Sync + 'static {
 pub struct KafkaLagReader {
     /// Timeout of each request.
     pub timeout: Duration,
+    /// The brokers the reader may connect to, and how. `None`: as the target says (the `lag`
+    /// command, where the admin names brokers and credentials); the controller always sets it.
+    pub brokers: Option<Arc<BrokerPolicy>>,
 }
 
 impl Default for KafkaLagReader {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(5),
+            brokers: None,
         }
+    }
+}
+
+impl KafkaLagReader {
+    /// A reader that connects only to the brokers `policy` allows, with their own settings.
+    pub fn allowed(policy: Arc<BrokerPolicy>) -> Self {
+        Self {
+            brokers: Some(policy),
+            ..Self::default()
+        }
+    }
+
+    /// The target as this reader connects to it: with a policy, the allowed entry's protocol,
+    /// mechanism, credentials and CA; a broker the policy does not allow is an error, before any
+    /// connection.
+    pub fn connect_as(&self, target: &LagTarget) -> Result<LagTarget, LagError> {
+        let Some(policy) = &self.brokers else {
+            return Ok(target.clone());
+        };
+        let allowed = policy
+            .resolve(&target.bootstrap_servers)
+            .map_err(|e| LagError::BrokerNotAllowed(e.message))?;
+        let c = allowed.connection();
+        Ok(LagTarget {
+            security_protocol: c.security_protocol,
+            sasl_mechanism: c.sasl_mechanism,
+            credentials: c.credentials.map(|c| (c.username, c.password)),
+            ssl_ca_location: c.ssl_ca_location,
+            ..target.clone()
+        })
     }
 }
 
 impl LagReader for KafkaLagReader {
     async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
-        let target = target.clone();
+        let target = self.connect_as(target)?;
         let timeout = self.timeout;
         tokio::task::spawn_blocking(move || read_blocking(&target, timeout))
             .await
@@ -234,19 +278,24 @@ fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
         .set("socket.timeout.ms", "10000")
         .set("log_level", "3");
     if target.security_protocol.uses_sasl() {
+        let mechanism = target.sasl_mechanism.ok_or(LagError::MissingCredentials)?;
+        if mechanism == SaslMechanism::Plain && !target.security_protocol.uses_tls() {
+            return Err(LagError::PlainWithoutTls);
+        }
         let (user, pass) = target
             .credentials
             .as_ref()
             .ok_or(LagError::MissingCredentials)?;
-        cfg.set(
-            "sasl.mechanism",
-            target
-                .sasl_mechanism
-                .unwrap_or(SaslMechanism::Plain)
-                .as_str(),
-        )
-        .set("sasl.username", user)
-        .set("sasl.password", pass);
+        cfg.set("sasl.mechanism", mechanism.as_str())
+            .set("sasl.username", user)
+            .set("sasl.password", pass);
+    }
+    if let Some(ca) = target
+        .ssl_ca_location
+        .as_deref()
+        .filter(|_| target.security_protocol.uses_tls())
+    {
+        cfg.set("ssl.ca.location", ca);
     }
     Ok(cfg)
 }
@@ -441,10 +490,34 @@ mod tests {
             security_protocol: SecurityProtocol::SaslSsl,
             sasl_mechanism: Some(SaslMechanism::ScramSha512),
             credentials: None,
+            ssl_ca_location: None,
         };
         assert!(matches!(
             client_config(&target),
             Err(LagError::MissingCredentials)
         ));
+    }
+
+    #[test]
+    fn plain_without_tls_is_refused_even_with_credentials() {
+        let target = LagTarget {
+            bootstrap_servers: "k:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["t".into()],
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            security_protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            credentials: Some(("u".into(), "p".into())),
+            ssl_ca_location: None,
+        };
+        assert!(matches!(
+            client_config(&target),
+            Err(LagError::PlainWithoutTls)
+        ));
+        let tls = LagTarget {
+            security_protocol: SecurityProtocol::SaslSsl,
+            ..target
+        };
+        assert!(client_config(&tls).is_ok());
     }
 }

@@ -35,6 +35,7 @@
 //! The RBAC the operator needs is listed in `operator/RBAC.md`.
 
 pub mod autoscale;
+pub mod brokers;
 pub mod build;
 pub mod cli;
 pub mod consumer_group;
@@ -46,6 +47,8 @@ pub mod lag_poller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod ownership;
+pub mod policy;
 pub mod reconcile;
 pub mod run;
 pub mod status;
@@ -54,6 +57,8 @@ pub mod validation;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod secret_scan_tests;
 
 pub use error::{Error, Result};
 pub use reconcile::{

@@ -32,6 +32,7 @@ async fn lag(args: &LagArgs) -> ExitCode {
     let target = args.target();
     let reader = KafkaLagReader {
         timeout: Duration::from_secs(args.timeout_seconds.max(1)),
+        ..KafkaLagReader::default()
     };
     match reader.read(&target).await {
         Ok(lag) => {

@@ -27,8 +27,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::core::error_boundary::DeserializeGuard;
@@ -42,11 +43,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::autoscale::Decision;
+use crate::build::WorkerNetwork;
 use crate::consumer_group::GroupDeleter;
 use crate::lag_book::LagView;
 use crate::lag_poller::LagPoller;
 use crate::metrics::Metrics;
-use crate::names::{managed_selector, CONTROLLER_NAME, FINALIZER};
+use crate::names::{
+    managed_selector, CONTROLLER_NAME, DEFAULT_JOB_TRIGGER_CLUSTER_ROLE, FINALIZER,
+};
+use crate::policy::Policy;
 use crate::{Error, Result};
 
 mod apply;
@@ -103,13 +108,24 @@ pub struct OperatorConfig {
     pub backoff_base: Duration,
     /// Longest requeue delay after failures.
     pub backoff_max: Duration,
+    /// What a StreamConsumer may make the operator run (images, Job triggers).
+    pub policy: Policy,
+    /// The ClusterRole Job-trigger workers are bound to.
+    pub job_trigger_cluster_role: String,
+    /// Worker NetworkPolicies; `None`: none are made (and none are watched).
+    pub worker_network: Option<WorkerNetwork>,
 }
 
 impl OperatorConfig {
-    /// The defaults, with the given worker image.
+    /// The defaults, with the given worker image: the strictest policy (only that image, no
+    /// Job triggers) and no worker NetworkPolicies.
     pub fn new(worker_image: impl Into<String>) -> Self {
+        let worker_image = worker_image.into();
         Self {
-            worker_image: worker_image.into(),
+            policy: Policy::strict(worker_image.clone()),
+            job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
+            worker_network: None,
+            worker_image,
             resync_period: Duration::from_secs(300),
             cleanup_deadline: Duration::from_secs(300),
             backoff_base: Duration::from_secs(5),
@@ -235,8 +251,14 @@ pub async fn run_controller(
     .owns(api::<Service>(&client, ns), children.clone())
     .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
     .owns(api::<ServiceAccount>(&client, ns), children.clone())
-    .owns(api::<Role>(&client, ns), children.clone())
-    .owns(api::<RoleBinding>(&client, ns), children);
+    .owns(api::<RoleBinding>(&client, ns), children.clone());
+    // NetworkPolicies are watched (and the operator may touch them) only when the admin turned
+    // them on.
+    let controller = if ctx.config.worker_network.is_some() {
+        controller.owns(api::<NetworkPolicy>(&client, ns), children)
+    } else {
+        controller
+    };
     let poller_stop = stop.child_token();
     let (controller, poller) = match lag {
         Some(poller) => {

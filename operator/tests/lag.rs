@@ -65,6 +65,7 @@ fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     }
 }
 
@@ -160,6 +161,7 @@ async fn a_missing_topic_is_an_error_not_zero_lag() {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     };
     let err = KafkaLagReader::default()
         .read(&target)
@@ -182,9 +184,11 @@ async fn unreachable_brokers_are_an_error() {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     };
     let reader = KafkaLagReader {
         timeout: Duration::from_secs(1),
+        ..KafkaLagReader::default()
     };
     let err = reader.read(&target).await.expect_err("no broker, no lag");
     assert_eq!(err.reason(), "KafkaError", "{err}");

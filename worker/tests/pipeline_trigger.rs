@@ -95,7 +95,7 @@ async fn hook(
     State(rec): State<Recorded>,
     headers: HeaderMap,
     Json(body): Json<Value>,
-) -> StatusCode {
+) -> (StatusCode, &'static str) {
     let header = |n: &str| {
         headers
             .get(n)
@@ -108,8 +108,12 @@ async fn hook(
         body,
     });
     let status = rec.plan.lock().unwrap().pop_front().unwrap_or(200);
-    StatusCode::from_u16(status).unwrap()
+    (StatusCode::from_u16(status).unwrap(), REMOTE_BODY)
 }
+
+/// What the webhook answers in every response body: data of the remote service that the worker
+/// must never echo (pipeline_runs.last_error, /consumer/info, logs).
+const REMOTE_BODY: &str = "remote-only: db=10.1.2.3 token=hunter2";
 
 impl Receiver {
     async fn start() -> Self {
@@ -181,6 +185,7 @@ fn settings(
             timeout_ms: 2000,
             max_retries: 3,
             headers: BTreeMap::from([("X-Team".to_string(), "data".to_string())]),
+            secret_headers: Vec::new(),
         }),
         job: None,
     }
@@ -400,6 +405,14 @@ async fn a_client_error_from_the_webhook_marks_the_trigger_failed_without_retryi
             .unwrap_or_default()
             .contains("HTTP 400"),
         "{runs:?}"
+    );
+    assert!(
+        !runs[0]
+            .5
+            .as_deref()
+            .unwrap_or_default()
+            .contains("remote-only"),
+        "the webhook's response body is not kept: {runs:?}"
     );
     assert_eq!(hook.calls().len(), 1);
     let mut r = redis().await;

@@ -13,9 +13,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use streamops_crds::config::{
-    Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH, ENV_DATABASE_URL,
-    ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL, TLS_CERT_KEY,
-    TLS_KEY_KEY, WORKER_HTTP_PORT,
+    webhook_header_env, Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH,
+    ENV_DATABASE_URL, ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL,
+    TLS_CERT_KEY, TLS_KEY_KEY, WORKER_HTTP_PORT,
 };
 
 use super::BuildContext;
@@ -259,6 +259,17 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
             let c = &sasl.credentials_secret_ref;
             env.push(env_secret(ENV_KAFKA_USERNAME, &c.name, &c.username_key));
             env.push(env_secret(ENV_KAFKA_PASSWORD, &c.name, &c.password_key));
+        }
+    }
+    if let Handler::PipelineTrigger(p) = &config.handler {
+        for (i, h) in p
+            .webhook
+            .iter()
+            .flat_map(|w| w.secret_headers.iter())
+            .enumerate()
+        {
+            let r = &h.secret_key_ref;
+            env.push(env_secret(&webhook_header_env(i), &r.name, &r.key));
         }
     }
     env
@@ -589,6 +600,33 @@ mod tests {
             secret_ref(env_of(&d, "STREAMOPS_REDIS_URL").unwrap()),
             ("redis", "url")
         );
+    }
+
+    #[test]
+    fn webhook_secret_headers_come_from_their_secrets() {
+        let sc = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| {
+            let w = s
+                .handler
+                .pipeline_trigger
+                .as_mut()
+                .unwrap()
+                .webhook
+                .as_mut()
+                .unwrap();
+            w.secret_headers = vec![streamops_crds::v1alpha1::SecretHeader {
+                name: "Authorization".into(),
+                secret_key_ref: streamops_crds::v1alpha1::SecretKeyRef {
+                    name: "hook-auth".into(),
+                    key: "header".into(),
+                },
+            }];
+        });
+        let d = with_ctx(&sc, build_deployment);
+        assert_eq!(
+            secret_ref(env_of(&d, "STREAMOPS_WEBHOOK_HEADER_0").unwrap()),
+            ("hook-auth", "header")
+        );
+        assert!(env_of(&d, "STREAMOPS_WEBHOOK_HEADER_1").is_none());
     }
 
     #[test]

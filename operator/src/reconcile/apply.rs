@@ -5,9 +5,10 @@
 use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -17,14 +18,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
-use crate::names::{children_selector, workload_name, FIELD_MANAGER};
+use crate::names::{
+    children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
+};
+use crate::ownership::{controlled_by, existing_child, Swept};
 use crate::status;
-use crate::validation::validate_object;
+use crate::validation::validate_with_policy;
 use crate::{Error, Result};
 
 pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
@@ -32,7 +36,7 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
     let consumers: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), id.namespace);
     let reference = sc.object_ref(&());
 
-    if let Err(invalid) = validate_object(sc) {
+    if let Err(invalid) = validate_with_policy(sc, &ctx.config.policy) {
         // Nothing is applied: the workers keep running their last valid configuration. No
         // requeue: only a new spec can change the verdict.
         let new_status = status::invalid_spec(sc, &invalid, status::now());
@@ -55,7 +59,11 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
     let replicas = ctx.replicas.desired_replicas(sc);
     let lag = ctx.replicas.lag(sc);
     let rendered = RenderedConfig::render(sc)?;
-    let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?;
+    let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?
+        .with_settings(
+            &ctx.config.job_trigger_cluster_role,
+            ctx.config.worker_network.as_ref(),
+        );
     let children = build_children(&build);
 
     let applied = match apply_children(ctx, &id, &children).await {
@@ -161,60 +169,64 @@ struct Applied {
 }
 
 /// Applies the children in dependency order (configuration and RBAC before the pods that use
-/// them), then deletes the ones no longer wanted.
+/// them), then deletes the ones no longer wanted. First every child's name is read: if any object
+/// there is not controlled by this StreamConsumer, nothing at all is written
+/// ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and an event says so).
 async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<Applied> {
     let client = &ctx.client;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), id.namespace);
-    let deployment_name = workload_name(id.name);
-    let previous = deployments
-        .get_opt(&deployment_name)
-        .await
-        .map_err(|source| Error::GetChild {
-            kind: "Deployment".into(),
-            name: deployment_name.clone(),
-            source,
-        })?;
-    if let Some(existing) = &previous {
-        if !controlled_by(&existing.metadata, id.uid) {
-            return Err(Error::ChildConflict {
-                kind: "Deployment".into(),
-                name: deployment_name,
-            });
-        }
+    let ns = id.namespace;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let previous = existing_child(&deployments, &workload_name(id.name), id.uid).await?;
+    check_name::<ConfigMap>(ctx, id, &children.config_map).await?;
+    if let Some(rbac) = &children.worker_rbac {
+        check_name::<ServiceAccount>(ctx, id, &rbac.service_account).await?;
+        check_name::<RoleBinding>(ctx, id, &rbac.role_binding).await?;
+    }
+    check_name::<Service>(ctx, id, &children.service).await?;
+    if let Some(pdb) = &children.pdb {
+        check_name::<PodDisruptionBudget>(ctx, id, pdb).await?;
+    }
+    if let Some(np) = &children.network_policy {
+        check_name::<NetworkPolicy>(ctx, id, np).await?;
     }
 
-    apply_child(
-        &Api::namespaced(client.clone(), id.namespace),
-        &children.config_map,
-    )
-    .await?;
+    apply_child(&Api::namespaced(client.clone(), ns), &children.config_map).await?;
     if let Some(rbac) = &children.worker_rbac {
-        apply_child(
-            &Api::namespaced(client.clone(), id.namespace),
-            &rbac.service_account,
-        )
-        .await?;
-        apply_child(&Api::namespaced(client.clone(), id.namespace), &rbac.role).await?;
-        apply_child(
-            &Api::namespaced(client.clone(), id.namespace),
-            &rbac.role_binding,
-        )
-        .await?;
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.service_account).await?;
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.role_binding).await?;
     }
     let deployment = apply_child(&deployments, &children.deployment).await?;
-    apply_child(
-        &Api::namespaced(client.clone(), id.namespace),
-        &children.service,
-    )
-    .await?;
+    apply_child(&Api::namespaced(client.clone(), ns), &children.service).await?;
     if let Some(pdb) = &children.pdb {
-        apply_child(&Api::namespaced(client.clone(), id.namespace), pdb).await?;
+        apply_child(&Api::namespaced(client.clone(), ns), pdb).await?;
     }
-    delete_orphans(client, id, children).await?;
+    if let Some(np) = &children.network_policy {
+        apply_child(&Api::namespaced(client.clone(), ns), np).await?;
+    }
+    delete_orphans(ctx, id, children).await?;
     Ok(Applied {
         previous,
         deployment,
     })
+}
+
+/// Fails with [`Error::ChildConflict`] when the name of `desired` is held by an object this
+/// StreamConsumer does not control.
+async fn check_name<K>(ctx: &Context, id: &Identity<'_>, desired: &K) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let name = desired.meta().name.as_deref().unwrap_or_default();
+    existing_child::<K>(
+        &Api::namespaced(ctx.client.clone(), id.namespace),
+        name,
+        id.uid,
+    )
+    .await
+    .map(|_| ())
 }
 
 async fn apply_child<K>(api: &Api<K>, object: &K) -> Result<K>
@@ -235,59 +247,71 @@ where
     })
 }
 
-fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
-}
-
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
 /// to one replica, the RBAC after leaving the job trigger. Candidates are selected by label and
-/// must be controlled by this StreamConsumer.
-async fn delete_orphans(client: &Client, id: &Identity<'_>, children: &Children) -> Result<()> {
+/// must be controlled by this StreamConsumer; one under a child's name that is not is left alone
+/// and reported ([`Error::ChildConflict`]).
+async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<()> {
+    let client = &ctx.client;
     let selector = children_selector(id.name);
     let keep = |meta: Option<&ObjectMeta>| meta.and_then(|m| m.name.clone());
     let rbac = children.worker_rbac.as_ref();
-    delete_owned::<PodDisruptionBudget>(
+    let mut foreign = Vec::new();
+    let pdb = delete_owned::<PodDisruptionBudget>(
         client,
         id,
         &selector,
         keep(children.pdb.as_ref().map(|p| &p.metadata)).as_deref(),
     )
     .await?;
-    delete_owned::<ServiceAccount>(
+    foreign.extend(pdb.conflicts("PodDisruptionBudget", &[&workload_name(id.name)]));
+    let sa = delete_owned::<ServiceAccount>(
         client,
         id,
         &selector,
         keep(rbac.map(|r| &r.service_account.metadata)).as_deref(),
     )
     .await?;
-    delete_owned::<Role>(
-        client,
-        id,
-        &selector,
-        keep(rbac.map(|r| &r.role.metadata)).as_deref(),
-    )
-    .await?;
-    delete_owned::<RoleBinding>(
+    foreign.extend(sa.conflicts("ServiceAccount", &[&worker_rbac_name(id.name)]));
+    // The RoleBinding of earlier versions was named like the ServiceAccount.
+    let rb = delete_owned::<RoleBinding>(
         client,
         id,
         &selector,
         keep(rbac.map(|r| &r.role_binding.metadata)).as_deref(),
     )
     .await?;
-    Ok(())
+    foreign.extend(rb.conflicts(
+        "RoleBinding",
+        &[
+            &job_trigger_binding_name(id.name),
+            &worker_rbac_name(id.name),
+        ],
+    ));
+    if ctx.config.worker_network.is_some() {
+        let np = delete_owned::<NetworkPolicy>(
+            client,
+            id,
+            &selector,
+            keep(children.network_policy.as_ref().map(|n| &n.metadata)).as_deref(),
+        )
+        .await?;
+        foreign.extend(np.conflicts("NetworkPolicy", &[&workload_name(id.name)]));
+    }
+    match foreign.into_iter().next() {
+        Some((kind, name)) => Err(Error::ChildConflict { kind, name }),
+        None => Ok(()),
+    }
 }
 
 /// Deletes every `K` matching `selector` and controlled by the StreamConsumer, except `keep`.
-/// Returns how many were deleted.
+/// Objects controlled by anything else are never touched; they are returned in [`Swept`].
 pub(super) async fn delete_owned<K>(
     client: &Client,
     id: &Identity<'_>,
     selector: &str,
     keep: Option<&str>,
-) -> Result<usize>
+) -> Result<Swept>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -303,7 +327,7 @@ where
             kind: kind.clone(),
             source,
         })?;
-    let mut deleted = 0;
+    let mut swept = Swept::default();
     for item in list.items {
         let Some(name) = item.metadata.name.as_deref() else {
             continue;
@@ -312,7 +336,8 @@ where
             continue;
         }
         if !controlled_by(&item.metadata, id.uid) {
-            debug!(%kind, name, "labelled like a child but controlled by something else; left alone");
+            warn!(%kind, name, namespace = id.namespace, "labelled like a child but not controlled by this StreamConsumer; left alone");
+            swept.foreign.push(name.to_string());
             continue;
         }
         let params = DeleteParams::background().preconditions(Preconditions {
@@ -322,7 +347,7 @@ where
         match api.delete(name, &params).await {
             Ok(_) => {
                 info!(%kind, name, namespace = id.namespace, "deleted a child that is no longer wanted");
-                deleted += 1;
+                swept.deleted += 1;
             }
             // Already gone, or replaced by another object since the list.
             Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
@@ -335,7 +360,7 @@ where
             }
         }
     }
-    Ok(deleted)
+    Ok(swept)
 }
 
 async fn patch_status(

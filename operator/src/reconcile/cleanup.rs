@@ -74,7 +74,18 @@ async fn delete_consumer_group(
     let id = identity(sc)?;
     let stopped =
         delete_owned::<Deployment>(&ctx.client, &id, &children_selector(id.name), None).await?;
-    if stopped > 0 {
+    for name in &stopped.foreign {
+        publish(
+            ctx,
+            reference,
+            EventType::Warning,
+            "ChildConflict",
+            "Delete",
+            format!("Deployment {name} is labelled like this StreamConsumer's workers but is not controlled by it: left running"),
+        )
+        .await;
+    }
+    if stopped.deleted > 0 {
         info!(object = %object_key(&sc.metadata), "stopped the workers before deleting their consumer group");
     }
     match ctx.group_deleter.delete_group(&target).await {
