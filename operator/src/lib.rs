@@ -29,6 +29,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod reconcile;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod telemetry;
