@@ -594,3 +594,199 @@ pub async fn drive(
     status.replay = Some(step.status);
     Ok(step.event)
 }
+
+/// The reconciler's side of suspend and replay, against the mock API server.
+#[cfg(test)]
+mod reconcile_tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::Method;
+    use kube::runtime::controller::Action;
+    use serde_json::json;
+    use streamops_crds::v1alpha1::{ReplayStatus, StreamConsumerStatus};
+    use streamops_crds::StreamConsumer;
+
+    use super::*;
+    use crate::build::{build_deployment, RenderedConfig};
+    use crate::fixtures::*;
+    use crate::reconcile::{reconcile, Context};
+
+    fn live_deployment(sc: &StreamConsumer, replicas: i32) -> Deployment {
+        let rendered = RenderedConfig::render(sc).unwrap();
+        let ctx = BuildContext::new(sc, TEST_IMAGE, &rendered, replicas).unwrap();
+        let mut d = build_deployment(&ctx);
+        d.metadata.generation = Some(1);
+        d.metadata.uid = Some("deployment-uid".into());
+        d
+    }
+
+    fn jobs_path(name: &str) -> String {
+        path("batch/v1", "jobs", name)
+    }
+
+    fn with_request(sc: StreamConsumer, seen_phase: Option<&str>) -> StreamConsumer {
+        let mut sc = sc.with_spec(|s| {
+            s.replay = Some(ReplaySpec {
+                request_id: "fix-1".into(),
+                to_earliest: true,
+                from_timestamp: None,
+                offsets: Vec::new(),
+            })
+        });
+        if let Some(phase) = seen_phase {
+            sc.status = Some(StreamConsumerStatus {
+                replay: Some(ReplayStatus {
+                    request_id: "fix-1".into(),
+                    phase: phase.into(),
+                    started_at: Some("2026-01-01T00:00:00Z".into()),
+                    ..ReplayStatus::default()
+                }),
+                ..StreamConsumerStatus::default()
+            });
+        }
+        sc
+    }
+
+    /// The requests of one pass over `sc` whose Deployment had `running` replicas and now
+    /// reports `remaining` pods, with `extra` requests before the status patch.
+    fn pass(
+        sc: &StreamConsumer,
+        running: i32,
+        remaining: i32,
+        events: Vec<&'static str>,
+        extra: Vec<Expect>,
+        status: serde_json::Value,
+    ) -> Vec<Expect> {
+        let mut p = ApplyPass::new(sc.clone());
+        p.existing = Some(live_deployment(sc, running));
+        p.deployment_answer = rollout(1, remaining, remaining);
+        p.events = events;
+        p.status = None;
+        let mut steps = p.steps_for_test();
+        steps.extend(extra);
+        steps.push(status_patch(sc, status));
+        steps
+    }
+
+    async fn run(sc: StreamConsumer, steps: Vec<Expect>) -> (Action, Vec<Recorded>) {
+        let (ctx, server, _) = Context::test();
+        let mock = server.run_steps(steps);
+        let result = reconcile(guard(sc), Arc::clone(&ctx)).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        (result.unwrap(), requests)
+    }
+
+    #[tokio::test]
+    async fn a_suspended_consumer_scales_its_workers_to_zero_and_says_so() {
+        let sc = StreamConsumer::test()
+            .finalized()
+            .with_replicas(2)
+            .with_spec(|s| s.suspend = true);
+        let steps = pass(
+            &sc,
+            2,
+            0,
+            vec!["Scaled"],
+            vec![],
+            json!({"phase": "Suspended", "conditions": [{"type": "Ready", "status": "True", "reason": "Suspended"}]}),
+        );
+        let (_, requests) = run(sc, steps).await;
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 0);
+    }
+
+    #[tokio::test]
+    async fn a_replay_waits_for_the_workers_to_stop_before_its_job_starts() {
+        let sc = with_request(StreamConsumer::test().finalized(), None);
+        let steps = pass(
+            &sc,
+            1,
+            1,
+            vec!["Scaled"],
+            vec![
+                Expect::new(Method::GET, jobs_path("test-replay-fix-1"))
+                    .reply(Reply::Error(404, "NotFound")),
+                event("Normal", "ReplaySuspending"),
+            ],
+            json!({"phase": "Replaying", "replay": {"requestId": "fix-1", "phase": "Suspending"}}),
+        );
+        let (action, requests) = run(sc, steps).await;
+        assert_eq!(action, Action::requeue(POLL_INTERVAL));
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 0);
+        assert!(!requests
+            .iter()
+            .any(|r| r.method == Method::POST && r.path == jobs_path("")));
+    }
+
+    #[tokio::test]
+    async fn once_no_worker_remains_the_replay_job_is_created() {
+        let sc = with_request(StreamConsumer::test().finalized(), Some(REPLAY_SUSPENDING));
+        let steps = pass(
+            &sc,
+            0,
+            0,
+            vec![],
+            vec![
+                Expect::new(Method::GET, jobs_path("test-replay-fix-1"))
+                    .reply(Reply::Error(404, "NotFound")),
+                Expect::new(Method::POST, jobs_path(""))
+                    .body(json!({"metadata": {"name": "test-replay-fix-1"}}))
+                    .reply(Reply::MergedOverRequest(json!({}))),
+                event("Normal", "ReplayRunning"),
+            ],
+            json!({"phase": "Replaying", "replay": {"requestId": "fix-1", "phase": "Running", "startedAt": "2026-01-01T00:00:00Z"}}),
+        );
+        let (_, requests) = run(sc, steps).await;
+        let job = body_of(&requests, Method::POST, &jobs_path(""));
+        let args = &job["spec"]["template"]["spec"]["containers"][0]["args"];
+        assert_eq!(args[0], "replay");
+        assert!(args
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--to-earliest"));
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_completes_the_request_and_a_completed_request_never_runs_again() {
+        let sc = with_request(StreamConsumer::test().finalized(), Some(REPLAY_RUNNING));
+        let job = json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "test-replay-fix-1", "namespace": "default",
+                         "ownerReferences": [{"apiVersion": "streamops.dev/v1alpha1", "kind": "StreamConsumer",
+                                              "name": "test", "uid": sc.metadata.uid.clone().unwrap(), "controller": true}]},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]}
+        });
+        let steps = pass(
+            &sc,
+            0,
+            0,
+            vec![],
+            vec![
+                Expect::new(Method::GET, jobs_path("test-replay-fix-1"))
+                    .reply(Reply::Json(200, job)),
+                event("Normal", "ReplayCompleted"),
+            ],
+            json!({"phase": "Running", "replay": {"requestId": "fix-1", "phase": "Completed"}}),
+        );
+        run(sc.clone(), steps).await;
+
+        // The next pass: the request is recorded as completed; the workers come back and no Job
+        // is looked at or created.
+        let mut done = sc.clone();
+        done.status.as_mut().unwrap().replay.as_mut().unwrap().phase = REPLAY_COMPLETED.into();
+        let mut p = ApplyPass::new(done.clone());
+        p.existing = Some(live_deployment(&done, 0));
+        p.events = vec!["Scaled"];
+        p.status = Some(
+            json!({"phase": "Running", "replay": {"requestId": "fix-1", "phase": "Completed"}}),
+        );
+        let (action, requests) = run(done, p.steps_for_test()).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+        let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
+        assert_eq!(d["spec"]["replicas"], 1);
+    }
+}
