@@ -83,6 +83,8 @@ impl StreamConsumerSpec {
             log_level: None,
             cleanup_policy: CleanupPolicy::Retain,
             autoscaling: None,
+            suspend: false,
+            replay: None,
         }
     }
 }

@@ -66,6 +66,12 @@ pub const VERSION: &str = "v1alpha1";
         description = "Total consumer-group lag in messages"
     ),
     printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Running, Suspended or Replaying"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -139,6 +145,61 @@ pub struct StreamConsumerSpec {
     /// Lag-based autoscaling. When set, the operator owns `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Suspends the consumer: its workers commit the batches they hold and stop (the Deployment
+    /// scales to 0), autoscaling pauses, and lag is still reported. Set it back to false to
+    /// resume from the offsets of record, exactly where processing stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+
+    /// A replay: reset the consumer to earlier positions and rebuild the handler's tables, so
+    /// that they end up as those of an uninterrupted run from there. It runs once per
+    /// `requestId`; to replay again, set a new one. See `status.replay` for its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySpec>,
+}
+
+/// Where a replay starts: exactly one of `toEarliest`, `fromTimestamp` and `offsets`.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(
+    validation = Rule::new("(has(self.toEarliest) && self.toEarliest ? 1 : 0) + (has(self.fromTimestamp) ? 1 : 0) + (has(self.offsets) && size(self.offsets) > 0 ? 1 : 0) == 1").message("replay needs exactly one of toEarliest, fromTimestamp and offsets")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySpec {
+    /// Identifies the request: a replay runs once per id. Lowercase letters, digits and `-`,
+    /// at most 40 characters.
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub request_id: String,
+    /// Every partition from the earliest offset the broker still holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_earliest: bool,
+    /// Every partition from its first message with a timestamp at or after this time
+    /// (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub from_timestamp: Option<String>,
+    /// Explicit positions; partitions not listed keep theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub offsets: Vec<ReplayOffset>,
+}
+
+/// The position of one partition.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayOffset {
+    /// Topic (one of `kafka.topics`).
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Partition.
+    #[schemars(range(min = 0))]
+    pub partition: i32,
+    /// Offset of the next message to process.
+    #[schemars(range(min = 0))]
+    pub offset: i64,
 }
 
 fn default_replicas() -> i32 {
@@ -898,6 +959,37 @@ pub struct StreamConsumerStatus {
     /// Hash of the rendered worker configuration that the Deployment runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// `Running`, `Suspended` (spec.suspend, or while a replay holds the workers stopped) or
+    /// `Replaying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The last replay request seen and how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayStatus>,
+}
+
+/// Progress of a replay request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The `spec.replay.requestId` this describes; a request whose id is here and `Completed`
+    /// never runs again.
+    pub request_id: String,
+    /// `Suspending` (waiting for the workers to stop), `Running` (the replay Job runs),
+    /// `Completed`, or `Failed` (see `message`; set a new requestId to try again).
+    pub phase: String,
+    /// The replay Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// What happened, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the request was first seen (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it completed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
 }
 
 /// Consumer-group lag.

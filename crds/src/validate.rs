@@ -394,9 +394,105 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
         );
     }
 
+    if let Some(r) = &spec.replay {
+        check_replay(&mut c, r, &k.topics);
+    }
+
     if c.0.is_empty() {
         Ok(())
     } else {
         Err(SpecError { errors: c.0 })
+    }
+}
+
+fn check_replay(c: &mut Collector, r: &crate::v1alpha1::ReplaySpec, topics: &[String]) {
+    let id_ok = (1..=40).contains(&r.request_id.len())
+        && r.request_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !r.request_id.starts_with('-')
+        && !r.request_id.ends_with('-');
+    c.check(
+        id_ok,
+        "spec.replay.requestId",
+        "must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit",
+    );
+    let targets = usize::from(r.to_earliest)
+        + usize::from(r.from_timestamp.is_some())
+        + usize::from(!r.offsets.is_empty());
+    c.check(
+        targets == 1,
+        "spec.replay",
+        "needs exactly one of toEarliest, fromTimestamp and offsets",
+    );
+    if let Some(t) = &r.from_timestamp {
+        c.check(
+            t.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
+            "spec.replay.fromTimestamp",
+            format!("{t:?} is not an RFC 3339 timestamp"),
+        );
+    }
+    for (i, o) in r.offsets.iter().enumerate() {
+        c.check(
+            topics.contains(&o.topic),
+            &format!("spec.replay.offsets[{i}].topic"),
+            format!("{:?} is not one of spec.kafka.topics", o.topic),
+        );
+        c.check(
+            o.partition >= 0 && o.offset >= 0,
+            &format!("spec.replay.offsets[{i}]"),
+            "partition and offset must not be negative",
+        );
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use crate::v1alpha1::{ReplayOffset, ReplaySpec};
+
+    fn with(replay: ReplaySpec) -> Result<(), SpecError> {
+        let mut spec = StreamConsumerSpec::example(HandlerKind::MovingAverage);
+        spec.replay = Some(replay);
+        validate_spec(&spec)
+    }
+
+    fn replay(id: &str) -> ReplaySpec {
+        ReplaySpec {
+            request_id: id.into(),
+            to_earliest: false,
+            from_timestamp: None,
+            offsets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_replay_needs_exactly_one_target_and_bad_fields_are_named() {
+        let mut r = replay("fix-1");
+        assert_eq!(with(r.clone()).unwrap_err().first_field(), "spec.replay");
+        r.to_earliest = true;
+        assert!(with(r.clone()).is_ok());
+        r.from_timestamp = Some("2024-03-20T10:30:00Z".into());
+        assert_eq!(with(r.clone()).unwrap_err().first_field(), "spec.replay");
+        r.to_earliest = false;
+        assert!(with(r.clone()).is_ok());
+        r.from_timestamp = Some("yesterday".into());
+        assert_eq!(
+            with(r.clone()).unwrap_err().first_field(),
+            "spec.replay.fromTimestamp"
+        );
+        let mut r = replay("Bad_Id");
+        r.to_earliest = true;
+        assert_eq!(with(r).unwrap_err().first_field(), "spec.replay.requestId");
+        let mut r = replay("x");
+        r.offsets = vec![ReplayOffset {
+            topic: "not-consumed".into(),
+            partition: 0,
+            offset: 3,
+        }];
+        assert_eq!(
+            with(r).unwrap_err().first_field(),
+            "spec.replay.offsets[0].topic"
+        );
     }
 }

@@ -60,7 +60,7 @@ fn crd_has_scale_subresource_status_and_short_name_that_is_not_sc() {
         .collect();
     assert_eq!(
         columns,
-        ["Handler", "Topics", "Desired", "Ready", "Lag", "Age"]
+        ["Handler", "Topics", "Desired", "Ready", "Lag", "Phase", "Age"]
     );
 }
 

@@ -50,6 +50,7 @@ pub mod names;
 pub mod ownership;
 pub mod policy;
 pub mod reconcile;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod telemetry;

@@ -200,7 +200,17 @@ pub fn observed(
     // latest one yet.
     let rolling = !rollout.observed_current || rollout.updated < rollout.replicas;
     if rollout.complete() {
-        if desired == 0 {
+        if desired == 0 && crate::replay::holds_workers(sc) {
+            let (reason, msg) = if crate::replay::pending_request(sc).is_some() {
+                ("Replaying", "no workers run while the replay runs")
+            } else {
+                (
+                    "Suspended",
+                    "suspended (spec.suspend): no workers run; lag is still reported",
+                )
+            };
+            c.set(READY, true, reason, msg);
+        } else if desired == 0 {
             c.set(READY, true, "ScaledToZero", "scaled to zero workers");
         } else {
             c.set(READY, true, "WorkersReady", ready_msg);
@@ -262,6 +272,8 @@ pub fn observed(
         selector: Some(selector_string(name)),
         lag: lag.and_then(|l| l.last.clone()).or(previous_lag),
         config_hash: Some(config_hash.to_string()),
+        phase: Some(crate::replay::phase(sc).to_string()),
+        replay: sc.status.as_ref().and_then(|s| s.replay.clone()),
     }
 }
 

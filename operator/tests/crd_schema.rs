@@ -8,7 +8,8 @@ use kube::CustomResourceExt;
 use serde_json::{json, Value};
 use streamops_crds::v1alpha1::{
     AutoscalingSpec, CredentialsSecretRef, HandlerKind, JobTriggerSpec, KafkaSecurity,
-    MovingAverageSettings, SaslMechanism, SaslSpec, SecurityProtocol, SensorSettings,
+    MovingAverageSettings, ReplayOffset, ReplaySpec, SaslMechanism, SaslSpec, SecurityProtocol,
+    SensorSettings,
 };
 use streamops_crds::StreamConsumer;
 
@@ -379,6 +380,25 @@ fn topics(topics: &[&str], error_topic: Option<&str>) -> StreamConsumer {
     })
 }
 
+fn replay(earliest: bool, timestamp: bool, offsets: bool) -> StreamConsumer {
+    StreamConsumer::test().with_spec(|s| {
+        s.replay = Some(ReplaySpec {
+            request_id: "fix-1".into(),
+            to_earliest: earliest,
+            from_timestamp: timestamp.then(|| "2024-03-20T10:30:00Z".into()),
+            offsets: if offsets {
+                vec![ReplayOffset {
+                    topic: s.kafka.topics[0].clone(),
+                    partition: 0,
+                    offset: 5,
+                }]
+            } else {
+                Vec::new()
+            },
+        })
+    })
+}
+
 fn cases() -> Vec<RuleCase> {
     let of = StreamConsumer::test_of;
     let plain_container = json!({"name": "main", "image": "loader:1"});
@@ -524,6 +544,20 @@ fn cases() -> Vec<RuleCase> {
                     s.handler.pipeline_trigger =
                         of(HandlerKind::PipelineTrigger).spec.handler.pipeline_trigger
                 }),
+            ],
+        },
+        RuleCase {
+            rule: "(has(self.toEarliest) && self.toEarliest ? 1 : 0) + (has(self.fromTimestamp) ? 1 : 0) + (has(self.offsets) && size(self.offsets) > 0 ? 1 : 0) == 1",
+            message: Some("replay needs exactly one of toEarliest, fromTimestamp and offsets"),
+            valid: vec![
+                replay(true, false, false),
+                replay(false, true, false),
+                replay(false, false, true),
+            ],
+            invalid: vec![
+                replay(false, false, false),
+                replay(true, true, false),
+                replay(false, true, true),
             ],
         },
         RuleCase {

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod produce;
+pub mod replay;
 pub mod scorer;
 pub mod secrets;
 pub mod telemetry;

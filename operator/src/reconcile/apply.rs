@@ -56,7 +56,14 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
         return Ok(Action::await_change());
     }
 
-    let replicas = ctx.replicas.desired_replicas(sc);
+    // Suspended, or a replay in progress: the workers are held at zero and autoscaling is not
+    // consulted (lag is still read and reported).
+    let held = crate::replay::holds_workers(sc);
+    let replicas = if held {
+        0
+    } else {
+        ctx.replicas.desired_replicas(sc)
+    };
     let lag = ctx.replicas.lag(sc);
     let rendered = RenderedConfig::render(sc)?;
     let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?
@@ -80,7 +87,7 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
     };
 
     let previous_replicas = applied.previous.as_ref().map(deployment_replicas);
-    let decision = if previous_replicas != Some(replicas) {
+    let decision = if !held && previous_replicas != Some(replicas) {
         ctx.replicas.announce(sc, replicas)
     } else {
         None
@@ -96,7 +103,7 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
     )
     .await;
 
-    let new_status = status::observed(
+    let mut new_status = status::observed(
         sc,
         &applied.deployment,
         replicas,
@@ -104,6 +111,24 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
         lag.as_ref(),
         status::now(),
     );
+    let replaying = crate::replay::pending_request(sc).is_some();
+    let replay_event = crate::replay::drive(
+        &ctx.client,
+        sc,
+        &build,
+        &children.deployment,
+        &applied.deployment,
+        &mut new_status,
+    )
+    .await?;
+    if let Some((reason, message)) = replay_event {
+        let kind = if reason == "ReplayFailed" {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, &reference, kind, reason, "Replay", message).await;
+    }
     if let Some(lost) = status::lag_lost(sc.status.as_ref(), &new_status) {
         publish(
             ctx,
@@ -115,7 +140,7 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
         )
         .await;
     }
-    if sc.spec.autoscaling.is_some() && sc.spec.replicas != replicas {
+    if !held && sc.spec.autoscaling.is_some() && sc.spec.replicas != replicas {
         // A hand-made change: spec.replicas moved away from what the workers ran.
         if previous_replicas.is_some_and(|old| old != sc.spec.replicas) {
             publish(
@@ -136,6 +161,12 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
     }
     if sc.status.as_ref() != Some(&new_status) {
         patch_status(&consumers, id.name, &new_status).await?;
+    }
+    if replaying {
+        // The replay Job is not watched: look again soon.
+        return Ok(Action::requeue(
+            crate::replay::POLL_INTERVAL.min(ctx.config.resync_period),
+        ));
     }
     Ok(Action::requeue(ctx.config.resync_period))
 }

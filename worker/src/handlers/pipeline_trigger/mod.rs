@@ -203,8 +203,9 @@ impl MessageHandler for PipelineTriggerHandler {
     async fn write(
         &mut self,
         tx: &mut sqlx::PgConnection,
-        _items: &[Decoded<Event>],
+        items: &[Decoded<Event>],
     ) -> Result<(), HandlerError> {
+        runs::record_counted(tx, &self.engine.consumer_id, items).await?;
         // The batch's triggers are recorded with its offsets. (The delivery loop records them
         // too before delivering, so none is missed if this transaction fails.)
         runs::record_claimed(
