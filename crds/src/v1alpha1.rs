@@ -108,7 +108,9 @@ pub struct StreamConsumerSpec {
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub error_topic: Option<String>,
 
-    /// How messages are grouped into one database transaction.
+    /// How messages are grouped into one database transaction. Within these bounds each batch
+    /// adapts to the backlog: small once the workers have caught up, up to `maxMessages` while
+    /// they are behind.
     #[serde(default)]
     pub batch: BatchSpec,
 
@@ -174,6 +176,41 @@ pub struct KafkaSpec {
     /// Transport security and authentication. Credentials are only ever read from Secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<KafkaSecurity>,
+
+    /// Consumer group protocol: `classic` (the default: the members agree on the assignment
+    /// in JoinGroup/SyncGroup rounds, cooperative-sticky) or `consumer` (KIP-848, Apache Kafka
+    /// 4.0 or newer: the broker computes the assignment and hands it out incrementally in
+    /// heartbeats; the broker's group.consumer.* settings then decide the assignor, session
+    /// timeout and heartbeat interval).
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
+}
+
+/// Consumer group protocol (`group.protocol` of the Kafka client).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// JoinGroup/SyncGroup rebalances with the cooperative-sticky assignor; works with every
+    /// Kafka version.
+    #[default]
+    Classic,
+    /// KIP-848: the broker assigns partitions; needs Apache Kafka 4.0 or newer.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The librdkafka value of `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
+
+    /// Whether this is the classic protocol (the default, left out when serializing).
+    pub fn is_classic(&self) -> bool {
+        *self == Self::Classic
+    }
 }
 
 /// Where a partition with no stored offset starts.
@@ -575,15 +612,18 @@ pub struct RedisSpec {
     pub url_secret_ref: SecretKeyRef,
 }
 
-/// How messages are grouped into one database transaction.
+/// How messages are grouped into one database transaction. Within these bounds the worker
+/// adapts each batch to the backlog: a batch goes to the database as soon as the previous one
+/// is committed, so batches are small (low latency) once the worker has caught up and grow,
+/// up to `maxMessages`, while it is behind (high throughput).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSpec {
-    /// Most messages in one batch.
+    /// Most messages in one batch: the ceiling of the adaptive batch size (default 10000).
     #[serde(default = "default_batch_max_messages")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_messages: u32,
-    /// Longest time a batch waits to fill, in milliseconds.
+    /// Longest time a message waits for its batch to fill, in milliseconds.
     #[serde(default = "default_batch_max_wait_ms")]
     #[schemars(range(min = 1, max = 60000))]
     pub max_wait_ms: u32,
@@ -599,7 +639,7 @@ impl Default for BatchSpec {
 }
 
 fn default_batch_max_messages() -> u32 {
-    1000
+    10_000
 }
 fn default_batch_max_wait_ms() -> u32 {
     100

@@ -286,7 +286,7 @@ spec:
         cfg.handler,
         Handler::MovingAverage(MovingAverageSettings { window: 7 })
     );
-    assert_eq!(cfg.batch.max_messages, 1000);
+    assert_eq!(cfg.batch.max_messages, 10_000);
     assert_eq!(cfg.error_topic, "price-events-failed");
 }
 
