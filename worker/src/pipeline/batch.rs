@@ -50,6 +50,11 @@ impl Pending {
         self.msgs.is_empty()
     }
 
+    /// When the oldest buffered message arrived.
+    pub fn first_at(&self) -> Option<Instant> {
+        self.first_at
+    }
+
     /// When the batch being formed must be sent at the latest.
     pub fn deadline(&self, max_wait: Duration) -> Option<Instant> {
         self.first_at.map(|t| t + max_wait)

@@ -22,6 +22,7 @@
 //! On shutdown the poll loop stops fetching, the writer commits what was already fetched, and the
 //! consumer is closed.
 
+pub mod adaptive;
 pub mod batch;
 pub mod context;
 pub mod state;
@@ -145,6 +146,7 @@ pub async fn run_pipeline_lanes<H: Handler>(
         instance_id: ctx.instance_id.as_deref(),
         auto_offset_reset: config.kafka.auto_offset_reset.as_str(),
         statistics_interval_ms: STATISTICS_INTERVAL_MS,
+        group_protocol: config.kafka.group_protocol,
     });
     let consumer: Arc<StreamConsumer<PipelineConsumerContext>> = Arc::new(
         StreamConsumer::from_config_and_context(&client_config, consumer_ctx)?,
@@ -161,6 +163,7 @@ pub async fn run_pipeline_lanes<H: Handler>(
         handler = %kind,
         topics = ?config.kafka.topics,
         group = %config.kafka.group_id,
+        group_protocol = config.kafka.group_protocol.as_str(),
         instance_id = ?ctx.instance_id,
         error_topic = %config.error_topic,
         lanes,
@@ -200,8 +203,11 @@ pub async fn run_pipeline_lanes<H: Handler>(
     }
     drop(outage_tx);
 
-    let max_messages = config.batch.max_messages.max(1) as usize;
     let max_wait = Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1)));
+    // Batch size per lane, adapted to the backlog; batch.maxMessages is the ceiling.
+    let mut sizes: Vec<adaptive::AdaptiveBatch> = (0..lanes)
+        .map(|_| adaptive::AdaptiveBatch::new(config.batch.max_messages as usize, max_wait))
+        .collect();
     let consumed = ctx.metrics.consumed.with_label_values(&[kind.as_str()]);
     let mut pending: Vec<Pending> = (0..lanes).map(|_| Pending::default()).collect();
     let mut epochs: HashMap<TopicPartition, u64> = HashMap::new();
@@ -227,7 +233,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
         let now = Instant::now();
         let due: Vec<usize> = (0..lanes)
             .filter(|&l| {
-                !pending[l].is_empty() && (stopping || pending[l].due(max_messages, max_wait, now))
+                let (p, ready) = (&pending[l], batch_txs[l].capacity() > 0);
+                !p.is_empty() && (stopping || sizes[l].due(p.len(), p.first_at(), ready, now))
             })
             .collect();
         // Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
@@ -237,7 +244,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
             && (paused
                 || pending
                     .iter()
-                    .all(|p| p.len() < max_messages.saturating_mul(LANE_BUFFER_BATCHES)));
+                    .zip(&sizes)
+                    .all(|(p, s)| p.len() < s.fetch_budget(LANE_BUFFER_BATCHES)));
         let deadline = pending
             .iter()
             .filter_map(|p| p.deadline(max_wait))
@@ -275,7 +283,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
                 }
             }
             (lane, permit) = reserve_any(&batch_txs, &due), if !due.is_empty() => {
-                if let (Ok(permit), Some(b)) = (permit, pending[lane].take(max_messages)) {
+                if let (Ok(permit), Some(b)) = (permit, pending[lane].take(sizes[lane].limit())) {
+                    sizes[lane].taken(b.messages.len(), pending[lane].len());
                     // Decoding here overlaps the writers' work on earlier batches.
                     let pre = decoder.as_ref().map(|d| {
                         b.messages
