@@ -35,56 +35,83 @@ async fn assert_exactly_once(env: &TestEnv, total: i64) {
     assert_eq!(gaps, 0, "offsets below next_offset without a row");
 }
 
+/// Produces 2,000 events with `seed` at 500 msg/s in the background (a membership change made
+/// meanwhile happens mid-stream).
+fn produce_phase(env: &TestEnv, seed: u64) -> tokio::task::JoinHandle<()> {
+    let topic = env.topic.clone();
+    let spec = ProduceSpec::new(HandlerKind::MovingAverage, PHASE)
+        .seed(seed)
+        .rate(500);
+    tokio::spawn(async move {
+        produce_events(&topic, &spec).await;
+    })
+}
+
+const PHASE: u64 = 2000;
+
+/// Sum of the assigned-partition gauges of `members`.
+fn owned(members: &[&DynamicMember]) -> f64 {
+    members
+        .iter()
+        .map(|m| m.metric("streamops_assigned_partitions"))
+        .sum()
+}
+
+async fn wait_owned(members: &[&DynamicMember], n: f64) {
+    let start = std::time::Instant::now();
+    while owned(members) < n {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the members own {} of {n} partitions",
+            owned(members)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_and_leave_under_the_consumer_protocol_and_every_message_lands_once() {
     let mut env = TestEnv::new("ma-kip848", HandlerKind::MovingAverage, 6).await;
     env.config.kafka.group_protocol = GroupProtocol::Consumer;
-    // Phases run while the producer keeps going: w0 alone, w0 + w1 (join), w0 + w1 + w2
-    // (join), w1 + w2 after w0 leaves, w2 alone after w1 leaves.
-    let total = 12_000u64;
-    let spec = ProduceSpec::new(HandlerKind::MovingAverage, total)
-        .seed(848)
-        .rate(600);
-    let producer = {
-        let topic = env.topic.clone();
-        let spec = spec.clone();
-        tokio::spawn(async move { produce_events(&topic, &spec).await })
-    };
+    let mut done = 0i64;
+
+    // w0 alone.
     let mut w0 = DynamicMember::start(&env, "w0");
     w0.wait_ready().await;
     w0.wait_for_partitions(6.0).await;
-    env.wait_for_offsets(1000).await;
+    produce_phase(&env, 8481).await.expect("producer");
+    done += PHASE as i64;
+    env.wait_for_offsets(done).await;
 
+    // Two members join while events flow.
+    let producer = produce_phase(&env, 8482);
     let mut w1 = DynamicMember::start(&env, "w1");
     w1.wait_ready().await;
-    w1.wait_for_partitions(1.0).await;
     let mut w2 = DynamicMember::start(&env, "w2");
     w2.wait_ready().await;
-    w2.wait_for_partitions(1.0).await;
-    let before = env.applied_offsets().await;
-    env.wait_for_offsets(before + 1000).await;
-
-    assert!(w0.terminate().await.success(), "w0 did not stop cleanly");
-    // The leaver's partitions move to the others: together they own all six again.
     w1.wait_for_partitions(1.0).await;
-    let start = std::time::Instant::now();
-    while w1.metric("streamops_assigned_partitions") + w2.metric("streamops_assigned_partitions")
-        < 6.0
-    {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "the partitions of the member that left were never reassigned"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let before = env.applied_offsets().await;
-    env.wait_for_offsets(before + 1000).await;
+    w2.wait_for_partitions(1.0).await;
+    producer.await.expect("producer");
+    done += PHASE as i64;
+    env.wait_for_offsets(done).await;
+
+    // w0 leaves while events flow: its partitions move to w1 and w2.
+    let producer = produce_phase(&env, 8483);
+    assert!(w0.terminate().await.success(), "w0 did not stop cleanly");
+    wait_owned(&[&w1, &w2], 6.0).await;
+    producer.await.expect("producer");
+    done += PHASE as i64;
+    env.wait_for_offsets(done).await;
+
+    // w1 leaves while events flow: w2 owns everything.
+    let producer = produce_phase(&env, 8484);
     assert!(w1.terminate().await.success(), "w1 did not stop cleanly");
     w2.wait_for_partitions(6.0).await;
+    producer.await.expect("producer");
+    done += PHASE as i64;
+    env.wait_for_offsets(done).await;
 
-    producer.await.expect("producer task");
-    env.wait_for_offsets(total as i64).await;
-    assert_exactly_once(&env, total as i64).await;
+    assert_exactly_once(&env, done).await;
     assert!(
         w2.log_text().contains("\"group_protocol\":\"consumer\""),
         "the worker did not run with group.protocol=consumer; log: {}",
