@@ -8,9 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::v1alpha1::{
-    AutoOffsetReset, BatchSpec, FraudSettings, HandlerKind, LogLevel, MovingAverageSettings,
-    PipelineTriggerSettings, SaslMechanism, SecurityProtocol, SensorSettings, StreamConsumer,
-    StreamConsumerSpec,
+    AutoOffsetReset, BatchSpec, FraudSettings, GroupProtocol, HandlerKind, LogLevel,
+    MovingAverageSettings, PipelineTriggerSettings, SaslMechanism, SecurityProtocol,
+    SensorSettings, StreamConsumer, StreamConsumerSpec,
 };
 use crate::validate::{validate_spec, SpecError};
 
@@ -27,7 +27,8 @@ pub const ENV_KAFKA_PASSWORD: &str = "STREAMOPS_KAFKA_PASSWORD";
 pub fn webhook_header_env(index: usize) -> String {
     format!("STREAMOPS_WEBHOOK_HEADER_{index}")
 }
-/// Static group membership id (`group.instance.id`); the operator sets it to the pod name.
+/// Static group membership id (`group.instance.id`). The operator leaves it unset (dynamic
+/// members: a Deployment's pod names change on every rollout); tests and tools may set it.
 pub const ENV_INSTANCE_ID: &str = "STREAMOPS_INSTANCE_ID";
 /// Path of the rendered configuration file the worker reads.
 pub const ENV_CONFIG_PATH: &str = "STREAMOPS_CONFIG";
@@ -59,7 +60,8 @@ pub struct WorkerConfig {
     pub handler: Handler,
     /// Topic for messages the handler cannot process.
     pub error_topic: String,
-    /// Batching of database transactions.
+    /// Batching of database transactions (the spec's defaults when left out).
+    #[serde(default)]
     pub batch: BatchSpec,
     /// Largest accepted message value, in bytes.
     pub max_message_bytes: u32,
@@ -109,6 +111,11 @@ pub struct KafkaConfig {
     /// PEM client key file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_key_location: Option<String>,
+    /// Consumer group protocol (`group.protocol`). Under `consumer` (KIP-848) the broker assigns
+    /// partitions, so the worker sets neither `partition.assignment.strategy` nor the classic
+    /// session and heartbeat timeouts.
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
 }
 
 /// A handler with its resolved settings.
@@ -210,6 +217,7 @@ impl WorkerConfig {
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_CERT_KEY}")),
                 ssl_key_location: client_cert
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_KEY_KEY}")),
+                group_protocol: spec.kafka.group_protocol,
             },
             handler,
             error_topic: spec.error_topic.clone().unwrap_or_else(|| {

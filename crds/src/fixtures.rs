@@ -59,6 +59,7 @@ impl StreamConsumerSpec {
                 group_id: format!("{kind}-consumer"),
                 auto_offset_reset: AutoOffsetReset::Earliest,
                 security: None,
+                group_protocol: Default::default(),
             },
             handler,
             sink: SinkSpec {

@@ -115,7 +115,9 @@ pub struct StreamConsumerSpec {
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub error_topic: Option<String>,
 
-    /// How messages are grouped into one database transaction.
+    /// How messages are grouped into one database transaction. Within these bounds each batch
+    /// adapts to the backlog: small once the workers have caught up, up to `maxMessages` while
+    /// they are behind.
     #[serde(default)]
     pub batch: BatchSpec,
 
@@ -236,6 +238,41 @@ pub struct KafkaSpec {
     /// Transport security and authentication. Credentials are only ever read from Secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<KafkaSecurity>,
+
+    /// Consumer group protocol: `classic` (the default: the members agree on the assignment
+    /// in JoinGroup/SyncGroup rounds, cooperative-sticky) or `consumer` (KIP-848, Apache Kafka
+    /// 4.0 or newer: the broker computes the assignment and hands it out incrementally in
+    /// heartbeats; the broker's group.consumer.* settings then decide the assignor, session
+    /// timeout and heartbeat interval).
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
+}
+
+/// Consumer group protocol (`group.protocol` of the Kafka client).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// JoinGroup/SyncGroup rebalances with the cooperative-sticky assignor; works with every
+    /// Kafka version.
+    #[default]
+    Classic,
+    /// KIP-848: the broker assigns partitions; needs Apache Kafka 4.0 or newer.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The librdkafka value of `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
+
+    /// Whether this is the classic protocol (the default, left out when serializing).
+    pub fn is_classic(&self) -> bool {
+        *self == Self::Classic
+    }
 }
 
 /// Where a partition with no stored offset starts.

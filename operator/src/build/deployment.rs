@@ -5,17 +5,17 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
-    SecretProjection, SecurityContext, Volume, VolumeMount, VolumeProjection,
+    EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretKeySelector, SecretProjection, SecurityContext,
+    Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use streamops_crds::config::{
     webhook_header_env, Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH,
-    ENV_DATABASE_URL, ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL,
-    TLS_CERT_KEY, TLS_KEY_KEY, WORKER_HTTP_PORT,
+    ENV_DATABASE_URL, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL, TLS_CERT_KEY,
+    TLS_KEY_KEY, WORKER_HTTP_PORT,
 };
 
 use super::BuildContext;
@@ -225,27 +225,19 @@ fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// Environment: the config path, the pod name as static group-membership id, and each secret the
-/// worker needs as a `secretKeyRef`. A secret the worker does not need (Redis for handlers other
+/// Environment: the config path and each secret the worker needs as a `secretKeyRef`.
+///
+/// No `STREAMOPS_INSTANCE_ID`: the workers are dynamic group members. A Deployment's pods get
+/// new names on every rollout, and librdkafka sends no LeaveGroup for a static member, so with
+/// the pod name as `group.instance.id` each replaced pod's partitions waited out the session
+/// timeout (45 s); as dynamic members they move as soon as the old pod leaves (measured by
+/// `streamops-bench rollout`, see `make bench`). A secret the worker does not need (Redis for handlers other
 /// than pipeline-trigger, SASL credentials without a SASL protocol) is left out: a reference to a
 /// missing Secret would keep the pod from starting.
 fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
     let spec = &ctx.consumer.spec;
     let config = &ctx.config.config;
-    let mut env = vec![
-        env_value(ENV_CONFIG_PATH, config_path()),
-        EnvVar {
-            name: ENV_INSTANCE_ID.into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    api_version: None,
-                }),
-                ..EnvVarSource::default()
-            }),
-        },
-    ];
+    let mut env = vec![env_value(ENV_CONFIG_PATH, config_path())];
     let pg = &spec.sink.postgres.url_secret_ref;
     env.push(env_secret(ENV_DATABASE_URL, &pg.name, &pg.key));
     if config.handler.needs_redis() {
@@ -564,11 +556,14 @@ mod tests {
     }
 
     #[test]
-    fn instance_id_is_the_pod_name_for_static_membership() {
-        let d = with_ctx(&StreamConsumer::test(), build_deployment);
-        let e = env_of(&d, "STREAMOPS_INSTANCE_ID").unwrap();
-        let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
-        assert_eq!(f.field_path, "metadata.name");
+    fn workers_are_dynamic_group_members_so_a_rollout_moves_partitions_at_once() {
+        for kind in streamops_crds::HandlerKind::ALL {
+            let d = with_ctx(&StreamConsumer::test_of(kind), build_deployment);
+            assert!(
+                env_of(&d, "STREAMOPS_INSTANCE_ID").is_none(),
+                "{kind}: a pod-name instance id makes every rollout wait out the session timeout"
+            );
+        }
     }
 
     #[test]

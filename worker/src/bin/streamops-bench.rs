@@ -5,9 +5,17 @@
 //!   generated events (rows are prepared before the clock starts).
 //! - `wait`: waits until a group's stored offsets cover N messages and reports the worker's
 //!   sustained rate (first commit to last) and its peak RSS.
+//! - `latency`: produce-to-committed-row latency (p50, p99) at fixed rates ([`latency`]).
+//! - `rollout`: longest processing pause of any partition while the workers are replaced one at
+//!   a time, per group-membership set-up ([`rollout`]).
 //!
 //! Each prints one `key=value` line that the script parses. To add a handler kind to `copy`,
 //! add an arm to `copy_rows`.
+
+#[path = "bench/latency.rs"]
+mod latency;
+#[path = "bench/rollout.rs"]
+mod rollout;
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +63,10 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         partitions: i32,
     },
+    /// Produce-to-committed-row latency at fixed rates, against a running worker.
+    Latency(latency::LatencyArgs),
+    /// Longest partition pause during a rolling replacement of the workers.
+    Rollout(rollout::RolloutArgs),
     /// Rate of the reference fraud scorer alone under a bounded load loop.
     ScorerLoad(streamops_worker::scorer::load::LoadArgs),
     /// Worker rate from the offsets table.
@@ -422,6 +434,8 @@ async fn main() {
             };
             copy(&database_url, kind, opts, count, partitions).await
         }
+        Cmd::Latency(args) => latency::run(args).await,
+        Cmd::Rollout(args) => rollout::run(args).await,
         Cmd::ScorerLoad(args) => {
             let r = streamops_worker::scorer::load::run(&args)
                 .await
