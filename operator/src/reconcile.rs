@@ -113,36 +113,43 @@ impl OperatorConfig {
     }
 }
 
-/// Per-object exponential backoff for failed reconciliations.
+/// Per-object exponential backoff for failed reconciliations. The delays come from `backon`, the
+/// backoff the worker's retry loops use too (there without jitter: one object's retries are
+/// spread by the controller's own queue).
 #[derive(Debug)]
 pub struct ErrorBackoff {
-    base: Duration,
-    max: Duration,
-    failures: Mutex<HashMap<String, u32>>,
+    builder: backon::ExponentialBuilder,
+    delays: Mutex<HashMap<String, backon::ExponentialBackoff>>,
 }
 
 impl ErrorBackoff {
     /// Backoff from `base`, doubling, capped at `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
-            base,
-            max,
-            failures: Mutex::default(),
+            builder: backon::ExponentialBuilder::new()
+                .with_min_delay(base)
+                .with_max_delay(max.max(base))
+                .with_factor(2.0)
+                .without_max_times(),
+            delays: Mutex::default(),
         }
     }
 
     /// Counts one more consecutive failure of `key` and returns the delay before its retry.
     pub fn next_delay(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        let exp = (*n).min(20);
-        *n = n.saturating_add(1);
-        self.base.saturating_mul(1u32 << exp).min(self.max)
+        use backon::BackoffBuilder;
+        let mut delays = self.delays.lock().unwrap_or_else(|p| p.into_inner());
+        let builder = self.builder;
+        delays
+            .entry(key.to_string())
+            .or_insert_with(|| builder.build())
+            .next()
+            .unwrap_or_else(|| builder.build().next().unwrap_or_default())
     }
 
     /// Forgets the failures of `key` after a success.
     pub fn reset(&self, key: &str) {
-        self.failures
+        self.delays
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
@@ -445,7 +452,13 @@ async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
             )
             .await;
         }
-        patch_spec_replicas(&consumers, id.name, replicas).await?;
+        patch_spec_replicas(
+            &consumers,
+            id.name,
+            sc.metadata.resource_version.as_deref(),
+            replicas,
+        )
+        .await?;
     }
     if sc.status.as_ref() != Some(&new_status) {
         patch_status(&consumers, id.name, &new_status).await?;
@@ -459,19 +472,34 @@ fn deployment_replicas(d: &Deployment) -> i32 {
 }
 
 /// Keeps `spec.replicas` equal to the autoscaled count (a merge patch: only that field changes).
-async fn patch_spec_replicas(api: &Api<StreamConsumer>, name: &str, replicas: i32) -> Result<()> {
+/// The patch carries the `resourceVersion` this reconciliation read, so a patch computed from a
+/// stale copy is refused (409) instead of undoing a newer edit; the newer object is reconciled
+/// next (the watch delivers it), so a refusal is not an error.
+async fn patch_spec_replicas(
+    api: &Api<StreamConsumer>,
+    name: &str,
+    resource_version: Option<&str>,
+    replicas: i32,
+) -> Result<()> {
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch(
-        name,
-        &params,
-        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
-    )
-    .await
-    .map_err(Error::PatchReplicas)?;
-    Ok(())
+    let body = match resource_version {
+        Some(rv) => json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": replicas}}),
+        None => json!({"spec": {"replicas": replicas}}),
+    };
+    match api.patch(name, &params, &Patch::Merge(body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            debug!(
+                object = name,
+                "spec.replicas changed since it was read; the newer object is reconciled next"
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::PatchReplicas(e)),
+    }
 }
 
 struct Applied {

@@ -56,7 +56,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let poll_settings = args.poll_settings();
     let poller = || {
         Some(LagPoller::new(
-            KafkaLagReader::default(),
+            KafkaLagReader::new(
+                std::time::Duration::from_secs(5),
+                poll_settings.max_concurrent_reads,
+            ),
             book.clone(),
             metrics.clone(),
             poll_settings.clone(),
