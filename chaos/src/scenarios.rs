@@ -40,12 +40,14 @@ pub enum Profile {
     Full,
 }
 
-/// Messages per lane for every scenario, when given on the command line.
-static MESSAGES_OVERRIDE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-
-/// Sets the number of messages per lane for every scenario of this run (first call wins).
-pub fn override_messages(n: u64) {
-    let _ = MESSAGES_OVERRIDE.set(n);
+/// What every scenario of a run is sized by: the profile, and the messages per lane when given
+/// on the command line (`--messages`), which replace the profile's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunProfile {
+    /// How long and how hard.
+    pub profile: Profile,
+    /// Messages per lane for every scenario, instead of the profile's counts.
+    pub messages: Option<u64>,
 }
 
 /// A fault scenario.
@@ -106,11 +108,11 @@ impl Scenario {
     }
 
     /// Messages per lane (`--messages` overrides the profile's count).
-    pub fn messages(self, profile: Profile) -> u64 {
-        if let Some(n) = MESSAGES_OVERRIDE.get() {
-            return *n;
+    pub fn messages(self, run: RunProfile) -> u64 {
+        if let Some(n) = run.messages {
+            return n;
         }
-        match (profile, self) {
+        match (run.profile, self) {
             (Profile::Full, Self::Kill | Self::Backlog) => 1_000_000,
             (Profile::Full, _) => 50_000,
             (Profile::Short, Self::Backlog) => 20_000,
@@ -271,11 +273,12 @@ async fn admin_topic(
 async fn setup_lane(
     stack: &Stack,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     kind: HandlerKind,
     lane_index: usize,
     run_id: &str,
 ) -> Result<Lane> {
+    let profile = run.profile;
     let short = match kind {
         HandlerKind::MovingAverage => "ma",
         HandlerKind::Sensor => "sensor",
@@ -304,7 +307,7 @@ async fn setup_lane(
     let config_path = dir.join("worker.yaml");
     std::fs::write(&config_path, config.to_yaml()?)?;
 
-    let messages = scenario.messages(profile);
+    let messages = scenario.messages(run);
     let opts = GenOptions {
         kind,
         seed: 7 + lane_index as u64,
@@ -363,7 +366,7 @@ fn start_producer(
     stack: &Stack,
     lane: &Lane,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     lane_index: usize,
 ) -> Result<Child> {
     Command::new(&stack.worker_bin)
@@ -376,9 +379,9 @@ fn start_producer(
             "--kind",
             lane.kind.as_str(),
             "--count",
-            &scenario.messages(profile).to_string(),
+            &scenario.messages(run).to_string(),
             "--rate",
-            &scenario.rate(profile).to_string(),
+            &scenario.rate(run.profile).to_string(),
             "--keys",
             "12",
             "--seed",
@@ -485,10 +488,11 @@ async fn all_applied(lanes: &[Lane]) -> bool {
 pub async fn run(
     stack: &mut Stack,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     only: &[HandlerKind],
     run_id: &str,
 ) -> Result<Vec<Row>> {
+    let profile = run.profile;
     let kinds: Vec<HandlerKind> = scenario
         .kinds()
         .into_iter()
@@ -499,14 +503,14 @@ pub async fn run(
     }
     let mut lanes = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
-        lanes.push(setup_lane(stack, scenario, profile, *kind, i, run_id).await?);
+        lanes.push(setup_lane(stack, scenario, run, *kind, i, run_id).await?);
     }
-    let messages = scenario.messages(profile);
+    let messages = scenario.messages(run);
     let backlog = scenario == Scenario::Backlog;
 
     if backlog {
         for (i, lane) in lanes.iter_mut().enumerate() {
-            lane.producer = Some(start_producer(stack, lane, scenario, profile, i)?);
+            lane.producer = Some(start_producer(stack, lane, scenario, run, i)?);
         }
         while !producers_done(&mut lanes).await? {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -525,7 +529,7 @@ pub async fn run(
     let started = Instant::now();
     if !backlog {
         for (i, lane) in lanes.iter_mut().enumerate() {
-            lane.producer = Some(start_producer(stack, lane, scenario, profile, i)?);
+            lane.producer = Some(start_producer(stack, lane, scenario, run, i)?);
         }
     }
 
@@ -896,4 +900,24 @@ async fn reconcile(stack: &Stack, lane: &Lane, scenario: Scenario, messages: u64
         passed,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_given_on_the_command_line_replace_every_scenarios_count() {
+        let given = RunProfile {
+            profile: Profile::Full,
+            messages: Some(1234),
+        };
+        assert!(Scenario::ALL.iter().all(|s| s.messages(given) == 1234));
+        let profile_counts = RunProfile {
+            profile: Profile::Short,
+            messages: None,
+        };
+        assert_eq!(Scenario::Backlog.messages(profile_counts), 20_000);
+        assert_eq!(Scenario::Kill.messages(profile_counts), 6_000);
+    }
 }

@@ -2,7 +2,7 @@
 //! exactly once (results and offsets in one transaction).
 //!
 //! Entry points for other code:
-//! - [`pipeline::run_pipeline`]: run any [`handlers::Handler`] over a configuration.
+//! - [`pipeline::run_pipeline`]: run any [`handlers::MessageHandler`] over a configuration.
 //! - [`worker::WorkerRuntime`]: the process assembly `main` uses (database, migrations, HTTP,
 //!   signals) around `run_pipeline`.
 //! - [`generate`]: the deterministic event generator behind `produce`, tests and the bench.

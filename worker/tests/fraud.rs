@@ -15,7 +15,7 @@ use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, 
 use streamops_worker::generate::{Event, Generated};
 use streamops_worker::handlers::fraud::{FraudHandler, FraudItem};
 use streamops_worker::handlers::{
-    Decoded, Handler, HandlerContext, Position, Prepared, RawMessage, RejectKind,
+    Decoded, HandlerContext, MessageHandler, Position, Prepared, RawMessage, RejectKind,
 };
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::scorer::api::ScoreInput;

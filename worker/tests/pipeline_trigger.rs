@@ -21,7 +21,7 @@ use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, 
 use streamops_worker::handlers::pipeline_trigger::{
     job_name, Claimed, Event, JobSink, PipelineTriggerHandler, Reason, Sink, IDEMPOTENCY_KEY,
 };
-use streamops_worker::handlers::{Decoded, Handler, HandlerContext, Position};
+use streamops_worker::handlers::{Decoded, HandlerContext, MessageHandler, Position};
 use support::*;
 use tokio_util::sync::CancellationToken;
 

@@ -12,7 +12,9 @@ use sqlx::PgPool;
 use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::generate::{Event, Generated};
 use streamops_worker::handlers::sensor::{decode_reading, Reading, SensorHandler};
-use streamops_worker::handlers::{Decoded, Handler, HandlerContext, Position, TopicPartition};
+use streamops_worker::handlers::{
+    Decoded, HandlerContext, MessageHandler, Position, TopicPartition,
+};
 use streamops_worker::kafka::KafkaClientSettings;
 use support::*;
 

@@ -19,6 +19,7 @@ use crate::build::{build_deployment, BuildContext, RenderedConfig};
 use crate::consumer_group::{GroupDeleteError, GroupDeletion};
 use crate::fixtures::*;
 use crate::names::CONFIG_HASH_ANNOTATION;
+use crate::status;
 
 /// The Deployment the operator would have applied for `sc`, as the API server stores it.
 fn live_deployment(sc: &StreamConsumer, generation: i64) -> Deployment {
@@ -1410,7 +1411,7 @@ async fn a_replica_patch_from_a_stale_copy_is_refused_by_the_api_server_and_is_n
         );
     });
     let api: Api<StreamConsumer> = Api::namespaced(client, "default");
-    patch_spec_replicas(&api, "test", Some("41"), 3)
+    apply::patch_spec_replicas(&api, "test", Some("41"), 3)
         .await
         .expect("a refused stale patch is not an error");
     server.await.unwrap();

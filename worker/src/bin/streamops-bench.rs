@@ -190,7 +190,9 @@ fn bench_partition(key: &str, partitions: &mut [i64]) -> (i32, i64) {
 /// The sensor handler's rows (machines, failure episodes, readings), planned by its own state
 /// machine.
 fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
-    use streamops_worker::handlers::sensor::{decode_reading, plan_batch, Link};
+    use streamops_worker::handlers::sensor::{
+        decode_reading, plan_batch, reading_row, READINGS_COPY,
+    };
     use streamops_worker::handlers::{Decoded, Position};
     let topic: std::sync::Arc<str> = std::sync::Arc::from("bench");
     let mut offsets = vec![0i64; partitions.max(1) as usize];
@@ -242,26 +244,12 @@ fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static s
     }
     let mut readings = BinaryCopy::new(9);
     for r in &plan.readings {
-        let link = match &r.link {
-            Link::Failure(id) => Some(id.as_str()),
-            Link::None | Link::Lookup => None,
-        };
-        readings
-            .row()
-            .text(&r.pos.topic)
-            .int4(r.pos.partition)
-            .int8(r.pos.offset)
-            .text(&r.machine_id)
-            .timestamptz(r.timestamp)
-            .jsonb(&r.values)
-            .bool(r.failure)
-            .opt_text(link)
-            .bool(matches!(r.link, Link::Lookup));
+        reading_row(&mut readings, r);
     }
     vec![
         ("COPY machines (machine_id, first_seen, last_seen, applied_topic, applied_partition, applied_offset) FROM STDIN (FORMAT binary)", machines),
         ("COPY failures (failure_id, machine_id, started_at, ended_at, active, opened_topic, opened_partition, opened_offset) FROM STDIN (FORMAT binary)", failures),
-        ("COPY sensor_readings (source_topic, source_partition, source_offset, machine_id, reading_time, sensor_values, failure, failure_id, late) FROM STDIN (FORMAT binary)", readings),
+        (READINGS_COPY, readings),
     ]
 }
 

@@ -212,7 +212,7 @@ pub struct HandlerContext {
 }
 
 /// A message handler. See the module docs for the contract.
-pub trait Handler: Send + 'static {
+pub trait MessageHandler: Send + 'static {
     /// A decoded message.
     type Item: Send + Sync + 'static;
 
@@ -237,7 +237,7 @@ pub trait Handler: Send + 'static {
     }
 
     /// Writes the batch's effects inside `tx`. The pipeline stores the batch's offsets in the same
-    /// transaction and commits it; on any error it rolls back, calls [`Handler::reset`] and
+    /// transaction and commits it; on any error it rolls back, calls [`MessageHandler::reset`] and
     /// retries.
     fn write(
         &mut self,
@@ -261,7 +261,7 @@ pub trait Handler: Send + 'static {
         None
     }
 
-    /// Optional: a thread-safe equivalent of [`Handler::decode`] (it must return exactly what
+    /// Optional: a thread-safe equivalent of [`MessageHandler::decode`] (it must return exactly what
     /// `decode` returns). When given, the pipeline decodes the next batch on the poll task while
     /// the writer is still writing the previous one, overlapping decoding with the database
     /// round trip.
@@ -270,7 +270,7 @@ pub trait Handler: Send + 'static {
     }
 }
 
-/// A thread-safe decoding function; see [`Handler::shared_decoder`].
+/// A thread-safe decoding function; see [`MessageHandler::shared_decoder`].
 pub type SharedDecoder<T> = Arc<dyn Fn(&RawMessage) -> Result<T, Rejection> + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ use streamops_crds::v1alpha1::MovingAverageSettings;
 use streamops_crds::HandlerKind;
 
 use super::{
-    decode_json, Decoded, Handler, HandlerContext, HandlerError, RawMessage, RejectKind, Rejection,
-    TopicPartition,
+    decode_json, Decoded, HandlerContext, HandlerError, MessageHandler, RawMessage, RejectKind,
+    Rejection, TopicPartition,
 };
 use crate::copy::BinaryCopy;
 
@@ -318,7 +318,7 @@ impl MovingAverageHandler {
     }
 }
 
-impl Handler for MovingAverageHandler {
+impl MessageHandler for MovingAverageHandler {
     type Item = PricePoint;
 
     fn kind(&self) -> HandlerKind {

@@ -77,8 +77,8 @@ pub use store::{
 pub use transaction::{decode_transaction, Transaction};
 
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, Position, Prepared, RawMessage, RejectKind,
-    Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, Position, Prepared, RawMessage,
+    RejectKind, Rejection, TopicPartition,
 };
 use client::ClientMetrics;
 
@@ -179,7 +179,7 @@ impl FraudHandler {
     }
 }
 
-impl Handler for FraudHandler {
+impl MessageHandler for FraudHandler {
     type Item = FraudItem;
 
     fn kind(&self) -> HandlerKind {

@@ -75,7 +75,8 @@ pub use trigger::{build_job, job_name, trigger_id, Claimed, Reason, WebhookPaylo
 
 use super::json_fields::parse_object;
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, Prepared, RawMessage, Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, Prepared, RawMessage, Rejection,
+    TopicPartition,
 };
 
 /// A valid event. Its contents are not used; only its position is counted.
@@ -163,7 +164,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Rejection> {
     parse_object(payload).map(|_| Event)
 }
 
-impl Handler for PipelineTriggerHandler {
+impl MessageHandler for PipelineTriggerHandler {
     type Item = Event;
 
     fn kind(&self) -> HandlerKind {

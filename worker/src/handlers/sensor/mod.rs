@@ -74,9 +74,10 @@ use tracing::debug;
 
 pub use episodes::{failure_id, plan_batch, BatchPlan, Link, MachineState};
 pub use reading::{decode_reading, Reading};
+pub use store::{reading_row, READINGS_COPY};
 
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, RawMessage, Rejection, TopicPartition,
 };
 
 /// The sensor handler's metrics.
@@ -165,7 +166,7 @@ impl SensorHandler {
     }
 }
 
-impl Handler for SensorHandler {
+impl MessageHandler for SensorHandler {
     type Item = Reading;
 
     fn kind(&self) -> HandlerKind {
