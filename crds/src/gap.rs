@@ -26,8 +26,8 @@ pub enum GapKind {
     /// messages before they were processed. `[from, to)` is the range never processed.
     Retention,
     /// The stored offset lies beyond the log end: the topic was recreated, or the cluster
-    /// restored or mirrored. `from` is the stored offset, `to` the (lower) offset where reading
-    /// resumed.
+    /// restored or mirrored. `[from, to)` are the new log's offsets below the stored offset `to`,
+    /// which are never applied (their source positions already have rows from the old log).
     Reset,
 }
 
@@ -106,8 +106,8 @@ impl GapNote {
                 self.from, self.to
             ),
             GapKind::Reset => format!(
-                "the stored offset {} of {topic}/{partition} lay beyond the end of the log; reading resumed at {}",
-                self.from, self.to
+                "the stored offset {} of {topic}/{partition} lay beyond the end of the log (topic recreated or restored); offsets {}..{} of the new log are not applied",
+                self.to, self.from, self.to
             ),
         };
         let action = if self.skipped {

@@ -174,7 +174,7 @@ pub struct KafkaSpec {
     /// What a worker does when Kafka no longer has the messages at a partition's stored offset
     /// (retention deleted them before they were processed, or the stored offset lies beyond the
     /// end of the log because the topic was recreated or the cluster restored): `skip` (the
-    /// default) resumes at the next available message, `fail` stops the worker at the gap. Either
+    /// default) goes on with the next message it can apply, `fail` stops the worker at the gap. Either
     /// way the gap is logged with its range, counted in `streamops_offset_gaps_total`, recorded in
     /// `streamops_offset_gaps` and shown as the `OffsetGap` condition.
     #[serde(default)]

@@ -1,13 +1,12 @@
 -- Gaps in the offsets of a partition: messages the worker never saw because Kafka no longer has
 -- them. Recorded in the same transaction as the batch that moved past the gap (onOffsetGap: skip),
 -- or in a transaction of its own before the worker stops (onOffsetGap: fail).
---   from_offset..to_offset (to exclusive) is the range that was skipped or would be skipped:
+--   [from_offset, to_offset) is the range of offsets never processed:
 --   - retention: the stored next_offset lies below the log start; the range is
---     [stored next_offset, log start offset);
+--     [stored next_offset, first offset read);
 --   - reset: the stored next_offset lies beyond the log end (topic recreated, cluster restored or
---     mirrored); the range is [stored next_offset, stored next_offset) shifted to where reading
---     resumes, i.e. from_offset = stored next_offset, to_offset = the offset reading resumes at
---     (lower than from_offset), and kind tells them apart.
+--     mirrored); the range is [first offset of the new log, stored next_offset): those offsets
+--     of the new log are not applied, since their source positions already have rows.
 CREATE TABLE IF NOT EXISTS streamops_offset_gaps (
     consumer_group TEXT        NOT NULL,
     topic          TEXT        NOT NULL,

@@ -7,7 +7,11 @@
 //!   arrives *above* the stored offset.
 //! - **reset**: the stored `next_offset` lies beyond the log end (the topic was deleted and
 //!   recreated with fewer messages, the cluster restored or mirrored). The first message arrives
-//!   *below* the stored offset, and used to be dropped as "already applied".
+//!   *below* the stored offset, and used to be dropped as "already applied" without a trace. The
+//!   new log's offsets below the stored one are still not applied (their source positions have
+//!   rows from the old log, which every handler keys on), but they are now the recorded gap:
+//!   `[first offset of the new log, stored offset)`. Reading resumes once the log reaches the
+//!   stored offset.
 //!
 //! Detection is cheap: only when a partition's first message in a batch is not at the known
 //! `next_offset` does the writer ask the broker for the partition's watermarks ([`classify`]
@@ -37,10 +41,11 @@ pub struct Gap {
     pub tp: TopicPartition,
     /// Why, and the range.
     pub kind: GapKind,
-    /// The stored `next_offset`.
+    /// First offset never processed: retention, the stored `next_offset`; reset, the first
+    /// offset of the new log.
     pub from: i64,
-    /// Retention: the first offset available (exclusive end of the range never processed).
-    /// Reset: the offset reading resumes at.
+    /// End (exclusive) of the range never processed: retention, the first offset available;
+    /// reset, the stored `next_offset` (reading resumes there once the new log reaches it).
     pub to: i64,
     /// What the spec says to do.
     pub action: OnOffsetGap,
@@ -72,7 +77,9 @@ pub fn classify(next: i64, first: i64, low: i64, high: i64) -> Option<(GapKind, 
         // Everything below the log start is gone; reading resumed at `first`.
         Some((GapKind::Retention, next, first))
     } else if first < next && high < next {
-        Some((GapKind::Reset, next, first))
+        // The new log's offsets below the stored one are never applied: their source positions
+        // already have rows from the old log.
+        Some((GapKind::Reset, first, next))
     } else {
         None
     }
@@ -186,7 +193,7 @@ mod tests {
     #[test]
     fn a_stored_offset_beyond_the_log_end_is_a_reset_gap() {
         // Topic recreated with 30 messages; the worker had stored 100 and reads from 0 again.
-        assert_eq!(classify(100, 0, 0, 30), Some((GapKind::Reset, 100, 0)));
+        assert_eq!(classify(100, 0, 0, 30), Some((GapKind::Reset, 0, 100)));
     }
 
     #[test]

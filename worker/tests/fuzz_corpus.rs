@@ -18,7 +18,7 @@ use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::handlers::fraud::{decode_transaction, FraudHandler, FraudItem, Prediction};
 use streamops_worker::handlers::moving_average::{decode_price, MovingAverageHandler};
 use streamops_worker::handlers::sensor::{decode_reading, SensorHandler};
-use streamops_worker::handlers::{Decoded, Handler, HandlerContext, Position};
+use streamops_worker::handlers::{Decoded, HandlerContext, MessageHandler, Position};
 use support::*;
 
 /// The payloads of a fuzz target: committed seeds and the grown corpus, sorted by path.
@@ -95,7 +95,7 @@ fn decoded<T>(offset: i64, item: T) -> Decoded<T> {
 
 /// Writes each item in its own committed transaction; panics naming the first file PostgreSQL
 /// refused. Returns how many were written.
-async fn write_each<H: Handler>(
+async fn write_each<H: MessageHandler>(
     handler: &mut H,
     pool: &PgPool,
     items: Vec<(PathBuf, Decoded<H::Item>)>,
