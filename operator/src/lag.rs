@@ -218,7 +218,7 @@ pub fn summarize(mut per_partition: Vec<PartitionLag>, members: i32) -> GroupLag
     let gaps = per_partition
         .iter()
         .filter_map(|p| {
-            p.gap.clone().map(|note| PartitionGap {
+            p.gap.map(|note| PartitionGap {
                 topic: p.topic.clone(),
                 partition: p.partition,
                 note,
@@ -539,7 +539,7 @@ mod tests {
         let g = summarize(
             vec![
                 p(1, None, None),
-                p(0, Some(10), Some(note.clone())),
+                p(0, Some(10), Some(note)),
                 p(2, None, None),
             ],
             1,

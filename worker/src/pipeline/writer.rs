@@ -505,6 +505,7 @@ impl<H: MessageHandler> Writer<H> {
     /// (`pre`) serve when they cover exactly these messages. Returns the items and the rejections
     /// (by index into `messages`). Messages the database refused earlier (`refused`) are
     /// rejected with the database's reason.
+    #[allow(clippy::type_complexity)]
     fn decode(
         &self,
         messages: &[Fetched],
