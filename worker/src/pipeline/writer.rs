@@ -107,6 +107,9 @@ pub(crate) fn precheck(msg: &RawMessage, max_bytes: usize) -> Result<(), Rejecti
 
 type ErrKey = (Arc<str>, i32, i64);
 
+/// Rejected messages, by index into the batch's messages, with the reason.
+type Rejected = Vec<(usize, Rejection)>;
+
 /// A batch with its messages already decoded, when the handler offers a shared decoder.
 pub(crate) type DecodedBatch<T> = (Batch, Option<Vec<Result<T, Rejection>>>);
 
@@ -505,16 +508,15 @@ impl<H: MessageHandler> Writer<H> {
     /// (`pre`) serve when they cover exactly these messages. Returns the items and the rejections
     /// (by index into `messages`). Messages the database refused earlier (`refused`) are
     /// rejected with the database's reason.
-    #[allow(clippy::type_complexity)]
     fn decode(
         &self,
         messages: &[Fetched],
         pre: Option<Vec<Result<H::Item, Rejection>>>,
         refused: &HashMap<ErrKey, Rejection>,
-    ) -> (Vec<Decoded<H::Item>>, Vec<(usize, Rejection)>) {
+    ) -> (Vec<Decoded<H::Item>>, Rejected) {
         let max = self.p.max_message_bytes;
         let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
-        let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+        let mut rejected: Rejected = Vec::new();
         let mut pre = pre
             .filter(|p| p.len() == messages.len())
             .map(Vec::into_iter);
@@ -551,7 +553,7 @@ impl<H: MessageHandler> Writer<H> {
         &mut self,
         messages: &[Fetched],
         items: Vec<Decoded<H::Item>>,
-        rejected: &mut Vec<(usize, Rejection)>,
+        rejected: &mut Rejected,
     ) -> Result<Vec<Decoded<H::Item>>, Failure> {
         let prepared = self.handler.prepare(items).await?;
         if !prepared.rejected.is_empty() {
