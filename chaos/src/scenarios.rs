@@ -281,7 +281,6 @@ async fn setup_lane(
     lane_index: usize,
     run_id: &str,
 ) -> Result<Lane> {
-    let profile = run.profile;
     let short = match kind {
         HandlerKind::MovingAverage => "ma",
         HandlerKind::Sensor => "sensor",

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::v1alpha1::{
     AutoOffsetReset, BatchSpec, FraudSettings, GroupProtocol, HandlerKind, LogLevel,
-    MovingAverageSettings, PipelineTriggerSettings, SaslMechanism, SecurityProtocol,
+    MovingAverageSettings, OnOffsetGap, PipelineTriggerSettings, SaslMechanism, SecurityProtocol,
     SensorSettings, StreamConsumer, StreamConsumerSpec,
 };
 use crate::validate::{validate_spec, SpecError};
@@ -97,6 +97,9 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Start of a partition with no stored offset.
     pub auto_offset_reset: AutoOffsetReset,
+    /// What to do at a gap in a partition's offsets.
+    #[serde(default)]
+    pub on_offset_gap: OnOffsetGap,
     /// Security protocol.
     pub security_protocol: SecurityProtocol,
     /// SASL mechanism, when the protocol uses SASL.
@@ -207,6 +210,7 @@ impl WorkerConfig {
                 topics: spec.kafka.topics.clone(),
                 group_id: spec.kafka.group_id.clone(),
                 auto_offset_reset: spec.kafka.auto_offset_reset,
+                on_offset_gap: spec.kafka.on_offset_gap,
                 security_protocol: protocol,
                 sasl_mechanism: security
                     .filter(|s| s.protocol.uses_sasl())

@@ -58,6 +58,7 @@ impl StreamConsumerSpec {
                 topics: vec![topic.into()],
                 group_id: format!("{kind}-consumer"),
                 auto_offset_reset: AutoOffsetReset::Earliest,
+                on_offset_gap: Default::default(),
                 security: None,
                 group_protocol: Default::default(),
             },

@@ -235,6 +235,15 @@ pub struct KafkaSpec {
     #[serde(default)]
     pub auto_offset_reset: AutoOffsetReset,
 
+    /// What a worker does when Kafka no longer has the messages at a partition's stored offset
+    /// (retention deleted them before they were processed, or the stored offset lies beyond the
+    /// end of the log because the topic was recreated or the cluster restored): `skip` (the
+    /// default) goes on with the next message it can apply, `fail` stops the worker at the gap. Either
+    /// way the gap is logged with its range, counted in `streamops_offset_gaps_total`, recorded in
+    /// `streamops_offset_gaps` and shown as the `OffsetGap` condition.
+    #[serde(default)]
+    pub on_offset_gap: OnOffsetGap,
+
     /// Transport security and authentication. Credentials are only ever read from Secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<KafkaSecurity>,
@@ -292,6 +301,32 @@ impl AutoOffsetReset {
         match self {
             Self::Earliest => "earliest",
             Self::Latest => "latest",
+        }
+    }
+}
+
+/// What a worker does at a gap in a partition's offsets.
+///
+/// The default is `skip`: the messages of a gap are already gone, so stopping cannot bring them
+/// back; under retention, a stopped worker only lets the gap grow while its backlog ages out. The
+/// gap is never silent (log, metric, table, condition). Choose `fail` where a human must decide
+/// first, for instance when a recreated topic reuses offsets that already have rows.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOffsetGap {
+    /// Record the gap and resume at the next available message.
+    #[default]
+    Skip,
+    /// Record the gap and stop: the worker exits with an error naming the gap.
+    Fail,
+}
+
+impl OnOffsetGap {
+    /// The spec value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skip => "skip",
+            Self::Fail => "fail",
         }
     }
 }

@@ -176,6 +176,7 @@ pub fn group_lag(total: i64, partitions: i32, members: i32) -> GroupLag {
             committed: Some(0),
             high_watermark: if p == 0 { total } else { 0 },
             lag: if p == 0 { total } else { 0 },
+            gap: None,
         })
         .collect();
     crate::lag::summarize(per, members)

@@ -43,6 +43,7 @@ pub mod error;
 pub mod http;
 pub mod lag;
 pub mod lag_book;
+pub mod lag_clients;
 pub mod lag_poller;
 pub mod leader;
 pub mod metrics;

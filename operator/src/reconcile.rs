@@ -134,36 +134,43 @@ impl OperatorConfig {
     }
 }
 
-/// Per-object exponential backoff for failed reconciliations.
+/// Per-object exponential backoff for failed reconciliations. The delays come from `backon`, the
+/// backoff the worker's retry loops use too (there without jitter: one object's retries are
+/// spread by the controller's own queue).
 #[derive(Debug)]
 pub struct ErrorBackoff {
-    base: Duration,
-    max: Duration,
-    failures: Mutex<HashMap<String, u32>>,
+    builder: backon::ExponentialBuilder,
+    delays: Mutex<HashMap<String, backon::ExponentialBackoff>>,
 }
 
 impl ErrorBackoff {
     /// Backoff from `base`, doubling, capped at `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
         Self {
-            base,
-            max,
-            failures: Mutex::default(),
+            builder: backon::ExponentialBuilder::new()
+                .with_min_delay(base)
+                .with_max_delay(max.max(base))
+                .with_factor(2.0)
+                .without_max_times(),
+            delays: Mutex::default(),
         }
     }
 
     /// Counts one more consecutive failure of `key` and returns the delay before its retry.
     pub fn next_delay(&self, key: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(key.to_string()).or_insert(0);
-        let exp = (*n).min(20);
-        *n = n.saturating_add(1);
-        self.base.saturating_mul(1u32 << exp).min(self.max)
+        use backon::BackoffBuilder;
+        let mut delays = self.delays.lock().unwrap_or_else(|p| p.into_inner());
+        let builder = self.builder;
+        delays
+            .entry(key.to_string())
+            .or_insert_with(|| builder.build())
+            .next()
+            .unwrap_or_else(|| builder.build().next().unwrap_or_default())
     }
 
     /// Forgets the failures of `key` after a success.
     pub fn reset(&self, key: &str) {
-        self.failures
+        self.delays
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);

@@ -63,7 +63,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let poll_settings = args.poll_settings();
     let poller = || {
         Some(LagPoller::new(
-            KafkaLagReader::allowed(brokers.clone()),
+            KafkaLagReader::new(
+                std::time::Duration::from_secs(5),
+                poll_settings.max_concurrent_reads,
+            )
+            .with_policy(brokers.clone()),
             book.clone(),
             metrics.clone(),
             poll_settings.clone(),

@@ -91,10 +91,7 @@ async fn no_secret_value_appears_in_logs_events_status_or_metrics() {
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(1),
-        ..KafkaLagReader::allowed(policy)
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(1)).with_policy(policy);
     let poller = LagPoller::new(
         reader,
         book.clone(),

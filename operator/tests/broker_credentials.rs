@@ -269,10 +269,7 @@ async fn a_broker_the_admin_did_not_allow_is_never_contacted() {
     let sc = hostile_consumer(&broker.address);
     let allowed = policy("kafka.shared.example:9093", "SASL_SSL", "SCRAM-SHA-512");
 
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(2),
-        ..KafkaLagReader::allowed(allowed.clone())
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(2)).with_policy(allowed.clone());
     let err = reader
         .read(&LagTarget::from_resource(&sc))
         .await
@@ -306,10 +303,7 @@ async fn an_allowed_broker_gets_the_admins_mechanism_never_the_password() {
     let broker = FakeBroker::start().await;
     let sc = hostile_consumer(&broker.address);
     let allowed = policy(&broker.address, "SASL_PLAINTEXT", "SCRAM-SHA-512");
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(2),
-        ..KafkaLagReader::allowed(allowed)
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(2)).with_policy(allowed);
     let result = reader.read(&LagTarget::from_resource(&sc)).await;
     assert!(result.is_err(), "the fake broker serves no lag");
     wait_for(Duration::from_secs(3), || {
@@ -342,10 +336,7 @@ async fn an_allowed_broker_gets_the_admins_mechanism_never_the_password() {
 #[tokio::test]
 async fn plain_in_clear_text_is_never_used_whatever_the_spec_says() {
     let broker = FakeBroker::start().await;
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(2),
-        ..KafkaLagReader::default()
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(2));
     let mut target = LagTarget::from_resource(&hostile_consumer(&broker.address));
     target.credentials = Some((USERNAME.into(), PASSWORD.into()));
     let err = reader.read(&target).await.unwrap_err();

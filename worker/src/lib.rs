@@ -15,6 +15,7 @@ pub mod copy;
 pub mod db;
 pub mod error;
 pub mod errortopic;
+pub mod gaps;
 pub mod generate;
 pub mod handlers;
 pub mod http;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Failed advisory Kafka commits.
     pub kafka_commit_failures: IntCounter,
+    /// Gaps found in partitions' offsets (messages Kafka no longer had), by topic and kind
+    /// (`retention`, `reset`).
+    pub offset_gaps: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -166,6 +169,12 @@ impl Metrics {
                 &r,
                 "streamops_kafka_commit_failures_total",
                 "Failed advisory offset commits to Kafka",
+            ),
+            offset_gaps: counter_vec(
+                &r,
+                "streamops_offset_gaps_total",
+                "Gaps found in partitions' offsets (messages Kafka no longer had), by kind",
+                &["topic", "kind"],
             ),
             registry: r,
         }

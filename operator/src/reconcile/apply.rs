@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
@@ -157,7 +157,13 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
             )
             .await;
         }
-        patch_spec_replicas(&consumers, id.name, replicas).await?;
+        patch_spec_replicas(
+            &consumers,
+            id.name,
+            sc.metadata.resource_version.as_deref(),
+            replicas,
+        )
+        .await?;
     }
     if sc.status.as_ref() != Some(&new_status) {
         patch_status(&consumers, id.name, &new_status).await?;
@@ -177,19 +183,34 @@ pub(super) fn deployment_replicas(d: &Deployment) -> i32 {
 }
 
 /// Keeps `spec.replicas` equal to the autoscaled count (a merge patch: only that field changes).
-async fn patch_spec_replicas(api: &Api<StreamConsumer>, name: &str, replicas: i32) -> Result<()> {
+/// The patch carries the `resourceVersion` this reconciliation read, so a patch computed from a
+/// stale copy is refused (409) instead of undoing a newer edit; the newer object is reconciled
+/// next (the watch delivers it), so a refusal is not an error.
+pub(super) async fn patch_spec_replicas(
+    api: &Api<StreamConsumer>,
+    name: &str,
+    resource_version: Option<&str>,
+    replicas: i32,
+) -> Result<()> {
     let params = PatchParams {
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..PatchParams::default()
     };
-    api.patch(
-        name,
-        &params,
-        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
-    )
-    .await
-    .map_err(Error::PatchReplicas)?;
-    Ok(())
+    let body = match resource_version {
+        Some(rv) => json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": replicas}}),
+        None => json!({"spec": {"replicas": replicas}}),
+    };
+    match api.patch(name, &params, &Patch::Merge(body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            debug!(
+                object = name,
+                "spec.replicas changed since it was read; the newer object is reconciled next"
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::PatchReplicas(e)),
+    }
 }
 
 struct Applied {

@@ -1382,7 +1382,9 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     answer
                 }
                 (Method::PATCH, p) if p == format!("{consumers}/test") => {
-                    scaled_spec |= body == json!({"spec": {"replicas": 4}});
+                    // With the resourceVersion read: a stale copy cannot undo a newer edit.
+                    scaled_spec |= body
+                        == json!({"metadata": {"resourceVersion": "5"}, "spec": {"replicas": 4}});
                     serde_json::to_value(&sc).unwrap()
                 }
                 (Method::PATCH, p) if p.ends_with("/status") => serde_json::to_value(&sc).unwrap(),
@@ -1661,4 +1663,36 @@ mod lag {
         let status = requests.last().unwrap();
         assert!(status.body["status"].get("lag").is_none());
     }
+}
+
+#[tokio::test]
+async fn a_replica_patch_from_a_stale_copy_is_refused_by_the_api_server_and_is_not_an_error() {
+    let (client, verifier) = mock_client();
+    let mut handle = verifier.into_handle();
+    let server = tokio::spawn(async move {
+        let (request, send) = handle.next_request().await.expect("a patch");
+        let (parts, body) = request.into_parts();
+        let body: Value = serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(parts.method, Method::PATCH);
+        assert_eq!(
+            body,
+            json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 3}})
+        );
+        // Someone edited the object since resourceVersion 41 was read.
+        let status =
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409);
+        send.send_response(
+            http::Response::builder()
+                .status(409)
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&status).unwrap(),
+                ))
+                .unwrap(),
+        );
+    });
+    let api: Api<StreamConsumer> = Api::namespaced(client, "default");
+    apply::patch_spec_replicas(&api, "test", Some("41"), 3)
+        .await
+        .expect("a refused stale patch is not an error");
+    server.await.unwrap();
 }

@@ -82,9 +82,18 @@
 //! member that lost the partition without knowing it (a zombie) expects a value that is no longer
 //! stored, and its transaction rolls back. Messages below the ownership's next offset (fetched
 //! before a reload moved it forward) are skipped as already applied.
+//!
+//! Two guards in the writer ([`defence`]): a partition whose first message in a batch is not at
+//! the known next offset is checked against the broker's watermarks, and a gap (messages Kafka
+//! no longer has) is logged, counted, recorded in `streamops_offset_gaps` in the batch's
+//! transaction and reported on the partition's Kafka commit (`spec.kafka.onOffsetGap`: skip or
+//! fail; see [`crate::gaps`]). A database error caused by the data (SQLSTATE classes 22, 23, 54)
+//! splits the batch until the offending message is alone; it goes to the error topic with reason
+//! `database_refused` and the rest commits. Only infrastructure errors are retried.
 
 pub mod batch;
 pub mod context;
+pub mod defence;
 pub mod state;
 pub mod writer;
 
@@ -157,6 +166,9 @@ pub enum PipelineError {
     /// The writer task panicked.
     #[error("writer task failed: {0}")]
     Writer(String),
+    /// A gap in a partition's offsets under `onOffsetGap: fail`.
+    #[error("offset gap (onOffsetGap: fail): {0}")]
+    OffsetGap(String),
 }
 
 /// Runs `handler` over the configured topics until `ctx.shutdown` is cancelled (returns the
@@ -204,6 +216,7 @@ pub async fn run_pipeline_lanes<H: MessageHandler>(
         handler = %kind,
         topics = ?config.kafka.topics,
         group = %config.kafka.group_id,
+        group_protocol = config.kafka.group_protocol.as_str(),
         instance_id = ?ctx.instance_id,
         error_topic = %config.error_topic,
         lanes = handlers.len(),
@@ -259,6 +272,7 @@ fn subscribe(
         instance_id: ctx.instance_id.as_deref(),
         auto_offset_reset: config.kafka.auto_offset_reset.as_str(),
         statistics_interval_ms: STATISTICS_INTERVAL_MS,
+        group_protocol: config.kafka.group_protocol,
     });
     let consumer: Arc<PipelineConsumer> = Arc::new(StreamConsumer::from_config_and_context(
         &client_config,
@@ -320,6 +334,7 @@ fn spawn_writers<H: MessageHandler>(
                 max_message_bytes: config.max_message_bytes as usize,
                 progress_every: config.progress_every,
                 abort: ctx.abort.clone(),
+                on_offset_gap: config.kafka.on_offset_gap,
             },
         );
         lanes.writers.spawn(writer.run(batch_rx));
@@ -679,8 +694,16 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
 async fn close_consumer(consumer: Arc<PipelineConsumer>, ownership: &Ownership) {
     let mut tpl = TopicPartitionList::new();
     for tp in ownership.partitions() {
-        if let Some(Some(next)) = ownership.get(&tp).map(|o| o.next_offset) {
-            let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+        if let Some(o) = ownership.get(&tp) {
+            if let Some(next) = o.next_offset {
+                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+                // The partition's latest gap rides on the commit, for the operator.
+                if let (Some(note), Some(mut e)) =
+                    (o.gap, tpl.find_partition(&tp.topic, tp.partition))
+                {
+                    e.set_metadata(note.to_string());
+                }
+            }
         }
     }
     let closing = tokio::task::spawn_blocking(move || {

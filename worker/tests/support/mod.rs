@@ -529,6 +529,20 @@ impl WorkerProcess {
         }
     }
 
+    /// Waits up to `patience` for the worker to exit on its own; panics if it does not.
+    pub fn wait_exit(mut self, patience: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if start.elapsed() > patience {
+                panic!("worker did not exit; log: {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The log text.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -148,7 +148,7 @@ pub async fn run(args: LatencyArgs) {
         seen.clone(),
     ));
     let settings = KafkaClientSettings::plaintext(&args.bootstrap_servers);
-    let producer = streamops_worker::produce::producer(&settings, false, 1 << 20)
+    let producer = streamops_worker::produce::producer(&settings, 1 << 20)
         .unwrap_or_else(|e| fail(format!("producer: {e}")));
     let mut gen = Generator::new(GenOptions {
         kind: HandlerKind::MovingAverage,

@@ -257,7 +257,7 @@ async fn produce(
     acked: Arc<AtomicU64>,
 ) {
     use futures::StreamExt;
-    let producer = streamops_worker::produce::producer(&settings, false, 1 << 20)
+    let producer = streamops_worker::produce::producer(&settings, 1 << 20)
         .unwrap_or_else(|e| fail(format!("producer: {e}")));
     let gen = Generator::new(GenOptions {
         kind: HandlerKind::MovingAverage,

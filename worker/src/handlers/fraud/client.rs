@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use rand::Rng;
 use reqwest::StatusCode;
 use tracing::{debug, warn};
 
@@ -167,12 +166,10 @@ pub struct ClientSettings {
     pub breaker_reset: Duration,
 }
 
-/// The delay before retry number `retry` (1-based): `BACKOFF_BASE * 2^(retry-1)`, capped at
-/// `BACKOFF_CAP`, times a random factor in `[0.5, 1]` so replicas do not retry in lockstep.
-pub fn backoff(retry: u32) -> Duration {
-    let exp = retry.saturating_sub(1).min(16);
-    let full = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_CAP);
-    full.mul_f64(rand::rng().random_range(0.5..=1.0))
+/// The backoff between scoring attempts: `BACKOFF_BASE` doubling up to `BACKOFF_CAP`, with
+/// jitter (the worker's one [`Backoff`](crate::backoff::Backoff)).
+pub fn backoff() -> crate::backoff::Backoff {
+    crate::backoff::Backoff::new(BACKOFF_BASE, BACKOFF_CAP)
 }
 
 /// The scoring client.
@@ -212,11 +209,12 @@ impl ScoringClient {
             last: CallError::Other(format!("cannot encode the request: {e}")),
         })?;
         let mut attempts = 0;
+        let mut delays = backoff();
         loop {
             attempts += 1;
             if attempts > 1 {
                 self.metrics.retries.inc();
-                tokio::time::sleep(backoff(attempts - 1)).await;
+                delays.wait().await;
             }
             let result = match self.breaker.allow(Instant::now()) {
                 Err(left) => Err(CallError::CircuitOpen(left.as_millis() as u64)),
@@ -362,8 +360,9 @@ mod tests {
 
     #[test]
     fn backoff_doubles_from_the_base_and_is_capped() {
-        for retry in 1..=20 {
-            let d = backoff(retry);
+        let mut b = backoff();
+        for retry in 1..=20u32 {
+            let d = b.next_delay();
             let full = BACKOFF_BASE
                 .saturating_mul(1 << (retry - 1).min(16))
                 .min(BACKOFF_CAP);
@@ -372,7 +371,6 @@ mod tests {
                 "retry {retry}: {d:?} vs {full:?}"
             );
         }
-        assert!(backoff(30) <= BACKOFF_CAP);
     }
 
     #[test]

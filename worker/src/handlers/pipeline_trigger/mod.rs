@@ -4,7 +4,10 @@
 //!
 //! # Events
 //! Any JSON object is an event; anything else (not UTF-8, not JSON, a JSON array or scalar) goes
-//! to the error topic with the reason. Event contents are not interpreted.
+//! to the error topic with the reason, and so does an object nested deeper than 32 levels or with
+//! more than 4096 fields and elements (`too_complex`, see [`storable`](super::storable)). Event
+//! contents are not interpreted and never reach PostgreSQL, so a `\u0000` inside an event is
+//! harmless and accepted.
 //!
 //! # Counting
 //! Events are counted per consumer (the StreamConsumer, shared by all its replicas) in Redis, by
