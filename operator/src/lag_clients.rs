@@ -159,6 +159,7 @@ mod tests {
             security_protocol: SecurityProtocol::Plaintext,
             sasl_mechanism: None,
             credentials: None,
+            ssl_ca_location: None,
         }
     }
 

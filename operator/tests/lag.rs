@@ -219,6 +219,7 @@ async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     };
     // Ten callers that give up after 50 ms, as the poller's timeout would.
     for _ in 0..10 {

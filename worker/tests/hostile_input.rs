@@ -340,6 +340,7 @@ async fn pipeline_trigger_hostile_messages_go_to_the_error_topic_and_valid_ones_
             timeout_ms: 1000,
             max_retries: 0,
             headers: Default::default(),
+            secret_headers: Default::default(),
         }),
         job: None,
     });

@@ -201,6 +201,7 @@ impl Fixture {
                         timeout_ms: 2000,
                         max_retries: 3,
                         headers: Default::default(),
+                        secret_headers: Default::default(),
                     }),
                     job: None,
                 });

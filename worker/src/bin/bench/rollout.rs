@@ -420,6 +420,7 @@ async fn run_setup(args: &RolloutArgs, setup: Setup, dir: &Path) -> String {
 
     let rollout_start = Instant::now();
     let mut steps = Vec::new();
+    #[allow(clippy::needless_range_loop)] // each step replaces one slot while starting a new worker
     for i in 0..args.replicas {
         let step_start = Instant::now();
         let mut fresh = Worker::start(args, setup, &config, &db_url, &pod(&mut generation));
