@@ -411,6 +411,11 @@ impl Operator {
             .env("POD_NAMESPACE", &spec.sa_namespace)
             .env("POD_NAME", &spec.pod_name)
             .env("RUST_LOG", "info,streamops_operator=debug")
+            // The admin's broker allow-list (chart value lag.brokers): the dev stack's Kafka.
+            .env(
+                "STREAMOPS_LAG_BROKERS",
+                r#"[{"name": "dev", "bootstrapServers": ["127.0.0.1:9092"]}]"#,
+            )
             .env_remove("WATCH_NAMESPACE")
             .env_remove("STREAMOPS_LEADER_ELECTION")
             .stdin(Stdio::null())

@@ -5,10 +5,11 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
-use streamops_crds::v1alpha1::{HandlerKind, JobTriggerSpec};
+use streamops_crds::v1alpha1::HandlerKind;
 use streamops_crds::StreamConsumer;
 
 use crate::harness::{admin, env, eventually, unique, Operator, OperatorSpec, TestNs};
@@ -237,18 +238,8 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
     });
     let client = admin().await;
     let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &watched.name);
-    // A job trigger: the operator creates the workers' ServiceAccount, Role and RoleBinding, and may
-    // only grant what it holds itself.
-    let sc = consumer("scoped", HandlerKind::PipelineTrigger, "events").with_spec(|s| {
-        let p = s.handler.pipeline_trigger.as_mut().unwrap();
-        p.webhook = None;
-        p.job = Some(JobTriggerSpec {
-            template: serde_json::json!({"template": {"spec": {
-                "restartPolicy": "Never",
-                "containers": [{"name": "load", "image": "busybox:1.37"}]
-            }}}),
-        });
-    });
+    // A webhook trigger (job triggers are off unless the admin enables them: policy.jobTriggers).
+    let sc = consumer("scoped", HandlerKind::PipelineTrigger, "events");
     api.create(&PostParams::default(), &sc).await.unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &watched.name);
     eventually(
@@ -258,10 +249,10 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
     )
     .await;
     wait_status(&api, "scoped", "a status", |s| s.selector.is_some()).await;
-    Api::<Role>::namespaced(client.clone(), &watched.name)
-        .get("scoped-worker")
+    Api::<ConfigMap>::namespaced(client.clone(), &watched.name)
+        .get("scoped-config")
         .await
-        .expect("the workers' Role");
+        .expect("the workers' ConfigMap, written under the namespaced Role");
     // The Lease is the chart's, in the release namespace.
     let lease =
         Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &system.name)

@@ -157,6 +157,18 @@ fn invalid_specs() -> Vec<Invalid> {
         Invalid { what: "pipeline-trigger without its settings", kind: PipelineTrigger, change: |s| { s["handler"].as_object_mut().unwrap().remove("pipelineTrigger"); }, field: "spec.handler.pipelineTrigger", message: "handler.pipelineTrigger is required when, and only when, handler.kind is pipeline-trigger" },
         Invalid { what: "pipeline trigger with both webhook and job", kind: PipelineTrigger, change: |s| s["handler"]["pipelineTrigger"]["job"] = json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}), field: "spec.handler.pipelineTrigger", message: "exactly one of pipelineTrigger.webhook and pipelineTrigger.job must be set" },
         Invalid { what: "pipeline trigger with neither webhook nor job", kind: PipelineTrigger, change: |s| { s["handler"]["pipelineTrigger"].as_object_mut().unwrap().remove("webhook"); }, field: "spec.handler.pipelineTrigger", message: "exactly one of pipelineTrigger.webhook and pipelineTrigger.job must be set" },
+        Invalid { what: "job container privileged", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "securityContext": {"privileged": true}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.privileged", message: "privileged containers are not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job container privilege escalation", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "securityContext": {"allowPrivilegeEscalation": true}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.allowPrivilegeEscalation", message: "allowPrivilegeEscalation must be false (restricted Pod Security Standard)" },
+        Invalid { what: "job container runAsNonRoot false", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "securityContext": {"runAsNonRoot": false}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.runAsNonRoot", message: "runAsNonRoot must not be false (restricted Pod Security Standard)" },
+        Invalid { what: "job container as root", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "securityContext": {"runAsUser": 0}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.runAsUser", message: "running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job container adds capabilities", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.capabilities.add", message: "added capabilities are not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job container host port", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox", "ports": [{"containerPort": 80, "hostPort": 80}]}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].ports", message: "host ports are not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job pod hostNetwork", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}], "hostNetwork": true}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.hostNetwork", message: "hostNetwork is not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job pod hostPID", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}], "hostPID": true}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.hostPID", message: "hostPID is not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job pod hostIPC", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}], "hostIPC": true}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.hostIPC", message: "hostIPC is not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "job pod hostPath volume", kind: PipelineTrigger, change: |s| { let p = s["handler"]["pipelineTrigger"].as_object_mut().unwrap(); p.remove("webhook"); p.insert("job".into(), json!({"template": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}], "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}}})); }, field: "spec.handler.pipelineTrigger.job.template.template.spec.volumes", message: "hostPath volumes are not allowed (restricted Pod Security Standard)" },
+        Invalid { what: "replay with two targets", kind: MovingAverage, change: |s| s["replay"] = json!({"requestId": "r1", "toEarliest": true, "fromTimestamp": "2024-03-20T10:30:00Z"}), field: "spec.replay", message: "replay needs exactly one of toEarliest, fromTimestamp and offsets" },
+        Invalid { what: "error topic among the consumed topics", kind: MovingAverage, change: |s| s["errorTopic"] = s["kafka"]["topics"][0].clone(), field: "spec.errorTopic", message: "spec.errorTopic (default: the first topic plus -failed) must differ from every consumed topic, or rejected messages loop back into the consumer" },
     ]
 }
 
@@ -227,7 +239,7 @@ async fn kubectl_get_shows_the_printer_columns_with_lag() {
         "columns",
         &PatchParams::default(),
         &Patch::Merge(json!({"status": {
-            "replicas": 1, "readyReplicas": 1,
+            "replicas": 1, "readyReplicas": 1, "phase": "Running",
             "lag": {"total": 4242, "partitions": 3, "members": 1, "maxPartitionLag": 2000,
                     "observedAt": "2026-01-01T00:00:00Z"}
         }})),
@@ -243,7 +255,7 @@ async fn kubectl_get_shows_the_printer_columns_with_lag() {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "HANDLER", "TOPICS", "DESIRED", "READY", "LAG", "AGE"],
+        ["NAME", "HANDLER", "TOPICS", "DESIRED", "READY", "LAG", "PHASE", "AGE"],
         "{out}"
     );
     let row: Vec<&str> = lines
@@ -258,6 +270,7 @@ async fn kubectl_get_shows_the_printer_columns_with_lag() {
     assert_eq!(row[3], "1");
     assert_eq!(row[4], "1");
     assert_eq!(row[5], "4242", "{out}");
+    assert_eq!(row[6], "Running", "{out}");
     // The short name and the category work too.
     let out = env.kubectl(&["get", "stc", "-n", &ns.name, "-o", "name"]);
     assert_eq!(out.trim(), "streamconsumer.streamops.dev/columns");
