@@ -8,9 +8,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
 use streamops_crds::v1alpha1::{AutoOffsetReset, SecurityProtocol};
 use streamops_operator::lag::{render, GroupLag, KafkaLagReader, LagError, LagReader, LagTarget};
 use support::kafka::{self, BROKER};
@@ -40,20 +37,7 @@ async fn fixture() -> Fixture {
 
 /// Commits offsets for `group` without joining it (a consumer that never subscribes).
 fn commit(group: &str, topic: &str, offsets: &[(i32, i64)]) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("a consumer");
-    let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .expect("a valid offset");
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .unwrap_or_else(|e| panic!("cannot commit offsets for {group}: {e}"));
+    kafka::commit_offsets(group, topic, offsets);
 }
 
 fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
