@@ -11,8 +11,7 @@
 //!
 //! Prints the figures; asserts nothing (speed targets are never test assertions). Target: ≤ 15 s.
 
-#[path = "../tests/support/kafka.rs"]
-mod kafka;
+use streamops_test_support::kafka;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -41,20 +41,7 @@ async fn fixture() -> Fixture {
 
 /// Commits offsets for `group` without joining it (a consumer that never subscribes).
 fn commit(group: &str, topic: &str, offsets: &[(i32, i64)]) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("a consumer");
-    let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .expect("a valid offset");
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .unwrap_or_else(|e| panic!("cannot commit offsets for {group}: {e}"));
+    kafka::commit_offsets(group, topic, offsets);
 }
 
 fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {

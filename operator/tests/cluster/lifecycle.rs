@@ -543,20 +543,7 @@ async fn delete_with_delete_consumer_group_stops_the_workers_and_deletes_the_gro
 
 /// Commits offset 0 of partition 0 for `group`, which creates the group on the broker.
 fn commit_offset(group: &str, topic: &str) {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka::BROKER)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("a consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(0))
-        .expect("a partition");
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .unwrap_or_else(|e| panic!("cannot commit for group {group}: {e}"));
+    kafka::commit_offsets(group, topic, &[(0, 0)]);
 }
 
 /// Whether the broker knows `group` (a deleted group is described as `Dead`, or not at all).

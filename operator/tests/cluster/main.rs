@@ -10,8 +10,7 @@
 //! RBAC is the chart's, not the admin's.
 
 mod harness;
-#[path = "../support/kafka.rs"]
-mod kafka;
+use streamops_test_support::kafka;
 
 mod helm;
 mod leader;

@@ -4,7 +4,8 @@
 //! Every test runs against the real services of DEVELOPERS.md (Apache Kafka on 127.0.0.1:9092,
 //! PostgreSQL on 127.0.0.1:5432) and fails loudly, naming the service, when one is absent.
 //! Names are unique per run ([`unique`]), and every test gets a fresh database
-//! ([`fresh_database`]).
+//! ([`fresh_database`]). The Kafka and PostgreSQL helpers shared with the operator's tests come
+//! from `streamops-test-support` (re-exported here); this module adds the worker's own.
 //!
 //! Typical flow:
 //! ```ignore
@@ -14,82 +15,29 @@
 //! t.wait_for_rows("price_points", 1000).await;
 //! w.terminate_and_wait();                                                    // SIGTERM
 //! ```
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::generate::{GenOptions, Generated, Generator};
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::produce::{produce, ProduceOptions};
 
-/// The broker.
-pub const BROKER: &str = "127.0.0.1:9092";
-/// PostgreSQL server (trust auth).
-pub const PG_HOST: &str = "127.0.0.1:5432";
+pub use streamops_test_support::kafka;
+pub use streamops_test_support::pg::{self, drop_database, fresh_database};
+pub use streamops_test_support::{require_services, unique, BROKER, PG_HOST};
+
 /// How long a wait may take before the test fails with a message (a liveness guard, not a
 /// performance assertion).
 pub const PATIENCE: Duration = Duration::from_secs(180);
-
-/// Panics with a clear message when a required service is not listening.
-pub fn require_services() {
-    for (name, addr) in [("Kafka broker", BROKER), ("PostgreSQL", PG_HOST)] {
-        let sock = addr.parse().expect("valid address");
-        if TcpStream::connect_timeout(&sock, Duration::from_secs(3)).is_err() {
-            panic!(
-                "{name} is not reachable at {addr}; start it (see DEVELOPERS.md, `make dev-up`) \
-                 before running the worker's integration tests"
-            );
-        }
-    }
-}
-
-/// A name unique to this test run: `prefix-<pid>-<millis>-<n>`.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        millis % 100_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Creates a fresh database; returns its URL and a pool on it (migrations not applied: the
-/// worker applies them, or call `streamops_worker::db::MIGRATOR.run`).
-pub async fn fresh_database(prefix: &str) -> (String, PgPool) {
-    let name = unique(prefix).replace('-', "_").to_lowercase();
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("postgres://postgres@{PG_HOST}/postgres"))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {PG_HOST}: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
-    admin.close().await;
-    let url = format!("postgres://postgres@{PG_HOST}/{name}");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    (url, pool)
-}
 
 /// Creates a topic through the worker's own admin command path.
 pub async fn create_topic(name: &str, partitions: i32) {
@@ -317,21 +265,7 @@ impl TestEnv {
     /// Drops the test database (call at the end of a passing test).
     pub async fn cleanup(self) {
         self.pool.close().await;
-        let name = self
-            .db_url
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("postgres://postgres@{PG_HOST}/postgres"))
-            .await
-        {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&admin)
-                .await;
-        }
+        drop_database(&self.db_url).await;
     }
 }
 

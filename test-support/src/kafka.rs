@@ -1,47 +1,28 @@
-//! Kafka helpers for the operator's broker tests and the autoscaling benchmark: the local broker
-//! of DEVELOPERS.md (Apache Kafka on 127.0.0.1:9092), unique names, topics, and producing records
-//! with an ordinary batching, compressing producer.
-#![allow(dead_code)]
+//! Kafka helpers: the local broker of DEVELOPERS.md (Apache Kafka on 127.0.0.1:9092), topics,
+//! producing records with an ordinary batching, compressing producer, and committing a group's
+//! offsets.
 
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
+
+pub use crate::unique;
 
 /// The broker.
 pub const BROKER: &str = "127.0.0.1:9092";
 
 /// Panics with a clear message when the broker is not listening.
 pub fn require_broker() {
-    let addr = BROKER.parse().expect("valid address");
-    if TcpStream::connect_timeout(&addr, Duration::from_secs(3)).is_err() {
-        panic!(
-            "the Kafka broker is not reachable at {BROKER}; start it (see DEVELOPERS.md, \
-             `make dev-up`) before running the operator's broker tests"
-        );
-    }
+    crate::require_service("the Kafka broker", BROKER);
 }
 
-/// A name unique to this run: `prefix-<pid>-<millis>-<n>`.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        millis % 100_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn admin() -> AdminClient<DefaultClientContext> {
+/// An admin client on the broker.
+pub fn admin() -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
         .set("bootstrap.servers", BROKER)
         .create()
@@ -109,4 +90,23 @@ pub async fn produce(
     });
     futures::future::join_all(sends).await;
     Instant::now()
+}
+
+/// Commits `(partition, offset)` pairs of `topic` for `group` without joining it (a consumer that
+/// never subscribes); committing creates the group on the broker.
+pub fn commit_offsets(group: &str, topic: &str, offsets: &[(i32, i64)]) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (partition, offset) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            .expect("a valid offset");
+    }
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .unwrap_or_else(|e| panic!("cannot commit offsets for {group}: {e}"));
 }
