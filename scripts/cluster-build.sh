@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local control plane's binaries from Go modules, once per version, into
-#   $STREAMOPS_CACHE/bin/kubernetes-<v>/{kube-apiserver,kube-controller-manager,kubectl}
+#   $STREAMOPS_CACHE/bin/kubernetes-<v>/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
 #   $STREAMOPS_CACHE/bin/etcd-<v>/etcd
 #   $STREAMOPS_CACHE/bin/helm-<v>/helm
 # through the wrapper modules in tools/ (their go.sum files make the builds reproducible). A binary
@@ -22,6 +22,7 @@ LOG_DIR="$STREAMOPS_CACHE/logs"
 if [[ "${1:-}" == "--print" ]]; then
   echo "KUBE_APISERVER=$K8S_DIR/kube-apiserver"
   echo "KUBE_CONTROLLER_MANAGER=$K8S_DIR/kube-controller-manager"
+  echo "KUBE_SCHEDULER=$K8S_DIR/kube-scheduler"
   echo "KUBECTL=$K8S_DIR/kubectl"
   echo "ETCD=$ETCD_DIR/etcd"
   echo "HELM=$HELM_DIR/helm"
@@ -76,7 +77,7 @@ k8s_ldflags="-s -w"
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $p.gitVersion=v$KUBERNETES_VERSION -X $p.gitMajor=$K8S_MAJOR -X $p.gitMinor=$K8S_MINOR -X $p.gitTreeState=clean"
 done
-for b in kube-apiserver kube-controller-manager kubectl; do
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   wanted kubernetes || continue
   build "$b" "$KUBERNETES_VERSION" "$ROOT/tools/k8s" "$K8S_DIR/$b" "k8s.io/kubernetes/cmd/$b" "selinux,notest" "$k8s_ldflags"
 done

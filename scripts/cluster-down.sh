@@ -35,6 +35,7 @@ stop() { # stop NAME BINARY
   echo "cluster-down: stopped $1 (pid $pid)"
 }
 
+stop kube-scheduler "$KUBE_SCHEDULER"
 stop kube-controller-manager "$KUBE_CONTROLLER_MANAGER"
 stop kube-apiserver "$KUBE_APISERVER"
 stop etcd "$ETCD"

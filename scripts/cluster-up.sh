@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Start a local Kubernetes control plane on loopback: etcd, kube-apiserver (RBAC on, certificates
-# generated here) and kube-controller-manager (garbage collector, Deployment and ReplicaSet
-# controllers, namespace and service-account controllers). No scheduler, no kubelet: pods stay
-# Pending. State lives in .dev/cluster/: pki/, etcd/, logs/, *.pid and the admin kubeconfig.
+# generated here), kube-controller-manager (garbage collector, Deployment and ReplicaSet
+# controllers, namespace and service-account controllers) and kube-scheduler. No kubelet: pods stay
+# Pending until a node registers (the test tooling's local node, or kwok for the scale bench). State lives in .dev/cluster/: pki/, etcd/, logs/, *.pid and the admin kubeconfig.
 #
 # Idempotent: a healthy control plane started earlier is reused; a partial one is stopped (only the
 # processes this script started, from their pid files) and started again. The binaries come from
 # scripts/cluster-build.sh (built once per version into $STREAMOPS_CACHE).
 #
 # Ports (override through the environment): CLUSTER_ETCD_PORT (23790), CLUSTER_ETCD_PEER_PORT
-# (23800), CLUSTER_APISERVER_PORT (16443), CLUSTER_KCM_PORT (10357).
+# (23800), CLUSTER_APISERVER_PORT (16443), CLUSTER_KCM_PORT (10357), CLUSTER_SCHEDULER_PORT (10359).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=../versions.env
@@ -23,6 +23,7 @@ ETCD_PORT="${CLUSTER_ETCD_PORT:-23790}"
 ETCD_PEER_PORT="${CLUSTER_ETCD_PEER_PORT:-23800}"
 APISERVER_PORT="${CLUSTER_APISERVER_PORT:-16443}"
 KCM_PORT="${CLUSTER_KCM_PORT:-10357}"
+SCHEDULER_PORT="${CLUSTER_SCHEDULER_PORT:-10359}"
 SERVICE_CIDR="10.0.0.0/24"
 START_TIMEOUT="${CLUSTER_START_TIMEOUT:-120}"
 
@@ -61,13 +62,13 @@ cluster-up: control plane ready (Kubernetes $KUBERNETES_VERSION, etcd $ETCD_VERS
   export PATH=$(dirname "$KUBECTL"):$(dirname "$HELM"):\$PATH   # kubectl $KUBERNETES_VERSION, helm $HELM_VERSION
   kubectl get namespaces
   (or: source $DIR/env)
-Logs: $LOGS/{etcd,kube-apiserver,kube-controller-manager}.log. Stop it with: make cluster-down
+Logs: $LOGS/{etcd,kube-apiserver,kube-controller-manager,kube-scheduler}.log. Stop it with: make cluster-down
 EOF
 }
 
 if alive etcd "$ETCD" && alive kube-apiserver "$KUBE_APISERVER" && alive kube-controller-manager "$KUBE_CONTROLLER_MANAGER" \
-  && kubectl_admin get --raw /readyz >/dev/null 2>&1; then
-  echo "cluster-up: already running (pids $(cat "$DIR"/etcd.pid) $(cat "$DIR"/kube-apiserver.pid) $(cat "$DIR"/kube-controller-manager.pid))"
+  && alive kube-scheduler "$KUBE_SCHEDULER" && kubectl_admin get --raw /readyz >/dev/null 2>&1; then
+  echo "cluster-up: already running (pids $(cat "$DIR"/etcd.pid) $(cat "$DIR"/kube-apiserver.pid) $(cat "$DIR"/kube-controller-manager.pid) $(cat "$DIR"/kube-scheduler.pid))"
   usage
   exit 0
 fi
@@ -76,7 +77,7 @@ if ls "$DIR"/*.pid >/dev/null 2>&1; then
   CLUSTER_DOWN_LOCKED=1 bash "$ROOT/scripts/cluster-down.sh"
 fi
 
-for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT"; do
+for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
   if ss -Htln "sport = :$port" | grep -q .; then
     fail "ports" "127.0.0.1:$port is already in use by another process (set CLUSTER_*_PORT to move)"
   fi
@@ -115,6 +116,18 @@ EOF
   ) >>"$log" 2>&1 || fail "certificates" "openssl" "$log"
 }
 [[ -f "$PKI/sa.pub" && -f "$PKI/kcm.crt" && -f "$PKI/admin.crt" ]] || gen_pki
+# The scheduler's client certificate (system:kube-scheduler is bound by the bootstrap RBAC policy);
+# made on its own so that a pki/ from before the scheduler is completed rather than replaced.
+if [[ ! -f "$PKI/scheduler.crt" ]]; then
+  (
+    set -x
+    cd "$PKI"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=system:kube-scheduler" -keyout scheduler.key -out scheduler.csr
+    openssl x509 -req -in scheduler.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -extfile client.ext -out scheduler.crt
+    rm -f scheduler.csr
+    chmod 600 scheduler.key
+  ) >>"$LOGS/pki.log" 2>&1 || fail "certificates" "openssl (scheduler)" "$LOGS/pki.log"
+fi
 
 # kubeconfig USER FILE: a kubeconfig with an embedded client certificate.
 write_kubeconfig() {
@@ -145,6 +158,7 @@ EOF
 }
 write_kubeconfig admin "$KUBECONFIG_FILE"
 write_kubeconfig kcm "$DIR/kcm.kubeconfig"
+write_kubeconfig scheduler "$DIR/scheduler.kubeconfig"
 cat >"$DIR/env" <<EOF
 export KUBECONFIG=$KUBECONFIG_FILE
 export PATH=$(dirname "$KUBECTL"):$(dirname "$HELM"):\$PATH
@@ -221,5 +235,15 @@ start kube-controller-manager "$KUBE_CONTROLLER_MANAGER" \
 wait_for kube-controller-manager "$KUBE_CONTROLLER_MANAGER" curl -fsSk "https://127.0.0.1:$KCM_PORT/healthz"
 # The service-account controller creating `default` in `default` proves the controllers run.
 wait_for kube-controller-manager "$KUBE_CONTROLLER_MANAGER" kubectl_admin -n default get serviceaccount default
+
+# ---- kube-scheduler
+start kube-scheduler "$KUBE_SCHEDULER" \
+  --kubeconfig="$DIR/scheduler.kubeconfig" \
+  --authentication-kubeconfig="$DIR/scheduler.kubeconfig" \
+  --authorization-kubeconfig="$DIR/scheduler.kubeconfig" \
+  --bind-address=127.0.0.1 \
+  --secure-port="$SCHEDULER_PORT" \
+  --leader-elect=false
+wait_for kube-scheduler "$KUBE_SCHEDULER" curl -fsSk "https://127.0.0.1:$SCHEDULER_PORT/healthz"
 
 usage
