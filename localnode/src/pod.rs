@@ -376,11 +376,15 @@ impl Runner {
 
     async fn run(&mut self, desired: &mut watch::Receiver<Desired>) {
         // Prepare, retrying while the pod wants to run.
+        let mut last_reason = String::new();
         loop {
             match self.prepare().await {
                 Ok(()) => break,
                 Err(reason) => {
-                    tracing::warn!(pod = %pod_ref(&self.pod), %reason, "cannot start the pod yet");
+                    if reason != last_reason {
+                        tracing::warn!(pod = %pod_ref(&self.pod), %reason, "cannot start the pod yet (retrying every 3 s)");
+                        last_reason = reason.clone();
+                    }
                     self.patch_pending("CreateContainerConfigError", &reason)
                         .await;
                     tokio::select! {
@@ -846,7 +850,6 @@ impl Runner {
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
             "startTime": start,
-            "qosClass": "Burstable",
             "conditions": [
                 cond("PodReadyToStartContainers", "True", &start),
                 cond("Initialized", "True", &start),

@@ -300,13 +300,24 @@ pub async fn service_account_token(
         .spec
         .as_ref()
         .and_then(|s| s.service_account_name.as_deref())
+        .filter(|n| !n.is_empty())
         .unwrap_or("default");
-    let body = json!({
+    let mut body = json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"expirationSeconds": expiration, "boundObjectRef": {
-            "apiVersion": "v1", "kind": "Pod",
-            "name": pod.metadata.name, "uid": pod.metadata.uid}},
+        "spec": {"expirationSeconds": expiration},
     });
+    // Bound to the pod when the pod names its ServiceAccount (the apiserver refuses to bind a token
+    // to a pod whose spec.serviceAccountName differs, and without the ServiceAccount admission
+    // plugin an unnamed one stays empty).
+    let named = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .is_some_and(|n| !n.is_empty());
+    if named {
+        body["spec"]["boundObjectRef"] = json!({"apiVersion": "v1", "kind": "Pod",
+            "name": pod.metadata.name, "uid": pod.metadata.uid});
+    }
     let req = http::Request::post(format!(
         "/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"
     ))
@@ -342,7 +353,7 @@ pub async fn wants_service_account(client: &Client, pod: &Pod) -> Result<bool, S
         return Ok(v);
     }
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let name = spec.service_account_name.as_deref().unwrap_or("default");
+    let name = spec.service_account_name.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let sa = api
         .get(name)
