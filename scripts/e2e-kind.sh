@@ -335,13 +335,20 @@ ready_pods() {
     grep -c ' True$' || true
 }
 
-# streamops_assigned_partitions of each worker pod, through the API server's pod proxy.
+# streamops_assigned_partitions of each worker pod (kind: through the API server's pod proxy).
 assigned_partitions() {
   local ns=$1 sc=$2 selector pod n
   selector=$(k -n "$ns" get "streamconsumer/$sc" -o jsonpath='{.status.selector}')
+  local ip metrics
   for pod in $(k -n "$ns" get pods -l "$selector" --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'); do
-    n=$(k get --raw "/api/v1/namespaces/$ns/pods/$pod:8080/proxy/metrics" |
-      awk '/^streamops_assigned_partitions/ {s += $2} END {print s + 0}')
+    if [[ $E2E_MODE == local ]]; then
+      # The API server refuses to proxy to loopback addresses; the pod address is local here.
+      ip=$(k -n "$ns" get "pod/$pod" -o jsonpath='{.status.podIP}')
+      metrics=$(curl -fsS "http://$ip:8080/metrics")
+    else
+      metrics=$(k get --raw "/api/v1/namespaces/$ns/pods/$pod:8080/proxy/metrics")
+    fi
+    n=$(awk '/^streamops_assigned_partitions/ {s += $2} END {print s + 0}' <<<"$metrics")
     echo "$pod $n"
   done
 }
