@@ -106,7 +106,7 @@ pub async fn heartbeat(shared: Arc<Shared>) {
         if let Err(e) = renew_lease(&shared).await {
             tracing::warn!(error = %e, "renewing the node lease failed");
         }
-        if tick % 3 == 0 {
+        if tick.is_multiple_of(3) {
             let patch = Patch::Merge(json!({"status": node_status(&shared)}));
             if let Err(e) = nodes
                 .patch_status(&shared.args.node_name, &PatchParams::default(), &patch)

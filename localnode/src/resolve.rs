@@ -353,7 +353,11 @@ pub async fn wants_service_account(client: &Client, pod: &Pod) -> Result<bool, S
         return Ok(v);
     }
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let name = spec.service_account_name.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
+    let name = spec
+        .service_account_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     let sa = api
         .get(name)
