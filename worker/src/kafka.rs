@@ -121,9 +121,13 @@ impl KafkaClientSettings {
         c.set("group.id", s.group_id)
             .set("group.protocol", s.group_protocol.as_str());
         if s.group_protocol == GroupProtocol::Classic {
+            // Members learn that a rebalance started at their next heartbeat, and a cooperative
+            // rebalance takes two rounds: the heartbeat interval bounds how long the moved
+            // partitions pause (`streamops-bench rollout`: see DEVELOPERS.md). One heartbeat a
+            // second per member is a negligible load on the group coordinator.
             c.set("partition.assignment.strategy", "cooperative-sticky")
                 .set("session.timeout.ms", "45000")
-                .set("heartbeat.interval.ms", "3000");
+                .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
         }
         c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -155,6 +159,9 @@ impl KafkaClientSettings {
         c
     }
 }
+
+/// `heartbeat.interval.ms` of a classic-protocol member (librdkafka's default is 3 s).
+pub const HEARTBEAT_INTERVAL_MS: &str = "1000";
 
 /// librdkafka consumer properties applied last, as `key=value,key=value` (tuning and
 /// debugging, e.g. `debug=cgrp`). Never put credentials here.

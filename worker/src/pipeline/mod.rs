@@ -163,6 +163,13 @@ pub enum PipelineError {
         "aborted while retrying the in-flight batch; it will be replayed from the stored offsets"
     )]
     Aborted,
+    /// Shutdown was requested while a batch was being retried: the writer gave the batch up (it is
+    /// read again from the stored offsets by the partition's next owner) and stopped. Never
+    /// returned by the pipeline: the writer turns it into a clean stop.
+    #[error(
+        "stopped while retrying the in-flight batch; it will be replayed from the stored offsets"
+    )]
+    StoppedWhileRetrying,
     /// The writer task panicked.
     #[error("writer task failed: {0}")]
     Writer(String),
@@ -334,6 +341,7 @@ fn spawn_writers<H: MessageHandler>(
                 max_message_bytes: config.max_message_bytes as usize,
                 progress_every: config.progress_every,
                 abort: ctx.abort.clone(),
+                shutdown: ctx.shutdown.clone(),
                 on_offset_gap: config.kafka.on_offset_gap,
             },
         );
