@@ -101,12 +101,12 @@ where
     loop {
         let result = match live {
             Some(live) => {
-                let live = hand_to_apply(api, live).await?;
+                let live = hand_to_apply(api, live, uid).await?;
                 let mut body = desired.clone();
                 body.meta_mut().resource_version = live.meta().resource_version.clone();
                 apply_with_precondition(api, &body).await
             }
-            None => create_child(api, desired).await,
+            None => create_child(api, desired, uid).await,
         };
         match result {
             Err(Error::ChildChanged { .. }) if attempt < WRITE_ATTEMPTS => {
@@ -164,7 +164,7 @@ where
 
 /// Creates `desired`. A name taken meanwhile is [`Error::ChildChanged`]: the caller reads it
 /// again, and someone else's object there is a [`Error::ChildConflict`]; nothing is written to it.
-async fn create_child<K>(api: &Api<K>, desired: &K) -> Result<K>
+async fn create_child<K>(api: &Api<K>, desired: &K, uid: &str) -> Result<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
@@ -174,7 +174,7 @@ where
         field_manager: Some(FIELD_MANAGER.to_string()),
     };
     match api.create(&params, desired).await {
-        Ok(created) => hand_to_apply(api, created).await,
+        Ok(created) => hand_to_apply(api, created, uid).await,
         Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => Err(changed::<K>(name)),
         Err(source) => Err(Error::ApplyChild {
             kind: K::kind(&()).into_owned(),
@@ -211,40 +211,51 @@ pub fn handed_to_apply(managed: &[ManagedFieldsEntry]) -> Option<Vec<ManagedFiel
 }
 
 /// Hands the fields `create` gave the operator's manager to server-side apply (see
-/// [`handed_to_apply`]), under a `resourceVersion` precondition. Returns the object as stored.
-async fn hand_to_apply<K>(api: &Api<K>, object: K) -> Result<K>
+/// [`handed_to_apply`]), under a `resourceVersion` precondition. A controller writing the status
+/// meanwhile (a new Deployment's) moves the `resourceVersion`: the object is read again and the
+/// handover retried, up to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still
+/// controls it; otherwise the next pass hands it over. Returns the object as stored.
+async fn hand_to_apply<K>(api: &Api<K>, object: K, uid: &str) -> Result<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
-    let Some(managed) = object
-        .meta()
-        .managed_fields
-        .as_deref()
-        .and_then(handed_to_apply)
-    else {
-        return Ok(object);
-    };
     let name = name_of(&object);
-    let body = json!({"metadata": {
-        "resourceVersion": object.meta().resource_version,
-        "managedFields": managed,
-    }});
-    match api
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-        .await
-    {
-        Ok(o) => Ok(o),
-        // Changed meanwhile (a controller writing its status): handed over on the next pass.
-        Err(kube::Error::Api(s)) if s.is_conflict() => {
-            debug!(kind = %K::kind(&()), name, "field ownership not handed over yet; next pass");
-            Ok(object)
+    let mut object = object;
+    for _ in 0..WRITE_ATTEMPTS {
+        let Some(managed) = object
+            .meta()
+            .managed_fields
+            .as_deref()
+            .and_then(handed_to_apply)
+        else {
+            return Ok(object);
+        };
+        let body = json!({"metadata": {
+            "resourceVersion": object.meta().resource_version,
+            "managedFields": managed,
+        }});
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+        {
+            Ok(o) => return Ok(o),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                debug!(kind = %K::kind(&()), name, "changed before its fields were handed over; reading it again");
+                match api.get_opt(&name).await {
+                    Ok(Some(fresh)) if controlled_by(fresh.meta(), uid) => object = fresh,
+                    _ => return Ok(object),
+                }
+            }
+            Err(source) => {
+                return Err(Error::ApplyChild {
+                    kind: K::kind(&()).into_owned(),
+                    name,
+                    source,
+                })
+            }
         }
-        Err(source) => Err(Error::ApplyChild {
-            kind: K::kind(&()).into_owned(),
-            name,
-            source,
-        }),
     }
+    Ok(object)
 }
 
 #[cfg(test)]
