@@ -110,7 +110,7 @@ pub fn parse(body: &[u8], group: &str, topics: &[String]) -> Result<LagReport, R
     }
     let mut seen = std::collections::HashSet::new();
     for p in &report.partitions {
-        if !topics.iter().any(|t| *t == p.topic) {
+        if !topics.contains(&p.topic) {
             return Err(ReportError::ForeignTopic);
         }
         let negative = |o: Option<i64>| o.is_some_and(|o| o < 0);

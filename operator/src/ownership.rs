@@ -16,6 +16,7 @@
 //!   apply (its `managedFields` entry becomes an `Apply` entry of the same manager, under a
 //!   `resourceVersion` precondition, as `kubectl`'s client-side-to-server-side upgrade does), so
 //!   later applies can remove fields they no longer set.
+//!
 //! Either refusal stops the pass with nothing written ([`Error::ChildChanged`], or
 //! [`Error::ChildConflict`] when the object now there is someone else's).
 
