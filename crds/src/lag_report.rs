@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const LAG_REPORT_PATH: &str = "/consumer/lag";
 
 /// Largest report body the operator reads; a longer body is refused unread.
-pub const MAX_REPORT_BYTES: usize = 256 * 1024;
+pub const MAX_REPORT_BYTES: usize = 1024 * 1024;
 
 /// Most partitions one report may name.
 pub const MAX_REPORTED_PARTITIONS: usize = 4096;
