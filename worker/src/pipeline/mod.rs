@@ -147,6 +147,8 @@ pub struct PipelineContext {
     pub metrics: Metrics,
     /// Health flags for `/readyz`.
     pub health: Arc<Health>,
+    /// The partitions this worker owns (shared with the HTTP server's lag report).
+    pub ownership: Arc<Ownership>,
     /// Cancel for a graceful stop: stop fetching, commit what was fetched, leave.
     pub shutdown: CancellationToken,
     /// Cancel to give up retrying the in-flight batch (second signal). Nothing uncommitted is
@@ -216,7 +218,7 @@ pub async fn run_pipeline_lanes<H: MessageHandler>(
     let config = ctx.config.clone();
     let kind = first.kind();
     let decoder = first.shared_decoder();
-    let ownership = Arc::new(Ownership::default());
+    let ownership = ctx.ownership.clone();
     let (consumer, events) = subscribe(&ctx, &ownership)?;
     let errors = Arc::new(ErrorSink::new(
         &ctx.kafka,
