@@ -552,7 +552,9 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
             match woke {
                 Woke::Shutdown => self.begin_stop(),
                 Woke::Outage => self.follow_outage(),
-                Woke::Message(m) => self.accept(&m, now),
+                // `now` was taken before the wait: after an idle wait a message stamped with it
+                // would look overdue, and go out as a batch of one.
+                Woke::Message(m) => self.accept(&m, Instant::now()),
                 Woke::Nothing => {}
             }
         }
