@@ -39,8 +39,15 @@ if [[ -f "$DIR/kubeconfig" && -x "$KUBECTL" ]] && "$KUBECTL" --kubeconfig "$DIR/
 fi
 
 bash scripts/cluster-build.sh kwok >&2
-say "building the operator and the worker (release)"
-cargo build -q --release -p streamops-operator -p streamops-worker --bins
+# The worker binary only creates the topic (make bench has built it for scripts/bench.sh already);
+# BENCH_SCALE_WORKER_BIN names another build of it.
+WORKER_BIN="${BENCH_SCALE_WORKER_BIN:-$TARGET/release/streamops-worker}"
+say "building the operator (release)"
+if [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
+  cargo build -q --release -p streamops-operator --bins
+else
+  cargo build -q --release -p streamops-operator -p streamops-worker --bins
+fi
 
 bash scripts/cluster-up.sh >&2
 cleanup() {
@@ -62,11 +69,11 @@ KUBECONFIG="$DIR/kubeconfig" HELM_CACHE_HOME="$HELM_HOME/cache" HELM_CONFIG_HOME
   --namespace "$SYSTEM_NS" --create-namespace --set leaderElection.force=true --set replicaCount=0 >&2
 
 # The topic the StreamConsumers read (their lag is read from it).
-"$TARGET/release/streamops-worker" topic create streamops-scale-bench --partitions 1 \
+"$WORKER_BIN" topic create streamops-scale-bench --partitions 1 \
   --bootstrap-servers "$BROKER" >&2
 
 server="$(kubectl_admin config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
-python3 scripts/bench_scale.py \
+python3 -B scripts/bench_scale.py \
   --sizes "$SIZES" \
   --server "$server" \
   --pki "$DIR/pki" \

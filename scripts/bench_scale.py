@@ -398,7 +398,7 @@ def run_size(api, args, n, brokers_json):
                 log(f"warning: {e}")
         for o in ops:
             o.kill()
-        delete_namespaces(api, namespaces, 300)
+        delete_namespaces(api, namespaces, 240)
 
 
 def start_kwok(args, api):
