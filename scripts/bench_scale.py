@@ -453,7 +453,7 @@ def main():
     p.add_argument("--brokers", default="127.0.0.1:9092")
     p.add_argument("--lag-interval", type=int, default=30)
     p.add_argument("--timeout", type=float, default=600)
-    p.add_argument("--settle", type=float, default=20)
+    p.add_argument("--settle", type=float, default=float(os.environ.get("BENCH_SCALE_SETTLE", "20")))
     p.add_argument("--create-threads", type=int, default=8)
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -465,6 +465,7 @@ def main():
     try:
         for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
             results.append(run_size(api, args, n, brokers_json))
+            log(f"result: {json.dumps(results[-1])}")
     finally:
         if kwok.poll() is None:
             kwok.send_signal(signal.SIGTERM)
