@@ -194,12 +194,20 @@ async fn readings_of_every_group_on_a_cluster_share_one_client_and_keep_groups_a
     // Each reading sees its own group's commits, whatever the shared client read before.
     assert_eq!(
         per_partition(&other_lag),
-        BTreeMap::from([(0, (None, 10, 10)), (1, (None, 20, 20)), (2, (Some(7), 30, 23))])
+        BTreeMap::from([
+            (0, (None, 10, 10)),
+            (1, (None, 20, 20)),
+            (2, (Some(7), 30, 23))
+        ])
     );
     let again = reader.read(&t).await.expect("lag");
     assert_eq!(
         per_partition(&again),
-        BTreeMap::from([(0, (Some(4), 10, 6)), (1, (Some(20), 20, 0)), (2, (None, 30, 30))])
+        BTreeMap::from([
+            (0, (Some(4), 10, 6)),
+            (1, (Some(20), 20, 0)),
+            (2, (None, 30, 30))
+        ])
     );
     assert_eq!(
         reader.clients().available(),
