@@ -204,7 +204,11 @@ mod tests {
         let mut other_cluster = target("a");
         other_cluster.bootstrap_servers = "127.0.0.1:2".into();
         clients.client(&other_cluster, config).unwrap();
-        assert_eq!(clients.len(), 1, "the first was idle when the second was read");
+        assert_eq!(
+            clients.len(),
+            1,
+            "the first was idle when the second was read"
+        );
     }
 
     #[tokio::test]
