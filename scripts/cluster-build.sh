@@ -3,11 +3,12 @@
 #   $STREAMOPS_CACHE/bin/kubernetes-<v>/{kube-apiserver,kube-controller-manager,kube-scheduler,kubectl}
 #   $STREAMOPS_CACHE/bin/etcd-<v>/etcd
 #   $STREAMOPS_CACHE/bin/helm-<v>/helm
+#   $STREAMOPS_CACHE/bin/kwok-<v>/{kwok,stages.yaml}   (fake node and pod status, for the scale bench)
 # through the wrapper modules in tools/ (their go.sum files make the builds reproducible). A binary
 # already in the cache is not rebuilt. One log per binary in $STREAMOPS_CACHE/logs/build-<binary>-<v>.log.
 #
 #   scripts/cluster-build.sh                  build what is missing
-#   scripts/cluster-build.sh etcd helm        only these components (kubernetes, etcd, helm)
+#   scripts/cluster-build.sh etcd helm        only these components (kubernetes, etcd, helm, kwok)
 #   scripts/cluster-build.sh --print          print the cached binary paths (KEY=path), building nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,7 @@ source "$ROOT/versions.env"
 K8S_DIR="$STREAMOPS_CACHE/bin/kubernetes-$KUBERNETES_VERSION"
 ETCD_DIR="$STREAMOPS_CACHE/bin/etcd-$ETCD_VERSION"
 HELM_DIR="$STREAMOPS_CACHE/bin/helm-$HELM_VERSION"
+KWOK_DIR="$STREAMOPS_CACHE/bin/kwok-$KWOK_VERSION"
 LOG_DIR="$STREAMOPS_CACHE/logs"
 
 if [[ "${1:-}" == "--print" ]]; then
@@ -26,15 +28,19 @@ if [[ "${1:-}" == "--print" ]]; then
   echo "KUBECTL=$K8S_DIR/kubectl"
   echo "ETCD=$ETCD_DIR/etcd"
   echo "HELM=$HELM_DIR/helm"
+  echo "KWOK=$KWOK_DIR/kwok"
+  echo "KWOK_STAGES=$KWOK_DIR/stages.yaml"
   exit 0
 fi
 
 COMPONENTS=("$@")
+# kwok is only needed by the scale bench (scripts/bench-scale.sh), so it is built on request only.
 [[ ${#COMPONENTS[@]} -gt 0 ]] || COMPONENTS=(kubernetes etcd helm)
 wanted() { [[ " ${COMPONENTS[*]} " == *" $1 "* ]]; }
 
 command -v go >/dev/null || { echo "cluster-build: go is missing (Go >= 1.26 is needed to build the control plane)" >&2; exit 1; }
 mkdir -p "$K8S_DIR" "$ETCD_DIR" "$HELM_DIR" "$LOG_DIR"
+wanted kwok && mkdir -p "$KWOK_DIR"
 
 export CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:-} -mod=readonly -buildvcs=false"
@@ -98,4 +104,22 @@ elif [[ ! -x "$HELM_DIR/helm" ]]; then
   build helm "$HELM_VERSION" "$ROOT/tools/helm" "$HELM_DIR/helm" "helm.sh/helm/v3/cmd/helm" "" "$helm_ldflags"
 else
   echo "cluster-build: helm $HELM_VERSION cached at $HELM_DIR/helm"
+fi
+
+# kwok: the controller binary, and its stock stages (node initialise and lease heartbeat, pod ready,
+# pod delete) taken from the same pinned module, so that the stages match the binary's version.
+if wanted kwok; then
+  build kwok "$KWOK_VERSION" "$ROOT/tools/kwok" "$KWOK_DIR/kwok" "sigs.k8s.io/kwok/cmd/kwok" "" "-s -w"
+  if [[ ! -s "$KWOK_DIR/stages.yaml" ]]; then
+    kwok_src="$(cd "$ROOT/tools/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+    {
+      for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+        pod/fast/pod-ready.yaml pod/fast/pod-delete.yaml; do
+        echo "---"
+        cat "$kwok_src/kustomize/stage/$f"
+      done
+    } >"$KWOK_DIR/stages.yaml.tmp.$$"
+    mv "$KWOK_DIR/stages.yaml.tmp.$$" "$KWOK_DIR/stages.yaml"
+    echo "cluster-build: kwok stages written to $KWOK_DIR/stages.yaml"
+  fi
 fi

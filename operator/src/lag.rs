@@ -15,7 +15,9 @@
 //! ([`streamops_crds::gap`]); a reading collects them in [`GroupLag::gaps`].
 //!
 //! Clients are reused and readings bounded ([`crate::lag_clients`]): a reading that times out
-//! leaks no client and no thread.
+//! leaks no client and no thread. One client serves every group of a cluster connection: the
+//! committed offsets come from the Admin API's ListConsumerGroupOffsets ([`committed`]), which
+//! names the group, rather than from the client's own `group.id`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,8 @@ use streamops_crds::StreamConsumer;
 
 use crate::brokers::BrokerPolicy;
 use crate::lag_clients::LagClients;
+
+mod committed;
 
 /// Environment variables holding SASL credentials of `streamops-operator lag`, the admin's command
 /// line tool, for the brokers named on its command line. The controller never uses them: it
@@ -285,8 +289,8 @@ pub trait LagReader: Send + Sync + 'static {
 /// Readings a [`KafkaLagReader`] runs at once by default (the poller's default too).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 
-/// Reads lag from the brokers with librdkafka, reusing one client per cluster connection and
-/// group, with at most a bounded number of readings in flight ([`LagClients`]).
+/// Reads lag from the brokers with librdkafka, reusing one client per cluster connection (for
+/// every group), with at most a bounded number of readings in flight ([`LagClients`]).
 #[derive(Debug, Clone)]
 pub struct KafkaLagReader {
     /// Timeout of each request.
@@ -378,8 +382,8 @@ impl LagReader for KafkaLagReader {
 
 fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
     let mut cfg = ClientConfig::new();
+    // No group.id: the client never joins a group, and serves every group of the connection.
     cfg.set("bootstrap.servers", &target.bootstrap_servers)
-        .set("group.id", &target.group_id)
         .set("enable.auto.commit", "false")
         .set("security.protocol", target.security_protocol.as_str())
         .set("socket.timeout.ms", "10000")
@@ -412,8 +416,8 @@ fn read_blocking(
     target: &LagTarget,
     timeout: Duration,
 ) -> Result<GroupLag, LagError> {
-    // A plain consumer that never subscribes: it only asks the group coordinator for offsets, so
-    // it does not join the group or disturb its members. Serve its event queue (errors, logs)
+    // A plain consumer without a group that never subscribes: it only asks the group coordinator
+    // for offsets, so it does not join the group or disturb its members. Serve its event queue (errors, logs)
     // before using it again.
     let _ = consumer.poll(Duration::ZERO);
 
@@ -437,7 +441,7 @@ fn read_blocking(
         }
     }
 
-    let committed = consumer.committed_offsets(partitions.clone(), timeout)?;
+    let committed = committed::committed_offsets(consumer, &target.group_id, &partitions, timeout)?;
 
     let mut latest = partitions.clone();
     latest.set_all_offsets(Offset::End)?;

@@ -1,9 +1,9 @@
 //! The lag reader's Kafka clients: created once, reused, and bounded.
 //!
-//! - One client per cluster connection and consumer group, reused by every reading of that group.
-//!   (The group is part of the key because librdkafka fetches committed offsets only for its own
-//!   `group.id`; the client never joins the group.) A client unused for [`IDLE_AFTER`] is dropped
-//!   at the next reading.
+//! - One client per cluster connection (brokers, protocol, credentials), reused by every reading
+//!   of every group on it: committed offsets are fetched by group name through the Admin API, so
+//!   a thousand StreamConsumers on one cluster cost one client, not a thousand. A client unused
+//!   for [`IDLE_AFTER`] is dropped at the next reading.
 //! - At most `max_in_flight` readings run on blocking threads at once. The permit travels with
 //!   the blocking work and is released when that work ends, not when the caller stops waiting:
 //!   a reading that times out keeps its permit until librdkafka returns (each request is bounded
@@ -22,11 +22,11 @@ use crate::lag::{LagError, LagTarget};
 /// How long an unused client is kept.
 pub const IDLE_AFTER: Duration = Duration::from_secs(600);
 
-/// What identifies a client: the connection and the group. Its `Debug` never shows the password.
+/// What identifies a client: the connection (not the group). Its `Debug` never shows the
+/// password.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     bootstrap_servers: String,
-    group_id: String,
     security_protocol: &'static str,
     sasl_mechanism: Option<&'static str>,
     credentials: Option<(String, String)>,
@@ -37,7 +37,6 @@ impl ClientKey {
     pub fn of(target: &LagTarget) -> Self {
         Self {
             bootstrap_servers: target.bootstrap_servers.clone(),
-            group_id: target.group_id.clone(),
             security_protocol: target.security_protocol.as_str(),
             sasl_mechanism: target.sasl_mechanism.map(|m| m.as_str()),
             credentials: target.credentials.clone(),
@@ -49,7 +48,7 @@ impl std::fmt::Debug for ClientKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientKey")
             .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("group_id", &self.group_id)
+            .field("security_protocol", &self.security_protocol)
             .finish_non_exhaustive()
     }
 }
@@ -167,13 +166,12 @@ mod tests {
     fn config() -> Result<ClientConfig, LagError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", "127.0.0.1:1")
-            .set("group.id", "g")
             .set("log_level", "0");
         Ok(c)
     }
 
     #[test]
-    fn one_client_per_group_is_created_and_reused() {
+    fn one_client_per_connection_serves_every_group() {
         let clients = LagClients::new(2);
         let a = clients.client(&target("a"), config).unwrap();
         let again = clients
@@ -186,16 +184,32 @@ mod tests {
             .client(&other_topics, || panic!("topics do not need a new client"))
             .unwrap();
         assert!(Arc::ptr_eq(&a, &same));
-        clients.client(&target("b"), config).unwrap();
-        assert_eq!(clients.len(), 2);
+        let other_group = clients
+            .client(&target("b"), || panic!("groups do not need a new client"))
+            .unwrap();
+        assert!(Arc::ptr_eq(&a, &other_group));
+        assert_eq!(clients.len(), 1);
+        let mut other_cluster = target("a");
+        other_cluster.bootstrap_servers = "127.0.0.1:2".into();
+        clients.client(&other_cluster, config).unwrap();
+        let mut other_credentials = target("a");
+        other_credentials.credentials = Some(("user".into(), "pw".into()));
+        clients.client(&other_credentials, config).unwrap();
+        assert_eq!(clients.len(), 3, "one client per connection");
     }
 
     #[test]
     fn idle_clients_are_dropped() {
         let clients = LagClients::with_idle(1, Duration::ZERO);
         clients.client(&target("a"), config).unwrap();
-        clients.client(&target("b"), config).unwrap();
-        assert_eq!(clients.len(), 1, "a was idle when b was read");
+        let mut other_cluster = target("a");
+        other_cluster.bootstrap_servers = "127.0.0.1:2".into();
+        clients.client(&other_cluster, config).unwrap();
+        assert_eq!(
+            clients.len(),
+            1,
+            "the first was idle when the second was read"
+        );
     }
 
     #[tokio::test]

@@ -173,7 +173,7 @@ async fn a_gap_a_worker_attached_to_its_commit_is_read_with_the_lag() {
 }
 
 #[tokio::test]
-async fn readings_reuse_one_client_per_group() {
+async fn readings_of_every_group_on_a_cluster_share_one_client_and_keep_groups_apart() {
     let f = fixture().await;
     let reader = KafkaLagReader::with_timeout(Duration::from_secs(5));
     let t = target(&f, AutoOffsetReset::Earliest);
@@ -183,10 +183,33 @@ async fn readings_reuse_one_client_per_group() {
     assert_eq!(reader.clients().len(), 1);
     let other = LagTarget {
         group_id: kafka::unique("operator-lag-other"),
-        ..t
+        ..t.clone()
     };
-    reader.read(&other).await.expect("lag");
-    assert_eq!(reader.clients().len(), 2);
+    commit(&other.group_id, &f.topic, &[(2, 7)]);
+    let other_lag = reader.read(&other).await.expect("lag");
+    assert_eq!(
+        reader.clients().len(),
+        1,
+        "a second group on the same cluster uses the same client"
+    );
+    // Each reading sees its own group's commits, whatever the shared client read before.
+    assert_eq!(
+        per_partition(&other_lag),
+        BTreeMap::from([
+            (0, (None, 10, 10)),
+            (1, (None, 20, 20)),
+            (2, (Some(7), 30, 23))
+        ])
+    );
+    let again = reader.read(&t).await.expect("lag");
+    assert_eq!(
+        per_partition(&again),
+        BTreeMap::from([
+            (0, (Some(4), 10, 6)),
+            (1, (Some(20), 20, 0)),
+            (2, (None, 30, 30))
+        ])
+    );
     assert_eq!(
         reader.clients().available(),
         streamops_operator::lag::DEFAULT_MAX_IN_FLIGHT,
@@ -218,7 +241,7 @@ async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
     assert!(reader.clients().available() <= 2);
     assert!(
         reader.clients().len() <= 1,
-        "one client for the group, reused"
+        "one client for the cluster, reused"
     );
     // Once the blocking work ends, every permit is back.
     let start = std::time::Instant::now();
