@@ -104,6 +104,12 @@ pub struct KafkaConfig {
     /// PEM client key file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_key_location: Option<String>,
+    /// `session.timeout.ms`.
+    #[serde(default = "crate::v1alpha1::default_session_timeout_ms")]
+    pub session_timeout_ms: u32,
+    /// `max.poll.interval.ms`.
+    #[serde(default = "crate::v1alpha1::default_max_poll_interval_ms")]
+    pub max_poll_interval_ms: u32,
 }
 
 /// A handler with its resolved settings.
@@ -205,6 +211,8 @@ impl WorkerConfig {
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_CERT_KEY}")),
                 ssl_key_location: client_cert
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_KEY_KEY}")),
+                session_timeout_ms: spec.kafka.session_timeout_ms,
+                max_poll_interval_ms: spec.kafka.max_poll_interval_ms,
             },
             handler,
             error_topic: spec.error_topic.clone().unwrap_or_else(|| {
@@ -275,8 +283,21 @@ pub fn stream_consumer_from_manifest(text: &str) -> Result<StreamConsumer, Confi
         0 => Err(ConfigError::Manifest(
             "the file holds no document of kind StreamConsumer".into(),
         )),
-        1 => serde_json::from_value(found.remove(0))
-            .map_err(|e| ConfigError::Manifest(e.to_string())),
+        1 => {
+            let doc = found.remove(0);
+            // Strict field validation, as the API server applies it.
+            let unknown = crate::strict::unknown_fields(&doc);
+            if !unknown.is_empty() {
+                return Err(ConfigError::Manifest(
+                    unknown
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ));
+            }
+            serde_json::from_value(doc).map_err(|e| ConfigError::Manifest(e.to_string()))
+        }
         n => Err(ConfigError::Manifest(format!(
             "the file holds {n} StreamConsumer documents; expected exactly one"
         ))),

@@ -26,6 +26,8 @@ impl StreamConsumerSpec {
                     fraud_threshold: 0.8,
                     circuit_breaker_failures: 5,
                     circuit_breaker_reset_ms: 30_000,
+                    protocol: ScoringProtocol::Streamops,
+                    retry_backoff: RetryBackoff::default(),
                 })
             }
             HandlerKind::PipelineTrigger => {
@@ -34,11 +36,13 @@ impl StreamConsumerSpec {
                     max_events: 1000,
                     max_time_seconds: 300,
                     trigger_on_empty_window: false,
+                    consumer_id: None,
                     webhook: Some(WebhookSpec {
                         url: "http://127.0.0.1:8081/hook".into(),
                         timeout_ms: 5000,
                         max_retries: 5,
                         headers: Default::default(),
+                        retry_backoff: default_webhook_backoff(),
                     }),
                     job: None,
                 })
@@ -58,6 +62,8 @@ impl StreamConsumerSpec {
                 group_id: format!("{kind}-consumer"),
                 auto_offset_reset: AutoOffsetReset::Earliest,
                 security: None,
+                session_timeout_ms: default_session_timeout_ms(),
+                max_poll_interval_ms: default_max_poll_interval_ms(),
             },
             handler,
             sink: SinkSpec {

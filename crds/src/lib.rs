@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod fixtures;
+pub mod strict;
 pub mod v1alpha1;
 pub mod validate;
 

@@ -106,6 +106,10 @@ pub struct ConsumerSettings<'a> {
     pub auto_offset_reset: &'a str,
     /// `statistics.interval.ms` (0 disables the lag gauge).
     pub statistics_interval_ms: u32,
+    /// `session.timeout.ms`.
+    pub session_timeout_ms: u32,
+    /// `max.poll.interval.ms`.
+    pub max_poll_interval_ms: u32,
 }
 
 impl KafkaClientSettings {
@@ -119,9 +123,13 @@ impl KafkaClientSettings {
             .set("enable.partition.eof", "false")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("auto.offset.reset", s.auto_offset_reset)
-            .set("session.timeout.ms", "45000")
-            .set("heartbeat.interval.ms", "3000")
-            .set("max.poll.interval.ms", "300000")
+            .set("session.timeout.ms", s.session_timeout_ms.to_string())
+            // At most a third of the session timeout, as Kafka recommends.
+            .set(
+                "heartbeat.interval.ms",
+                (s.session_timeout_ms / 3).clamp(1, 3000).to_string(),
+            )
+            .set("max.poll.interval.ms", s.max_poll_interval_ms.to_string())
             .set("fetch.wait.max.ms", "100")
             // Prefetch: enough to keep the poll loop fed, small enough to bound memory. The
             // byte cap is for the whole consumer whatever the partition count; the fetcher
@@ -197,7 +205,12 @@ mod tests {
             instance_id: Some("w-0"),
             auto_offset_reset: "earliest",
             statistics_interval_ms: 5000,
+            session_timeout_ms: 12_000,
+            max_poll_interval_ms: 600_000,
         });
+        assert_eq!(c.get("session.timeout.ms"), Some("12000"));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"));
+        assert_eq!(c.get("max.poll.interval.ms"), Some("600000"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.instance.id"), Some("w-0"));

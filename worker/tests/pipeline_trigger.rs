@@ -176,11 +176,13 @@ fn settings(
         max_events,
         max_time_seconds,
         trigger_on_empty_window: on_empty,
+        consumer_id: None,
         webhook: Some(WebhookSpec {
             url: url.to_string(),
             timeout_ms: 2000,
             max_retries: 3,
             headers: BTreeMap::from([("X-Team".to_string(), "data".to_string())]),
+            retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
         }),
         job: None,
     }

@@ -145,6 +145,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
         instance_id: ctx.instance_id.as_deref(),
         auto_offset_reset: config.kafka.auto_offset_reset.as_str(),
         statistics_interval_ms: STATISTICS_INTERVAL_MS,
+        session_timeout_ms: config.kafka.session_timeout_ms,
+        max_poll_interval_ms: config.kafka.max_poll_interval_ms,
     });
     let consumer: Arc<StreamConsumer<PipelineConsumerContext>> = Arc::new(
         StreamConsumer::from_config_and_context(&client_config, consumer_ctx)?,

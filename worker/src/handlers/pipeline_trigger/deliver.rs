@@ -7,7 +7,9 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use kube::api::PostParams;
 use kube::Api;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
-use streamops_crds::v1alpha1::{JobTriggerSpec, WebhookSpec};
+use streamops_crds::v1alpha1::{
+    default_webhook_backoff, JobTriggerSpec, RetryBackoff, WebhookSpec,
+};
 use tokio::sync::OnceCell;
 
 use super::trigger::{build_job, job_name, Claimed, WebhookPayload};
@@ -48,6 +50,7 @@ pub struct WebhookSink {
     url: String,
     headers: HeaderMap,
     max_retries: u32,
+    backoff: RetryBackoff,
 }
 
 impl WebhookSink {
@@ -77,6 +80,7 @@ impl WebhookSink {
             url: spec.url.clone(),
             headers,
             max_retries: spec.max_retries,
+            backoff: spec.retry_backoff.clone(),
         })
     }
 
@@ -213,6 +217,14 @@ impl Sink {
         }
     }
 
+    /// Backoff between attempts.
+    pub fn backoff(&self) -> RetryBackoff {
+        match self {
+            Self::Webhook(w) => w.backoff.clone(),
+            Self::Job(_) => default_webhook_backoff(),
+        }
+    }
+
     /// One attempt.
     pub async fn send(&self, consumer_id: &str, t: &Claimed) -> Result<Sent, SendError> {
         match self {
@@ -237,6 +249,7 @@ mod tests {
             timeout_ms: 100,
             max_retries: 0,
             headers,
+            retry_backoff: default_webhook_backoff(),
         };
         assert!(WebhookSink::new(&spec).is_err());
     }

@@ -25,10 +25,6 @@ pub const MAX_TICK: Duration = Duration::from_secs(1);
 pub const MIN_TICK: Duration = Duration::from_millis(10);
 /// How often the delivery loop looks for pending triggers without being woken.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// First delay between two delivery attempts.
-pub const DELIVERY_BACKOFF_BASE: Duration = Duration::from_millis(250);
-/// Longest delay between two delivery attempts.
-pub const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Longest delay after a failed Redis or PostgreSQL call of a background loop.
 const LOOP_BACKOFF_CAP: Duration = Duration::from_secs(10);
 
@@ -191,7 +187,8 @@ impl Engine {
             Some(w) => Duration::from_millis(u64::from(w.timeout_ms)),
             None => Duration::from_secs(30),
         };
-        attempt + DELIVERY_BACKOFF_CAP + Duration::from_secs(10)
+        let cap = Duration::from_millis(u64::from(self.sink.backoff().cap_ms));
+        attempt + cap + Duration::from_secs(10)
     }
 
     /// Once per process, before the first claim: makes sure the Redis sequence is above every
@@ -353,6 +350,7 @@ impl Engine {
             .await?;
         }
         let max_retries = self.sink.max_retries();
+        let backoff = self.sink.backoff();
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -390,7 +388,9 @@ impl Engine {
                         error!(trigger_id = %id, attempts = attempt, error = %e, "trigger delivery failed; giving up");
                         return Ok(());
                     }
-                    let wait = capped_backoff(attempt, DELIVERY_BACKOFF_BASE, DELIVERY_BACKOFF_CAP);
+                    let wait = backoff
+                        .ceiling(attempt)
+                        .mul_f64(rand::rng().random_range(0.5..=1.0));
                     warn!(trigger_id = %id, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "trigger delivery failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => {

@@ -31,7 +31,7 @@
 //! # Delivery
 //! A delivery loop on each replica takes pending triggers in order, each under a Redis lease so
 //! one replica delivers it, records it in `pipeline_runs` (`pending`), and attempts delivery up to
-//! `1 + maxRetries` times (Job: 6) with capped exponential backoff (250 ms doubling, at most 30 s),
+//! `1 + maxRetries` times (Job: 6) with capped exponential backoff (`webhook.retryBackoff`: 250 ms, factor 2, at most 30 s by default),
 //! counting `attempts`; then `delivered` (with `delivered_at`) or `failed` (with `last_error`).
 //! A worker that dies mid-delivery leaves the trigger pending; another takes it over when the
 //! lease expires, with the same trigger id, so:
@@ -120,7 +120,11 @@ impl PipelineTriggerHandler {
                 "the pipeline-trigger handler needs Redis: set STREAMOPS_REDIS_URL".into(),
             )
         })?;
-        let consumer_id = ctx.config.consumer_id.clone();
+        // seed 004's `consumer_id`, when the spec sets one.
+        let consumer_id = settings
+            .consumer_id
+            .clone()
+            .unwrap_or_else(|| ctx.config.consumer_id.clone());
         let counter = Counter::new(url, &consumer_id)
             .map_err(|e| HandlerError::Fatal(format!("invalid Redis URL: {e}")))?;
         let metrics = TriggerMetrics::register(&ctx.registry).map_err(|e| {
