@@ -223,7 +223,7 @@ impl WorkerConfig {
             max_message_bytes: spec.max_message_bytes,
             http_listen: default_http_listen(),
             log_level: spec.log_level.unwrap_or_default(),
-            progress_every: DEFAULT_PROGRESS_EVERY,
+            progress_every: spec.progress_every.unwrap_or(DEFAULT_PROGRESS_EVERY),
         })
     }
 

@@ -86,6 +86,7 @@ impl StreamConsumerSpec {
             image: None,
             resources: None,
             log_level: None,
+            progress_every: None,
             cleanup_policy: CleanupPolicy::Retain,
             autoscaling: None,
         }

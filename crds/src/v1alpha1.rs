@@ -126,9 +126,16 @@ pub struct StreamConsumerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// Worker log level: error, warn, info, debug or trace.
+    /// Worker log level: error, warn, info, debug or trace. At debug, every message received and
+    /// every result (fraud: each score) is logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
+
+    /// A progress line (messages processed and rejected so far) is logged every this many
+    /// messages (seed 003 logged every 100). 1-100000000; default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub progress_every: Option<u64>,
 
     /// What happens to the Kafka consumer group when this resource is deleted. Sink data, and the
     /// consumed offsets stored in PostgreSQL with it, are never touched: a StreamConsumer created

@@ -212,6 +212,13 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
         "spec.batch.maxWaitMs",
         "must be between 1 and 60000",
     );
+    if let Some(p) = spec.progress_every {
+        c.check(
+            (1..=100_000_000).contains(&p),
+            "spec.progressEvery",
+            "must be between 1 and 100000000",
+        );
+    }
     c.check(
         (1024..=64 * 1024 * 1024).contains(&spec.max_message_bytes),
         "spec.maxMessageBytes",

@@ -430,9 +430,11 @@ fn new_settings_are_range_checked_and_name_their_field() {
     let pt = s.handler.pipeline_trigger.as_mut().unwrap();
     pt.webhook.as_mut().unwrap().retry_backoff.cap_ms = 0;
     pt.consumer_id = Some("consumer 1".into());
+    s.progress_every = Some(0);
     assert_eq!(
         fields(&s),
         vec![
+            "spec.progressEvery",
             "spec.handler.pipelineTrigger.webhook.retryBackoff.capMs",
             "spec.handler.pipelineTrigger.webhook.retryBackoff.baseMs",
             "spec.handler.pipelineTrigger.consumerId"
@@ -454,6 +456,7 @@ spec:
     let cfg =
         WorkerConfig::from_resource(&stream_consumer_from_manifest(manifest).unwrap()).unwrap();
     assert_eq!(cfg.kafka.session_timeout_ms, 10_000);
+    assert_eq!(cfg.progress_every, 10_000, "the default progress interval");
     assert_eq!(cfg.kafka.max_poll_interval_ms, 300_000);
     let Handler::Fraud(f) = cfg.handler else {
         panic!("fraud")

@@ -234,6 +234,8 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
     let config = &ctx.config.config;
     let mut env = vec![
         env_value(ENV_CONFIG_PATH, config_path()),
+        // One JSON object per log line, for the cluster's log pipeline.
+        env_value("STREAMOPS_LOG_FORMAT", "json".into()),
         EnvVar {
             name: ENV_INSTANCE_ID.into(),
             value: None,
@@ -558,6 +560,13 @@ mod tests {
         let e = env_of(&d, "STREAMOPS_INSTANCE_ID").unwrap();
         let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
         assert_eq!(f.field_path, "metadata.name");
+    }
+
+    #[test]
+    fn workers_log_json() {
+        let d = with_ctx(&StreamConsumer::test(), build_deployment);
+        let e = env_of(&d, "STREAMOPS_LOG_FORMAT").expect("STREAMOPS_LOG_FORMAT is set");
+        assert_eq!(e.value.as_deref(), Some("json"));
     }
 
     #[test]

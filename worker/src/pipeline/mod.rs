@@ -311,6 +311,8 @@ pub async fn run_pipeline_lanes<H: Handler>(
                         apply_rebalance_events(&mut events_rx, &mut epochs, &mut pending, &revoke_txs, paused, &consumer);
                         match epochs.get(&tp) {
                             Some(epoch) => {
+                                tracing::debug!(topic = %tp.topic, partition = tp.partition,
+                                    offset = m.offset(), "received message");
                                 let lane = batch::lane_for(topic_hash, tp.partition, lanes);
                                 let raw = RawMessage {
                                     topic: tp.topic,

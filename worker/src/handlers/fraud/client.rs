@@ -527,7 +527,17 @@ mod tests {
                 .unwrap();
         let f = model::features(&inputs[0]);
         assert_eq!(v1["instances"].as_array().unwrap().len(), 2);
-        assert_eq!(v1["instances"][0], serde_json::json!(f.to_vec()));
+        // serde_json's default float parsing may differ from the printed value in the last bit.
+        let sent: Vec<f64> = v1["instances"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(sent.len(), model::FEATURES.len());
+        for (s, e) in sent.iter().zip(f) {
+            assert!((s - e).abs() <= e.abs() * 1e-15, "{s} vs {e}");
+        }
         let v2: serde_json::Value = serde_json::from_slice(
             &encode_request(ScoringProtocol::OpenInferenceV2, &inputs).unwrap(),
         )

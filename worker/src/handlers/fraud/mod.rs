@@ -257,6 +257,8 @@ impl Handler for FraudHandler {
                             score,
                             model_version: s.model_version.clone(),
                         };
+                        debug!(transaction_id = %d.item.transaction.transaction_id,
+                            score, partition = d.pos.partition, offset = d.pos.offset, "scored");
                         self.scored.insert(d.pos.clone(), p.clone());
                         d.item.prediction = Some(p);
                     }
