@@ -11,7 +11,7 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sort | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 .PHONY: dev-up dev-down
-dev-up: ## Start what is missing of the local stack (tansu, PostgreSQL, Redis)
+dev-up: ## Start what is missing of the local stack (Kafka, PostgreSQL, Redis)
 	bash scripts/dev-up.sh
 
 dev-down: ## Stop only what dev-up started
@@ -39,7 +39,7 @@ alerts-test: $(VENV)/.installed ## Check and unit-test the chart's PrometheusRul
 	$(VENV)/bin/python scripts/alerts_test.py
 
 .PHONY: test
-test: dev-up ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, manifests
+test: dev-up cluster-build ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, real control plane, manifests
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) --no-print-directory validate
@@ -62,6 +62,7 @@ bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replic
 	$(CARGO) bench -p streamops-operator --bench autoscale
 
 -include mk/kind.mk
+-include mk/cluster.mk
 
 .PHONY: chaos chaos-short fuzz
 chaos: dev-up ## Full fault-injection suite (1,000,000 messages; long)

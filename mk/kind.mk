@@ -137,14 +137,14 @@ dev-stack: ## Apply manifests/dev/ to kind, wait for it, create the topics
 	done
 	@$(MAKE) --no-print-directory dev-topics
 
-dev-topics: ## (Re)create the example topics on kind (tansu keeps them in memory)
+dev-topics: ## (Re)create the example topics on kind (after the broker pod was recreated)
 	$(require-cluster)
 	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) delete job create-topics --ignore-not-found --wait=true
 	sed 's#$(DEV_WORKER_IMAGE)#$(WORKER_IMAGE)#g' manifests/dev/60-topics.yaml | $(KUBECTL_KIND) apply -f -
 	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) wait --for=condition=Complete job/create-topics --timeout=$(KIND_WAIT)
 
-# The broker keeps its log in memory and PostgreSQL keeps the consumers' offsets: after a broker
-# restart the two disagree, so reset them together.
+# The broker keeps its log on an emptyDir and PostgreSQL keeps the consumers' offsets: after the
+# broker pod is recreated the two disagree, so reset them together.
 dev-reset: ## Restart the whole kind dev stack with empty state, then recreate the topics
 	$(require-cluster)
 	$(KUBECTL_KIND) -n $(DEV_NAMESPACE) rollout restart deploy/kafka deploy/postgres deploy/redis deploy/webhook-sink

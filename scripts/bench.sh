@@ -4,7 +4,14 @@
 #   2. raw consume rate of the same topic, no processing
 #   3. PostgreSQL binary COPY rate of the same rows
 #   ratio = worker / min(2, 3); peak RSS of the worker (VmHWM)
-# Needs the local services of DEVELOPERS.md (tansu, PostgreSQL).
+# then, for moving-average:
+#   4. end-to-end latency from produce to committed row (p50, p99) at fixed rates
+#      (BENCH_LATENCY_RATES, default 1000,10000,50000 msg/s; BENCH_LATENCY=0 skips it)
+#   5. rollout: longest processing pause of any partition while 3 workers are replaced one at a
+#      time under 5,000 msg/s, for static membership, dynamic cooperative-sticky and KIP-848
+#      (BENCH_ROLLOUT=0 skips it; it takes a few minutes, static membership alone ~3)
+# The worker runs with the spec's batch defaults unless BENCH_BATCH sets batch.maxMessages.
+# Needs the local services of DEVELOPERS.md (Apache Kafka, PostgreSQL).
 #
 # Adding a kind: write `bench_<kind>` (dashes become underscores) that calls `bench_kind` with the
 # kind and a handler block for the worker configuration, and give `streamops-bench copy` an arm
@@ -17,7 +24,9 @@ PG=${STREAMOPS_BENCH_PG:-postgres://postgres@127.0.0.1:5432}
 COUNT=${BENCH_COUNT:-200000}
 PARTITIONS=${BENCH_PARTITIONS:-3}
 KINDS=${BENCH_KINDS:-moving-average sensor fraud pipeline-trigger}
-BATCH=${BENCH_BATCH:-5000}
+BATCH=${BENCH_BATCH:-}
+LATENCY_RATES=${BENCH_LATENCY_RATES:-1000,10000,50000}
+LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-10}
 WORK=$(mktemp -d /tmp/streamops-bench.XXXXXX)
 ROWS=()
 WORKER_PID=""
@@ -42,6 +51,17 @@ echo "bench: building release binaries" >&2
 cargo build -q --release -p streamops-worker --bins
 BIN=target/release/streamops-worker
 BENCH=target/release/streamops-bench
+
+# The batch block of a worker configuration: none (the spec's defaults) unless BENCH_BATCH is set.
+batch_yaml() {
+  if [[ -n "$BATCH" ]]; then
+    printf 'batch:\n  maxMessages: %s\n  maxWaitMs: 100' "$BATCH"
+  fi
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 field() { # field NAME "k=v k=v ..."
   tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"
@@ -71,9 +91,7 @@ kafka:
 handler:
 $handler_yaml
 errorTopic: $topic-failed
-batch:
-  maxMessages: $BATCH
-  maxWaitMs: 100
+$(batch_yaml)
 maxMessageBytes: 1048576
 httpListen: 127.0.0.1:0
 progressEvery: 50000
@@ -173,6 +191,68 @@ bench_pipeline_trigger() {
   redis-cli --scan --pattern 'consumer:{bench-pipeline-trigger-*' 2>/dev/null | xargs -r redis-cli del >/dev/null 2>&1 || true
 }
 
+# Latency from produce to committed row, moving-average, one worker, fixed rates.
+LATENCY_ROWS=()
+bench_latency() {
+  local id="bench-latency-$$-$(date +%s)"
+  local topic="$id" db="bench_latency_$$_$(date +%s)" port; port=$(free_port)
+  local url="$PG/$db"
+  echo "bench[latency]: topic $topic, $PARTITIONS partitions, rates $LATENCY_RATES msg/s" >&2
+  "$BIN" topic create "$topic" --partitions "$PARTITIONS" --bootstrap-servers "$BROKER" >&2
+  "$BIN" topic create "$topic-failed" --partitions 1 --bootstrap-servers "$BROKER" >&2
+  psql -q "$PG/postgres" -c "CREATE DATABASE $db" >&2
+  cat >"$WORK/latency.yaml" <<YAML
+consumerId: $id
+kafka:
+  bootstrapServers: $BROKER
+  topics: [$topic]
+  groupId: $id
+  autoOffsetReset: earliest
+  securityProtocol: PLAINTEXT
+handler:
+  kind: moving-average
+  window: 5
+errorTopic: $topic-failed
+$(batch_yaml)
+maxMessageBytes: 1048576
+httpListen: 127.0.0.1:$port
+progressEvery: 1000000
+YAML
+  STREAMOPS_DATABASE_URL="$url" "$BIN" run --config "$WORK/latency.yaml" --instance-id "$id-0" \
+    --log-format json 2>"$WORK/latency-worker.log" &
+  WORKER_PID=$!
+  local i
+  for i in $(seq 1 600); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/readyz" 2>/dev/null && break
+    sleep 0.1
+  done
+  local out
+  out=$("$BENCH" latency --bootstrap-servers "$BROKER" --topic "$topic" --database-url "$url" \
+    --group "$id" --rates "$LATENCY_RATES" --seconds "$LATENCY_SECONDS")
+  kill -TERM "$WORKER_PID"; wait "$WORKER_PID" || true; WORKER_PID=""
+  while read -r line; do
+    LATENCY_ROWS+=("$(printf '%10s %14s %10s %10s %10s' "$(field rate "$line")" \
+      "$(field achieved_rate "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
+      "$(field max_ms "$line")")")
+  done <<<"$out"
+  psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >&2 || true
+  "$BIN" topic delete "$topic" --bootstrap-servers "$BROKER" >&2 || true
+  "$BIN" topic delete "$topic-failed" --bootstrap-servers "$BROKER" >&2 || true
+}
+
+# Rolling replacement of 3 workers under 5,000 msg/s, per group-membership set-up.
+ROLLOUT_ROWS=()
+bench_rollout() {
+  local out
+  out=$("$BENCH" rollout --worker-bin "$BIN" --bootstrap-servers "$BROKER" --pg "$PG" \
+    --work-dir "$WORK/rollout")
+  while read -r line; do
+    ROLLOUT_ROWS+=("$(printf '%-10s %14s %22s %10s %8s' "$(field setup "$line")" \
+      "$(field max_pause_ms "$line")" "$(field resumed_after_sigterm_s "$line")" \
+      "$(field produced "$line")" "$(field exact "$line")")")
+  done <<<"$out"
+}
+
 for kind in $KINDS; do
   fn="bench_${kind//-/_}"
   if declare -F "$fn" >/dev/null; then
@@ -182,8 +262,26 @@ for kind in $KINDS; do
   fi
 done
 
+if [[ "${BENCH_LATENCY:-1}" != 0 ]]; then bench_latency; fi
+if [[ "${BENCH_ROLLOUT:-1}" != 0 ]]; then bench_rollout; fi
+
 echo
-echo "streamops worker benchmark: $COUNT messages, $PARTITIONS partitions, batch $BATCH (msg/s)"
+echo "streamops worker benchmark: $COUNT messages, $PARTITIONS partitions, batch ${BATCH:-spec defaults} (msg/s)"
 printf '%-16s %12s %12s %12s %8s %10s\n' "handler" "worker" "raw-consume" "pg-copy" "ratio" "peak-rss"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo "ratio = worker / min(raw-consume, pg-copy); peak-rss = worker VmHWM"
+echo "targets (moving-average): worker >= 150000 msg/s, ratio >= 0.5, peak-rss < 64 MiB"
+if ((${#LATENCY_ROWS[@]})); then
+  echo
+  echo "moving-average latency, produce -> committed row (ms; offsets sampled every 2 ms), $PARTITIONS partitions, one worker"
+  printf '%10s %14s %10s %10s %10s\n' "rate" "achieved-rate" "p50" "p99" "max"
+  for r in "${LATENCY_ROWS[@]}"; do echo "$r"; done
+  echo "target: p99 <= 50 ms at 10000 msg/s"
+fi
+if ((${#ROLLOUT_ROWS[@]})); then
+  echo
+  echo "rollout: 3 workers replaced one at a time (new identity; old one SIGTERM once the new one is ready), 5000 msg/s, 6 partitions"
+  printf '%-10s %14s %22s %10s %8s\n' "set-up" "max-pause-ms" "resumed-after-SIGTERM-s" "messages" "exact"
+  for r in "${ROLLOUT_ROWS[@]}"; do echo "$r"; done
+  echo "target: no partition paused longer than 5000 ms; exact = every message committed once"
+fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The local demo: runs the four example StreamConsumers from manifests/examples/ side by side on the
-# local stack (tansu, PostgreSQL, Redis), with the reference scorer and a webhook receiver, feeds
+# local stack (Apache Kafka, PostgreSQL, Redis), with the reference scorer and a webhook receiver, feeds
 # them sample events and prints what each produced.
 #
 # The example manifests address in-cluster services (kafka.streamops-dev:9092, ...); the demo runs
@@ -78,7 +78,7 @@ done
 port=19090
 for kind in "${KINDS[@]}"; do
   log "$kind: starting the worker (streamops-worker run --spec $kind.yaml)"
-  "$W" run --spec "${SPEC[$kind]}" --bootstrap-servers "$BROKER" --instance-id "demo-$kind-0" \
+  "$W" run --spec "${SPEC[$kind]}" --bootstrap-servers "$BROKER" \
     --http-listen "127.0.0.1:$port" --log-format text > "$DEMO/worker-$kind.log" 2>&1 & PIDS+=($!)
   port=$((port + 1))
 done

@@ -181,7 +181,7 @@ produce() {
   local ns=$1 name=$2 kind=$3 topic=$4
   k -n "$ns" create job "produce-$name" --image="$WORKER_IMAGE" -- \
     /usr/local/bin/streamops-worker produce --bootstrap-servers "$BOOTSTRAP" --topic "$topic" \
-    --kind "$kind" --count "$E2E_EVENTS" --one-per-batch >/dev/null
+    --kind "$kind" --count "$E2E_EVENTS" >/dev/null
 }
 
 e2e() {

@@ -119,9 +119,16 @@ start() {
     "${JAVA_ARGS[@]}" >>"$dir/format.log" 2>&1 \
       || die "formatting the storage in $dir/data failed; see $dir/format.log"
   fi
-  # setsid: the broker survives the shell that started it, in a process group of its own.
+  # setsid: the broker survives the shell that started it, in a session of its own. setsid forks
+  # when it is a process group leader, so `$!` may not be the broker: the shell it runs records
+  # its own pid, then becomes the JVM (exec), so kafka.pid is the broker's pid either way.
   java_args "$dir" kafka.Kafka "$dir/server.properties"
-  (cd "$dir" && nohup setsid "${JAVA_ARGS[@]}" >"$dir/stdout.log" 2>&1 </dev/null & echo $! >"$dir/kafka.pid")
+  rm -f "$dir/kafka.pid"
+  (cd "$dir" && nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$dir/kafka.pid" "${JAVA_ARGS[@]}" \
+    >"$dir/stdout.log" 2>&1 </dev/null &)
+  local i
+  for i in $(seq 1 50); do [ -s "$dir/kafka.pid" ] && break; sleep 0.1; done
+  [ -s "$dir/kafka.pid" ] || die "the broker in $dir did not start (see $dir/stdout.log)"
   echo "kafka: started in $dir (pid $(cat "$dir/kafka.pid")), listening on 127.0.0.1:$port, log $dir/kafka.log" >&2
 }
 

@@ -114,15 +114,17 @@ OPERATOR_RULES = {
     ("streamops.dev", "streamconsumers/status"): {"patch"},
     ("streamops.dev", "streamconsumers/finalizers"): {"update"},
     ("apps", "deployments"): APPLIED | {"get", "delete"},
-    ("", "configmaps"): APPLIED,
-    ("", "services"): APPLIED,
-    ("", "serviceaccounts"): APPLIED | {"delete"},
-    ("policy", "poddisruptionbudgets"): APPLIED | {"delete"},
-    ("rbac.authorization.k8s.io", "roles"): APPLIED | {"delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): APPLIED | {"delete"},
+    ("", "configmaps"): APPLIED | {"get"},
+    ("", "services"): APPLIED | {"get"},
+    ("", "serviceaccounts"): APPLIED | {"get", "delete"},
+    ("policy", "poddisruptionbudgets"): APPLIED | {"get", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): APPLIED | {"get", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
-    ("batch", "jobs"): {"create", "get", "list"},
 }
+# With policy.jobTriggers.enabled: bind the one Job-trigger ClusterRole (no jobs verbs of its own).
+JOB_TRIGGER_RULES = {("rbac.authorization.k8s.io", "clusterroles"): {"bind"}}
+# With workerNetworkPolicy.enabled.
+WORKER_NETWORK_POLICY_RULES = {("networking.k8s.io", "networkpolicies"): APPLIED | {"get", "delete"}}
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 # --------------------------------------------------------------------------------------------------
@@ -545,6 +547,15 @@ def workspace_version() -> str:
     return cargo_toml()["workspace"]["package"]["version"]
 
 
+def pinned_version(name: str) -> str:
+    """A version pinned in versions.env (`NAME=value` lines)."""
+    for line in (ROOT / "versions.env").read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key == name:
+            return value.strip()
+    raise ValueError(f"versions.env pins no {name}")
+
+
 def version_tuple(v: str) -> tuple[int, int, int]:
     parts = [int(x) for x in re.findall(r"\d+", v)[:3]]
     return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
@@ -940,8 +951,17 @@ class Checks:
                                 "worker.image.tag": "1.2.3"}, self.expect_all_options),
             ("rbac.create=false, existing ServiceAccount", {"rbac.create": "false", "serviceAccount.create": "false",
                                                              "serviceAccount.name": "my-sa"}, self.expect_no_rbac),
-            ("lag credentials from a Secret", {"lag.credentialsSecret.name": "kafka-lag", "lag.interval": "0"},
+            ("allowed brokers with credentials from a Secret",
+             {"lag.brokers[0].name": "shared", "lag.brokers[0].bootstrapServers[0]": "kafka.shared:9093",
+              "lag.brokers[0].securityProtocol": "SASL_SSL", "lag.brokers[0].saslMechanism": "SCRAM-SHA-512",
+              "lag.brokers[0].credentialsSecret.name": "kafka-lag", "lag.brokers[0].caSecret.name": "kafka-ca",
+              "lag.brokers[0].caSecret.key": "ca.crt", "lag.brokers[1].name": "dev",
+              "lag.brokers[1].hostPatterns[0]": "*.kafka.dev.svc:9092", "lag.interval": "0"},
              self.expect_lag_credentials),
+            ("job triggers and worker NetworkPolicies on",
+             {"policy.jobTriggers.enabled": "true", "policy.jobTriggers.serviceAccounts[0]": "loader",
+              "policy.allowedWorkerImages[0]": "registry.local/worker:*", "workerNetworkPolicy.enabled": "true"},
+             self.expect_job_triggers),
         ]
         for name, sets, expect in scenarios:
             def scenario(sets=sets, expect=expect, name=name):
@@ -1040,8 +1060,13 @@ class Checks:
         require(env["STREAMOPS_LEADER_ELECTION"] == "false", "leader election must be off with one replica")
         require("WATCH_NAMESPACE" not in env, "WATCH_NAMESPACE must be unset (all namespaces) by default")
         require(env.get("STREAMOPS_LAG_INTERVAL") == "30", "lag read every 30 s by default")
-        require(not {"STREAMOPS_LAG_KAFKA_USERNAME", "STREAMOPS_LAG_KAFKA_PASSWORD"} & set(env),
-                "no lag credentials unless a Secret is named")
+        require(not [v for v in env if v.startswith("STREAMOPS_LAG_BROKER_") or v.startswith("STREAMOPS_LAG_KAFKA_")],
+                "no lag credentials unless a broker entry names a Secret")
+        require(env.get("STREAMOPS_LAG_BROKERS") == "[]", "no broker allowed by default")
+        require(env.get("STREAMOPS_ALLOWED_WORKER_IMAGES") == "", "only the chart's worker image by default")
+        require(env.get("STREAMOPS_JOB_TRIGGERS") == "false", "Job triggers off by default")
+        require(not [d for d in docs if d.kind == "ClusterRole" and d.name.endswith("-job-trigger")],
+                "no Job-trigger ClusterRole while Job triggers are off")
         require(dep.obj["spec"]["strategy"]["type"] == "Recreate", "one replica without leader election must use Recreate")
         self.expect_rules(self.one(docs, "ClusterRole", "streamops-operator"), OPERATOR_RULES)
         self.expect_binding(docs, "ClusterRoleBinding", "streamops-operator", None, "streamops-operator")
@@ -1071,18 +1096,50 @@ class Checks:
         self.expect_binding(docs, "RoleBinding", "streamops-operator", "team-a", "streamops-operator")
 
     def expect_lag_credentials(self, docs: list[Doc]) -> None:
-        _, _, env = self.expect_operator_contract(docs)
+        dep, c, env = self.expect_operator_contract(docs)
         require(env.get("STREAMOPS_LAG_INTERVAL") == "0", f"STREAMOPS_LAG_INTERVAL {env.get('STREAMOPS_LAG_INTERVAL')!r}")
-        for var, key in (("STREAMOPS_LAG_KAFKA_USERNAME", "username"), ("STREAMOPS_LAG_KAFKA_PASSWORD", "password")):
-            want = {"secretKeyRef": {"name": "kafka-lag", "key": key, "optional": True}}
-            require(env.get(var) == want, f"{var}: {env.get(var)!r}, want {want}")
-        lag_rs = (ROOT / "operator" / "src" / "lag.rs").read_text()
-        for var in ("STREAMOPS_LAG_KAFKA_USERNAME", "STREAMOPS_LAG_KAFKA_PASSWORD"):
-            require(f'"{var}"' in lag_rs, f"operator/src/lag.rs does not read {var}")
+        brokers = json.loads(env.get("STREAMOPS_LAG_BROKERS") or "null")
+        want = [
+            {"name": "shared", "bootstrapServers": ["kafka.shared:9093"], "hostPatterns": [],
+             "securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512",
+             "sslCaLocation": "/etc/streamops/lag-ca/0/ca.crt"},
+            {"name": "dev", "bootstrapServers": [], "hostPatterns": ["*.kafka.dev.svc:9092"],
+             "securityProtocol": "PLAINTEXT"},
+        ]
+        require(brokers == want, f"STREAMOPS_LAG_BROKERS {brokers!r}, want {want!r}")
+        require("kafka-lag" not in (env.get("STREAMOPS_LAG_BROKERS") or ""), "no Secret in the broker list")
+        for var, key in (("STREAMOPS_LAG_BROKER_0_USERNAME", "username"), ("STREAMOPS_LAG_BROKER_0_PASSWORD", "password")):
+            want_ref = {"secretKeyRef": {"name": "kafka-lag", "key": key, "optional": True}}
+            require(env.get(var) == want_ref, f"{var}: {env.get(var)!r}, want {want_ref}")
+        require("STREAMOPS_LAG_BROKER_1_USERNAME" not in env, "entry 1 has no credentials")
+        brokers_rs = (ROOT / "operator" / "src" / "brokers.rs").read_text()
+        for fmt in ("STREAMOPS_LAG_BROKER_{index}_USERNAME", "STREAMOPS_LAG_BROKER_{index}_PASSWORD", "STREAMOPS_LAG_BROKERS"):
+            require(fmt in brokers_rs, f"operator/src/brokers.rs does not read {fmt}")
+        pod = dep.obj["spec"]["template"]["spec"]
+        vol = [v for v in pod["volumes"] if v["name"] == "lag-ca-0"]
+        require(vol and vol[0]["secret"]["secretName"] == "kafka-ca", f"CA volume {vol}")
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts") or []}
+        require(mounts.get("lag-ca-0") == "/etc/streamops/lag-ca/0", f"CA mount {mounts}")
         # The operator still never reads Secrets through the API.
         for d in docs:
             if d.kind in ("ClusterRole", "Role"):
                 self.rules_of(d)
+
+    def expect_job_triggers(self, docs: list[Doc]) -> None:
+        _, _, env = self.expect_operator_contract(docs)
+        require(env.get("STREAMOPS_JOB_TRIGGERS") == "true", "STREAMOPS_JOB_TRIGGERS")
+        require(env.get("STREAMOPS_JOB_SERVICE_ACCOUNTS") == "loader", "STREAMOPS_JOB_SERVICE_ACCOUNTS")
+        require(env.get("STREAMOPS_ALLOWED_WORKER_IMAGES") == "registry.local/worker:*", "STREAMOPS_ALLOWED_WORKER_IMAGES")
+        require(env.get("STREAMOPS_WORKER_NETWORK_POLICY") == "true", "STREAMOPS_WORKER_NETWORK_POLICY")
+        require(env.get("STREAMOPS_WORKER_POSTGRES_PORTS") == "5432", "STREAMOPS_WORKER_POSTGRES_PORTS")
+        role_name = env.get("STREAMOPS_JOB_TRIGGER_CLUSTER_ROLE")
+        job_role = self.one(docs, "ClusterRole", role_name)
+        self.expect_rules(job_role, {("batch", "jobs"): {"create", "get", "list"}})
+        operator = self.one(docs, "ClusterRole", "streamops-operator")
+        self.expect_rules(operator, OPERATOR_RULES | JOB_TRIGGER_RULES | WORKER_NETWORK_POLICY_RULES)
+        binds = [r for r in operator.obj["rules"] if "bind" in r["verbs"]]
+        require(binds and all(r.get("resourceNames") == [role_name] for r in binds),
+                f"bind must be limited to {role_name}: {binds}")
 
     def expect_all_options(self, docs: list[Doc]) -> None:
         dep, c, env = self.expect_operator_contract(docs, tag="1.2.3")
@@ -1221,11 +1278,18 @@ class Checks:
         kafka = [d for d in docs if d.kind == "Deployment" and d.name == "kafka"]
         if kafka:
             c = kafka[0].obj["spec"]["template"]["spec"]["containers"][0]
-            args = c.get("args") or []
-            if not c["image"].startswith("ghcr.io/tansu-io/tansu:") or args[:1] != ["broker"]:
-                errs.append("kafka must run the tansu broker")
-            elif args[args.index("--advertised-listener-url") + 1] != f"tcp://kafka.{DEV_NS}:9092":
-                errs.append("tansu must advertise tcp://kafka.streamops-dev:9092")
+            env = {e["name"]: e.get("value") for e in c.get("env") or []}
+            kafka_version = pinned_version("KAFKA_VERSION")
+            if c["image"] != f"apache/kafka:{kafka_version}":
+                errs.append(f"kafka must run the official image apache/kafka:{kafka_version} (KAFKA_VERSION in versions.env)")
+            roles = set((env.get("KAFKA_PROCESS_ROLES") or "").split(","))
+            if roles != {"broker", "controller"} or not env.get("KAFKA_CONTROLLER_QUORUM_VOTERS"):
+                errs.append("kafka must run one KRaft node in combined mode (broker,controller)")
+            if env.get("KAFKA_ADVERTISED_LISTENERS") != f"PLAINTEXT://kafka.{DEV_NS}:9092":
+                errs.append(f"kafka must advertise PLAINTEXT://kafka.{DEV_NS}:9092")
+            for rf in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+                if env.get(rf) != "1":
+                    errs.append(f"kafka: {rf} must be 1 on a single node")
         require(not errs, "\n".join(errs))
         check_workloads(docs)
         secret_values = [v for d in docs if d.kind == "Secret" for v in (d.obj.get("stringData") or {}).values()]
@@ -1445,6 +1509,11 @@ class Checks:
             "autoscaling with the defaulted minReplicas (1) <= maxReplicas is accepted": ("moving-average", set_("autoscaling", {"maxReplicas": 2, "lagThreshold": 10}), None),
             "SASL without credentials (CEL)": ("moving-average", set_("kafka.security", {"protocol": "SASL_SSL"}), "sasl"),
             "maxMessageBytes too small": ("fraud", set_("maxMessageBytes", 10), "10"),
+            "error topic is a consumed topic (CEL)": ("sensor", set_("errorTopic", base["sensor"]["spec"]["kafka"]["topics"][0]), "errorTopic"),
+            "default error topic is a consumed topic (CEL)": ("moving-average", lambda s: (s.pop("errorTopic", None), s["kafka"].__setitem__("topics", ["a", "a-failed"])), "must differ"),
+            "privileged Job template (CEL)": ("pipeline-trigger", lambda s: (s["handler"]["pipelineTrigger"].pop("webhook"), s["handler"]["pipelineTrigger"].__setitem__("job", {"template": {"template": {"spec": {"containers": [{"name": "c", "image": "i", "securityContext": {"privileged": True}}]}}}})), "privileged"),
+            "hostPath volume in a Job template (CEL)": ("pipeline-trigger", lambda s: (s["handler"]["pipelineTrigger"].pop("webhook"), s["handler"]["pipelineTrigger"].__setitem__("job", {"template": {"template": {"spec": {"volumes": [{"name": "r", "hostPath": {"path": "/"}}]}}}})), "hostPath"),
+            "host network in a Job template (CEL)": ("pipeline-trigger", lambda s: (s["handler"]["pipelineTrigger"].pop("webhook"), s["handler"]["pipelineTrigger"].__setitem__("job", {"template": {"template": {"spec": {"hostNetwork": True}}}})), "hostNetwork"),
         }
         wrong = []
         for name, (kind, fn, needle) in cases.items():
@@ -1583,6 +1652,8 @@ class Checks:
         for e in c.get("env") or []:
             if e["name"] in ("RUST_LOG", "POD_NAME"):
                 continue  # read by tracing's EnvFilter / informational
+            if re.fullmatch(r"STREAMOPS_LAG_BROKER_\d+_(USERNAME|PASSWORD)", e["name"]):
+                continue  # read by operator/src/brokers.rs (username_env, password_env)
             if f'env = "{e["name"]}"' not in src:
                 errs.append(f"env {e['name']}")
         require(not errs, "the chart passes what the operator does not declare: " + ", ".join(errs))

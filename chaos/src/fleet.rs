@@ -1,5 +1,5 @@
-//! A fleet of worker processes for one StreamConsumer: one consumer group, static membership,
-//! each member on its own HTTP port.
+//! A fleet of worker processes for one StreamConsumer: one consumer group, static or dynamic
+//! membership, each member on its own HTTP port.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,15 @@ use anyhow::{Context, Result};
 use tokio::process::{Child, Command};
 
 use crate::stack::{log_file, terminate};
+
+/// How the members join the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// `--instance-id w<N>`, as the operator runs pods (`group.instance.id` = the pod name).
+    Static,
+    /// No instance id (the worker's default): a graceful stop leaves the group.
+    Dynamic,
+}
 
 /// One worker process.
 pub struct Member {
@@ -25,6 +34,7 @@ pub struct Fleet {
     dir: PathBuf,
     env: Vec<(String, String)>,
     base_port: u16,
+    membership: Membership,
     members: BTreeMap<String, Member>,
     /// Peak resident set size seen, in KiB.
     pub peak_rss_kib: u64,
@@ -38,6 +48,7 @@ impl Fleet {
         dir: PathBuf,
         env: Vec<(String, String)>,
         base_port: u16,
+        membership: Membership,
     ) -> Self {
         Self {
             bin: bin.to_path_buf(),
@@ -45,6 +56,7 @@ impl Fleet {
             dir,
             env,
             base_port,
+            membership,
             members: BTreeMap::new(),
             peak_rss_kib: 0,
         }
@@ -55,18 +67,20 @@ impl Fleet {
         format!("w{i}")
     }
 
-    /// Starts member `id` (again, after a kill: same id, so it reclaims its partitions).
+    /// Starts member `id` (again, after a kill: with static membership the same id reclaims its
+    /// partitions at once).
     pub fn start(&mut self, id: &str) -> Result<()> {
         let index: u16 = id
             .trim_start_matches('w')
             .parse()
             .context("instance ids are w<N>")?;
         let port = self.base_port + index;
-        let child = Command::new(&self.bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--instance-id", id])
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run").arg("--config").arg(&self.config);
+        if self.membership == Membership::Static {
+            cmd.args(["--instance-id", id]);
+        }
+        let child = cmd
             .args(["--http-listen", &format!("127.0.0.1:{port}")])
             .args(["--log-format", "json"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

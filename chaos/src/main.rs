@@ -14,7 +14,7 @@ use streamops_crds::HandlerKind;
 use streamops_worker::cli::KindArg;
 use streamops_worker::worker::wait_for_signal;
 
-use scenarios::{Profile, Row, Scenario};
+use scenarios::{Profile, Row, RunProfile, Scenario};
 
 /// Runs the worker under faults and reconciles every message produced against what came out.
 #[derive(Debug, Parser)]
@@ -86,9 +86,10 @@ async fn main() -> ExitCode {
     } else {
         args.scenarios.clone()
     };
-    if let Some(n) = args.messages {
-        scenarios::override_messages(n);
-    }
+    let run = RunProfile {
+        profile: args.profile,
+        messages: args.messages,
+    };
     let only: Vec<HandlerKind> = args.handlers.iter().map(|k| (*k).into()).collect();
     let run_id = format!("{}", std::process::id());
     let dir = args.dir.join(&run_id);
@@ -118,7 +119,7 @@ async fn main() -> ExitCode {
         // An interrupt drops the scenario, whose child processes are killed on drop, and still
         // tears the stack down and prints what ran.
         let outcome = tokio::select! {
-            r = scenarios::run(&mut stack, scenario, args.profile, &only, &run_id) => Some(r),
+            r = scenarios::run(&mut stack, scenario, run, &only, &run_id) => Some(r),
             _ = wait_for_signal() => None,
         };
         match outcome {

@@ -1,9 +1,8 @@
 //! The scenarios and the exact reconciliation of input against output.
 //!
 //! Every scenario runs one lane per handler it applies to, side by side: a fresh database, fresh
-//! topics, a fleet of worker processes in one consumer group, and a producer writing one record
-//! per batch (tansu resumes correctly only then; see DEVELOPERS.md). Faults are injected while the
-//! producer runs. When every lane has stored the offset of every produced message (or the time
+//! topics, a fleet of worker processes in one consumer group, and a producer that batches and
+//! compresses as any producer does. Faults are injected while the producer runs. When every lane has stored the offset of every produced message (or the time
 //! limit passes), the fleets stop gracefully and each lane is reconciled:
 //!
 //! - every produced offset must be accounted for exactly once, either by the handler's row for it
@@ -28,7 +27,7 @@ use streamops_crds::HandlerKind;
 use streamops_worker::generate::{generate, GenOptions};
 use tokio::process::{Child, Command};
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Membership};
 use crate::stack::{log_file, Stack};
 
 /// How long and how hard.
@@ -40,12 +39,14 @@ pub enum Profile {
     Full,
 }
 
-/// Messages per lane for every scenario, when given on the command line.
-static MESSAGES_OVERRIDE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-
-/// Sets the number of messages per lane for every scenario of this run (first call wins).
-pub fn override_messages(n: u64) {
-    let _ = MESSAGES_OVERRIDE.set(n);
+/// What every scenario of a run is sized by: the profile, and the messages per lane when given
+/// on the command line (`--messages`), which replace the profile's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunProfile {
+    /// How long and how hard.
+    pub profile: Profile,
+    /// Messages per lane for every scenario, instead of the profile's counts.
+    pub messages: Option<u64>,
 }
 
 /// A fault scenario.
@@ -57,11 +58,13 @@ pub enum Scenario {
     PgRestart,
     /// Cut the broker connection (TCP proxy) mid-run.
     BrokerCut,
+    /// Stop the broker process (SIGTERM), start it again on its data; later the same with SIGKILL.
+    BrokerRestart,
     /// Scoring service down, then slow (fraud).
     ScorerOutage,
     /// Restart Redis mid-run (pipeline-trigger).
     RedisRestart,
-    /// Group membership 3 → 1 → 4 during the run.
+    /// Group membership 3 → 1 → 4 during the run (dynamic members, cooperative-sticky).
     Membership,
     /// 1% poison messages: malformed, oversized, invalid UTF-8, wrong types.
     Poison,
@@ -71,11 +74,12 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Self::Poison,
         Self::Kill,
         Self::PgRestart,
         Self::BrokerCut,
+        Self::BrokerRestart,
         Self::Membership,
         Self::ScorerOutage,
         Self::RedisRestart,
@@ -88,6 +92,7 @@ impl Scenario {
             Self::Kill => "kill",
             Self::PgRestart => "pg-restart",
             Self::BrokerCut => "broker-cut",
+            Self::BrokerRestart => "broker-restart",
             Self::ScorerOutage => "scorer-outage",
             Self::RedisRestart => "redis-restart",
             Self::Membership => "membership",
@@ -106,11 +111,11 @@ impl Scenario {
     }
 
     /// Messages per lane (`--messages` overrides the profile's count).
-    pub fn messages(self, profile: Profile) -> u64 {
-        if let Some(n) = MESSAGES_OVERRIDE.get() {
-            return *n;
+    pub fn messages(self, run: RunProfile) -> u64 {
+        if let Some(n) = run.messages {
+            return n;
         }
-        match (profile, self) {
+        match (run.profile, self) {
             (Profile::Full, Self::Kill | Self::Backlog) => 1_000_000,
             (Profile::Full, _) => 50_000,
             (Profile::Short, Self::Backlog) => 20_000,
@@ -271,7 +276,7 @@ async fn admin_topic(
 async fn setup_lane(
     stack: &Stack,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     kind: HandlerKind,
     lane_index: usize,
     run_id: &str,
@@ -304,7 +309,7 @@ async fn setup_lane(
     let config_path = dir.join("worker.yaml");
     std::fs::write(&config_path, config.to_yaml()?)?;
 
-    let messages = scenario.messages(profile);
+    let messages = scenario.messages(run);
     let opts = GenOptions {
         kind,
         seed: 7 + lane_index as u64,
@@ -316,33 +321,30 @@ async fn setup_lane(
     let expected_valid = generated.iter().filter(|g| g.event.is_some()).count() as u64;
     let expected_poison = messages - expected_valid;
 
-    let mut env = vec![
+    let env = vec![
         ("STREAMOPS_DATABASE_URL".to_string(), db_url),
         ("STREAMOPS_REDIS_URL".to_string(), stack.redis_url()),
     ];
-    let mut notes = Vec::new();
-    let mut overrides = Vec::new();
-    if scenario == Scenario::Membership {
-        // tansu 0.6 never completes a cooperative rebalance (DEVELOPERS.md, caveat 4): membership
-        // changes run with the eager protocol so that they measure the worker, not that bug.
-        overrides.push("partition.assignment.strategy=range");
-        notes.push("eager assignment (tansu caveat 4)".to_string());
-    }
-    if profile == Profile::Full {
-        // tansu's memory engine lists every record batch of a partition on each fetch
-        // (DEVELOPERS.md, caveat 6), and with one record per batch a consumer at the tail of a
-        // long topic costs the broker O(topic size) per fetch. Fewer, fuller fetches keep the
-        // 1,000,000-message runs within the machine; the worker's behaviour is unchanged.
-        overrides.push("fetch.wait.max.ms=1000,fetch.min.bytes=262144");
-    }
-    if !overrides.is_empty() {
-        env.push((
-            "STREAMOPS_KAFKA_CONSUMER_OVERRIDES".to_string(),
-            overrides.join(","),
-        ));
-    }
+    let notes = Vec::new();
     let base_port = 20000 + (lane_index as u16) * 10;
-    let fleet = Fleet::new(&stack.worker_bin, config_path, dir, env, base_port);
+    // The kill scenario restarts a killed member under the same instance id, as a container
+    // restarts in its pod under the operator (static membership, `group.instance.id` = the pod
+    // name): it gets its partitions back at once. Membership changes use dynamic members, the
+    // worker's default, which leave the group on SIGTERM; a static member would hold its
+    // partitions until `session.timeout.ms` (librdkafka sends no LeaveGroup for it, KIP-345).
+    let membership = if scenario == Scenario::Membership {
+        Membership::Dynamic
+    } else {
+        Membership::Static
+    };
+    let fleet = Fleet::new(
+        &stack.worker_bin,
+        config_path,
+        dir,
+        env,
+        base_port,
+        membership,
+    );
     Ok(Lane {
         kind,
         name,
@@ -363,7 +365,7 @@ fn start_producer(
     stack: &Stack,
     lane: &Lane,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     lane_index: usize,
 ) -> Result<Child> {
     Command::new(&stack.worker_bin)
@@ -376,16 +378,15 @@ fn start_producer(
             "--kind",
             lane.kind.as_str(),
             "--count",
-            &scenario.messages(profile).to_string(),
+            &scenario.messages(run).to_string(),
             "--rate",
-            &scenario.rate(profile).to_string(),
+            &scenario.rate(run.profile).to_string(),
             "--keys",
             "12",
             "--seed",
             &(7 + lane_index as u64).to_string(),
             "--poison-percent",
             &scenario.poison_percent().to_string(),
-            "--one-per-batch",
         ])
         .stdout(log_file(&stack.dir.join(&lane.topic), "producer.log")?)
         .stderr(log_file(&stack.dir.join(&lane.topic), "producer.log")?)
@@ -418,8 +419,7 @@ async fn producers_done(lanes: &mut [Lane]) -> Result<bool> {
     Ok(all)
 }
 
-/// Sum of the high watermarks of a topic's partitions: the messages produced so far (the producer
-/// writes one record per batch, for which tansu reports exact watermarks).
+/// Sum of the high watermarks of a topic's partitions: the messages produced so far.
 fn produced_so_far(bootstrap: &str, topic: &str) -> Option<i64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -443,12 +443,23 @@ async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> O
     let start = Instant::now();
     let mut targets = Vec::new();
     for l in lanes {
-        let (b, t) = (bootstrap.to_string(), l.topic.clone());
-        let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
-            .await
-            .ok()
-            .flatten()?;
-        targets.push(produced);
+        // Right after a broker restart the watermarks are briefly unavailable (partitions being
+        // loaded): ask again until they answer.
+        loop {
+            let (b, t) = (bootstrap.to_string(), l.topic.clone());
+            let produced = tokio::task::spawn_blocking(move || produced_so_far(&b, &t))
+                .await
+                .ok()
+                .flatten();
+            if let Some(p) = produced {
+                targets.push(p);
+                break;
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     let mut pending: Vec<usize> = (0..lanes.len()).collect();
     while !pending.is_empty() && start.elapsed() < limit {
@@ -485,10 +496,11 @@ async fn all_applied(lanes: &[Lane]) -> bool {
 pub async fn run(
     stack: &mut Stack,
     scenario: Scenario,
-    profile: Profile,
+    run: RunProfile,
     only: &[HandlerKind],
     run_id: &str,
 ) -> Result<Vec<Row>> {
+    let profile = run.profile;
     let kinds: Vec<HandlerKind> = scenario
         .kinds()
         .into_iter()
@@ -499,14 +511,14 @@ pub async fn run(
     }
     let mut lanes = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
-        lanes.push(setup_lane(stack, scenario, profile, *kind, i, run_id).await?);
+        lanes.push(setup_lane(stack, scenario, run, *kind, i, run_id).await?);
     }
-    let messages = scenario.messages(profile);
+    let messages = scenario.messages(run);
     let backlog = scenario == Scenario::Backlog;
 
     if backlog {
         for (i, lane) in lanes.iter_mut().enumerate() {
-            lane.producer = Some(start_producer(stack, lane, scenario, profile, i)?);
+            lane.producer = Some(start_producer(stack, lane, scenario, run, i)?);
         }
         while !producers_done(&mut lanes).await? {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -525,7 +537,7 @@ pub async fn run(
     let started = Instant::now();
     if !backlog {
         for (i, lane) in lanes.iter_mut().enumerate() {
-            lane.producer = Some(start_producer(stack, lane, scenario, profile, i)?);
+            lane.producer = Some(start_producer(stack, lane, scenario, run, i)?);
         }
     }
 
@@ -538,7 +550,7 @@ pub async fn run(
         Profile::Full => Duration::from_secs(30),
         Profile::Short => Duration::from_secs(8),
     };
-    // The broker, not the worker, sets the pace of a full run (caveat 6): allow it.
+    // A generous limit: it only ends a run that stopped making progress.
     let limit = match profile {
         Profile::Full => Duration::from_secs(produce_secs * 30 + 600),
         Profile::Short => Duration::from_secs(produce_secs * 4 + 300),
@@ -546,6 +558,7 @@ pub async fn run(
     let mut recovery: Option<Duration> = None;
     let mut faulted = false;
     let mut membership_step = 0;
+    let mut broker_restarts = 0;
     let mut next_kill = Instant::now() + Duration::from_secs(2);
     let kill_every = match profile {
         Profile::Full => Duration::from_secs(5),
@@ -589,6 +602,18 @@ pub async fn run(
                 stack.restart_postgres(outage / 3).await?;
                 recovery =
                     time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+            }
+            Scenario::BrokerRestart if broker_restarts == 0 && elapsed >= fault_at => {
+                broker_restarts = 1;
+                recovery = restart_broker(stack, &mut lanes, false, outage / 4).await?;
+            }
+            Scenario::BrokerRestart if broker_restarts == 1 && elapsed >= fault_at * 2 => {
+                broker_restarts = 2;
+                let r = restart_broker(stack, &mut lanes, true, outage / 4).await?;
+                recovery = match (recovery, r) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
             }
             Scenario::BrokerCut if !faulted && elapsed >= fault_at => {
                 faulted = true;
@@ -710,6 +735,7 @@ pub async fn run(
             scenario,
             Scenario::PgRestart
                 | Scenario::BrokerCut
+                | Scenario::BrokerRestart
                 | Scenario::ScorerOutage
                 | Scenario::RedisRestart
                 | Scenario::Membership
@@ -722,6 +748,32 @@ pub async fn run(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Stops the broker (SIGTERM, or SIGKILL when `abrupt`), keeps it down for `down_for`, starts it
+/// again on its data directory, and returns the time until every lane caught up.
+async fn restart_broker(
+    stack: &mut Stack,
+    lanes: &mut [Lane],
+    abrupt: bool,
+    down_for: Duration,
+) -> Result<Option<Duration>> {
+    let how = if abrupt { "SIGKILL" } else { "SIGTERM" };
+    let t = Instant::now();
+    stack.stop_broker(abrupt).await?;
+    let stopped = t.elapsed();
+    tokio::time::sleep(down_for).await;
+    let t = Instant::now();
+    stack.start_broker().await?;
+    let started = t.elapsed();
+    for lane in lanes.iter_mut() {
+        lane.notes.push(format!(
+            "broker {how}: stopped in {:.1}s, up again in {:.1}s",
+            stopped.as_secs_f64(),
+            started.as_secs_f64()
+        ));
+    }
+    Ok(time_to_catch_up(&stack.bootstrap(), lanes, Duration::from_secs(300)).await)
 }
 
 async fn count_pair(pool: &PgPool, sql: &str) -> Result<(i64, i64)> {
@@ -905,4 +957,24 @@ async fn reconcile(stack: &Stack, lane: &Lane, scenario: Scenario, messages: u64
         passed,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_given_on_the_command_line_replace_every_scenarios_count() {
+        let given = RunProfile {
+            profile: Profile::Full,
+            messages: Some(1234),
+        };
+        assert!(Scenario::ALL.iter().all(|s| s.messages(given) == 1234));
+        let profile_counts = RunProfile {
+            profile: Profile::Short,
+            messages: None,
+        };
+        assert_eq!(Scenario::Backlog.messages(profile_counts), 20_000);
+        assert_eq!(Scenario::Kill.messages(profile_counts), 6_000);
+    }
 }

@@ -1,5 +1,6 @@
 //! The services a chaos run uses, separate from the development stack so that faults stay
-//! contained: a tansu broker of its own behind the TCP proxy, a Redis with append-only persistence
+//! contained: an Apache Kafka broker of its own (one KRaft node started with `scripts/kafka.sh`,
+//! its own data directory and ports) behind the TCP proxy, a Redis with append-only persistence
 //! (so that a restart keeps its data, as a production Redis would), the reference scorer, and an
 //! in-process webhook receiver. PostgreSQL is the machine's: a PostgreSQL restart scenario restarts
 //! it with `pg_ctlcluster`.
@@ -18,8 +19,15 @@ use crate::proxy::Proxy;
 
 /// Ports of the chaos stack.
 pub const BROKER_PORT: u16 = 19092;
-/// The proxy's port, advertised by the chaos broker.
+/// The chaos broker's KRaft controller port.
+pub const CONTROLLER_PORT: u16 = 19093;
+/// The proxy's port, advertised by the chaos broker (clients always reconnect through it).
 pub const PROXY_PORT: u16 = 29092;
+
+/// `scripts/kafka.sh` of this checkout.
+fn kafka_sh() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh")
+}
 /// The chaos Redis.
 pub const REDIS_PORT: u16 = 16379;
 /// The reference scorer.
@@ -116,7 +124,9 @@ pub struct Stack {
     pub proxy: Proxy,
     /// Webhook calls received.
     pub webhooks: Webhooks,
-    broker: Child,
+    /// The broker's directory (configuration, data, logs, pid file).
+    kafka_dir: PathBuf,
+    broker_running: bool,
     redis: Option<Child>,
     scorer: Option<Child>,
 }
@@ -130,6 +140,7 @@ impl Stack {
         }
         for (port, what) in [
             (BROKER_PORT, "chaos broker"),
+            (CONTROLLER_PORT, "chaos broker's controller"),
             (PROXY_PORT, "chaos proxy"),
             (REDIS_PORT, "chaos Redis"),
             (SCORER_PORT, "chaos scorer"),
@@ -139,23 +150,8 @@ impl Stack {
                 bail!("port {port} for the {what} is taken: is another chaos run going on?");
             }
         }
-        let broker = Command::new("tansu")
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{BROKER_PORT}"),
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{PROXY_PORT}"),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .current_dir(&dir)
-            .stdout(log_file(&dir, "tansu.log")?)
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting tansu (is it installed? `make dev-up` installs it)")?;
-        wait_port(BROKER_PORT, "the chaos broker", Duration::from_secs(30)).await?;
+        let kafka_dir = dir.join("kafka");
+        start_kafka(&kafka_dir).await?;
         let proxy = Proxy::start(
             SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
             SocketAddr::from(([127, 0, 0, 1], BROKER_PORT)),
@@ -169,7 +165,8 @@ impl Stack {
             dir,
             proxy,
             webhooks,
-            broker,
+            kafka_dir,
+            broker_running: true,
             redis: None,
             scorer: None,
         };
@@ -196,6 +193,42 @@ impl Stack {
     /// Webhook URL of the receiver.
     pub fn webhook_url(&self) -> String {
         format!("http://127.0.0.1:{WEBHOOK_PORT}/hook")
+    }
+
+    /// The broker's process id (from its pid file).
+    fn broker_pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(self.kafka_dir.join("kafka.pid"))
+            .context("reading the chaos broker's pid file")?;
+        text.trim()
+            .parse()
+            .context("the chaos broker's pid file holds no pid")
+    }
+
+    /// Stops the broker process: gracefully (SIGTERM: it flushes its logs and closes its
+    /// segments) or abruptly (SIGKILL: it recovers its logs at the next start). Waits until the
+    /// process is gone.
+    pub async fn stop_broker(&mut self, abrupt: bool) -> Result<()> {
+        let pid = self.broker_pid()?;
+        signal(pid, if abrupt { "KILL" } else { "TERM" });
+        let start = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid) {
+            if start.elapsed() > Duration::from_secs(60) {
+                signal(pid, "KILL");
+            }
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!("the chaos broker (pid {pid}) did not exit");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.broker_running = false;
+        wait_port_closed(BROKER_PORT, Duration::from_secs(30)).await
+    }
+
+    /// Starts the broker again on its data directory.
+    pub async fn start_broker(&mut self) -> Result<()> {
+        start_kafka(&self.kafka_dir).await?;
+        self.broker_running = true;
+        Ok(())
     }
 
     /// Starts the Redis with append-only persistence (fsync on every write).
@@ -279,8 +312,88 @@ impl Stack {
         if let Some(mut c) = self.redis.take() {
             terminate(&mut c).await;
         }
-        let _ = self.broker.kill().await;
+        stop_kafka(&self.kafka_dir).await;
+        self.broker_running = false;
     }
+}
+
+impl Drop for Stack {
+    /// The broker runs in a session of its own (it outlives the shell that started it): stop it
+    /// even when the run ends without `shutdown`.
+    fn drop(&mut self) {
+        if self.broker_running {
+            let _ = std::process::Command::new("bash")
+                .arg(kafka_sh())
+                .arg("stop")
+                .arg(&self.kafka_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Starts (formatting its storage the first time) the chaos broker in `dir`, advertising the
+/// proxy's address, and waits until it answers a Metadata request.
+async fn start_kafka(dir: &Path) -> Result<()> {
+    let status = Command::new("bash")
+        .arg(kafka_sh())
+        .arg("start")
+        .arg(dir)
+        .args([
+            BROKER_PORT.to_string(),
+            CONTROLLER_PORT.to_string(),
+            format!("127.0.0.1:{PROXY_PORT}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log_file(dir.parent().unwrap_or(dir), "kafka-sh.log")?)
+        .status()
+        .await
+        .context("running scripts/kafka.sh start")?;
+    if !status.success() {
+        bail!(
+            "scripts/kafka.sh start failed ({status}); see kafka-sh.log in {} (Java and Maven: \
+             `make dev-up` installs them)",
+            dir.parent().unwrap_or(dir).display()
+        );
+    }
+    let status = Command::new("bash")
+        .arg(kafka_sh())
+        .args(["ready", &format!("127.0.0.1:{BROKER_PORT}"), "120"])
+        .stdout(Stdio::null())
+        .stderr(log_file(dir.parent().unwrap_or(dir), "kafka-sh.log")?)
+        .status()
+        .await
+        .context("running scripts/kafka.sh ready")?;
+    if !status.success() {
+        bail!(
+            "the chaos broker did not become ready; see {}",
+            dir.join("kafka.log").display()
+        );
+    }
+    Ok(())
+}
+
+async fn stop_kafka(dir: &Path) {
+    let _ = Command::new("bash")
+        .arg(kafka_sh())
+        .arg("stop")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Whether `pid` is a zombie (exited, not yet reaped by its parent).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 fn pg_version() -> Result<String> {

@@ -8,9 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::v1alpha1::{
-    AutoOffsetReset, BatchSpec, FraudSettings, HandlerKind, LogLevel, MovingAverageSettings,
-    PipelineTriggerSettings, SaslMechanism, SecurityProtocol, SensorSettings, StreamConsumer,
-    StreamConsumerSpec,
+    AutoOffsetReset, BatchSpec, FraudSettings, GroupProtocol, HandlerKind, LogLevel,
+    MovingAverageSettings, OnOffsetGap, PipelineTriggerSettings, SaslMechanism, SecurityProtocol,
+    SensorSettings, StreamConsumer, StreamConsumerSpec,
 };
 use crate::validate::{validate_spec, SpecError};
 
@@ -22,7 +22,13 @@ pub const ENV_REDIS_URL: &str = "STREAMOPS_REDIS_URL";
 pub const ENV_KAFKA_USERNAME: &str = "STREAMOPS_KAFKA_USERNAME";
 /// SASL password.
 pub const ENV_KAFKA_PASSWORD: &str = "STREAMOPS_KAFKA_PASSWORD";
-/// Static group membership id (`group.instance.id`); the operator sets it to the pod name.
+/// Environment variable holding the value of `webhook.secretHeaders[index]`; the operator fills
+/// it from the header's Secret with a `secretKeyRef`.
+pub fn webhook_header_env(index: usize) -> String {
+    format!("STREAMOPS_WEBHOOK_HEADER_{index}")
+}
+/// Static group membership id (`group.instance.id`). The operator leaves it unset (dynamic
+/// members: a Deployment's pod names change on every rollout); tests and tools may set it.
 pub const ENV_INSTANCE_ID: &str = "STREAMOPS_INSTANCE_ID";
 /// Path of the rendered configuration file the worker reads.
 pub const ENV_CONFIG_PATH: &str = "STREAMOPS_CONFIG";
@@ -54,7 +60,8 @@ pub struct WorkerConfig {
     pub handler: Handler,
     /// Topic for messages the handler cannot process.
     pub error_topic: String,
-    /// Batching of database transactions.
+    /// Batching of database transactions (the spec's defaults when left out).
+    #[serde(default)]
     pub batch: BatchSpec,
     /// Largest accepted message value, in bytes.
     pub max_message_bytes: u32,
@@ -90,6 +97,9 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Start of a partition with no stored offset.
     pub auto_offset_reset: AutoOffsetReset,
+    /// What to do at a gap in a partition's offsets.
+    #[serde(default)]
+    pub on_offset_gap: OnOffsetGap,
     /// Security protocol.
     pub security_protocol: SecurityProtocol,
     /// SASL mechanism, when the protocol uses SASL.
@@ -104,6 +114,11 @@ pub struct KafkaConfig {
     /// PEM client key file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_key_location: Option<String>,
+    /// Consumer group protocol (`group.protocol`). Under `consumer` (KIP-848) the broker assigns
+    /// partitions, so the worker sets neither `partition.assignment.strategy` nor the classic
+    /// session and heartbeat timeouts.
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
     /// `session.timeout.ms`.
     #[serde(default = "crate::v1alpha1::default_session_timeout_ms")]
     pub session_timeout_ms: u32,
@@ -201,6 +216,7 @@ impl WorkerConfig {
                 topics: spec.kafka.topics.clone(),
                 group_id: spec.kafka.group_id.clone(),
                 auto_offset_reset: spec.kafka.auto_offset_reset,
+                on_offset_gap: spec.kafka.on_offset_gap,
                 security_protocol: protocol,
                 sasl_mechanism: security
                     .filter(|s| s.protocol.uses_sasl())
@@ -211,6 +227,7 @@ impl WorkerConfig {
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_CERT_KEY}")),
                 ssl_key_location: client_cert
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_KEY_KEY}")),
+                group_protocol: spec.kafka.group_protocol,
                 session_timeout_ms: spec.kafka.session_timeout_ms,
                 max_poll_interval_ms: spec.kafka.max_poll_interval_ms,
             },

@@ -42,6 +42,7 @@ impl StreamConsumerSpec {
                         timeout_ms: 5000,
                         max_retries: 5,
                         headers: Default::default(),
+                        secret_headers: Vec::new(),
                         retry_backoff: default_webhook_backoff(),
                     }),
                     job: None,
@@ -61,7 +62,9 @@ impl StreamConsumerSpec {
                 topics: vec![topic.into()],
                 group_id: format!("{kind}-consumer"),
                 auto_offset_reset: AutoOffsetReset::Earliest,
+                on_offset_gap: Default::default(),
                 security: None,
+                group_protocol: Default::default(),
                 session_timeout_ms: default_session_timeout_ms(),
                 max_poll_interval_ms: default_max_poll_interval_ms(),
             },
@@ -89,6 +92,8 @@ impl StreamConsumerSpec {
             progress_every: None,
             cleanup_policy: CleanupPolicy::Retain,
             autoscaling: None,
+            suspend: false,
+            replay: None,
         }
     }
 }

@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod fixtures;
+pub mod gap;
+pub mod job_template;
 pub mod strict;
 pub mod v1alpha1;
 pub mod validate;

@@ -66,6 +66,12 @@ pub const VERSION: &str = "v1alpha1";
         description = "Total consumer-group lag in messages"
     ),
     printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Running, Suspended or Replaying"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -78,7 +84,8 @@ pub const VERSION: &str = "v1alpha1";
 )]
 #[x_kube(
     validation = Rule::new("self.handler.kind != 'pipeline-trigger' || has(self.redis)").message("spec.redis is required when spec.handler.kind is pipeline-trigger").field_path(".redis"),
-    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas").message("spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas").field_path(".autoscaling")
+    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.minReplicas <= self.autoscaling.maxReplicas").message("spec.autoscaling.minReplicas must not exceed spec.autoscaling.maxReplicas").field_path(".autoscaling"),
+    validation = Rule::new("has(self.errorTopic) ? !(self.errorTopic in self.kafka.topics) : !((self.kafka.topics[0] + '-failed') in self.kafka.topics)").message("spec.errorTopic (default: the first topic plus -failed) must differ from every consumed topic, or rejected messages loop back into the consumer").field_path(".errorTopic")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StreamConsumerSpec {
@@ -108,7 +115,9 @@ pub struct StreamConsumerSpec {
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
     pub error_topic: Option<String>,
 
-    /// How messages are grouped into one database transaction.
+    /// How messages are grouped into one database transaction. Within these bounds each batch
+    /// adapts to the backlog: small once the workers have caught up, up to `maxMessages` while
+    /// they are behind.
     #[serde(default)]
     pub batch: BatchSpec,
 
@@ -147,6 +156,61 @@ pub struct StreamConsumerSpec {
     /// Lag-based autoscaling. When set, the operator owns `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Suspends the consumer: its workers commit the batches they hold and stop (the Deployment
+    /// scales to 0), autoscaling pauses, and lag is still reported. Set it back to false to
+    /// resume from the offsets of record, exactly where processing stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+
+    /// A replay: reset the consumer to earlier positions and rebuild the handler's tables, so
+    /// that they end up as those of an uninterrupted run from there. It runs once per
+    /// `requestId`; to replay again, set a new one. See `status.replay` for its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplaySpec>,
+}
+
+/// Where a replay starts: exactly one of `toEarliest`, `fromTimestamp` and `offsets`.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(
+    validation = Rule::new("(has(self.toEarliest) && self.toEarliest ? 1 : 0) + (has(self.fromTimestamp) ? 1 : 0) + (has(self.offsets) && size(self.offsets) > 0 ? 1 : 0) == 1").message("replay needs exactly one of toEarliest, fromTimestamp and offsets")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySpec {
+    /// Identifies the request: a replay runs once per id. Lowercase letters, digits and `-`,
+    /// at most 40 characters.
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub request_id: String,
+    /// Every partition from the earliest offset the broker still holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub to_earliest: bool,
+    /// Every partition from its first message with a timestamp at or after this time
+    /// (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub from_timestamp: Option<String>,
+    /// Explicit positions; partitions not listed keep theirs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub offsets: Vec<ReplayOffset>,
+}
+
+/// The position of one partition.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayOffset {
+    /// Topic (one of `kafka.topics`).
+    #[schemars(length(min = 1, max = 249))]
+    pub topic: String,
+    /// Partition.
+    #[schemars(range(min = 0))]
+    pub partition: i32,
+    /// Offset of the next message to process.
+    #[schemars(range(min = 0))]
+    pub offset: i64,
 }
 
 fn default_replicas() -> i32 {
@@ -181,14 +245,32 @@ pub struct KafkaSpec {
     #[serde(default)]
     pub auto_offset_reset: AutoOffsetReset,
 
+    /// What a worker does when Kafka no longer has the messages at a partition's stored offset
+    /// (retention deleted them before they were processed, or the stored offset lies beyond the
+    /// end of the log because the topic was recreated or the cluster restored): `skip` (the
+    /// default) goes on with the next message it can apply, `fail` stops the worker at the gap. Either
+    /// way the gap is logged with its range, counted in `streamops_offset_gaps_total`, recorded in
+    /// `streamops_offset_gaps` and shown as the `OffsetGap` condition.
+    #[serde(default)]
+    pub on_offset_gap: OnOffsetGap,
+
     /// Transport security and authentication. Credentials are only ever read from Secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security: Option<KafkaSecurity>,
 
+    /// Consumer group protocol: `classic` (the default: the members agree on the assignment
+    /// in JoinGroup/SyncGroup rounds, cooperative-sticky) or `consumer` (KIP-848, Apache Kafka
+    /// 4.0 or newer: the broker computes the assignment and hands it out incrementally in
+    /// heartbeats; the broker's group.consumer.* settings then decide the assignor, session
+    /// timeout and heartbeat interval).
+    #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
+    pub group_protocol: GroupProtocol,
+
     /// Kafka's `session.timeout.ms`: how long the group coordinator waits for a heartbeat before
     /// it removes a member (a static member: before its partitions move to others). Between 6000
     /// and 300000 (the broker's `group.min/max.session.timeout.ms` defaults), at most
-    /// `maxPollIntervalMs`. Default 45000.
+    /// `maxPollIntervalMs`. Default 45000. Classic protocol only: under `consumer` (KIP-848) the
+    /// broker's `group.consumer.session.timeout.ms` decides.
     #[serde(default = "default_session_timeout_ms")]
     #[schemars(range(min = 6000, max = 300000))]
     pub session_timeout_ms: u32,
@@ -211,6 +293,33 @@ pub fn default_max_poll_interval_ms() -> u32 {
     300_000
 }
 
+/// Consumer group protocol (`group.protocol` of the Kafka client).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// JoinGroup/SyncGroup rebalances with the cooperative-sticky assignor; works with every
+    /// Kafka version.
+    #[default]
+    Classic,
+    /// KIP-848: the broker assigns partitions; needs Apache Kafka 4.0 or newer.
+    Consumer,
+}
+
+impl GroupProtocol {
+    /// The librdkafka value of `group.protocol`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classic => "classic",
+            Self::Consumer => "consumer",
+        }
+    }
+
+    /// Whether this is the classic protocol (the default, left out when serializing).
+    pub fn is_classic(&self) -> bool {
+        *self == Self::Classic
+    }
+}
+
 /// Where a partition with no stored offset starts.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -228,6 +337,32 @@ impl AutoOffsetReset {
         match self {
             Self::Earliest => "earliest",
             Self::Latest => "latest",
+        }
+    }
+}
+
+/// What a worker does at a gap in a partition's offsets.
+///
+/// The default is `skip`: the messages of a gap are already gone, so stopping cannot bring them
+/// back; under retention, a stopped worker only lets the gap grow while its backlog ages out. The
+/// gap is never silent (log, metric, table, condition). Choose `fail` where a human must decide
+/// first, for instance when a recreated topic reuses offsets that already have rows.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOffsetGap {
+    /// Record the gap and resume at the next available message.
+    #[default]
+    Skip,
+    /// Record the gap and stop: the worker exits with an error naming the gap.
+    Fail,
+}
+
+impl OnOffsetGap {
+    /// The spec value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skip => "skip",
+            Self::Fail => "fail",
         }
     }
 }
@@ -648,12 +783,20 @@ pub struct WebhookSpec {
     #[serde(default = "default_webhook_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub max_retries: u32,
-    /// Extra HTTP headers sent with every call. Never put credentials here.
+    /// Extra HTTP headers sent with every call, inline. Never put credentials here: use
+    /// `secretHeaders`. Credential-bearing names (Authorization, Proxy-Authorization, Cookie and
+    /// any name containing token, secret, key or password) are refused inline.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// Backoff between the retries of a failed call (default: 250 ms, factor 2, at most 30 s).
     #[serde(default = "default_webhook_backoff")]
     pub retry_backoff: RetryBackoff,
+    /// HTTP headers whose values come from Secrets, such as `Authorization`. The kubelet puts each
+    /// value into the worker's environment (`STREAMOPS_WEBHOOK_HEADER_<index>`); it never appears
+    /// in the StreamConsumer, the worker configuration, logs or status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub secret_headers: Vec<SecretHeader>,
 }
 
 /// Default of `webhook.retryBackoff`; also the backoff of Job triggers.
@@ -665,6 +808,20 @@ pub fn default_webhook_backoff() -> RetryBackoff {
     }
 }
 
+/// An HTTP header whose value is read from a Secret.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretHeader {
+    /// Header name, such as `Authorization`.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    )]
+    pub name: String,
+    /// Secret key holding the header value, in the StreamConsumer's namespace.
+    pub secret_key_ref: SecretKeyRef,
+}
+
 fn default_webhook_timeout_ms() -> u32 {
     5000
 }
@@ -672,20 +829,174 @@ fn default_webhook_retries() -> u32 {
     5
 }
 
-/// A Kubernetes Job trigger.
+/// A Kubernetes Job trigger. Only when the operator's admin enabled Job triggers.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobTriggerSpec {
     /// A `batch/v1` JobSpec. Each trigger creates one Job from it, in the StreamConsumer's
-    /// namespace, named after the pipeline and the trigger.
-    #[schemars(schema_with = "preserve_unknown_object")]
+    /// namespace, named after the pipeline and the trigger. Its pod must meet the restricted Pod
+    /// Security Standard (no privileged containers, host namespaces, hostPath volumes, host ports,
+    /// added capabilities, privilege escalation or running as root; what it leaves unset the
+    /// workers set to the restricted values) and may name only a ServiceAccount the operator's
+    /// policy allows.
+    #[schemars(schema_with = "job_template_schema")]
     pub template: serde_json::Value,
 }
 
-fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+/// `schema` with a `description` (for `kubectl explain`).
+fn described(mut schema: serde_json::Value, description: &str) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.insert("description".into(), description.into());
+    }
+    schema
+}
+
+/// An object whose listed properties are typed and whose other fields are kept as written.
+fn open_object(description: &str, properties: serde_json::Value) -> serde_json::Value {
+    described(
+        serde_json::json!({
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": true,
+            "properties": properties
+        }),
+        description,
+    )
+}
+
+fn typed(type_: &str, description: &str) -> serde_json::Value {
+    described(serde_json::json!({ "type": type_ }), description)
+}
+
+fn int64(description: &str) -> serde_json::Value {
+    described(
+        serde_json::json!({"type": "integer", "format": "int64"}),
+        description,
+    )
+}
+
+/// Schema of the containers of a Job template: the fields the restricted Pod Security Standard
+/// constrains are typed and checked by CEL; everything else is kept as written.
+fn restricted_containers_schema(description: &str) -> serde_json::Value {
+    let security_context = open_object(
+        "Container security context; must meet the restricted Pod Security Standard.",
+        serde_json::json!({
+            "privileged": typed("boolean", "Must not be true."),
+            "allowPrivilegeEscalation": typed("boolean", "Must not be true; the workers set false when unset."),
+            "runAsNonRoot": typed("boolean", "Must not be false."),
+            "runAsUser": int64("Must not be 0 (root)."),
+            "capabilities": open_object(
+                "Capabilities; the workers drop ALL.",
+                serde_json::json!({
+                    "add": described(
+                        serde_json::json!({"type": "array", "maxItems": 64, "items": {"type": "string"}}),
+                        "Must be empty: no capability may be added."
+                    )
+                })
+            )
+        }),
+    );
+    let ports = described(
+        serde_json::json!({
+            "type": "array",
+            "maxItems": 64,
+            "items": open_object("A container port.", serde_json::json!({
+                "hostPort": described(serde_json::json!({"type": "integer", "format": "int32"}), "Must be unset or 0.")
+            }))
+        }),
+        "Container ports; host ports are not allowed.",
+    );
+    let mut item = open_object(
+        "A container.",
+        serde_json::json!({"ports": ports, "securityContext": security_context}),
+    );
+    item["x-kubernetes-validations"] = serde_json::json!([
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.privileged) || !self.securityContext.privileged",
+         "message": "privileged containers are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.privileged"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.allowPrivilegeEscalation) || !self.securityContext.allowPrivilegeEscalation",
+         "message": "allowPrivilegeEscalation must be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.allowPrivilegeEscalation"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+         "message": "runAsNonRoot must not be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsNonRoot"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+         "message": "running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsUser"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.capabilities) || !has(self.securityContext.capabilities.add) || size(self.securityContext.capabilities.add) == 0",
+         "message": "added capabilities are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.capabilities.add"},
+        {"rule": "!has(self.ports) || self.ports.all(p, !has(p.hostPort) || p.hostPort == 0)",
+         "message": "host ports are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".ports"}
+    ]);
+    described(
+        serde_json::json!({"type": "array", "maxItems": 32, "items": item}),
+        description,
+    )
+}
+
+fn job_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let volumes = described(
+        serde_json::json!({
+            "type": "array",
+            "maxItems": 128,
+            "items": open_object("A volume.", serde_json::json!({
+                "hostPath": described(
+                    serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+                    "Not allowed."
+                )
+            }))
+        }),
+        "Volumes; hostPath volumes are not allowed.",
+    );
+    let mut pod_spec = open_object(
+        "The pod spec; must meet the restricted Pod Security Standard.",
+        serde_json::json!({
+            "hostNetwork": typed("boolean", "Must not be true."),
+            "hostPID": typed("boolean", "Must not be true."),
+            "hostIPC": typed("boolean", "Must not be true."),
+            "serviceAccountName": typed("string", "Only a ServiceAccount the operator's policy allows; unset runs as the namespace's default ServiceAccount."),
+            "securityContext": open_object(
+                "Pod security context; the workers set runAsNonRoot and the RuntimeDefault seccomp profile when unset.",
+                serde_json::json!({
+                    "runAsNonRoot": typed("boolean", "Must not be false."),
+                    "runAsUser": int64("Must not be 0 (root).")
+                })
+            ),
+            "volumes": volumes,
+            "containers": restricted_containers_schema("Containers."),
+            "initContainers": restricted_containers_schema("Init containers."),
+            "ephemeralContainers": restricted_containers_schema("Ephemeral containers.")
+        }),
+    );
+    pod_spec["x-kubernetes-validations"] = serde_json::json!([
+        {"rule": "!has(self.hostNetwork) || !self.hostNetwork",
+         "message": "hostNetwork is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostNetwork"},
+        {"rule": "!has(self.hostPID) || !self.hostPID",
+         "message": "hostPID is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostPID"},
+        {"rule": "!has(self.hostIPC) || !self.hostIPC",
+         "message": "hostIPC is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".hostIPC"},
+        {"rule": "!has(self.volumes) || self.volumes.all(v, !has(v.hostPath))",
+         "message": "hostPath volumes are not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".volumes"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+         "message": "runAsNonRoot must not be false (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsNonRoot"},
+        {"rule": "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+         "message": "running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)",
+         "fieldPath": ".securityContext.runAsUser"}
+    ]);
+    let template = open_object(
+        "The Job's pod template.",
+        serde_json::json!({ "spec": pod_spec }),
+    );
     schemars::json_schema!({
         "type": "object",
-        "x-kubernetes-preserve-unknown-fields": true
+        "x-kubernetes-preserve-unknown-fields": true,
+        "properties": { "template": template }
     })
 }
 
@@ -863,6 +1174,37 @@ pub struct StreamConsumerStatus {
     /// Hash of the rendered worker configuration that the Deployment runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// `Running`, `Suspended` (spec.suspend, or while a replay holds the workers stopped) or
+    /// `Replaying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The last replay request seen and how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayStatus>,
+}
+
+/// Progress of a replay request.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// The `spec.replay.requestId` this describes; a request whose id is here and `Completed`
+    /// never runs again.
+    pub request_id: String,
+    /// `Suspending` (waiting for the workers to stop), `Running` (the replay Job runs),
+    /// `Completed`, or `Failed` (see `message`; set a new requestId to try again).
+    pub phase: String,
+    /// The replay Job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// What happened, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the request was first seen (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it completed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
 }
 
 /// Consumer-group lag.

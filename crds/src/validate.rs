@@ -118,6 +118,61 @@ fn is_bootstrap_list(s: &str) -> bool {
         })
 }
 
+/// Whether an inline webhook header looks like it carries a credential; such headers must come
+/// from a Secret (`secretHeaders`).
+pub fn is_credential_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    matches!(
+        n.as_str(),
+        "authorization" | "proxy-authorization" | "cookie" | "set-cookie"
+    ) || ["token", "secret", "key", "password", "auth", "session"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+fn is_header_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 256
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_webhook_headers(c: &mut Collector, w: &crate::v1alpha1::WebhookSpec) {
+    for name in w.headers.keys() {
+        c.check(
+            !is_credential_header(name),
+            &format!("spec.handler.pipelineTrigger.webhook.headers.{name}"),
+            "looks like a credential: inline header values are visible to anyone who can read the StreamConsumer; use secretHeaders",
+        );
+    }
+    c.check(
+        w.secret_headers.len() <= 32,
+        "spec.handler.pipelineTrigger.webhook.secretHeaders",
+        "at most 32 entries",
+    );
+    for (i, h) in w.secret_headers.iter().enumerate() {
+        let field = format!("spec.handler.pipelineTrigger.webhook.secretHeaders[{i}]");
+        c.check(
+            is_header_name(&h.name),
+            &format!("{field}.name"),
+            format!("{:?} is not a valid HTTP header name", h.name),
+        );
+        c.check(
+            !w.headers.keys().any(|k| k.eq_ignore_ascii_case(&h.name))
+                && !w.secret_headers[..i]
+                    .iter()
+                    .any(|o| o.name.eq_ignore_ascii_case(&h.name)),
+            &format!("{field}.name"),
+            format!("header {:?} is set twice", h.name),
+        );
+        c.check(
+            !h.secret_key_ref.name.is_empty() && !h.secret_key_ref.key.is_empty(),
+            &format!("{field}.secretKeyRef"),
+            "name and key must not be empty",
+        );
+    }
+}
+
 /// Validates a spec; every error names its field.
 pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
     let mut c = Collector::default();
@@ -199,6 +254,11 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
             derived.len() <= 249,
             "spec.errorTopic",
             "the default error topic name would exceed 249 characters; set errorTopic",
+        );
+        c.check(
+            !k.topics.contains(&derived),
+            "spec.errorTopic",
+            format!("the default error topic {derived:?} is a consumed topic: rejected messages would loop back into the consumer; set errorTopic to another topic"),
         );
     }
 
@@ -339,6 +399,7 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
                         "spec.handler.pipelineTrigger.webhook.retryBackoff",
                         &w.retry_backoff,
                     );
+                    check_webhook_headers(&mut c, w);
                 }
                 if let Some(id) = &p.consumer_id {
                     c.check(
@@ -353,11 +414,10 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
                     );
                 }
                 if let Some(j) = &p.job {
-                    c.check(
-                        j.template.is_object(),
-                        "spec.handler.pipelineTrigger.job.template",
-                        "must be a batch/v1 JobSpec object",
-                    );
+                    match crate::job_template::parse_template(&j.template) {
+                        Ok(job) => c.0.extend(crate::job_template::restricted_violations(&job)),
+                        Err(e) => c.0.push(e),
+                    }
                 }
                 c.check(
                     spec.redis.is_some(),
@@ -397,9 +457,105 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
         );
     }
 
+    if let Some(r) = &spec.replay {
+        check_replay(&mut c, r, &k.topics);
+    }
+
     if c.0.is_empty() {
         Ok(())
     } else {
         Err(SpecError { errors: c.0 })
+    }
+}
+
+fn check_replay(c: &mut Collector, r: &crate::v1alpha1::ReplaySpec, topics: &[String]) {
+    let id_ok = (1..=40).contains(&r.request_id.len())
+        && r.request_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !r.request_id.starts_with('-')
+        && !r.request_id.ends_with('-');
+    c.check(
+        id_ok,
+        "spec.replay.requestId",
+        "must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit",
+    );
+    let targets = usize::from(r.to_earliest)
+        + usize::from(r.from_timestamp.is_some())
+        + usize::from(!r.offsets.is_empty());
+    c.check(
+        targets == 1,
+        "spec.replay",
+        "needs exactly one of toEarliest, fromTimestamp and offsets",
+    );
+    if let Some(t) = &r.from_timestamp {
+        c.check(
+            t.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
+            "spec.replay.fromTimestamp",
+            format!("{t:?} is not an RFC 3339 timestamp"),
+        );
+    }
+    for (i, o) in r.offsets.iter().enumerate() {
+        c.check(
+            topics.contains(&o.topic),
+            &format!("spec.replay.offsets[{i}].topic"),
+            format!("{:?} is not one of spec.kafka.topics", o.topic),
+        );
+        c.check(
+            o.partition >= 0 && o.offset >= 0,
+            &format!("spec.replay.offsets[{i}]"),
+            "partition and offset must not be negative",
+        );
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use crate::v1alpha1::{ReplayOffset, ReplaySpec};
+
+    fn with(replay: ReplaySpec) -> Result<(), SpecError> {
+        let mut spec = StreamConsumerSpec::example(HandlerKind::MovingAverage);
+        spec.replay = Some(replay);
+        validate_spec(&spec)
+    }
+
+    fn replay(id: &str) -> ReplaySpec {
+        ReplaySpec {
+            request_id: id.into(),
+            to_earliest: false,
+            from_timestamp: None,
+            offsets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_replay_needs_exactly_one_target_and_bad_fields_are_named() {
+        let mut r = replay("fix-1");
+        assert_eq!(with(r.clone()).unwrap_err().first_field(), "spec.replay");
+        r.to_earliest = true;
+        assert!(with(r.clone()).is_ok());
+        r.from_timestamp = Some("2024-03-20T10:30:00Z".into());
+        assert_eq!(with(r.clone()).unwrap_err().first_field(), "spec.replay");
+        r.to_earliest = false;
+        assert!(with(r.clone()).is_ok());
+        r.from_timestamp = Some("yesterday".into());
+        assert_eq!(
+            with(r.clone()).unwrap_err().first_field(),
+            "spec.replay.fromTimestamp"
+        );
+        let mut r = replay("Bad_Id");
+        r.to_earliest = true;
+        assert_eq!(with(r).unwrap_err().first_field(), "spec.replay.requestId");
+        let mut r = replay("x");
+        r.offsets = vec![ReplayOffset {
+            topic: "not-consumed".into(),
+            partition: 0,
+            offset: 3,
+        }];
+        assert_eq!(
+            with(r).unwrap_err().first_field(),
+            "spec.replay.offsets[0].topic"
+        );
     }
 }

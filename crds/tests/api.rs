@@ -60,7 +60,7 @@ fn crd_has_scale_subresource_status_and_short_name_that_is_not_sc() {
         .collect();
     assert_eq!(
         columns,
-        ["Handler", "Topics", "Desired", "Ready", "Lag", "Age"]
+        ["Handler", "Topics", "Desired", "Ready", "Lag", "Phase", "Age"]
     );
 }
 
@@ -157,6 +157,107 @@ fn error_topic_equal_to_a_source_topic_is_rejected() {
     let mut spec = StreamConsumerSpec::example(HandlerKind::MovingAverage);
     spec.error_topic = Some("price-events".into());
     assert_eq!(first_error_field(&spec), "spec.errorTopic");
+}
+
+#[test]
+fn default_error_topic_that_is_a_consumed_topic_is_rejected() {
+    // topics [a, a-failed] without errorTopic would send rejections of `a` back into `a-failed`,
+    // which the same consumer reads.
+    let mut spec = StreamConsumerSpec::example(HandlerKind::MovingAverage);
+    spec.kafka.topics = vec!["a".into(), "a-failed".into()];
+    spec.error_topic = None;
+    assert_eq!(first_error_field(&spec), "spec.errorTopic");
+    spec.error_topic = Some("a-rejections".into());
+    validate_spec(&spec).unwrap();
+}
+
+fn webhook_spec(f: impl FnOnce(&mut WebhookSpec)) -> StreamConsumerSpec {
+    let mut spec = StreamConsumerSpec::example(HandlerKind::PipelineTrigger);
+    f(spec
+        .handler
+        .pipeline_trigger
+        .as_mut()
+        .unwrap()
+        .webhook
+        .as_mut()
+        .unwrap());
+    spec
+}
+
+#[test]
+fn credential_webhook_headers_must_come_from_secrets() {
+    for name in ["Authorization", "X-Api-Key", "X-Auth-Token", "Cookie"] {
+        let spec = webhook_spec(|w| {
+            w.headers.insert(name.into(), "value".into());
+        });
+        assert_eq!(
+            first_error_field(&spec),
+            format!("spec.handler.pipelineTrigger.webhook.headers.{name}")
+        );
+    }
+    let spec = webhook_spec(|w| {
+        w.headers.insert("X-Team".into(), "data".into());
+        w.secret_headers.push(SecretHeader {
+            name: "Authorization".into(),
+            secret_key_ref: SecretKeyRef {
+                name: "hook".into(),
+                key: "authorization".into(),
+            },
+        });
+    });
+    validate_spec(&spec).unwrap();
+}
+
+#[test]
+fn secret_headers_need_valid_unique_names_and_a_secret_key() {
+    let header = |name: &str, key: &str| SecretHeader {
+        name: name.into(),
+        secret_key_ref: SecretKeyRef {
+            name: "hook".into(),
+            key: key.into(),
+        },
+    };
+    let spec = webhook_spec(|w| w.secret_headers.push(header("bad header", "k")));
+    assert_eq!(
+        first_error_field(&spec),
+        "spec.handler.pipelineTrigger.webhook.secretHeaders[0].name"
+    );
+    let spec = webhook_spec(|w| {
+        w.secret_headers.push(header("Authorization", "k"));
+        w.secret_headers.push(header("authorization", "k"));
+    });
+    assert_eq!(
+        first_error_field(&spec),
+        "spec.handler.pipelineTrigger.webhook.secretHeaders[1].name"
+    );
+    let spec = webhook_spec(|w| w.secret_headers.push(header("Authorization", "")));
+    assert_eq!(
+        first_error_field(&spec),
+        "spec.handler.pipelineTrigger.webhook.secretHeaders[0].secretKeyRef"
+    );
+}
+
+#[test]
+fn job_template_that_breaks_the_restricted_standard_names_the_field() {
+    let mut spec = StreamConsumerSpec::example(HandlerKind::PipelineTrigger);
+    let p = spec.handler.pipeline_trigger.as_mut().unwrap();
+    p.webhook = None;
+    p.job = Some(JobTriggerSpec {
+        template: serde_json::json!({"template": {"spec": {
+            "containers": [{"name": "c", "image": "i", "securityContext": {"privileged": true}}]
+        }}}),
+    });
+    assert_eq!(
+        first_error_field(&spec),
+        "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].securityContext.privileged"
+    );
+    spec.handler.pipeline_trigger.as_mut().unwrap().job = Some(JobTriggerSpec {
+        template: serde_json::json!({"template": {"spec": {"containers": [{"name": 7}]}}}),
+    });
+    assert_eq!(
+        first_error_field(&spec),
+        "spec.handler.pipelineTrigger.job.template.template.spec.containers[0].name"
+    );
 }
 
 #[test]

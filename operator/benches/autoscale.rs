@@ -3,16 +3,15 @@
 //! (`pollIntervalSeconds` 5, `scaleUpStabilizationSeconds` 0, the operator's default poller).
 //!
 //! The real operator runs in-process: controller, lag poller, `KafkaLagReader` against the local
-//! broker (tansu, DEVELOPERS.md). Kubernetes is a small stateful fake API server over HTTP that
-//! serves the requests the operator makes (lists, watches, applies, patches, events) and
+//! broker (Apache Kafka, DEVELOPERS.md). Kubernetes is a small stateful fake API server over HTTP
+//! that serves the requests the operator makes (lists, watches, applies, patches, events) and
 //! timestamps each replicas change. Each round fills the topic up to exactly `n × lagThreshold`
-//! (no scale), waits a random part of the poll interval, produces one more record (one record per
-//! batch, see DEVELOPERS.md) and measures from its acknowledgement to the Deployment patch.
+//! (no scale), waits a random part of the poll interval, produces one more record and measures
+//! from its acknowledgement to the Deployment patch.
 //!
 //! Prints the figures; asserts nothing (speed targets are never test assertions). Target: ≤ 15 s.
 
-#[path = "../tests/support/kafka.rs"]
-mod kafka;
+use streamops_test_support::kafka;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

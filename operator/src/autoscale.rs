@@ -16,6 +16,13 @@
 //!    (which loses the history) cannot cause an immediate scale-down.
 //! 4. Missing data (the broker is unreachable) holds the current replicas and records nothing: the
 //!    operator never scales, and never scales to zero, on data it does not have.
+//! 5. Missing offsets are not "no lag": while a partition has no committed offset (a group that
+//!    never committed, or whose offsets Kafka expired), a lag of 0 may only mean that the lag is
+//!    counted from the log end (`autoOffsetReset: latest`). Such a group never scales to zero and
+//!    wakes from zero: it holds at least one replica until a commit exists (as KEDA does).
+//! 6. Samples after a gap: when no sample arrived for longer than [`ScalePolicy::max_sample_gap`]
+//!    (failed readings, an operator that was not leading), the scale-down window starts over: it
+//!    acts only once a full window of new samples agrees.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -41,6 +48,15 @@ pub struct ScalePolicy {
     pub activation_lag: u64,
     /// Whether replicas may exceed the partition count.
     pub allow_idle_consumers: bool,
+    /// Longest time between two samples that still counts as one unbroken series; after a longer
+    /// silence the scale-down window needs a full window of new samples.
+    pub max_sample_gap: Duration,
+}
+
+/// [`ScalePolicy::max_sample_gap`] for a poll interval: three intervals, at least 30 s (a reading
+/// may take up to the poller's 20 s timeout).
+pub fn max_sample_gap(poll_interval: Duration) -> Duration {
+    (poll_interval * 3).max(Duration::from_secs(30))
 }
 
 impl From<&AutoscalingSpec> for ScalePolicy {
@@ -54,6 +70,9 @@ impl From<&AutoscalingSpec> for ScalePolicy {
             scale_to_zero: a.scale_to_zero,
             activation_lag: a.activation_lag.max(1),
             allow_idle_consumers: a.allow_idle_consumers,
+            max_sample_gap: max_sample_gap(Duration::from_secs(
+                a.poll_interval_seconds.max(1).into(),
+            )),
         }
     }
 }
@@ -65,6 +84,8 @@ pub struct LagSample {
     pub total_lag: i64,
     /// Partitions of the consumed topics.
     pub partitions: i32,
+    /// Partitions without a committed offset (never committed, or expired).
+    pub uncommitted: i32,
 }
 
 /// What the operator observed this interval.
@@ -81,7 +102,10 @@ pub enum Observation {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScaleHistory {
     recommendations: VecDeque<(Duration, i32)>,
+    /// Start of the current unbroken series of samples.
     first_seen: Option<Duration>,
+    /// Time of the latest sample.
+    last_seen: Option<Duration>,
 }
 
 /// Why the decision is what it is.
@@ -136,7 +160,8 @@ impl Decision {
 /// The unstabilized replica count that the lag asks for.
 pub fn recommend(policy: &ScalePolicy, sample: LagSample, current: i32) -> i32 {
     let lag = u64::try_from(sample.total_lag.max(0)).unwrap_or(0);
-    if policy.scale_to_zero {
+    // Without a committed offset a zero lag proves nothing: hold (or wake) one replica.
+    if policy.scale_to_zero && sample.uncommitted == 0 {
         if lag == 0 {
             return 0;
         }
@@ -165,15 +190,24 @@ pub fn decide(
 ) -> Decision {
     let sample = match observation {
         Observation::Unavailable(why) => {
+            // The series is broken: scale-down needs a full window of new samples.
+            history.first_seen = None;
             return Decision {
                 replicas: current,
                 reason: DecisionReason::LagUnavailable,
                 message: format!("holding {current} replicas: lag unavailable ({why})"),
-            }
+            };
         }
         Observation::Lag(s) => *s,
     };
     let raw = recommend(policy, sample, current);
+    if history
+        .last_seen
+        .is_some_and(|last| now.saturating_sub(last) > policy.max_sample_gap)
+    {
+        history.first_seen = None;
+    }
+    history.last_seen = Some(now);
     let first_seen = *history.first_seen.get_or_insert(now);
     history.recommendations.push_back((now, raw));
     let keep = policy.up_window.max(policy.down_window);
@@ -248,6 +282,7 @@ mod tests {
             scale_to_zero: false,
             activation_lag: 1,
             allow_idle_consumers: false,
+            max_sample_gap: secs(30),
         }
     }
 
@@ -255,6 +290,7 @@ mod tests {
         Observation::Lag(LagSample {
             total_lag: total,
             partitions,
+            uncommitted: 0,
         })
     }
 
@@ -279,6 +315,7 @@ mod tests {
                 LagSample {
                     total_lag: total,
                     partitions: 12,
+                    uncommitted: 0,
                 },
                 1,
             );
@@ -291,6 +328,7 @@ mod tests {
         let s = LagSample {
             total_lag: 10_000,
             partitions: 3,
+            uncommitted: 0,
         };
         assert_eq!(recommend(&policy(), s, 1), 3);
         let idle = ScalePolicy {
@@ -311,7 +349,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 0,
-                    partitions: 6
+                    partitions: 6,
+                    uncommitted: 0,
                 },
                 4
             ),
@@ -331,7 +370,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 0,
-                    partitions: 6
+                    partitions: 6,
+                    uncommitted: 0,
                 },
                 2
             ),
@@ -342,7 +382,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 49,
-                    partitions: 6
+                    partitions: 6,
+                    uncommitted: 0,
                 },
                 0
             ),
@@ -353,7 +394,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 50,
-                    partitions: 6
+                    partitions: 6,
+                    uncommitted: 0,
                 },
                 0
             ),
@@ -365,7 +407,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 10,
-                    partitions: 6
+                    partitions: 6,
+                    uncommitted: 0,
                 },
                 1
             ),
@@ -443,8 +486,10 @@ mod tests {
     fn a_fresh_history_never_scales_down_before_a_full_window() {
         // An operator restart loses the history: it must not scale down right away.
         let mut h = ScaleHistory::default();
-        let d = decide(&policy(), &lag(0, 6), 5, secs(1000), &mut h);
-        assert_eq!((d.replicas, d.reason), (5, DecisionReason::Stable));
+        for t in (1000..1060).step_by(5) {
+            let d = decide(&policy(), &lag(0, 6), 5, secs(t), &mut h);
+            assert_eq!((d.replicas, d.reason), (5, DecisionReason::Stable), "t={t}");
+        }
         let d = decide(&policy(), &lag(0, 6), 5, secs(1060), &mut h);
         assert_eq!((d.replicas, d.reason), (1, DecisionReason::ScaleDown));
     }
@@ -522,7 +567,8 @@ mod tests {
                 &p,
                 LagSample {
                     total_lag: 1_000,
-                    partitions: 4
+                    partitions: 4,
+                    uncommitted: 0,
                 },
                 1
             ),
@@ -535,8 +581,10 @@ mod tests {
         // 7 replicas (set by hand before the first reading) on 3 partitions: 4 sit idle, but
         // removing them is still a scale-down and waits for the window like any other.
         let mut h = ScaleHistory::default();
-        let d = decide(&policy(), &lag(5_000, 3), 7, secs(0), &mut h);
-        assert_eq!((d.replicas, d.reason), (7, DecisionReason::Stable));
+        for t in (0..60).step_by(5) {
+            let d = decide(&policy(), &lag(5_000, 3), 7, secs(t), &mut h);
+            assert_eq!((d.replicas, d.reason), (7, DecisionReason::Stable), "t={t}");
+        }
         let d = decide(&policy(), &lag(5_000, 3), 7, secs(60), &mut h);
         assert_eq!((d.replicas, d.reason), (3, DecisionReason::ScaleDown));
         assert!(
@@ -557,6 +605,76 @@ mod tests {
         }
         let d = decide(&policy(), &lag(480, 12), current, secs(55), &mut h);
         assert_eq!((d.replicas, d.reason), (5, DecisionReason::Stable));
+    }
+
+    #[test]
+    fn a_group_without_committed_offsets_never_scales_to_zero_on_a_zero_lag() {
+        let p = ScalePolicy {
+            scale_to_zero: true,
+            down_window: Duration::ZERO,
+            ..policy()
+        };
+        let uncommitted = |total| LagSample {
+            total_lag: total,
+            partitions: 6,
+            uncommitted: 6,
+        };
+        // Running: held at one replica, not scaled to zero.
+        assert_eq!(recommend(&p, uncommitted(0), 2), 1);
+        let mut h = ScaleHistory::default();
+        let d = decide(&p, &Observation::Lag(uncommitted(0)), 1, secs(0), &mut h);
+        assert_eq!((d.replicas, d.reason), (1, DecisionReason::Stable));
+        // At zero (offsets expired while scaled to zero): woken, whatever the activation lag.
+        let d = decide(&p, &Observation::Lag(uncommitted(0)), 0, secs(5), &mut h);
+        assert_eq!((d.replicas, d.reason), (1, DecisionReason::Activate));
+        // Once every partition has a commit, zero lag means zero replicas again.
+        let d = decide(&p, &lag(0, 6), 1, secs(10), &mut h);
+        assert_eq!((d.replicas, d.reason), (0, DecisionReason::ScaleToZero));
+    }
+
+    #[test]
+    fn after_a_gap_in_samples_scale_down_waits_for_a_full_window_of_new_ones() {
+        let mut h = ScaleHistory::default();
+        let mut current = decide(&policy(), &lag(400, 6), 1, secs(0), &mut h).replicas;
+        assert_eq!(current, 4);
+        for t in (5..=60).step_by(5) {
+            current = decide(&policy(), &lag(400, 6), current, secs(t), &mut h).replicas;
+        }
+        // No samples for ten minutes, then one saying "no lag": the old samples left the window,
+        // but one new sample is not a window.
+        let d = decide(&policy(), &lag(0, 6), current, secs(660), &mut h);
+        assert_eq!((d.replicas, d.reason), (4, DecisionReason::Stable));
+        let d = decide(&policy(), &lag(0, 6), current, secs(690), &mut h);
+        assert_eq!((d.replicas, d.reason), (4, DecisionReason::Stable));
+        let d = decide(&policy(), &lag(0, 6), current, secs(720), &mut h);
+        assert_eq!((d.replicas, d.reason), (1, DecisionReason::ScaleDown));
+    }
+
+    #[test]
+    fn failed_readings_restart_the_scale_down_window() {
+        let mut h = ScaleHistory::default();
+        let mut current = decide(&policy(), &lag(400, 6), 1, secs(0), &mut h).replicas;
+        for t in (5..=55).step_by(5) {
+            current = decide(&policy(), &lag(400, 6), current, secs(t), &mut h).replicas;
+        }
+        let down = Observation::Unavailable("broker down".into());
+        assert_eq!(
+            decide(&policy(), &down, current, secs(60), &mut h).replicas,
+            4
+        );
+        // Back within the gap limit, but the failure broke the series.
+        for t in (65..=120).step_by(5) {
+            let d = decide(&policy(), &lag(0, 6), current, secs(t), &mut h);
+            assert_eq!(d.replicas, 4, "held at t={t}");
+        }
+        let d = decide(&policy(), &lag(0, 6), current, secs(125), &mut h);
+        assert_eq!((d.replicas, d.reason), (1, DecisionReason::ScaleDown));
+    }
+
+    #[test]
+    fn the_sample_gap_limit_is_three_poll_intervals_and_at_least_30_seconds() {
+        assert_eq!(max_sample_gap(secs(5)), secs(30));
+        assert_eq!(max_sample_gap(secs(60)), secs(180));
     }
 
     #[test]

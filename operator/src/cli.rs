@@ -7,8 +7,11 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
 
+use crate::brokers::{BrokerPolicy, BrokerPolicyError};
+use crate::build::WorkerNetwork;
 use crate::lag::{LagTarget, ENV_LAG_PASSWORD, ENV_LAG_USERNAME};
 use crate::lag_poller::PollSettings;
+use crate::policy::Policy;
 use crate::telemetry::LogFormat;
 
 /// Worker image used when a StreamConsumer sets no `spec.image`.
@@ -24,6 +27,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller.
@@ -84,6 +89,89 @@ pub struct RunArgs {
     /// or a change of LagAvailable is written at once).
     #[arg(long, default_value_t = 15)]
     pub lag_status_interval: u64,
+
+    /// The Kafka brokers the operator may connect to (to read lag, and to delete consumer groups),
+    /// as a JSON list of {name, bootstrapServers, hostPatterns, securityProtocol, saslMechanism,
+    /// sslCaLocation}; entry N's credentials come from STREAMOPS_LAG_BROKER_<N>_USERNAME and
+    /// _PASSWORD. Empty: none, so no lag is read.
+    #[arg(
+        long,
+        env = "STREAMOPS_LAG_BROKERS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub lag_brokers: String,
+
+    /// Further worker images spec.image may name, comma-separated: exact, or a prefix ending in
+    /// `*`. --worker-image is always allowed; any other spec.image is refused.
+    #[arg(long, env = "STREAMOPS_ALLOWED_WORKER_IMAGES", value_delimiter = ',')]
+    pub allowed_worker_images: Vec<String>,
+
+    /// Let pipeline-trigger workers create Kubernetes Jobs (default: off; such StreamConsumers are
+    /// refused).
+    #[arg(
+        long,
+        env = "STREAMOPS_JOB_TRIGGERS",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub job_triggers: bool,
+
+    /// ServiceAccounts a Job template may name, comma-separated (default: none; a template
+    /// without one runs as its namespace's default ServiceAccount).
+    #[arg(long, env = "STREAMOPS_JOB_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    pub job_service_accounts: Vec<String>,
+
+    /// ClusterRole (create/get/list on jobs.batch) that Job-trigger workers are bound to in their
+    /// namespace with a RoleBinding; the chart creates it.
+    #[arg(
+        long,
+        env = "STREAMOPS_JOB_TRIGGER_CLUSTER_ROLE",
+        default_value = "streamops-job-trigger"
+    )]
+    pub job_trigger_cluster_role: String,
+
+    /// Give every worker a NetworkPolicy: ingress only to its metrics port, egress only to DNS,
+    /// its brokers, PostgreSQL, Redis and its scorer or webhook (and the API server for Job
+    /// triggers).
+    #[arg(
+        long,
+        env = "STREAMOPS_WORKER_NETWORK_POLICY",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub worker_network_policy: bool,
+
+    /// PostgreSQL ports the worker NetworkPolicy allows.
+    #[arg(
+        long,
+        env = "STREAMOPS_WORKER_POSTGRES_PORTS",
+        value_delimiter = ',',
+        default_value = "5432"
+    )]
+    pub worker_postgres_ports: Vec<u16>,
+
+    /// Redis ports the worker NetworkPolicy allows (pipeline-trigger).
+    #[arg(
+        long,
+        env = "STREAMOPS_WORKER_REDIS_PORTS",
+        value_delimiter = ',',
+        default_value = "6379"
+    )]
+    pub worker_redis_ports: Vec<u16>,
+
+    /// Kubernetes API server ports the worker NetworkPolicy allows to Job-trigger workers.
+    #[arg(
+        long,
+        env = "STREAMOPS_WORKER_API_SERVER_PORTS",
+        value_delimiter = ',',
+        default_value = "443,6443"
+    )]
+    pub worker_api_server_ports: Vec<u16>,
 }
 
 impl RunArgs {
@@ -98,6 +186,36 @@ impl RunArgs {
     /// Whether leader election is on.
     pub fn leader_election(&self) -> bool {
         self.leader_election && !self.no_leader_election
+    }
+
+    /// The operator's policy: allowed worker images and Job triggers.
+    pub fn policy(&self) -> Policy {
+        let list = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        Policy {
+            default_image: self.worker_image.clone(),
+            allowed_images: list(&self.allowed_worker_images),
+            job_triggers: self.job_triggers,
+            job_service_accounts: list(&self.job_service_accounts),
+        }
+    }
+
+    /// The brokers the operator may connect to, with their credentials from the environment.
+    pub fn broker_policy(&self) -> Result<BrokerPolicy, BrokerPolicyError> {
+        BrokerPolicy::from_json(&self.lag_brokers, &|name| std::env::var(name).ok())
+    }
+
+    /// The worker NetworkPolicy settings; `None` when off.
+    pub fn worker_network(&self) -> Option<WorkerNetwork> {
+        self.worker_network_policy.then(|| WorkerNetwork {
+            postgres_ports: self.worker_postgres_ports.clone(),
+            redis_ports: self.worker_redis_ports.clone(),
+            api_server_ports: self.worker_api_server_ports.clone(),
+        })
     }
 
     /// Settings of the lag poller.
@@ -163,6 +281,7 @@ impl LagArgs {
             security_protocol: protocol,
             sasl_mechanism: self.sasl_mechanism.map(Into::into),
             credentials,
+            ssl_ca_location: None,
         }
     }
 }
@@ -407,6 +526,48 @@ mod tests {
         ] {
             std::env::remove_var(var);
         }
+    }
+
+    #[test]
+    fn policy_is_strict_unless_the_admin_loosens_it() {
+        let p = run(&["--worker-image", "w:1"]).policy();
+        assert_eq!(p, Policy::strict("w:1"));
+        let r = run(&[
+            "--worker-image",
+            "w:1",
+            "--allowed-worker-images",
+            "w:2, registry.local/team/*,",
+            "--job-triggers",
+            "--job-service-accounts",
+            "loader",
+        ]);
+        let p = r.policy();
+        assert_eq!(p.allowed_images, ["w:2", "registry.local/team/*"]);
+        assert!(p.job_triggers);
+        assert_eq!(p.job_service_accounts, ["loader"]);
+        assert_eq!(r.job_trigger_cluster_role, "streamops-job-trigger");
+        assert!(!run(&["--job-triggers=false"]).policy().job_triggers);
+    }
+
+    #[test]
+    fn broker_allow_list_and_worker_network_policy_flags() {
+        let r = run(&[]);
+        assert_eq!(r.broker_policy().unwrap(), BrokerPolicy::none());
+        assert_eq!(r.worker_network(), None);
+        let r = run(&[
+            "--lag-brokers",
+            r#"[{"name": "dev", "bootstrapServers": ["kafka:9092"]}]"#,
+            "--worker-network-policy",
+            "--worker-postgres-ports",
+            "5432,6432",
+        ]);
+        assert!(r.broker_policy().unwrap().resolve("kafka:9092").is_ok());
+        let n = r.worker_network().unwrap();
+        assert_eq!(n.postgres_ports, [5432, 6432]);
+        assert_eq!(n.redis_ports, [6379]);
+        assert_eq!(n.api_server_ports, [443, 6443]);
+        let bad = run(&["--lag-brokers", "[{\"name\": \"x\"}]"]);
+        assert!(bad.broker_policy().is_err());
     }
 
     #[test]

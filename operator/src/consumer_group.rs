@@ -2,6 +2,7 @@
 //!
 //! The reconciler talks to Kafka only through [`GroupDeleter`], so its tests use a fake.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -11,6 +12,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 use streamops_crds::v1alpha1::{SecurityProtocol, StreamConsumerSpec};
+
+use crate::brokers::BrokerPolicy;
 
 /// The group to delete and how to reach its brokers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,11 @@ pub enum GroupDeleteError {
     /// Any other Kafka error.
     #[error("{0}")]
     Kafka(String),
+    /// The operator's broker policy does not let it delete this group: the brokers are not
+    /// allowed, or reaching them takes credentials (with the operator's credentials a
+    /// StreamConsumer could delete any team's group). Nothing was sent.
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 /// Deletes consumer groups.
@@ -92,13 +100,54 @@ pub trait GroupDeleter: Send + Sync {
 pub struct KafkaGroupDeleter {
     /// Bound on one deletion, including connecting.
     pub timeout: Duration,
+    /// The brokers the deleter may connect to. `None`: any (tests); the operator always sets it.
+    pub brokers: Option<Arc<BrokerPolicy>>,
 }
 
 impl Default for KafkaGroupDeleter {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(10),
+            brokers: None,
         }
+    }
+}
+
+impl KafkaGroupDeleter {
+    /// A deleter that connects only to brokers `policy` allows without credentials.
+    pub fn allowed(policy: Arc<BrokerPolicy>) -> Self {
+        Self {
+            brokers: Some(policy),
+            ..Self::default()
+        }
+    }
+
+    /// The target as this deleter connects to it, and the CA file to use; an error, before any
+    /// connection, when the policy does not allow it.
+    pub fn connect_as(
+        &self,
+        target: &GroupTarget,
+    ) -> Result<(GroupTarget, Option<String>), GroupDeleteError> {
+        let Some(policy) = &self.brokers else {
+            return Ok((target.clone(), None));
+        };
+        let allowed = policy
+            .resolve(&target.bootstrap_servers)
+            .map_err(|e| GroupDeleteError::NotAllowed(e.message))?;
+        let c = allowed.connection();
+        if c.security_protocol.uses_sasl() {
+            return Err(GroupDeleteError::NotAllowed(format!(
+                "the operator reaches brokers {} only with its own credentials, and never deletes consumer groups with them (it could delete any team's group)",
+                c.name
+            )));
+        }
+        Ok((
+            GroupTarget {
+                security_protocol: c.security_protocol,
+                ..target.clone()
+            },
+            c.ssl_ca_location,
+        ))
     }
 }
 
@@ -107,16 +156,21 @@ impl GroupDeleter for KafkaGroupDeleter {
         &'a self,
         target: &'a GroupTarget,
     ) -> BoxFuture<'a, Result<GroupDeletion, GroupDeleteError>> {
-        let target = target.clone();
+        let connect = self.connect_as(target);
         let timeout = self.timeout;
         Box::pin(async move {
+            let (target, ca) = connect?;
             // Creating and dropping an admin client blocks (threads, broker connections): keep it
             // off the async workers.
             let task = tokio::task::spawn_blocking(move || {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", &target.bootstrap_servers)
+                let mut cfg = ClientConfig::new();
+                cfg.set("bootstrap.servers", &target.bootstrap_servers)
                     .set("security.protocol", target.security_protocol.as_str())
-                    .set("socket.timeout.ms", timeout.as_millis().to_string())
+                    .set("socket.timeout.ms", timeout.as_millis().to_string());
+                if let Some(ca) = ca.filter(|_| target.security_protocol.uses_tls()) {
+                    cfg.set("ssl.ca.location", ca);
+                }
+                let admin: AdminClient<DefaultClientContext> = cfg
                     .create()
                     .map_err(|e| GroupDeleteError::Kafka(e.to_string()))?;
                 let opts = AdminOptions::new()
@@ -259,11 +313,46 @@ mod tests {
         );
     }
 
+    /// A broker outside the allow-list, or one that takes credentials, is never contacted.
+    #[tokio::test]
+    async fn groups_are_deleted_only_on_allowed_brokers_reached_without_credentials() {
+        let policy = BrokerPolicy::from_json(
+            r#"[{"name": "open", "bootstrapServers": ["127.0.0.1:1"]},
+                {"name": "secured", "bootstrapServers": ["127.0.0.1:2"], "securityProtocol": "SASL_SSL", "saslMechanism": "SCRAM-SHA-512"}]"#,
+            &|_| Some("x".into()),
+        )
+        .unwrap();
+        let deleter = KafkaGroupDeleter {
+            timeout: Duration::from_millis(500),
+            ..KafkaGroupDeleter::allowed(Arc::new(policy))
+        };
+        let target = |servers: &str| GroupTarget {
+            bootstrap_servers: servers.into(),
+            group_id: "g".into(),
+            security_protocol: SecurityProtocol::Plaintext,
+        };
+        assert!(matches!(
+            deleter.delete_group(&target("attacker.invalid:9092")).await,
+            Err(GroupDeleteError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            deleter.delete_group(&target("127.0.0.1:2")).await,
+            Err(GroupDeleteError::NotAllowed(_))
+        ));
+        // Allowed and open: it does try (and fails, nothing listens on port 1).
+        let r = deleter.delete_group(&target("127.0.0.1:1")).await;
+        assert!(
+            !matches!(r, Err(GroupDeleteError::NotAllowed(_)) | Ok(_)),
+            "{r:?}"
+        );
+    }
+
     /// A broker that does not exist must not block: the deleter gives up within its timeout.
     #[tokio::test]
     async fn unreachable_brokers_fail_within_the_timeout() {
         let deleter = KafkaGroupDeleter {
             timeout: Duration::from_millis(500),
+            ..KafkaGroupDeleter::default()
         };
         let target = GroupTarget {
             // Nothing listens on port 1.

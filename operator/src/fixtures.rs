@@ -176,9 +176,18 @@ pub fn group_lag(total: i64, partitions: i32, members: i32) -> GroupLag {
             committed: Some(0),
             high_watermark: if p == 0 { total } else { 0 },
             lag: if p == 0 { total } else { 0 },
+            gap: None,
         })
         .collect();
     crate::lag::summarize(per, members)
+}
+
+/// The operator settings of test contexts: [`TEST_IMAGE`], Job triggers allowed (the policy's own
+/// tests use stricter ones).
+pub fn test_config() -> OperatorConfig {
+    let mut config = OperatorConfig::new(TEST_IMAGE);
+    config.policy.job_triggers = true;
+    config
 }
 
 /// A client whose requests go to the returned verifier.
@@ -204,7 +213,7 @@ impl Context {
         let ctx = Context::new(
             client,
             metrics,
-            OperatorConfig::new(TEST_IMAGE),
+            test_config(),
             deleter.clone(),
             Arc::new(SpecReplicas),
         );
@@ -217,7 +226,7 @@ impl Context {
         let ctx = Context::new(
             client,
             Metrics::register(&Registry::new()).unwrap(),
-            OperatorConfig::new(TEST_IMAGE),
+            test_config(),
             FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
             decider,
         );
@@ -524,10 +533,10 @@ pub enum Kind {
     Pdb,
     /// ServiceAccount.
     ServiceAccount,
-    /// Role.
-    Role,
     /// RoleBinding.
     RoleBinding,
+    /// NetworkPolicy.
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -539,8 +548,8 @@ impl Kind {
             Kind::Service => ("v1", "services"),
             Kind::Pdb => ("policy/v1", "poddisruptionbudgets"),
             Kind::ServiceAccount => ("v1", "serviceaccounts"),
-            Kind::Role => ("rbac.authorization.k8s.io/v1", "roles"),
             Kind::RoleBinding => ("rbac.authorization.k8s.io/v1", "rolebindings"),
+            Kind::NetworkPolicy => ("networking.k8s.io/v1", "networkpolicies"),
         };
         path(api, plural, name)
     }
@@ -549,8 +558,9 @@ impl Kind {
     pub fn child_name(self) -> &'static str {
         match self {
             Kind::ConfigMap => "test-config",
-            Kind::Deployment | Kind::Service | Kind::Pdb => "test",
-            Kind::ServiceAccount | Kind::Role | Kind::RoleBinding => "test-worker",
+            Kind::Deployment | Kind::Service | Kind::Pdb | Kind::NetworkPolicy => "test",
+            Kind::ServiceAccount => "test-worker",
+            Kind::RoleBinding => "test-job-trigger",
         }
     }
 
@@ -561,8 +571,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Pdb => "PodDisruptionBudget",
             Kind::ServiceAccount => "ServiceAccount",
-            Kind::Role => "Role",
             Kind::RoleBinding => "RoleBinding",
+            Kind::NetworkPolicy => "NetworkPolicy",
         }
     }
 }
@@ -600,6 +610,46 @@ pub fn child_metadata(kind: Kind, owner_uid: &str) -> Value {
             }]
         }
     })
+}
+
+/// The read of a child of `test` before anything is written: absent (404), or `object`.
+pub fn get_child(kind: Kind, object: Option<Value>) -> Expect {
+    let e = Expect::new(Method::GET, kind.path(kind.child_name()));
+    match object {
+        Some(o) => e.reply(Reply::Json(200, o)),
+        None => e.reply(Reply::Error(404, "NotFound")),
+    }
+}
+
+/// A child of `test` as the API server returns it; `owner_uid` is its controller (`None`: it has
+/// no owner at all).
+pub fn child_object(kind: Kind, owner_uid: Option<&str>) -> Value {
+    let collection = kind.path("");
+    let api_version = collection
+        .split_once("/namespaces")
+        .map(|(a, _)| a)
+        .unwrap_or_default()
+        .trim_start_matches("/apis/")
+        .trim_start_matches("/api/")
+        .to_string();
+    let mut meta = json!({
+        "name": kind.child_name(),
+        "namespace": NS,
+        "uid": format!("uid-of-{}", kind.kind()),
+        "resourceVersion": "7"
+    });
+    if let Some(uid) = owner_uid {
+        meta["ownerReferences"] = json!([{
+            "apiVersion": "streamops.dev/v1alpha1", "kind": "StreamConsumer",
+            "name": "test", "uid": uid, "controller": true
+        }]);
+    }
+    let mut o = json!({"apiVersion": api_version, "kind": kind.kind(), "metadata": meta});
+    if kind == Kind::RoleBinding {
+        o["roleRef"] =
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "x"});
+    }
+    o
 }
 
 /// The label-selected list of `kind` children of `test`, answered with `items`.
@@ -710,6 +760,8 @@ pub struct ApplyPass {
     pub rbac: bool,
     /// Whether a PodDisruptionBudget is applied.
     pub pdb: bool,
+    /// Whether worker NetworkPolicies are on (one is applied, and orphans are looked for).
+    pub network: bool,
     /// Optional children that exist, owned by `test`.
     pub live: Vec<Kind>,
     /// Of those, the ones the pass must delete.
@@ -732,6 +784,7 @@ impl ApplyPass {
             deployment_answer: rollout(1, replicas, 0),
             rbac: false,
             pdb: false,
+            network: false,
             live: Vec::new(),
             deleted: Vec::new(),
             events: vec!["Created"],
@@ -745,14 +798,34 @@ impl ApplyPass {
         self.steps()
     }
 
+    /// The children this pass wants, in the order they are read and applied (Deployment aside).
+    pub fn wanted(&self) -> Vec<Kind> {
+        let mut k = vec![Kind::ConfigMap];
+        if self.rbac {
+            k.extend([Kind::ServiceAccount, Kind::RoleBinding]);
+        }
+        k.push(Kind::Service);
+        if self.pdb {
+            k.push(Kind::Pdb);
+        }
+        if self.network {
+            k.push(Kind::NetworkPolicy);
+        }
+        k
+    }
+
     fn steps(self) -> Vec<Expect> {
-        let mut s = vec![
-            get_deployment(self.existing.as_ref()),
-            apply(Kind::ConfigMap, json!({})),
-        ];
+        let mut s = vec![get_deployment(self.existing.as_ref())];
+        for kind in self.wanted() {
+            let live = self
+                .live
+                .contains(&kind)
+                .then(|| child_object(kind, Some(SC_UID)));
+            s.push(get_child(kind, live));
+        }
+        s.push(apply(Kind::ConfigMap, json!({})));
         if self.rbac {
             s.push(apply(Kind::ServiceAccount, json!({})));
-            s.push(apply(Kind::Role, json!({})));
             s.push(apply(Kind::RoleBinding, json!({})));
         }
         s.push(apply(Kind::Deployment, self.deployment_answer.clone()));
@@ -760,12 +833,14 @@ impl ApplyPass {
         if self.pdb {
             s.push(apply(Kind::Pdb, json!({})));
         }
-        for kind in [
-            Kind::Pdb,
-            Kind::ServiceAccount,
-            Kind::Role,
-            Kind::RoleBinding,
-        ] {
+        if self.network {
+            s.push(apply(Kind::NetworkPolicy, json!({})));
+        }
+        let mut swept = vec![Kind::Pdb, Kind::ServiceAccount, Kind::RoleBinding];
+        if self.network {
+            swept.push(Kind::NetworkPolicy);
+        }
+        for kind in swept {
             let items = if self.live.contains(&kind) {
                 vec![child_metadata(kind, SC_UID)]
             } else {
@@ -879,6 +954,8 @@ impl Scenario {
             ],
             Scenario::ChildApplyFails { sc, code, reason } => vec![
                 get_deployment(None),
+                get_child(Kind::ConfigMap, None),
+                get_child(Kind::Service, None),
                 apply(Kind::ConfigMap, json!({})).reply(Reply::Error(code, reason)),
                 status_patch(
                     &sc,

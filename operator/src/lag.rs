@@ -7,18 +7,32 @@
 //! fetched per partition.
 //!
 //! A partition without a committed offset counts its lag from where a new member would start:
-//! from the low watermark under `autoOffsetReset: earliest`, and as zero under `latest`.
+//! from the low watermark under `autoOffsetReset: earliest`, and as zero under `latest`. Such
+//! partitions are counted ([`GroupLag::uncommitted`]): the autoscaler never takes their zero lag
+//! for "no work".
+//!
+//! Workers attach a partition's latest offset gap to its commit as metadata
+//! ([`streamops_crds::gap`]); a reading collects them in [`GroupLag::gaps`].
+//!
+//! Clients are reused and readings bounded ([`crate::lag_clients`]): a reading that times out
+//! leaks no client and no thread.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use streamops_crds::gap::GapNote;
 use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
 use streamops_crds::StreamConsumer;
 
-/// Environment variables holding SASL credentials the operator uses to read lag of secured
-/// clusters. The operator never reads Secrets itself; the chart maps a Secret into these.
+use crate::brokers::BrokerPolicy;
+use crate::lag_clients::LagClients;
+
+/// Environment variables holding SASL credentials of `streamops-operator lag`, the admin's command
+/// line tool, for the brokers named on its command line. The controller never uses them: it
+/// connects only to the brokers of its [`BrokerPolicy`], with each one's own credentials.
 pub const ENV_LAG_USERNAME: &str = "STREAMOPS_LAG_KAFKA_USERNAME";
 /// See [`ENV_LAG_USERNAME`].
 pub const ENV_LAG_PASSWORD: &str = "STREAMOPS_LAG_KAFKA_PASSWORD";
@@ -40,23 +54,19 @@ pub struct LagTarget {
     pub sasl_mechanism: Option<SaslMechanism>,
     /// SASL username and password, when the protocol uses SASL.
     pub credentials: Option<(String, String)>,
+    /// PEM CA file for TLS protocols (default: the system CAs).
+    pub ssl_ca_location: Option<String>,
 }
 
 impl LagTarget {
-    /// The lag target of a StreamConsumer. SASL credentials come from the operator's own
-    /// environment ([`ENV_LAG_USERNAME`], [`ENV_LAG_PASSWORD`]).
+    /// The lag target of a StreamConsumer: its brokers, group and topics, and the protocol the
+    /// spec names, never any credentials. A reader with a [`BrokerPolicy`] (the controller's)
+    /// replaces protocol, mechanism and credentials with those of the allowed entry.
     pub fn from_resource(sc: &StreamConsumer) -> Self {
         let security = sc.spec.kafka.security.as_ref();
         let protocol = security
             .map(|s| s.protocol)
             .unwrap_or(SecurityProtocol::Plaintext);
-        let credentials = match (
-            std::env::var(ENV_LAG_USERNAME),
-            std::env::var(ENV_LAG_PASSWORD),
-        ) {
-            (Ok(u), Ok(p)) if protocol.uses_sasl() => Some((u, p)),
-            _ => None,
-        };
         Self {
             bootstrap_servers: sc.spec.kafka.bootstrap_servers.clone(),
             group_id: sc.spec.kafka.group_id.clone(),
@@ -64,7 +74,8 @@ impl LagTarget {
             auto_offset_reset: sc.spec.kafka.auto_offset_reset,
             security_protocol: protocol,
             sasl_mechanism: security.and_then(|s| s.sasl.as_ref()).map(|s| s.mechanism),
-            credentials,
+            credentials: None,
+            ssl_ca_location: None,
         }
     }
 }
@@ -85,6 +96,7 @@ impl std::fmt::Debug for LagTarget {
                     .as_ref()
                     .map(|(user, _)| (user, "<redacted>")),
             )
+            .field("ssl_ca_location", &self.ssl_ca_location)
             .finish()
     }
 }
@@ -102,6 +114,19 @@ pub struct PartitionLag {
     pub high_watermark: i64,
     /// Lag in messages.
     pub lag: i64,
+    /// The latest offset gap the workers reported for this partition, if any.
+    pub gap: Option<GapNote>,
+}
+
+/// An offset gap of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionGap {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The gap.
+    pub note: GapNote,
 }
 
 /// Lag of a whole group.
@@ -117,14 +142,24 @@ pub struct GroupLag {
     pub max_partition_lag: i64,
     /// Per-partition figures, sorted by topic and partition.
     pub per_partition: Vec<PartitionLag>,
+    /// Partitions without a committed offset (never committed, or expired).
+    pub uncommitted: i32,
+    /// Offset gaps the workers reported, sorted by topic and partition.
+    pub gaps: Vec<PartitionGap>,
 }
 
 /// Why the lag could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
     /// SASL is required and the operator has no credentials.
-    #[error("the cluster requires SASL and the operator has no credentials ({ENV_LAG_USERNAME}/{ENV_LAG_PASSWORD} unset)")]
+    #[error("the cluster requires SASL and the operator has no credentials for it (chart value lag.brokers[].credentialsSecret)")]
     MissingCredentials,
+    /// The brokers are not among those the operator's admin allowed: no connection is made.
+    #[error("{0}")]
+    BrokerNotAllowed(String),
+    /// SASL PLAIN without TLS would send the password in clear text: refused.
+    #[error("SASL PLAIN without TLS would send the password in clear text; use SASL_SSL or a SCRAM mechanism")]
+    PlainWithoutTls,
     /// A Kafka request failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
@@ -157,6 +192,8 @@ impl LagError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingCredentials => "MissingCredentials",
+            Self::BrokerNotAllowed(_) => "BrokerNotAllowed",
+            Self::PlainWithoutTls => "PlainWithoutTls",
             Self::Kafka(_) => "KafkaError",
             Self::Topic { .. } | Self::Partition { .. } => "TopicUnavailable",
             Self::Task(_) => "ReaderFailed",
@@ -182,12 +219,28 @@ pub fn partition_lag(
 /// Sums per-partition figures into a group's lag.
 pub fn summarize(mut per_partition: Vec<PartitionLag>, members: i32) -> GroupLag {
     per_partition.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    let uncommitted = per_partition
+        .iter()
+        .filter(|p| p.committed.is_none())
+        .count();
+    let gaps = per_partition
+        .iter()
+        .filter_map(|p| {
+            p.gap.map(|note| PartitionGap {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                note,
+            })
+        })
+        .collect();
     GroupLag {
         total: per_partition.iter().map(|p| p.lag).sum(),
         partitions: i32::try_from(per_partition.len()).unwrap_or(i32::MAX),
         members,
         max_partition_lag: per_partition.iter().map(|p| p.lag).max().unwrap_or(0),
         per_partition,
+        uncommitted: i32::try_from(uncommitted).unwrap_or(i32::MAX),
+        gaps,
     }
 }
 
@@ -200,28 +253,97 @@ pub trait LagReader: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<GroupLag, LagError>> + Send;
 }
 
-/// Reads lag from the brokers with librdkafka.
+/// Readings a [`KafkaLagReader`] runs at once by default (the poller's default too).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+
+/// Reads lag from the brokers with librdkafka, reusing one client per cluster connection and
+/// group, with at most a bounded number of readings in flight ([`LagClients`]).
 #[derive(Debug, Clone)]
 pub struct KafkaLagReader {
     /// Timeout of each request.
     pub timeout: Duration,
+    /// The brokers the reader may connect to, and how. `None`: as the target says (the `lag`
+    /// command, where the admin names brokers and credentials); the controller always sets it.
+    pub brokers: Option<Arc<BrokerPolicy>>,
+    clients: Arc<LagClients>,
 }
 
 impl Default for KafkaLagReader {
     fn default() -> Self {
+        Self::with_timeout(Duration::from_secs(5))
+    }
+}
+
+impl KafkaLagReader {
+    /// A reader whose requests time out after `timeout`, with [`DEFAULT_MAX_IN_FLIGHT`]
+    /// readings at once.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self::new(timeout, DEFAULT_MAX_IN_FLIGHT)
+    }
+
+    /// A reader whose requests time out after `timeout`, with at most `max_in_flight` readings
+    /// running at once.
+    pub fn new(timeout: Duration, max_in_flight: usize) -> Self {
         Self {
-            timeout: Duration::from_secs(5),
+            timeout,
+            brokers: None,
+            clients: Arc::new(LagClients::new(max_in_flight)),
         }
+    }
+
+    /// The clients (tests: how many are held, how many readings may start).
+    pub fn clients(&self) -> &LagClients {
+        &self.clients
+    }
+}
+
+impl KafkaLagReader {
+    /// A reader that connects only to the brokers `policy` allows, with their own settings.
+    pub fn allowed(policy: Arc<BrokerPolicy>) -> Self {
+        Self::default().with_policy(policy)
+    }
+
+    /// This reader, restricted to the brokers `policy` allows.
+    pub fn with_policy(mut self, policy: Arc<BrokerPolicy>) -> Self {
+        self.brokers = Some(policy);
+        self
+    }
+
+    /// The target as this reader connects to it: with a policy, the allowed entry's protocol,
+    /// mechanism, credentials and CA; a broker the policy does not allow is an error, before any
+    /// connection.
+    pub fn connect_as(&self, target: &LagTarget) -> Result<LagTarget, LagError> {
+        let Some(policy) = &self.brokers else {
+            return Ok(target.clone());
+        };
+        let allowed = policy
+            .resolve(&target.bootstrap_servers)
+            .map_err(|e| LagError::BrokerNotAllowed(e.message))?;
+        let c = allowed.connection();
+        Ok(LagTarget {
+            security_protocol: c.security_protocol,
+            sasl_mechanism: c.sasl_mechanism,
+            credentials: c.credentials.map(|c| (c.username, c.password)),
+            ssl_ca_location: c.ssl_ca_location,
+            ..target.clone()
+        })
     }
 }
 
 impl LagReader for KafkaLagReader {
     async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
-        let target = target.clone();
+        let target = self.connect_as(target)?;
+        let permit = self.clients.permit().await?;
         let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || read_blocking(&target, timeout))
-            .await
-            .map_err(|e| LagError::Task(e.to_string()))?
+        let clients = self.clients.clone();
+        tokio::task::spawn_blocking(move || {
+            // Released when the blocking work ends, even if the caller gave up waiting.
+            let _permit = permit;
+            let consumer = clients.client(&target, || client_config(&target))?;
+            read_blocking(&consumer, &target, timeout)
+        })
+        .await
+        .map_err(|e| LagError::Task(e.to_string()))?
     }
 }
 
@@ -234,27 +356,37 @@ fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
         .set("socket.timeout.ms", "10000")
         .set("log_level", "3");
     if target.security_protocol.uses_sasl() {
+        let mechanism = target.sasl_mechanism.ok_or(LagError::MissingCredentials)?;
+        if mechanism == SaslMechanism::Plain && !target.security_protocol.uses_tls() {
+            return Err(LagError::PlainWithoutTls);
+        }
         let (user, pass) = target
             .credentials
             .as_ref()
             .ok_or(LagError::MissingCredentials)?;
-        cfg.set(
-            "sasl.mechanism",
-            target
-                .sasl_mechanism
-                .unwrap_or(SaslMechanism::Plain)
-                .as_str(),
-        )
-        .set("sasl.username", user)
-        .set("sasl.password", pass);
+        cfg.set("sasl.mechanism", mechanism.as_str())
+            .set("sasl.username", user)
+            .set("sasl.password", pass);
+    }
+    if let Some(ca) = target
+        .ssl_ca_location
+        .as_deref()
+        .filter(|_| target.security_protocol.uses_tls())
+    {
+        cfg.set("ssl.ca.location", ca);
     }
     Ok(cfg)
 }
 
-fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagError> {
+fn read_blocking(
+    consumer: &BaseConsumer,
+    target: &LagTarget,
+    timeout: Duration,
+) -> Result<GroupLag, LagError> {
     // A plain consumer that never subscribes: it only asks the group coordinator for offsets, so
-    // it does not join the group or disturb its members.
-    let consumer: BaseConsumer = client_config(target)?.create()?;
+    // it does not join the group or disturb its members. Serve its event queue (errors, logs)
+    // before using it again.
+    let _ = consumer.poll(Duration::ZERO);
 
     let mut partitions = TopicPartitionList::new();
     for topic in &target.topics {
@@ -340,6 +472,9 @@ fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagE
             Some(l) => watermark(l, topic, partition)?,
             None => 0,
         };
+        let gap = committed
+            .find_partition(topic, partition)
+            .and_then(|e| GapNote::parse(e.metadata()));
         let committed = offset_of(&committed, topic, partition);
         per_partition.push(PartitionLag {
             topic: topic.to_string(),
@@ -347,6 +482,7 @@ fn read_blocking(target: &LagTarget, timeout: Duration) -> Result<GroupLag, LagE
             committed,
             high_watermark: high,
             lag: partition_lag(committed, low, high, target.auto_offset_reset),
+            gap,
         });
     }
     Ok(summarize(per_partition, members))
@@ -421,14 +557,52 @@ mod tests {
             committed: Some(0),
             high_watermark: lag,
             lag,
+            gap: None,
         };
         let g = summarize(vec![p(2, 5), p(0, 30), p(1, 7)], 2);
         assert_eq!(
             (g.total, g.partitions, g.members, g.max_partition_lag),
             (42, 3, 2, 30)
         );
+        assert_eq!((g.uncommitted, g.gaps.len()), (0, 0));
         let order: Vec<i32> = g.per_partition.iter().map(|p| p.partition).collect();
         assert_eq!(order, [0, 1, 2]);
+    }
+
+    #[test]
+    fn summary_counts_uncommitted_partitions_and_collects_reported_gaps() {
+        let note = GapNote {
+            kind: streamops_crds::gap::GapKind::Retention,
+            from: 3,
+            to: 9,
+            skipped: true,
+            detected_at: 0,
+        };
+        let p = |partition, committed, gap| PartitionLag {
+            topic: "t".into(),
+            partition,
+            committed,
+            high_watermark: 10,
+            lag: 0,
+            gap,
+        };
+        let g = summarize(
+            vec![
+                p(1, None, None),
+                p(0, Some(10), Some(note)),
+                p(2, None, None),
+            ],
+            1,
+        );
+        assert_eq!(g.uncommitted, 2);
+        assert_eq!(
+            g.gaps,
+            vec![PartitionGap {
+                topic: "t".into(),
+                partition: 0,
+                note
+            }]
+        );
     }
 
     #[test]
@@ -441,10 +615,34 @@ mod tests {
             security_protocol: SecurityProtocol::SaslSsl,
             sasl_mechanism: Some(SaslMechanism::ScramSha512),
             credentials: None,
+            ssl_ca_location: None,
         };
         assert!(matches!(
             client_config(&target),
             Err(LagError::MissingCredentials)
         ));
+    }
+
+    #[test]
+    fn plain_without_tls_is_refused_even_with_credentials() {
+        let target = LagTarget {
+            bootstrap_servers: "k:9092".into(),
+            group_id: "g".into(),
+            topics: vec!["t".into()],
+            auto_offset_reset: AutoOffsetReset::Earliest,
+            security_protocol: SecurityProtocol::SaslPlaintext,
+            sasl_mechanism: Some(SaslMechanism::Plain),
+            credentials: Some(("u".into(), "p".into())),
+            ssl_ca_location: None,
+        };
+        assert!(matches!(
+            client_config(&target),
+            Err(LagError::PlainWithoutTls)
+        ));
+        let tls = LagTarget {
+            security_protocol: SecurityProtocol::SaslSsl,
+            ..target
+        };
+        assert!(client_config(&tls).is_ok());
     }
 }

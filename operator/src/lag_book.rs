@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use streamops_crds::v1alpha1::{LagStatus, StreamConsumer};
 
 use crate::autoscale::{decide, Decision, LagSample, Observation, ScaleHistory, ScalePolicy};
-use crate::lag::{GroupLag, LagError, LagTarget};
+use crate::lag::{GroupLag, LagError, LagTarget, PartitionGap};
 use crate::ReplicaDecider;
 
 /// Why a lag reading failed, as the `LagAvailable=False` condition shows it.
@@ -82,6 +82,8 @@ pub struct LagView {
     pub last: Option<LagStatus>,
     /// Why the latest attempt failed; `None` when it succeeded.
     pub failure: Option<LagFailure>,
+    /// Offset gaps the workers reported in the latest successful reading.
+    pub gaps: Vec<PartitionGap>,
 }
 
 /// What one reading changed, for the poller: whether to trigger a reconciliation, and metrics.
@@ -115,6 +117,7 @@ struct Entry {
     target: LagTarget,
     last: Option<LagStatus>,
     failure: Option<LagFailure>,
+    gaps: Vec<PartitionGap>,
     attempted: bool,
     history: ScaleHistory,
     /// The autoscaler's count (unbounded by later policy changes; see [`bounded`]).
@@ -130,6 +133,7 @@ impl Entry {
             target: target.clone(),
             last: None,
             failure: None,
+            gaps: Vec::new(),
             attempted: false,
             history: ScaleHistory::default(),
             decided: None,
@@ -232,11 +236,13 @@ impl LagBook {
                     ),
                 });
                 entry.failure = None;
+                entry.gaps = lag.gaps.clone();
                 (
                     Some(figures),
                     Observation::Lag(LagSample {
                         total_lag: figures.total,
                         partitions: figures.partitions,
+                        uncommitted: lag.uncommitted,
                     }),
                 )
             }
@@ -307,6 +313,7 @@ impl ReplicaDecider for LagBook {
             e.attempted.then(|| LagView {
                 last: e.last.clone(),
                 failure: e.failure.clone(),
+                gaps: e.gaps.clone(),
             })
         })
         .flatten()
@@ -362,6 +369,7 @@ mod tests {
                 committed: Some(0),
                 high_watermark: 0,
                 lag: if p == 0 { total } else { 0 },
+                gap: None,
             })
             .collect();
         summarize(per, 1)

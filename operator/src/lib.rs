@@ -14,9 +14,28 @@
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`], [`http`], [`telemetry`], [`cli`], [`run`]: the process around the controller.
 //!
+//! # How the lag code fits together
+//!
+//! Lag flows one way, from the brokers to the reconciler, and the reconciler never waits for it.
+//! [`lag`] reads a consumer group's lag (a [`lag::LagReader`]: committed offsets against high
+//! watermarks, a fixed handful of requests per reading). [`lag_poller`] runs inside the
+//! controller, so only on the leader: it walks the controller's store, reads each StreamConsumer on
+//! its own interval (`spec.autoscaling.pollIntervalSeconds`, else `--lag-interval`), sets the lag
+//! metrics, and records every reading, or its failure, in the [`lag_book`]. Recording is where the
+//! decider runs: [`lag_book::LagBook::record`] calls the pure [`autoscale::decide`] with the
+//! object's scale policy, the reading, the current replica count and the
+//! [`autoscale::ScaleHistory`] the book keeps for that object, and keeps the decided count (and
+//! the decision, until it has been announced). When a reading matters (the decided count changed,
+//! the lag became readable or unreadable, or the figures changed and the status is getting old),
+//! the poller asks the controller to reconcile the object. The [`reconcile`]r then asks the book,
+//! its [`ReplicaDecider`], for the replicas to apply, the lag for the status, and the decision to
+//! announce as an event. Without `spec.autoscaling` the book carries only the lag, and the replicas
+//! are `spec.replicas`.
+//!
 //! The RBAC the operator needs is listed in `operator/RBAC.md`.
 
 pub mod autoscale;
+pub mod brokers;
 pub mod build;
 pub mod cli;
 pub mod consumer_group;
@@ -24,11 +43,15 @@ pub mod error;
 pub mod http;
 pub mod lag;
 pub mod lag_book;
+pub mod lag_clients;
 pub mod lag_poller;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod ownership;
+pub mod policy;
 pub mod reconcile;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod telemetry;
@@ -36,6 +59,8 @@ pub mod validation;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod secret_scan_tests;
 
 pub use error::{Error, Result};
 pub use reconcile::{

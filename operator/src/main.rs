@@ -30,9 +30,7 @@ async fn main() -> ExitCode {
 /// `streamops-operator lag`: the figures on stdout, an error on stderr and exit code 1.
 async fn lag(args: &LagArgs) -> ExitCode {
     let target = args.target();
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(args.timeout_seconds.max(1)),
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(args.timeout_seconds.max(1)));
     match reader.read(&target).await {
         Ok(lag) => {
             print!("{}", render(&target, &lag));

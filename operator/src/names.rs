@@ -39,7 +39,7 @@ pub enum Component {
     Config,
     /// The metrics Service.
     Metrics,
-    /// The ServiceAccount, Role and RoleBinding of workers that create Jobs.
+    /// The ServiceAccount and RoleBinding of workers that create Jobs.
     Rbac,
 }
 
@@ -69,6 +69,15 @@ pub fn config_map_name(instance: &str) -> String {
 pub fn worker_rbac_name(instance: &str) -> String {
     format!("{instance}-worker")
 }
+
+/// Name of the RoleBinding that binds Job-trigger workers to the Job-trigger ClusterRole.
+pub fn job_trigger_binding_name(instance: &str) -> String {
+    format!("{instance}-job-trigger")
+}
+
+/// Default name of the ClusterRole Job-trigger workers are bound to (the chart's is
+/// `<release>-job-trigger`, passed with `--job-trigger-cluster-role`).
+pub const DEFAULT_JOB_TRIGGER_CLUSTER_ROLE: &str = "streamops-job-trigger";
 
 /// The four `app.kubernetes.io` labels of a child.
 pub fn labels(instance: &str, component: Component) -> BTreeMap<String, String> {

@@ -27,6 +27,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_on(shutdown.clone()));
 
+    // The allow-list is checked before anything else: a malformed one stops the operator.
+    let brokers = Arc::new(args.broker_policy().context("invalid broker allow-list")?);
     let state = HttpState::default();
     let metrics = Metrics::register(&state.registry).context("cannot register metrics")?;
     let listener = http::bind(args.metrics_listen)
@@ -49,14 +51,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
-        OperatorConfig::new(args.worker_image.clone()),
-        Arc::new(KafkaGroupDeleter::default()),
+        OperatorConfig {
+            policy: args.policy(),
+            job_trigger_cluster_role: args.job_trigger_cluster_role.clone(),
+            worker_network: args.worker_network(),
+            ..OperatorConfig::new(args.worker_image.clone())
+        },
+        Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),
         book.clone(),
     ));
     let poll_settings = args.poll_settings();
     let poller = || {
         Some(LagPoller::new(
-            KafkaLagReader::default(),
+            KafkaLagReader::new(
+                std::time::Duration::from_secs(5),
+                poll_settings.max_concurrent_reads,
+            )
+            .with_policy(brokers.clone()),
             book.clone(),
             metrics.clone(),
             poll_settings.clone(),
@@ -67,6 +78,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         worker_image = %args.worker_image,
         leader_election = args.leader_election(),
         lag_interval = ?poll_settings.default_interval,
+        allowed_brokers = brokers.brokers().len(),
+        job_triggers = args.job_triggers,
+        worker_network_policy = args.worker_network_policy,
         "starting the controller"
     );
 

@@ -7,6 +7,11 @@
 //! it is `False`, `status.lag` keeps the last successful reading (its `observedAt` tells its age)
 //! and an autoscaled StreamConsumer holds its replicas.
 //!
+//! `OffsetGap` shows the offset gaps the workers reported (they attach each partition's latest gap
+//! to its advisory Kafka commit, which the lag reading fetches; see [`streamops_crds::gap`]). It
+//! appears with the first reported gap (`True`, reason `OffsetGap`, the gaps in the message) and
+//! turns `False` once no partition reports one. It is carried over while the lag cannot be read.
+//!
 //! `Ready` reflects the workers, not the apply: it is true only once the Deployment controller has
 //! observed the current Deployment generation and every desired replica is updated and ready.
 //! `lastTransitionTime` moves only when a condition's status changes, so an unchanged world yields
@@ -32,6 +37,14 @@ pub const DEGRADED: &str = "Degraded";
 /// Condition type: the operator's latest attempt to read the consumer group's lag succeeded.
 /// Absent until the first attempt.
 pub const LAG_AVAILABLE: &str = "LagAvailable";
+
+/// Condition type: the workers reported a gap in a partition's offsets (messages Kafka no
+/// longer had). Absent until the first gap.
+pub const OFFSET_GAP: &str = "OffsetGap";
+/// Reason of `OffsetGap=True`.
+pub const REASON_OFFSET_GAP: &str = "OffsetGap";
+/// Most gaps named in the `OffsetGap` message.
+const MAX_GAPS_IN_MESSAGE: usize = 5;
 
 /// Reason of `Degraded=True` for an invalid spec.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
@@ -181,6 +194,40 @@ impl<'a> Conditions<'a> {
     }
 }
 
+impl Conditions<'_> {
+    /// `OffsetGap` from the latest successful reading; carried over otherwise.
+    fn offset_gap(&mut self, lag: Option<&LagView>) {
+        let Some(view) = lag.filter(|l| l.failure.is_none()) else {
+            self.carry(OFFSET_GAP);
+            return;
+        };
+        if view.gaps.is_empty() {
+            if self.previous.iter().any(|c| c.type_ == OFFSET_GAP) {
+                self.set(
+                    OFFSET_GAP,
+                    false,
+                    "NoOffsetGap",
+                    "no partition reports an offset gap",
+                );
+            }
+            return;
+        }
+        let mut parts: Vec<String> = view
+            .gaps
+            .iter()
+            .take(MAX_GAPS_IN_MESSAGE)
+            .map(|g| g.note.describe(&g.topic, g.partition))
+            .collect();
+        if view.gaps.len() > MAX_GAPS_IN_MESSAGE {
+            parts.push(format!(
+                "and {} more (see streamops_offset_gaps)",
+                view.gaps.len() - MAX_GAPS_IN_MESSAGE
+            ));
+        }
+        self.set(OFFSET_GAP, true, REASON_OFFSET_GAP, parts.join("; "));
+    }
+}
+
 /// The status after a successful reconciliation, from the applied Deployment and the latest lag
 /// reading (`None`: nothing read yet, the lag and its condition are carried over).
 pub fn observed(
@@ -200,7 +247,17 @@ pub fn observed(
     // latest one yet.
     let rolling = !rollout.observed_current || rollout.updated < rollout.replicas;
     if rollout.complete() {
-        if desired == 0 {
+        if desired == 0 && crate::replay::holds_workers(sc) {
+            let (reason, msg) = if crate::replay::pending_request(sc).is_some() {
+                ("Replaying", "no workers run while the replay runs")
+            } else {
+                (
+                    "Suspended",
+                    "suspended (spec.suspend): no workers run; lag is still reported",
+                )
+            };
+            c.set(READY, true, reason, msg);
+        } else if desired == 0 {
             c.set(READY, true, "ScaledToZero", "scaled to zero workers");
         } else {
             c.set(READY, true, "WorkersReady", ready_msg);
@@ -252,6 +309,7 @@ pub fn observed(
         None => c.set(DEGRADED, false, "AsExpected", ""),
     }
     c.lag_available(sc, lag, desired);
+    c.offset_gap(lag);
 
     let previous_lag = sc.status.as_ref().and_then(|s| s.lag.clone());
     StreamConsumerStatus {
@@ -262,6 +320,8 @@ pub fn observed(
         selector: Some(selector_string(name)),
         lag: lag.and_then(|l| l.last.clone()).or(previous_lag),
         config_hash: Some(config_hash.to_string()),
+        phase: Some(crate::replay::phase(sc).to_string()),
+        replay: sc.status.as_ref().and_then(|s| s.replay.clone()),
     }
 }
 
@@ -298,6 +358,7 @@ pub fn invalid_spec(sc: &StreamConsumer, invalid: &InvalidSpec, now: Time) -> St
     );
     c.set(DEGRADED, true, REASON_INVALID_SPEC, invalid.to_string());
     c.carry(LAG_AVAILABLE);
+    c.carry(OFFSET_GAP);
     status.conditions = c.out;
     status.observed_generation = sc.metadata.generation;
     status
@@ -311,6 +372,7 @@ pub fn failed(sc: &StreamConsumer, reason: &str, message: &str, now: Time) -> St
     c.keep_or(PROGRESSING, false, reason, "the reconciliation failed");
     c.set(DEGRADED, true, reason, message);
     c.carry(LAG_AVAILABLE);
+    c.carry(OFFSET_GAP);
     status.conditions = c.out;
     status
 }
@@ -545,6 +607,7 @@ mod tests {
                 observed_at: Some("2025-01-01T00:00:00Z".into()),
             }),
             failure: None,
+            gaps: Vec::new(),
         }
     }
 
@@ -555,7 +618,58 @@ mod tests {
                 reason: "KafkaError",
                 message: "kafka: all brokers down".into(),
             }),
+            gaps: Vec::new(),
         }
+    }
+
+    fn with_gap(mut view: LagView) -> LagView {
+        view.gaps = vec![crate::lag::PartitionGap {
+            topic: "prices".into(),
+            partition: 2,
+            note: streamops_crds::gap::GapNote {
+                kind: streamops_crds::gap::GapKind::Retention,
+                from: 100,
+                to: 250,
+                skipped: true,
+                detected_at: 1_733_000_000,
+            },
+        }];
+        view
+    }
+
+    #[test]
+    fn a_reported_gap_is_the_offset_gap_condition_until_none_is_reported() {
+        let sc = StreamConsumer::test();
+        let s = observed(&sc, &settled(1, 1), 1, "h", Some(&read(0)), t(1));
+        assert!(condition(&s, OFFSET_GAP).is_none(), "absent until a gap");
+        let s = observed(&sc, &settled(1, 1), 1, "h", Some(&with_gap(read(0))), t(2));
+        let c = condition(&s, OFFSET_GAP).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", REASON_OFFSET_GAP)
+        );
+        assert!(
+            c.message.contains("offsets 100..250 of prices/2") && c.message.contains("skipped"),
+            "{}",
+            c.message
+        );
+        // An unreadable lag says nothing about gaps: carried over.
+        let with_status = StreamConsumer::test().with_status(s.clone());
+        let s2 = observed(
+            &with_status,
+            &settled(1, 1),
+            1,
+            "h",
+            Some(&unreadable(Some(0))),
+            t(3),
+        );
+        assert_eq!(condition(&s2, OFFSET_GAP), condition(&s, OFFSET_GAP));
+        let s3 = observed(&with_status, &settled(1, 1), 1, "h", Some(&read(0)), t(4));
+        let c = condition(&s3, OFFSET_GAP).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "NoOffsetGap")
+        );
     }
 
     #[test]

@@ -24,6 +24,30 @@ pub fn is_dns1035_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
+/// [`validate_object`], then the operator's [`Policy`](crate::policy::Policy): every error of
+/// both, each naming its field.
+pub fn validate_with_policy(
+    sc: &StreamConsumer,
+    policy: &crate::policy::Policy,
+) -> Result<(), InvalidSpec> {
+    let mut errors = validate_object(sc)
+        .err()
+        .map(|e| e.errors)
+        .unwrap_or_default();
+    if let Err(e) = policy.check(&sc.spec) {
+        for error in e.errors {
+            if !errors.contains(&error) {
+                errors.push(error);
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec { errors })
+    }
+}
+
 /// Validates a StreamConsumer; each error names its field.
 pub fn validate_object(sc: &StreamConsumer) -> Result<(), InvalidSpec> {
     let mut errors = Vec::new();

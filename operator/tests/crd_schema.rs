@@ -8,7 +8,8 @@ use kube::CustomResourceExt;
 use serde_json::{json, Value};
 use streamops_crds::v1alpha1::{
     AutoscalingSpec, CredentialsSecretRef, HandlerKind, JobTriggerSpec, KafkaSecurity,
-    MovingAverageSettings, SaslMechanism, SaslSpec, SecurityProtocol, SensorSettings,
+    MovingAverageSettings, ReplayOffset, ReplaySpec, SaslMechanism, SaslSpec, SecurityProtocol,
+    SensorSettings,
 };
 use streamops_crds::StreamConsumer;
 
@@ -346,9 +347,147 @@ fn pipeline(webhook: bool, job: bool) -> StreamConsumer {
     })
 }
 
+/// A job-trigger StreamConsumer whose template's pod spec is `pod`.
+fn job(pod: Value) -> StreamConsumer {
+    StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| {
+        let p = s.handler.pipeline_trigger.as_mut().unwrap();
+        p.webhook = None;
+        p.job = Some(JobTriggerSpec {
+            template: json!({"template": {"spec": pod}}),
+        });
+    })
+}
+
+/// A job-trigger StreamConsumer with one container (or init container, or ephemeral container)
+/// whose fields are `container`.
+fn job_container(container: Value) -> Vec<StreamConsumer> {
+    let mut c = json!({"name": "load", "image": "loader:1"});
+    c.as_object_mut()
+        .unwrap()
+        .extend(container.as_object().unwrap().clone());
+    let plain = json!({"name": "main", "image": "loader:1"});
+    vec![
+        job(json!({"containers": [c.clone()]})),
+        job(json!({"containers": [plain.clone()], "initContainers": [c.clone()]})),
+        job(json!({"containers": [plain], "ephemeralContainers": [c]})),
+    ]
+}
+
+fn topics(topics: &[&str], error_topic: Option<&str>) -> StreamConsumer {
+    StreamConsumer::test().with_spec(|s| {
+        s.kafka.topics = topics.iter().map(|t| t.to_string()).collect();
+        s.error_topic = error_topic.map(str::to_string);
+    })
+}
+
+fn replay(earliest: bool, timestamp: bool, offsets: bool) -> StreamConsumer {
+    StreamConsumer::test().with_spec(|s| {
+        s.replay = Some(ReplaySpec {
+            request_id: "fix-1".into(),
+            to_earliest: earliest,
+            from_timestamp: timestamp.then(|| "2024-03-20T10:30:00Z".into()),
+            offsets: if offsets {
+                vec![ReplayOffset {
+                    topic: s.kafka.topics[0].clone(),
+                    partition: 0,
+                    offset: 5,
+                }]
+            } else {
+                Vec::new()
+            },
+        })
+    })
+}
+
 fn cases() -> Vec<RuleCase> {
     let of = StreamConsumer::test_of;
+    let plain_container = json!({"name": "main", "image": "loader:1"});
     vec![
+        RuleCase {
+            rule: "has(self.errorTopic) ? !(self.errorTopic in self.kafka.topics) : !((self.kafka.topics[0] + '-failed') in self.kafka.topics)",
+            message: Some("spec.errorTopic (default: the first topic plus -failed) must differ from every consumed topic, or rejected messages loop back into the consumer"),
+            valid: vec![
+                topics(&["a"], None),
+                topics(&["a", "b"], Some("a-errors")),
+                topics(&["a", "a-failed"], Some("rejects")),
+            ],
+            invalid: vec![
+                topics(&["a", "a-failed"], None),
+                topics(&["a", "b"], Some("b")),
+            ],
+        },
+        RuleCase {
+            rule: "!has(self.hostNetwork) || !self.hostNetwork",
+            message: Some("hostNetwork is not allowed (restricted Pod Security Standard)"),
+            valid: vec![job(json!({"hostNetwork": false, "containers": [plain_container.clone()]}))],
+            invalid: vec![job(json!({"hostNetwork": true, "containers": [plain_container.clone()]}))],
+        },
+        RuleCase {
+            rule: "!has(self.hostPID) || !self.hostPID",
+            message: Some("hostPID is not allowed (restricted Pod Security Standard)"),
+            valid: vec![job(json!({"hostPID": false}))],
+            invalid: vec![job(json!({"hostPID": true}))],
+        },
+        RuleCase {
+            rule: "!has(self.hostIPC) || !self.hostIPC",
+            message: Some("hostIPC is not allowed (restricted Pod Security Standard)"),
+            valid: vec![job(json!({"hostIPC": false}))],
+            invalid: vec![job(json!({"hostIPC": true}))],
+        },
+        RuleCase {
+            rule: "!has(self.volumes) || self.volumes.all(v, !has(v.hostPath))",
+            message: Some("hostPath volumes are not allowed (restricted Pod Security Standard)"),
+            valid: vec![job(json!({"volumes": [{"name": "scratch", "emptyDir": {}}]}))],
+            invalid: vec![job(json!({"volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "root", "hostPath": {"path": "/"}}]}))],
+        },
+        RuleCase {
+            rule: "!has(self.securityContext) || !has(self.securityContext.runAsNonRoot) || self.securityContext.runAsNonRoot",
+            message: Some("runAsNonRoot must not be false (restricted Pod Security Standard)"),
+            valid: [job(json!({"securityContext": {"runAsNonRoot": true}}))]
+                .into_iter()
+                .chain(job_container(json!({"securityContext": {"runAsNonRoot": true}})))
+                .collect(),
+            invalid: [job(json!({"securityContext": {"runAsNonRoot": false}}))]
+                .into_iter()
+                .chain(job_container(json!({"securityContext": {"runAsNonRoot": false}})))
+                .collect(),
+        },
+        RuleCase {
+            rule: "!has(self.securityContext) || !has(self.securityContext.runAsUser) || self.securityContext.runAsUser != 0",
+            message: Some("running as root (runAsUser 0) is not allowed (restricted Pod Security Standard)"),
+            valid: [job(json!({"securityContext": {"runAsUser": 1000}}))]
+                .into_iter()
+                .chain(job_container(json!({"securityContext": {"runAsUser": 1000}})))
+                .collect(),
+            invalid: [job(json!({"securityContext": {"runAsUser": 0}}))]
+                .into_iter()
+                .chain(job_container(json!({"securityContext": {"runAsUser": 0}})))
+                .collect(),
+        },
+        RuleCase {
+            rule: "!has(self.securityContext) || !has(self.securityContext.privileged) || !self.securityContext.privileged",
+            message: Some("privileged containers are not allowed (restricted Pod Security Standard)"),
+            valid: job_container(json!({"securityContext": {"privileged": false}})),
+            invalid: job_container(json!({"securityContext": {"privileged": true}})),
+        },
+        RuleCase {
+            rule: "!has(self.securityContext) || !has(self.securityContext.allowPrivilegeEscalation) || !self.securityContext.allowPrivilegeEscalation",
+            message: Some("allowPrivilegeEscalation must be false (restricted Pod Security Standard)"),
+            valid: job_container(json!({"securityContext": {"allowPrivilegeEscalation": false}})),
+            invalid: job_container(json!({"securityContext": {"allowPrivilegeEscalation": true}})),
+        },
+        RuleCase {
+            rule: "!has(self.securityContext) || !has(self.securityContext.capabilities) || !has(self.securityContext.capabilities.add) || size(self.securityContext.capabilities.add) == 0",
+            message: Some("added capabilities are not allowed (restricted Pod Security Standard)"),
+            valid: job_container(json!({"securityContext": {"capabilities": {"drop": ["ALL"]}}})),
+            invalid: job_container(json!({"securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}})),
+        },
+        RuleCase {
+            rule: "!has(self.ports) || self.ports.all(p, !has(p.hostPort) || p.hostPort == 0)",
+            message: Some("host ports are not allowed (restricted Pod Security Standard)"),
+            valid: job_container(json!({"ports": [{"containerPort": 8080}]})),
+            invalid: job_container(json!({"ports": [{"containerPort": 8080, "hostPort": 8080}]})),
+        },
         RuleCase {
             rule: "self.handler.kind != 'pipeline-trigger' || has(self.redis)",
             message: Some("spec.redis is required when spec.handler.kind is pipeline-trigger"),
@@ -405,6 +544,20 @@ fn cases() -> Vec<RuleCase> {
                     s.handler.pipeline_trigger =
                         of(HandlerKind::PipelineTrigger).spec.handler.pipeline_trigger
                 }),
+            ],
+        },
+        RuleCase {
+            rule: "(has(self.toEarliest) && self.toEarliest ? 1 : 0) + (has(self.fromTimestamp) ? 1 : 0) + (has(self.offsets) && size(self.offsets) > 0 ? 1 : 0) == 1",
+            message: Some("replay needs exactly one of toEarliest, fromTimestamp and offsets"),
+            valid: vec![
+                replay(true, false, false),
+                replay(false, true, false),
+                replay(false, false, true),
+            ],
+            invalid: vec![
+                replay(false, false, false),
+                replay(true, true, false),
+                replay(false, true, true),
             ],
         },
         RuleCase {

@@ -1,5 +1,6 @@
-//! Consumer-group lag of a real group on the local broker (tansu, DEVELOPERS.md): a topic with 3
-//! partitions, records produced one per batch, offsets committed for some partitions only.
+//! Consumer-group lag of a real group on the local broker (Apache Kafka, DEVELOPERS.md): a topic
+//! with 3 partitions, records produced in ordinary (multi-record, compressed) batches, offsets
+//! committed for some partitions only.
 //! Fails loudly when the broker is absent.
 
 mod support;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
+use streamops_crds::gap::{GapKind, GapNote};
 use streamops_crds::v1alpha1::{AutoOffsetReset, SecurityProtocol};
 use streamops_operator::lag::{render, GroupLag, KafkaLagReader, LagError, LagReader, LagTarget};
 use support::kafka::{self, BROKER};
@@ -39,20 +41,7 @@ async fn fixture() -> Fixture {
 
 /// Commits offsets for `group` without joining it (a consumer that never subscribes).
 fn commit(group: &str, topic: &str, offsets: &[(i32, i64)]) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKER)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("a consumer");
-    let mut tpl = TopicPartitionList::new();
-    for (partition, offset) in offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            .expect("a valid offset");
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .unwrap_or_else(|e| panic!("cannot commit offsets for {group}: {e}"));
+    kafka::commit_offsets(group, topic, offsets);
 }
 
 fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
@@ -64,6 +53,7 @@ fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     }
 }
 
@@ -145,7 +135,95 @@ async fn a_group_that_never_committed_has_all_of_its_topics_as_lag_under_earlies
     })
     .await;
     assert_eq!(lag.total, 0);
+    assert_eq!(
+        lag.uncommitted, 3,
+        "a zero lag without commits is not \"no work\""
+    );
     kafka::delete_topic(&f.topic).await;
+}
+
+#[tokio::test]
+async fn a_gap_a_worker_attached_to_its_commit_is_read_with_the_lag() {
+    let f = fixture().await;
+    let note = GapNote {
+        kind: GapKind::Retention,
+        from: 2,
+        to: 7,
+        skipped: true,
+        detected_at: 1_733_000_000,
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKER)
+        .set("group.id", &f.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&f.topic, 2, Offset::Offset(7))
+        .unwrap();
+    tpl.find_partition(&f.topic, 2)
+        .expect("the partition")
+        .set_metadata(note.to_string());
+    consumer.commit(&tpl, CommitMode::Sync).expect("commit");
+    let lag = read(&target(&f, AutoOffsetReset::Earliest)).await;
+    assert_eq!(lag.gaps.len(), 1, "{lag:#?}");
+    assert_eq!((lag.gaps[0].partition, lag.gaps[0].note), (2, note));
+    kafka::delete_topic(&f.topic).await;
+}
+
+#[tokio::test]
+async fn readings_reuse_one_client_per_group() {
+    let f = fixture().await;
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(5));
+    let t = target(&f, AutoOffsetReset::Earliest);
+    for _ in 0..3 {
+        reader.read(&t).await.expect("lag");
+    }
+    assert_eq!(reader.clients().len(), 1);
+    let other = LagTarget {
+        group_id: kafka::unique("operator-lag-other"),
+        ..t
+    };
+    reader.read(&other).await.expect("lag");
+    assert_eq!(reader.clients().len(), 2);
+    assert_eq!(
+        reader.clients().available(),
+        streamops_operator::lag::DEFAULT_MAX_IN_FLIGHT,
+        "every permit came back"
+    );
+    kafka::delete_topic(&f.topic).await;
+}
+
+#[tokio::test]
+async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
+    // Nothing answers on port 1: every request runs into its timeout.
+    let reader = KafkaLagReader::new(Duration::from_millis(500), 2);
+    let target = LagTarget {
+        bootstrap_servers: "127.0.0.1:1".into(),
+        group_id: "g".into(),
+        topics: vec!["t".into()],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        security_protocol: SecurityProtocol::Plaintext,
+        sasl_mechanism: None,
+        credentials: None,
+        ssl_ca_location: None,
+    };
+    // Ten callers that give up after 50 ms, as the poller's timeout would.
+    for _ in 0..10 {
+        let r = tokio::time::timeout(Duration::from_millis(50), reader.read(&target)).await;
+        assert!(r.is_err(), "no answer within 50 ms");
+    }
+    assert!(reader.clients().available() <= 2);
+    assert!(
+        reader.clients().len() <= 1,
+        "one client for the group, reused"
+    );
+    // Once the blocking work ends, every permit is back.
+    let start = std::time::Instant::now();
+    while reader.clients().available() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "permits leaked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -159,6 +237,7 @@ async fn a_missing_topic_is_an_error_not_zero_lag() {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     };
     let err = KafkaLagReader::default()
         .read(&target)
@@ -181,10 +260,9 @@ async fn unreachable_brokers_are_an_error() {
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
+        ssl_ca_location: None,
     };
-    let reader = KafkaLagReader {
-        timeout: Duration::from_secs(1),
-    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(1));
     let err = reader.read(&target).await.expect_err("no broker, no lag");
     assert_eq!(err.reason(), "KafkaError", "{err}");
 }

@@ -29,6 +29,13 @@ pub enum Command {
         #[command(subcommand)]
         action: TopicAction,
     },
+    /// Replay: move the offsets of record back (earliest, a timestamp, or explicit offsets) and
+    /// rebuild the handler's tables so that processing again gives those of an uninterrupted run.
+    /// Refused while the consumer group has live members. Runs once per `--request-id`.
+    Replay(ReplayArgs),
+    /// List the offsets of record of the consumer group, per partition, with the broker's end
+    /// offsets and the lag.
+    Offsets(OffsetsArgs),
     /// Serve the reference fraud-scoring API (`POST /predict`, `GET /health`) until SIGTERM/SIGINT.
     Scorer(crate::scorer::ScorerArgs),
 }
@@ -115,9 +122,6 @@ pub struct ProduceArgs {
     /// The consumer's maxMessageBytes; oversized poison exceeds it by one byte.
     #[arg(long, default_value_t = 1_048_576)]
     pub max_message_bytes: usize,
-    /// One record per producer batch (tansu tests that resume consumers or measure lag).
-    #[arg(long)]
-    pub one_per_batch: bool,
 }
 
 /// `topic` actions.
@@ -145,4 +149,102 @@ pub enum TopicAction {
         #[arg(long, value_name = "HOST:PORT")]
         bootstrap_servers: String,
     },
+}
+
+/// Where the configuration comes from (`replay`, `offsets`).
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// A StreamConsumer manifest (as for `run --spec`).
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    /// A rendered worker configuration (as for `run --config`).
+    #[arg(long, value_name = "FILE", env = "STREAMOPS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides the configured bootstrap servers (local runs).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub bootstrap_servers: Option<String>,
+}
+
+/// `replay` arguments: exactly one of `--to-earliest`, `--from-timestamp`, `--to-offsets`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "from_timestamp", "to_offsets"])))]
+pub struct ReplayArgs {
+    /// The configuration.
+    #[command(flatten)]
+    pub source: ConfigArgs,
+    /// Every partition from the earliest offset the broker holds.
+    #[arg(long)]
+    pub to_earliest: bool,
+    /// Every partition from its first message at or after this time: RFC 3339
+    /// (`2024-03-20T10:30:00Z`) or milliseconds since the epoch.
+    #[arg(long, value_name = "TIME")]
+    pub from_timestamp: Option<String>,
+    /// Explicit positions, `TOPIC:PARTITION=OFFSET` (repeat or separate with commas); other
+    /// partitions keep their offsets of record.
+    #[arg(long, value_name = "TOPIC:PARTITION=OFFSET", value_delimiter = ',')]
+    pub to_offsets: Vec<crate::replay::PartitionOffset>,
+    /// Identifies the request: a request id already applied changes nothing (default: a new id
+    /// per invocation).
+    #[arg(long, env = "STREAMOPS_REPLAY_ID")]
+    pub request_id: Option<String>,
+    /// Seconds to wait for the consumer group to empty before refusing (a stopped static member
+    /// stays listed until its session times out).
+    #[arg(long, default_value_t = 0)]
+    pub wait_idle: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", env = "STREAMOPS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// `offsets` arguments.
+#[derive(Debug, Args)]
+pub struct OffsetsArgs {
+    /// The configuration.
+    #[command(flatten)]
+    pub source: ConfigArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `--from-timestamp`: RFC 3339 or milliseconds since the epoch.
+pub fn parse_timestamp(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.trim().parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("--from-timestamp {s:?}: neither RFC 3339 nor milliseconds ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_needs_exactly_one_target() {
+        let base = ["streamops-worker", "replay", "--spec", "x.yaml"];
+        assert!(Cli::try_parse_from(base).is_err());
+        assert!(Cli::try_parse_from(base.iter().chain(&[
+            "--to-earliest",
+            "--from-timestamp",
+            "1"
+        ]))
+        .is_err());
+        let ok = Cli::try_parse_from(base.iter().chain(&["--to-offsets", "t:0=5,t:1=7"])).unwrap();
+        match ok.command {
+            Command::Replay(a) => assert_eq!(a.to_offsets.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_or_milliseconds() {
+        assert_eq!(parse_timestamp("1710930600000"), Ok(1_710_930_600_000));
+        assert_eq!(
+            parse_timestamp("2024-03-20T10:30:00Z"),
+            Ok(1_710_930_600_000)
+        );
+        assert!(parse_timestamp("yesterday").is_err());
+    }
 }

@@ -91,6 +91,63 @@ impl BinaryCopy {
     }
 }
 
+/// How [`copy_or_insert`] wrote the rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyOrInsert<T> {
+    /// Every COPY went through: the rows loaded by each, in order.
+    Copied(Vec<u64>),
+    /// A COPY hit a unique violation; the fallback wrote the rows and returned this.
+    Inserted(T),
+}
+
+/// SQLSTATE of a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// The fast path with a safe fallback, inside the caller's transaction: loads each
+/// `(rows, statement)` by binary COPY under the savepoint `savepoint` (an SQL identifier written
+/// in the code, never input). COPY cannot skip a row
+/// whose key is already stored (a replay of committed messages, or a key repeated within the
+/// batch); on such a unique violation everything the COPYs did is rolled back to the savepoint and
+/// `fallback` writes the same rows instead, typically with `INSERT ... ON CONFLICT DO NOTHING`.
+/// Any other error is returned as is (the caller's transaction is then aborted).
+pub async fn copy_or_insert<'c, T, E, F, Fut>(
+    conn: &'c mut sqlx::PgConnection,
+    savepoint: &'static str,
+    copies: Vec<(BinaryCopy, &str)>,
+    fallback: F,
+) -> Result<CopyOrInsert<T>, E>
+where
+    E: From<sqlx::Error>,
+    F: FnOnce(&'c mut sqlx::PgConnection) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    sqlx::query(&format!("SAVEPOINT {savepoint}"))
+        .execute(&mut *conn)
+        .await?;
+    let mut loaded = Vec::with_capacity(copies.len());
+    let mut violation = false;
+    for (rows, statement) in copies {
+        match rows.load(conn, statement).await {
+            Ok(n) => loaded.push(n),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                violation = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !violation {
+        sqlx::query(&format!("RELEASE SAVEPOINT {savepoint}"))
+            .execute(&mut *conn)
+            .await?;
+        return Ok(CopyOrInsert::Copied(loaded));
+    }
+    sqlx::query(&format!("ROLLBACK TO SAVEPOINT {savepoint}"))
+        .execute(&mut *conn)
+        .await?;
+    fallback(conn).await.map(CopyOrInsert::Inserted)
+}
+
 impl RowWriter<'_> {
     fn field(&mut self, bytes: &[u8]) -> &mut Self {
         self.buf

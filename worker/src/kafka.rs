@@ -2,7 +2,7 @@
 //! `produce` tool and the admin commands.
 
 use rdkafka::ClientConfig;
-use streamops_crds::v1alpha1::{SaslMechanism, SecurityProtocol};
+use streamops_crds::v1alpha1::{GroupProtocol, SaslMechanism, SecurityProtocol};
 use streamops_crds::KafkaConfig;
 
 use crate::secrets::SaslCredentials;
@@ -106,6 +106,8 @@ pub struct ConsumerSettings<'a> {
     pub auto_offset_reset: &'a str,
     /// `statistics.interval.ms` (0 disables the lag gauge).
     pub statistics_interval_ms: u32,
+    /// `group.protocol`.
+    pub group_protocol: GroupProtocol,
     /// `session.timeout.ms`.
     pub session_timeout_ms: u32,
     /// `max.poll.interval.ms`.
@@ -113,22 +115,28 @@ pub struct ConsumerSettings<'a> {
 }
 
 impl KafkaClientSettings {
-    /// The pipeline consumer: manual offsets (PostgreSQL is the source of truth),
-    /// cooperative-sticky assignment, statistics for the lag gauge.
+    /// The pipeline consumer: manual offsets (PostgreSQL is the source of truth), statistics
+    /// for the lag gauge. Under the classic group protocol the members assign partitions
+    /// themselves with cooperative-sticky; under `consumer` (KIP-848) the broker assigns them
+    /// and owns the session timeout and heartbeat interval (`group.consumer.*` on the broker),
+    /// so none of the classic-only settings is set (librdkafka rejects them there).
     pub fn consumer(&self, s: &ConsumerSettings<'_>) -> ClientConfig {
         let mut c = self.base();
         c.set("group.id", s.group_id)
-            .set("enable.auto.commit", "false")
+            .set("group.protocol", s.group_protocol.as_str());
+        if s.group_protocol == GroupProtocol::Classic {
+            c.set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", s.session_timeout_ms.to_string())
+                // At most a third of the session timeout, as Kafka recommends.
+                .set(
+                    "heartbeat.interval.ms",
+                    (s.session_timeout_ms / 3).clamp(1, 3000).to_string(),
+                );
+        }
+        c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
-            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("auto.offset.reset", s.auto_offset_reset)
-            .set("session.timeout.ms", s.session_timeout_ms.to_string())
-            // At most a third of the session timeout, as Kafka recommends.
-            .set(
-                "heartbeat.interval.ms",
-                (s.session_timeout_ms / 3).clamp(1, 3000).to_string(),
-            )
             .set("max.poll.interval.ms", s.max_poll_interval_ms.to_string())
             .set("fetch.wait.max.ms", "100")
             // Prefetch: enough to keep the poll loop fed, small enough to bound memory. The
@@ -205,6 +213,7 @@ mod tests {
             instance_id: Some("w-0"),
             auto_offset_reset: "earliest",
             statistics_interval_ms: 5000,
+            group_protocol: GroupProtocol::Classic,
             session_timeout_ms: 12_000,
             max_poll_interval_ms: 600_000,
         });
@@ -214,9 +223,54 @@ mod tests {
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.instance.id"), Some("w-0"));
+        assert_eq!(c.get("group.protocol"), Some("classic"));
         assert_eq!(
             c.get("partition.assignment.strategy"),
             Some("cooperative-sticky")
         );
+    }
+
+    #[test]
+    fn consumer_protocol_leaves_assignment_and_session_timeout_to_the_broker() {
+        let c = KafkaClientSettings::plaintext("b:9092").consumer(&ConsumerSettings {
+            group_id: "g",
+            instance_id: None,
+            auto_offset_reset: "earliest",
+            statistics_interval_ms: 5000,
+            group_protocol: GroupProtocol::Consumer,
+            session_timeout_ms: 12_000,
+            max_poll_interval_ms: 600_000,
+        });
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        for classic_only in [
+            "partition.assignment.strategy",
+            "session.timeout.ms",
+            "heartbeat.interval.ms",
+        ] {
+            assert_eq!(c.get(classic_only), None, "{classic_only} is set");
+        }
+        // Everything that is not about group membership stays as under classic.
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("1536"));
+        assert_eq!(c.get("group.instance.id"), None);
+        assert_eq!(c.get("max.poll.interval.ms"), Some("600000"));
+    }
+
+    #[test]
+    fn librdkafka_accepts_the_consumer_configuration_of_both_protocols() {
+        for group_protocol in [GroupProtocol::Classic, GroupProtocol::Consumer] {
+            let c = KafkaClientSettings::plaintext("127.0.0.1:1").consumer(&ConsumerSettings {
+                group_id: "g",
+                instance_id: None,
+                auto_offset_reset: "earliest",
+                statistics_interval_ms: 0,
+                group_protocol,
+                session_timeout_ms: 45_000,
+                max_poll_interval_ms: 300_000,
+            });
+            // Creating a consumer validates every property without connecting.
+            let created: Result<rdkafka::consumer::BaseConsumer, _> = c.create();
+            assert!(created.is_ok(), "{group_protocol:?}: {:?}", created.err());
+        }
     }
 }

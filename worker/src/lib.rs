@@ -2,7 +2,7 @@
 //! exactly once (results and offsets in one transaction).
 //!
 //! Entry points for other code:
-//! - [`pipeline::run_pipeline`]: run any [`handlers::Handler`] over a configuration.
+//! - [`pipeline::run_pipeline`]: run any [`handlers::MessageHandler`] over a configuration.
 //! - [`worker::WorkerRuntime`]: the process assembly `main` uses (database, migrations, HTTP,
 //!   signals) around `run_pipeline`.
 //! - [`generate`]: the deterministic event generator behind `produce`, tests and the bench.
@@ -15,6 +15,7 @@ pub mod copy;
 pub mod db;
 pub mod error;
 pub mod errortopic;
+pub mod gaps;
 pub mod generate;
 pub mod handlers;
 pub mod http;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod produce;
+pub mod replay;
 pub mod scorer;
 pub mod secrets;
 pub mod telemetry;

@@ -19,6 +19,8 @@ use streamops_worker::telemetry::{init_logging, LogFormat};
 use streamops_worker::worker::{RunOptions, WorkerRuntime};
 use streamops_worker::{admin, WorkerError};
 
+mod replay_cmd;
+
 fn read(path: &std::path::Path) -> Result<String, WorkerError> {
     std::fs::read_to_string(path).map_err(|source| WorkerError::Read {
         path: path.display().to_string(),
@@ -27,13 +29,20 @@ fn read(path: &std::path::Path) -> Result<String, WorkerError> {
 }
 
 fn load_config(args: &RunArgs) -> Result<WorkerConfig, WorkerError> {
-    if let Some(spec) = &args.spec {
+    load_config_from(args.spec.as_deref(), args.config.as_deref())
+}
+
+fn load_config_from(
+    spec: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> Result<WorkerConfig, WorkerError> {
+    if let Some(spec) = spec {
         let sc = stream_consumer_from_manifest(&read(spec)?)
             .map_err(|e| WorkerError::Config(format!("{}: {e}", spec.display())))?;
         return WorkerConfig::from_resource(&sc)
             .map_err(|e| WorkerError::Config(format!("{}: {e}", spec.display())));
     }
-    match &args.config {
+    match config {
         Some(path) => WorkerConfig::from_yaml(&read(path)?)
             .map_err(|e| WorkerError::Config(format!("{}: {e}", path.display()))),
         None => Err(WorkerError::Config(
@@ -100,7 +109,6 @@ async fn produce_cmd(args: ProduceArgs) -> Result<(), WorkerError> {
             poison_percent: args.poison_percent,
             max_message_bytes: args.max_message_bytes,
         },
-        one_per_batch: args.one_per_batch,
     };
     let summary = produce(&settings, &opts).await?;
     println!("{summary}");
@@ -199,6 +207,8 @@ fn main() -> ExitCode {
             Command::Produce(args) => produce_cmd(args).await,
             Command::Topic { action } => topic_cmd(action).await,
             Command::Scorer(args) => scorer_cmd(args).await,
+            Command::Replay(args) => replay_cmd::replay(args).await,
+            Command::Offsets(args) => replay_cmd::offsets(args).await,
         }
     });
     match result {

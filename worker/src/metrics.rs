@@ -41,6 +41,9 @@ pub struct Metrics {
     pub kafka_commit_failures: IntCounter,
     /// 1 when `/readyz` answers 200 (set at every scrape).
     pub ready: IntGauge,
+    /// Gaps found in partitions' offsets (messages Kafka no longer had), by topic and kind
+    /// (`retention`, `reset`).
+    pub offset_gaps: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -173,6 +176,12 @@ impl Metrics {
                 &r,
                 "streamops_kafka_commit_failures_total",
                 "Failed advisory offset commits to Kafka",
+            ),
+            offset_gaps: counter_vec(
+                &r,
+                "streamops_offset_gaps_total",
+                "Gaps found in partitions' offsets (messages Kafka no longer had), by kind",
+                &["topic", "kind"],
             ),
             registry: r,
         }

@@ -21,8 +21,6 @@ pub struct ProduceOptions {
     pub rate: u64,
     /// Generator settings.
     pub gen: GenOptions,
-    /// One record per producer batch (`batch.num.messages=1`, `linger.ms=0`).
-    pub one_per_batch: bool,
 }
 
 /// What a produce run did.
@@ -59,7 +57,6 @@ impl std::fmt::Display for ProduceSummary {
 /// A producer configured for `opts`.
 pub fn producer(
     settings: &KafkaClientSettings,
-    one_per_batch: bool,
     max_message_bytes: usize,
 ) -> Result<FutureProducer, KafkaError> {
     let mut cfg = settings.reliable_producer();
@@ -69,17 +66,13 @@ pub fn producer(
     )
     .set("queue.buffering.max.messages", "1000000")
     .set("queue.buffering.max.kbytes", "1048576")
-    // A load generator waits out a slow broker rather than failing messages: with idempotence,
-    // a timed-out message makes librdkafka bump the producer epoch, which a busy tansu answers with
-    // a fatal ProducerFenced for what is still in flight (seen in the chaos suite's full run).
-    .set("message.timeout.ms", "300000");
-    if one_per_batch {
-        cfg.set("batch.num.messages", "1").set("linger.ms", "0");
-    } else {
-        cfg.set("batch.num.messages", "10000")
-            .set("batch.size", "1000000")
-            .set("linger.ms", "5");
-    }
+    // A load generator waits out a slow or restarting broker (the chaos suite cuts and restarts
+    // it) rather than failing messages: with idempotence, a timed-out message makes librdkafka
+    // bump the producer epoch and fail what is still in flight.
+    .set("message.timeout.ms", "300000")
+    .set("batch.num.messages", "10000")
+    .set("batch.size", "1000000")
+    .set("linger.ms", "5");
     cfg.create()
 }
 
@@ -88,12 +81,12 @@ pub async fn produce(
     settings: &KafkaClientSettings,
     opts: &ProduceOptions,
 ) -> Result<ProduceSummary, KafkaError> {
-    let producer = producer(settings, opts.one_per_batch, opts.gen.max_message_bytes)?;
+    let producer = producer(settings, opts.gen.max_message_bytes)?;
     let start = Instant::now();
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut sent = 0u64;
     let mut failed = 0u64;
-    let window = if opts.one_per_batch { 1_000 } else { 100_000 };
+    let window = 100_000;
     use futures::StreamExt;
     for (i, g) in Generator::new(opts.gen.clone())
         .take(opts.count as usize)

@@ -11,7 +11,7 @@ use streamops_crds::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::WorkerError;
-use crate::handlers::{Handler, HandlerContext};
+use crate::handlers::{HandlerContext, MessageHandler};
 use crate::kafka::KafkaClientSettings;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Health, PipelineContext, WriterTotals};
@@ -147,19 +147,19 @@ impl WorkerRuntime {
     }
 
     /// Serves HTTP and runs the pipeline with `handler` until shutdown.
-    pub async fn run<H: Handler>(self, handler: H) -> Result<WriterTotals, WorkerError> {
+    pub async fn run<H: MessageHandler>(self, handler: H) -> Result<WriterTotals, WorkerError> {
         self.run_lanes(vec![handler]).await
     }
 
     /// Like [`WorkerRuntime::run`] with one writer lane per handler instance (see
     /// [`pipeline::run_pipeline_lanes`]); only for handlers whose state is per partition. HTTP
     /// routes come from the first instance.
-    pub async fn run_lanes<H: Handler>(
+    pub async fn run_lanes<H: MessageHandler>(
         self,
         handlers: Vec<H>,
     ) -> Result<WriterTotals, WorkerError> {
         let http_stop = CancellationToken::new();
-        let routes = handlers.first().and_then(Handler::routes);
+        let routes = handlers.first().and_then(MessageHandler::routes);
         let app = crate::http::router(self.health.clone(), self.metrics.clone(), routes);
         let (_addr, http_task) =
             crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;

@@ -15,7 +15,7 @@ use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, 
 use streamops_worker::generate::{Event, Generated};
 use streamops_worker::handlers::fraud::{FraudHandler, FraudItem};
 use streamops_worker::handlers::{
-    Decoded, Handler, HandlerContext, Position, Prepared, RawMessage, RejectKind,
+    Decoded, HandlerContext, MessageHandler, Position, Prepared, RawMessage, RejectKind,
 };
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::scorer::api::ScoreInput;
@@ -604,7 +604,8 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
         let topic = env.topic.clone();
         tokio::spawn(async move { produce_events(&topic, &spec).await })
     };
-    let mut w = env.start_worker("w-0");
+    // Static membership (the operator's): the restart is a container restart in its pod.
+    let mut w = env.start_static_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(800).await;
     w.kill();
@@ -612,7 +613,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
         env.applied_offsets().await < total as i64,
         "the kill was not mid-stream"
     );
-    let mut w = env.start_worker("w-0");
+    let mut w = env.start_static_worker("w-0");
     w.wait_ready().await;
     let events = producer.await.expect("producer task");
     env.wait_for_offsets(total as i64).await;

@@ -118,7 +118,9 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
         let spec = spec.clone();
         tokio::spawn(async move { produce_events(&topic, &spec).await })
     };
-    let mut w = env.start_worker("w-0");
+    // Static membership, as the operator runs it: the restart below is a container restart in
+    // its pod, which gets its partitions back at once.
+    let mut w = env.start_static_worker("w-0");
     w.wait_ready().await;
     // Kill once part of the stream is committed, while the producer is still sending.
     env.wait_for_offsets(1000).await;
@@ -128,7 +130,7 @@ async fn a_worker_killed_mid_stream_and_restarted_leaves_no_missing_and_no_dupli
         committed_at_kill < total as i64,
         "the kill was not mid-stream"
     );
-    let mut w = env.start_worker("w-0");
+    let mut w = env.start_static_worker("w-0");
     w.wait_ready().await;
     let events = producer.await.expect("producer task");
     env.wait_for_offsets(total as i64).await;

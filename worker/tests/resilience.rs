@@ -107,13 +107,6 @@ async fn a_database_outage_pauses_the_worker_unready_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_member_joining_mid_stream_shares_the_partitions_exactly_once() {
     let mut env = TestEnv::new("ma-rebal", HandlerKind::MovingAverage, 4).await;
-    // tansu 0.6 answers the second JoinGroup round of an incremental (cooperative) rebalance
-    // without starting a new generation, so the revoked partitions never reach the new member.
-    // That is a broker bug; this test uses the eager protocol through the consumer overrides.
-    let eager = [(
-        "STREAMOPS_KAFKA_CONSUMER_OVERRIDES",
-        "partition.assignment.strategy=range",
-    )];
     env.config.batch.max_messages = 50;
     env.config.batch.max_wait_ms = 20;
     // Phase 1 while only w-0 runs, phase 2 once w-1 owns partitions.
@@ -126,10 +119,10 @@ async fn a_second_member_joining_mid_stream_shares_the_partitions_exactly_once()
         let topic = env.topic.clone();
         tokio::spawn(async move { produce_events(&topic, &first).await })
     };
-    let mut w0 = env.start_worker_with_env("w-0", &eager);
+    let mut w0 = env.start_worker("w-0");
     w0.wait_ready().await;
     env.wait_for_offsets(500).await;
-    let mut w1 = env.start_worker_with_env("w-1", &eager);
+    let mut w1 = env.start_worker("w-1");
     w1.wait_ready().await;
     let start = Instant::now();
     while w1.metric("streamops_assigned_partitions") < 1.0 {

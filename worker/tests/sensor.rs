@@ -12,7 +12,9 @@ use sqlx::PgPool;
 use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::generate::{Event, Generated};
 use streamops_worker::handlers::sensor::{decode_reading, Reading, SensorHandler};
-use streamops_worker::handlers::{Decoded, Handler, HandlerContext, Position, TopicPartition};
+use streamops_worker::handlers::{
+    Decoded, HandlerContext, MessageHandler, Position, TopicPartition,
+};
 use streamops_worker::kafka::KafkaClientSettings;
 use support::*;
 
@@ -202,8 +204,10 @@ async fn tables_are_identical_whether_the_stream_ran_in_one_go_or_through_kills_
         tokio::spawn(async move { produce_events(&topic, &spec).await })
     };
 
-    // Interrupted run: SIGKILL, restart, a second member joining, then leaving.
-    let mut w0 = env.start_worker("w-0");
+    // Interrupted run: SIGKILL, restart, a second member joining, then leaving. w-0 is a static
+    // member, as the operator runs it, so each restart is a container restart in its pod; w-1 is
+    // dynamic and leaves the group when it stops.
+    let mut w0 = env.start_static_worker("w-0");
     w0.wait_ready().await;
     env.wait_for_offsets(800).await;
     w0.kill();
@@ -211,14 +215,14 @@ async fn tables_are_identical_whether_the_stream_ran_in_one_go_or_through_kills_
         env.applied_offsets().await < total as i64,
         "the kill was not mid-stream"
     );
-    let mut w0 = env.start_worker("w-0");
+    let mut w0 = env.start_static_worker("w-0");
     w0.wait_ready().await;
     env.wait_for_offsets(2000).await;
     let mut w1 = env.start_worker("w-1");
     w1.wait_ready().await;
     env.wait_for_offsets(3000).await;
     w0.kill();
-    let mut w0 = env.start_worker("w-0");
+    let mut w0 = env.start_static_worker("w-0");
     w0.wait_ready().await;
     env.wait_for_offsets(3800).await;
     assert!(w1.terminate_and_wait().success());

@@ -100,31 +100,62 @@ resolves.
 - apiGroups: ["streamops.dev"]
   resources: ["streamconsumers/finalizers"]
   verbs: ["update"]
-# Worker Deployments: read before apply, apply, watch, delete on cleanup (DeleteConsumerGroup).
+# Children: read before writing (an object under a child's name that this StreamConsumer does not
+# control is left alone), apply, watch for drift; delete the optional ones when no longer wanted
+# and the workers on cleanup (DeleteConsumerGroup).
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# ConfigMap and metrics Service: applied blind and watched; they go with the StreamConsumer.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "watch", "create", "patch"]
-# Optional children, deleted when no longer wanted.
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["roles", "rolebindings"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-# Held so that the operator may grant them to pipeline-trigger workers with a `job:` trigger
-# (Kubernetes only lets it grant what it holds itself).
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["create", "get", "list"]
+  resources: ["rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- if .Values.policy.jobTriggers.enabled }}
+# Job-trigger workers: bind their ServiceAccount, in their own namespace, to this one ClusterRole
+# (the operator itself cannot create Jobs).
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["clusterroles"]
+  resourceNames: [{{ include "streamops.jobTriggerClusterRole" . | quote }}]
+  verbs: ["bind"]
+{{- end }}
+{{- if .Values.workerNetworkPolicy.enabled }}
+# The workers' NetworkPolicies.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
 # Events go through kube-runtime's Recorder (events.k8s.io/v1).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+The allowed brokers as the operator reads them (STREAMOPS_LAG_BROKERS): everything but the Secrets;
+a caSecret becomes the path where it is mounted.
+*/}}
+{{- define "streamops.lagBrokersJson" -}}
+{{- $out := list }}
+{{- range $i, $b := .Values.lag.brokers }}
+{{- $e := dict "name" $b.name "bootstrapServers" (default list $b.bootstrapServers) "hostPatterns" (default list $b.hostPatterns) "securityProtocol" (default "PLAINTEXT" $b.securityProtocol) }}
+{{- with $b.saslMechanism }}{{- $_ := set $e "saslMechanism" . }}{{- end }}
+{{- with $b.caSecret }}{{- $_ := set $e "sslCaLocation" (printf "/etc/streamops/lag-ca/%d/%s" $i .key) }}{{- end }}
+{{- $out = append $out $e }}
+{{- end }}
+{{- $out | toJson }}
+{{- end }}
+
+{{/*
+The ClusterRole Job-trigger workers are bound to (create/get/list on jobs.batch).
+*/}}
+{{- define "streamops.jobTriggerClusterRole" -}}
+{{- printf "%s-job-trigger" (include "streamops.fullname" .) }}
 {{- end }}

@@ -5,16 +5,16 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
-    SecretProjection, SecurityContext, Volume, VolumeMount, VolumeProjection,
+    EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, SeccompProfile, SecretKeySelector, SecretProjection, SecurityContext,
+    Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use streamops_crds::config::{
-    Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH, ENV_DATABASE_URL,
-    ENV_INSTANCE_ID, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL, TLS_CERT_KEY,
+    webhook_header_env, Handler, CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, ENV_CONFIG_PATH,
+    ENV_DATABASE_URL, ENV_KAFKA_PASSWORD, ENV_KAFKA_USERNAME, ENV_REDIS_URL, TLS_CERT_KEY,
     TLS_KEY_KEY, WORKER_HTTP_PORT,
 };
 
@@ -225,8 +225,13 @@ fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// Environment: the config path, the pod name as static group-membership id, and each secret the
-/// worker needs as a `secretKeyRef`. A secret the worker does not need (Redis for handlers other
+/// Environment: the config path and each secret the worker needs as a `secretKeyRef`.
+///
+/// No `STREAMOPS_INSTANCE_ID`: the workers are dynamic group members. A Deployment's pods get
+/// new names on every rollout, and librdkafka sends no LeaveGroup for a static member, so with
+/// the pod name as `group.instance.id` each replaced pod's partitions waited out the session
+/// timeout (45 s); as dynamic members they move as soon as the old pod leaves (measured by
+/// `streamops-bench rollout`, see `make bench`). A secret the worker does not need (Redis for handlers other
 /// than pipeline-trigger, SASL credentials without a SASL protocol) is left out: a reference to a
 /// missing Secret would keep the pod from starting.
 fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
@@ -236,17 +241,6 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
         env_value(ENV_CONFIG_PATH, config_path()),
         // One JSON object per log line, for the cluster's log pipeline.
         env_value("STREAMOPS_LOG_FORMAT", "json".into()),
-        EnvVar {
-            name: ENV_INSTANCE_ID.into(),
-            value: None,
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    api_version: None,
-                }),
-                ..EnvVarSource::default()
-            }),
-        },
     ];
     let pg = &spec.sink.postgres.url_secret_ref;
     env.push(env_secret(ENV_DATABASE_URL, &pg.name, &pg.key));
@@ -261,6 +255,17 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
             let c = &sasl.credentials_secret_ref;
             env.push(env_secret(ENV_KAFKA_USERNAME, &c.name, &c.username_key));
             env.push(env_secret(ENV_KAFKA_PASSWORD, &c.name, &c.password_key));
+        }
+    }
+    if let Handler::PipelineTrigger(p) = &config.handler {
+        for (i, h) in p
+            .webhook
+            .iter()
+            .flat_map(|w| w.secret_headers.iter())
+            .enumerate()
+        {
+            let r = &h.secret_key_ref;
+            env.push(env_secret(&webhook_header_env(i), &r.name, &r.key));
         }
     }
     env
@@ -555,11 +560,14 @@ mod tests {
     }
 
     #[test]
-    fn instance_id_is_the_pod_name_for_static_membership() {
-        let d = with_ctx(&StreamConsumer::test(), build_deployment);
-        let e = env_of(&d, "STREAMOPS_INSTANCE_ID").unwrap();
-        let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
-        assert_eq!(f.field_path, "metadata.name");
+    fn workers_are_dynamic_group_members_so_a_rollout_moves_partitions_at_once() {
+        for kind in streamops_crds::HandlerKind::ALL {
+            let d = with_ctx(&StreamConsumer::test_of(kind), build_deployment);
+            assert!(
+                env_of(&d, "STREAMOPS_INSTANCE_ID").is_none(),
+                "{kind}: a pod-name instance id makes every rollout wait out the session timeout"
+            );
+        }
     }
 
     #[test]
@@ -598,6 +606,33 @@ mod tests {
             secret_ref(env_of(&d, "STREAMOPS_REDIS_URL").unwrap()),
             ("redis", "url")
         );
+    }
+
+    #[test]
+    fn webhook_secret_headers_come_from_their_secrets() {
+        let sc = StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| {
+            let w = s
+                .handler
+                .pipeline_trigger
+                .as_mut()
+                .unwrap()
+                .webhook
+                .as_mut()
+                .unwrap();
+            w.secret_headers = vec![streamops_crds::v1alpha1::SecretHeader {
+                name: "Authorization".into(),
+                secret_key_ref: streamops_crds::v1alpha1::SecretKeyRef {
+                    name: "hook-auth".into(),
+                    key: "header".into(),
+                },
+            }];
+        });
+        let d = with_ctx(&sc, build_deployment);
+        assert_eq!(
+            secret_ref(env_of(&d, "STREAMOPS_WEBHOOK_HEADER_0").unwrap()),
+            ("hook-auth", "header")
+        );
+        assert!(env_of(&d, "STREAMOPS_WEBHOOK_HEADER_1").is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod config_map;
 mod deployment;
+mod network_policy;
 mod pdb;
 mod rbac;
 mod service;
@@ -16,14 +17,14 @@ pub use deployment::{
     build_deployment, termination_grace_period_seconds, CONFIG_VOLUME, POD_USER_ID,
     SHUTDOWN_MARGIN_MS,
 };
+pub use network_policy::{build_network_policy, egress_ports, url_port, WorkerNetwork};
 pub use pdb::build_pdb;
-pub use rbac::{
-    build_role, build_role_binding, build_service_account, build_worker_rbac, WorkerRbac,
-};
+pub use rbac::{build_role_binding, build_service_account, build_worker_rbac, WorkerRbac};
 pub use service::build_service;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
@@ -31,7 +32,7 @@ use sha2::{Digest, Sha256};
 use streamops_crds::config::WorkerConfig;
 use streamops_crds::v1alpha1::{HandlerKind, StreamConsumer};
 
-use crate::names::{labels, Component};
+use crate::names::{labels, Component, DEFAULT_JOB_TRIGGER_CLUSTER_ROLE};
 use crate::Error;
 
 /// The worker configuration of a StreamConsumer, rendered as it goes into the ConfigMap.
@@ -80,6 +81,10 @@ pub struct BuildContext<'a> {
     /// Replicas of the worker Deployment. Equal to `spec.replicas` unless a
     /// [`ReplicaDecider`](crate::ReplicaDecider) decides otherwise (autoscaling).
     pub replicas: i32,
+    /// The ClusterRole Job-trigger workers are bound to.
+    pub job_trigger_cluster_role: String,
+    /// The admin's worker NetworkPolicy settings; `None`: no NetworkPolicy.
+    pub network: Option<WorkerNetwork>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -117,7 +122,20 @@ impl<'a> BuildContext<'a> {
             image,
             config,
             replicas,
+            job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
+            network: None,
         })
+    }
+
+    /// With the operator's settings: the Job-trigger ClusterRole and the worker NetworkPolicy.
+    pub fn with_settings(
+        mut self,
+        job_trigger_cluster_role: &str,
+        network: Option<&WorkerNetwork>,
+    ) -> Self {
+        self.job_trigger_cluster_role = job_trigger_cluster_role.to_string();
+        self.network = network.cloned();
+        self
     }
 
     /// Metadata of a child: name, namespace, labels and the owner reference.
@@ -148,7 +166,7 @@ impl<'a> BuildContext<'a> {
 pub struct Children {
     /// The rendered worker configuration.
     pub config_map: ConfigMap,
-    /// ServiceAccount, Role and RoleBinding, for workers that create Jobs.
+    /// ServiceAccount and RoleBinding, for workers that create Jobs.
     pub worker_rbac: Option<WorkerRbac>,
     /// The workers.
     pub deployment: Deployment,
@@ -156,6 +174,8 @@ pub struct Children {
     pub service: Service,
     /// Only with more than one replica.
     pub pdb: Option<PodDisruptionBudget>,
+    /// Only when the admin turned worker NetworkPolicies on.
+    pub network_policy: Option<NetworkPolicy>,
 }
 
 /// Builds every child.
@@ -166,6 +186,10 @@ pub fn build_children(ctx: &BuildContext<'_>) -> Children {
         deployment: build_deployment(ctx),
         service: build_service(ctx),
         pdb: build_pdb(ctx),
+        network_policy: ctx
+            .network
+            .as_ref()
+            .map(|net| build_network_policy(ctx, net)),
     }
 }
 
@@ -227,7 +251,6 @@ mod tests {
                 &c.service.metadata,
                 &pdb.metadata,
                 &rbac.service_account.metadata,
-                &rbac.role.metadata,
                 &rbac.role_binding.metadata,
             ];
             for m in metas {

@@ -1,17 +1,16 @@
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 
 use super::BuildContext;
-use crate::names::{worker_rbac_name, Component};
+use crate::names::{job_trigger_binding_name, worker_rbac_name, Component};
 
-/// The ServiceAccount, Role and RoleBinding of workers that create Jobs.
+/// The ServiceAccount and RoleBinding of workers that create Jobs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRbac {
     /// The workers' ServiceAccount.
     pub service_account: ServiceAccount,
-    /// create/get/list on `jobs.batch` in the StreamConsumer's namespace.
-    pub role: Role,
-    /// Binds the Role to the ServiceAccount.
+    /// Binds the operator's Job-trigger ClusterRole (create/get/list on `jobs.batch`) to the
+    /// ServiceAccount, in the StreamConsumer's namespace only.
     pub role_binding: RoleBinding,
 }
 
@@ -20,7 +19,6 @@ pub struct WorkerRbac {
 pub fn build_worker_rbac(ctx: &BuildContext<'_>) -> Option<WorkerRbac> {
     ctx.creates_jobs().then(|| WorkerRbac {
         service_account: build_service_account(ctx),
-        role: build_role(ctx),
         role_binding: build_role_binding(ctx),
     })
 }
@@ -33,32 +31,20 @@ pub fn build_service_account(ctx: &BuildContext<'_>) -> ServiceAccount {
     }
 }
 
-/// Lets the workers create Jobs, and read them back, in their own namespace.
-pub fn build_role(ctx: &BuildContext<'_>) -> Role {
-    Role {
-        metadata: ctx.child_meta(worker_rbac_name(ctx.name), Component::Rbac),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["batch".into()]),
-            resources: Some(vec!["jobs".into()]),
-            verbs: vec!["create".into(), "get".into(), "list".into()],
-            ..PolicyRule::default()
-        }]),
-    }
-}
-
-/// Binds [`build_role`] to [`build_service_account`].
+/// Binds the Job-trigger ClusterRole ([`BuildContext::job_trigger_cluster_role`]) to
+/// [`build_service_account`] in the StreamConsumer's namespace. The operator itself holds no
+/// permission on Jobs: it may only `bind` that one ClusterRole.
 pub fn build_role_binding(ctx: &BuildContext<'_>) -> RoleBinding {
-    let name = worker_rbac_name(ctx.name);
     RoleBinding {
-        metadata: ctx.child_meta(name.clone(), Component::Rbac),
+        metadata: ctx.child_meta(job_trigger_binding_name(ctx.name), Component::Rbac),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: name.clone(),
+            kind: "ClusterRole".into(),
+            name: ctx.job_trigger_cluster_role.clone(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
-            name,
+            name: worker_rbac_name(ctx.name),
             namespace: Some(ctx.namespace.to_string()),
             ..Subject::default()
         }]),
@@ -83,14 +69,15 @@ mod tests {
     }
 
     #[test]
-    fn job_trigger_workers_get_a_role_that_creates_jobs_in_their_namespace() {
+    fn job_trigger_workers_are_bound_to_the_one_job_trigger_cluster_role_in_their_namespace() {
         let rbac = with_ctx(&job_trigger(), build_worker_rbac).unwrap();
-        let rule = &rbac.role.rules.unwrap()[0];
-        assert_eq!(rule.api_groups.as_deref(), Some(&["batch".to_string()][..]));
-        assert_eq!(rule.resources.as_deref(), Some(&["jobs".to_string()][..]));
-        assert_eq!(rule.verbs, vec!["create", "get", "list"]);
-        assert_eq!(rbac.role_binding.role_ref.name, "test-worker");
-        let subject = &rbac.role_binding.subjects.unwrap()[0];
+        let binding = &rbac.role_binding;
+        assert_eq!(binding.metadata.name.as_deref(), Some("test-job-trigger"));
+        assert_eq!(binding.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        assert_eq!(binding.role_ref.name, "streamops-job-trigger");
+        let subject = &binding.subjects.as_ref().unwrap()[0];
+        assert_eq!(subject.kind, "ServiceAccount");
         assert_eq!(subject.name, "test-worker");
         assert_eq!(subject.namespace.as_deref(), Some("default"));
         assert_eq!(

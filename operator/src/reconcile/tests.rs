@@ -19,6 +19,7 @@ use crate::build::{build_deployment, BuildContext, RenderedConfig};
 use crate::consumer_group::{GroupDeleteError, GroupDeletion};
 use crate::fixtures::*;
 use crate::names::CONFIG_HASH_ANNOTATION;
+use crate::status;
 
 /// The Deployment the operator would have applied for `sc`, as the API server stores it.
 fn live_deployment(sc: &StreamConsumer, generation: i64) -> Deployment {
@@ -269,8 +270,21 @@ async fn job_trigger_workers_get_rbac_applied_before_their_deployment() {
     drop(ctx);
     let requests = finish(mock).await;
     result.unwrap();
-    let role = body_of(&requests, Method::PATCH, &Kind::Role.path("test-worker"));
-    assert_eq!(role["rules"][0]["resources"], json!(["jobs"]));
+    let binding = body_of(
+        &requests,
+        Method::PATCH,
+        &Kind::RoleBinding.path("test-job-trigger"),
+    );
+    assert_eq!(
+        binding["roleRef"],
+        json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "streamops-job-trigger"})
+    );
+    assert_eq!(binding["subjects"][0]["name"], "test-worker");
+    assert!(
+        !requests.iter().any(|r| r.path.contains("/roles")),
+        "the operator makes no Role: {:?}",
+        requests.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
     let d = body_of(&requests, Method::PATCH, &Kind::Deployment.path("test"));
     assert_eq!(template(&d)["spec"]["serviceAccountName"], "test-worker");
     assert_eq!(template(&d)["spec"]["automountServiceAccountToken"], true);
@@ -286,8 +300,8 @@ async fn switching_from_job_to_webhook_trigger_deletes_the_worker_rbac() {
     let mut pass = ApplyPass::new(new.clone());
     pass.existing = Some(live_deployment(&old, 1));
     pass.deployment_answer = rollout(2, 1, 1);
-    pass.live = vec![Kind::ServiceAccount, Kind::Role, Kind::RoleBinding];
-    pass.deleted = vec![Kind::ServiceAccount, Kind::Role, Kind::RoleBinding];
+    pass.live = vec![Kind::ServiceAccount, Kind::RoleBinding];
+    pass.deleted = vec![Kind::ServiceAccount, Kind::RoleBinding];
     pass.events = vec!["Updated"];
     let mock = server.run(Scenario::Apply(Box::new(pass)));
     let result = reconcile_once(ctx.clone(), new).await;
@@ -299,22 +313,253 @@ async fn switching_from_job_to_webhook_trigger_deletes_the_worker_rbac() {
     assert!(template(&d)["spec"].get("serviceAccountName").is_none());
 }
 
+/// Whether `p` names one child object of `test` other than its Deployment (a GET of it is the
+/// ownership check before writing).
+fn is_child_object(p: &str) -> bool {
+    [
+        Kind::ConfigMap,
+        Kind::Service,
+        Kind::Pdb,
+        Kind::ServiceAccount,
+        Kind::RoleBinding,
+        Kind::NetworkPolicy,
+    ]
+    .iter()
+    .any(|k| p == k.path(k.child_name()))
+}
+
+/// A StreamConsumer that wants every kind of child: job-trigger RBAC, a PDB (3 replicas) and,
+/// with the admin's setting on, a NetworkPolicy.
+fn every_child() -> (StreamConsumer, ApplyPass) {
+    let sc = StreamConsumer::job_trigger().finalized().with_replicas(3);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.rbac = true;
+    pass.pdb = true;
+    pass.network = true;
+    (sc, pass)
+}
+
+fn network_context() -> (Arc<Context>, ApiServerVerifier) {
+    let (client, verifier) = mock_client();
+    let mut config = test_config();
+    config.worker_network = Some(crate::build::WorkerNetwork {
+        postgres_ports: vec![5432],
+        redis_ports: vec![6379],
+        api_server_ports: vec![443],
+    });
+    let ctx = Context::new(
+        client,
+        crate::metrics::Metrics::register(&prometheus::Registry::new()).unwrap(),
+        config,
+        FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+        Arc::new(SpecReplicas),
+    );
+    (Arc::new(ctx), verifier)
+}
+
 #[tokio::test]
-async fn objects_labelled_like_children_but_controlled_by_another_owner_are_left_alone() {
-    let (ctx, server, _) = Context::test();
-    let sc = StreamConsumer::test().finalized();
-    let mut steps = ApplyPass::new(sc.clone()).steps_for_test();
-    // Replace the empty PDB list by one holding a PDB of another owner; no DELETE may follow.
-    let at = steps
-        .iter()
-        .position(|e| e.is(Method::GET, &Kind::Pdb.path("")))
-        .unwrap();
-    steps[at] = list_children(Kind::Pdb, vec![child_metadata(Kind::Pdb, "someone-else")]);
+async fn every_kind_of_child_is_applied_when_nothing_else_holds_its_name() {
+    let (ctx, server) = network_context();
+    let (sc, pass) = every_child();
+    let wanted = pass.wanted();
+    assert_eq!(wanted.len(), 6, "{wanted:?}");
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    for kind in wanted.into_iter().chain([Kind::Deployment]) {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.method == Method::PATCH && r.path == kind.path(kind.child_name())),
+            "{kind:?} not applied"
+        );
+    }
+    let np = body_of(&requests, Method::PATCH, &Kind::NetworkPolicy.path("test"));
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], 8080);
+}
+
+/// For every kind of child, an object under its name that this StreamConsumer does not control
+/// (another owner, or none) stops the pass before anything is written: no apply, no delete; the
+/// status is Degraded and an event names the object.
+#[tokio::test]
+async fn an_object_holding_a_childs_name_without_our_controller_reference_is_never_written() {
+    let (_, probe) = every_child();
+    let kinds: Vec<Kind> = [Kind::Deployment]
+        .into_iter()
+        .chain(probe.wanted())
+        .collect();
+    for foreign_kind in kinds {
+        for owner in [Some("someone-else"), None] {
+            let (ctx, server) = network_context();
+            let (sc, pass) = every_child();
+            let mut steps = Vec::new();
+            if foreign_kind == Kind::Deployment {
+                steps.push(
+                    Expect::new(Method::GET, Kind::Deployment.path("test"))
+                        .reply(Reply::Json(200, child_object(Kind::Deployment, owner))),
+                );
+            } else {
+                steps.push(get_deployment(None));
+                for kind in pass.wanted() {
+                    let foreign = kind == foreign_kind;
+                    steps.push(get_child(kind, foreign.then(|| child_object(kind, owner))));
+                    if foreign {
+                        break;
+                    }
+                }
+            }
+            let name = foreign_kind.child_name();
+            let kind_name = serde_json::to_value(child_object(foreign_kind, None)).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let names_it = format!("{kind_name} {name}");
+            steps.push(
+                status_patch(
+                    &sc,
+                    json!({"conditions": [
+                        {"type": "Ready", "status": "False"},
+                        {"type": "Progressing", "status": "False"},
+                        {"type": "Degraded", "status": "True", "reason": "ChildConflict"}
+                    ]}),
+                )
+                .contains("/status/conditions/2/message", &names_it),
+            );
+            steps.push(event("Warning", "ChildConflict").contains("/note", &names_it));
+            let mock = server.run(Scenario::Steps(steps));
+            let result = reconcile_once(ctx.clone(), sc).await;
+            drop(ctx);
+            let requests = finish(mock).await;
+            let err = result.expect_err("a conflict is an error (retried with backoff)");
+            assert_eq!(err.reason(), "ChildConflict", "{foreign_kind:?}");
+            assert!(
+                !requests.iter().any(|r| (r.method == Method::PATCH
+                    && !r.path.ends_with("/status"))
+                    || r.method == Method::DELETE),
+                "{foreign_kind:?} (owner {owner:?}): something was written: {:?}",
+                requests
+                    .iter()
+                    .map(|r| format!("{} {}", r.method, r.path))
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+/// Orphan cleanup: an object under the name of a child this pass no longer wants (PDB,
+/// ServiceAccount, RoleBinding), labelled like a child but controlled by another owner, is not
+/// deleted; the pass reports it. (A wanted NetworkPolicy is read before writing, like every wanted
+/// child; with NetworkPolicies off the operator does not look at them at all.)
+#[tokio::test]
+async fn orphan_cleanup_never_deletes_an_object_it_does_not_control() {
+    for foreign_kind in [Kind::Pdb, Kind::ServiceAccount, Kind::RoleBinding] {
+        let (ctx, server, _) = Context::test();
+        let sc = StreamConsumer::test().finalized();
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.events = vec![];
+        pass.status = None;
+        let mut steps = pass.steps_for_test();
+        let at = steps
+            .iter()
+            .position(|e| e.is(Method::GET, &foreign_kind.path("")))
+            .unwrap();
+        steps[at] = list_children(
+            foreign_kind,
+            vec![child_metadata(foreign_kind, "someone-else")],
+        );
+        steps.push(
+            status_patch(
+                &sc,
+                json!({"conditions": [{"type": "Ready"}, {"type": "Progressing"},
+                    {"type": "Degraded", "status": "True", "reason": "ChildConflict"}]}),
+            )
+            .contains("/status/conditions/2/message", foreign_kind.child_name()),
+        );
+        steps.push(event("Warning", "ChildConflict"));
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(
+            result.expect_err("reported").reason(),
+            "ChildConflict",
+            "{foreign_kind:?}"
+        );
+        assert!(
+            !requests.iter().any(|r| r.method == Method::DELETE),
+            "{foreign_kind:?} was deleted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn cleanup_never_stops_workers_it_does_not_control() {
+    let (ctx, server, deleter) = Context::test();
+    let sc = StreamConsumer::test()
+        .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+        .deleted_now();
+    let steps = vec![
+        list_children(
+            Kind::Deployment,
+            vec![child_metadata(Kind::Deployment, "someone-else")],
+        ),
+        event("Warning", "ChildConflict"),
+        event("Normal", "ConsumerGroupDeleted"),
+        Expect::new(
+            Method::PATCH,
+            path("streamops.dev/v1alpha1", "streamconsumers", "test"),
+        )
+        .reply(Reply::Json(200, serde_json::to_value(&sc).unwrap())),
+    ];
     let mock = server.run(Scenario::Steps(steps));
     let result = reconcile_once(ctx.clone(), sc).await;
     drop(ctx);
-    finish(mock).await;
+    let requests = finish(mock).await;
     result.unwrap();
+    assert!(!requests.iter().any(|r| r.method == Method::DELETE));
+    assert_eq!(deleter.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn spec_image_and_job_triggers_outside_the_policy_are_refused_naming_the_field() {
+    for (sc, field, job_triggers) in [
+        (
+            StreamConsumer::test()
+                .finalized()
+                .with_spec(|s| s.image = Some("attacker.example/miner:1".into())),
+            "spec.image",
+            true,
+        ),
+        (
+            StreamConsumer::job_trigger().finalized(),
+            "spec.handler.pipelineTrigger.job",
+            false,
+        ),
+    ] {
+        let (client, server) = mock_client();
+        let mut config = test_config();
+        config.policy.job_triggers = job_triggers;
+        let ctx = Arc::new(Context::new(
+            client,
+            crate::metrics::Metrics::register(&prometheus::Registry::new()).unwrap(),
+            config,
+            FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+            Arc::new(SpecReplicas),
+        ));
+        let mock = server.run(Scenario::InvalidSpec {
+            sc: sc.clone(),
+            field,
+        });
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert!(!requests
+            .iter()
+            .any(|r| r.method == Method::PATCH && !r.path.ends_with("/status")));
+    }
 }
 
 #[tokio::test]
@@ -810,6 +1055,18 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
                 (Method::GET, p) if p == consumers => {
                     list(vec![bad.clone(), serde_json::to_value(&good).unwrap()])
                 }
+                (Method::GET, p) if is_child_object(p) => {
+                    // The ownership check before writing: nothing holds the name yet.
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    send.send_response(
+                        Response::builder()
+                            .status(404)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 (Method::GET, _) => list(vec![]),
                 (Method::PATCH, p) if p == format!("{consumers}/good") => {
                     finalized_good = true;
@@ -910,6 +1167,18 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
                         );
                         continue;
                     }
+                }
+                (Method::GET, p) if is_child_object(p) => {
+                    // The ownership check before writing: nothing holds the name yet.
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    send.send_response(
+                        Response::builder()
+                            .status(404)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
                 }
                 (Method::GET, _) => list(vec![]),
                 (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
@@ -1085,6 +1354,18 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                         continue;
                     }
                 },
+                (Method::GET, p) if is_child_object(p) => {
+                    // The ownership check before writing: nothing holds the name yet.
+                    let status =
+                        kube::core::Status::failure("not found", "NotFound").with_code(404);
+                    send.send_response(
+                        Response::builder()
+                            .status(404)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 (Method::GET, _) => list(vec![]),
                 (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
                     if applied.is_none() {
@@ -1101,7 +1382,9 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     answer
                 }
                 (Method::PATCH, p) if p == format!("{consumers}/test") => {
-                    scaled_spec |= body == json!({"spec": {"replicas": 4}});
+                    // With the resourceVersion read: a stale copy cannot undo a newer edit.
+                    scaled_spec |= body
+                        == json!({"metadata": {"resourceVersion": "5"}, "spec": {"replicas": 4}});
                     serde_json::to_value(&sc).unwrap()
                 }
                 (Method::PATCH, p) if p.ends_with("/status") => serde_json::to_value(&sc).unwrap(),
@@ -1380,4 +1663,36 @@ mod lag {
         let status = requests.last().unwrap();
         assert!(status.body["status"].get("lag").is_none());
     }
+}
+
+#[tokio::test]
+async fn a_replica_patch_from_a_stale_copy_is_refused_by_the_api_server_and_is_not_an_error() {
+    let (client, verifier) = mock_client();
+    let mut handle = verifier.into_handle();
+    let server = tokio::spawn(async move {
+        let (request, send) = handle.next_request().await.expect("a patch");
+        let (parts, body) = request.into_parts();
+        let body: Value = serde_json::from_slice(&body.collect_bytes().await.unwrap()).unwrap();
+        assert_eq!(parts.method, Method::PATCH);
+        assert_eq!(
+            body,
+            json!({"metadata": {"resourceVersion": "41"}, "spec": {"replicas": 3}})
+        );
+        // Someone edited the object since resourceVersion 41 was read.
+        let status =
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409);
+        send.send_response(
+            http::Response::builder()
+                .status(409)
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&status).unwrap(),
+                ))
+                .unwrap(),
+        );
+    });
+    let api: Api<StreamConsumer> = Api::namespaced(client, "default");
+    apply::patch_spec_replicas(&api, "test", Some("41"), 3)
+        .await
+        .expect("a refused stale patch is not an error");
+    server.await.unwrap();
 }

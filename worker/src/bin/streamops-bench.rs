@@ -5,9 +5,17 @@
 //!   generated events (rows are prepared before the clock starts).
 //! - `wait`: waits until a group's stored offsets cover N messages and reports the worker's
 //!   sustained rate (first commit to last) and its peak RSS.
+//! - `latency`: produce-to-committed-row latency (p50, p99) at fixed rates ([`latency`]).
+//! - `rollout`: longest processing pause of any partition while the workers are replaced one at
+//!   a time, per group-membership set-up ([`rollout`]).
 //!
 //! Each prints one `key=value` line that the script parses. To add a handler kind to `copy`,
 //! add an arm to `copy_rows`.
+
+#[path = "bench/latency.rs"]
+mod latency;
+#[path = "bench/rollout.rs"]
+mod rollout;
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +63,10 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         partitions: i32,
     },
+    /// Produce-to-committed-row latency at fixed rates, against a running worker.
+    Latency(latency::LatencyArgs),
+    /// Longest partition pause during a rolling replacement of the workers.
+    Rollout(rollout::RolloutArgs),
     /// Rate of the reference fraud scorer alone under a bounded load loop.
     ScorerLoad(streamops_worker::scorer::load::LoadArgs),
     /// Worker rate from the offsets table.
@@ -190,7 +202,9 @@ fn bench_partition(key: &str, partitions: &mut [i64]) -> (i32, i64) {
 /// The sensor handler's rows (machines, failure episodes, readings), planned by its own state
 /// machine.
 fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static str, BinaryCopy)> {
-    use streamops_worker::handlers::sensor::{decode_reading, plan_batch, Link};
+    use streamops_worker::handlers::sensor::{
+        decode_reading, plan_batch, reading_row, READINGS_COPY,
+    };
     use streamops_worker::handlers::{Decoded, Position};
     let topic: std::sync::Arc<str> = std::sync::Arc::from("bench");
     let mut offsets = vec![0i64; partitions.max(1) as usize];
@@ -242,26 +256,12 @@ fn sensor_rows(opts: GenOptions, count: u64, partitions: i32) -> Vec<(&'static s
     }
     let mut readings = BinaryCopy::new(9);
     for r in &plan.readings {
-        let link = match &r.link {
-            Link::Failure(id) => Some(id.as_str()),
-            Link::None | Link::Lookup => None,
-        };
-        readings
-            .row()
-            .text(&r.pos.topic)
-            .int4(r.pos.partition)
-            .int8(r.pos.offset)
-            .text(&r.machine_id)
-            .timestamptz(r.timestamp)
-            .jsonb(&r.values)
-            .bool(r.failure)
-            .opt_text(link)
-            .bool(matches!(r.link, Link::Lookup));
+        reading_row(&mut readings, r);
     }
     vec![
         ("COPY machines (machine_id, first_seen, last_seen, applied_topic, applied_partition, applied_offset) FROM STDIN (FORMAT binary)", machines),
         ("COPY failures (failure_id, machine_id, started_at, ended_at, active, opened_topic, opened_partition, opened_offset) FROM STDIN (FORMAT binary)", failures),
-        ("COPY sensor_readings (source_topic, source_partition, source_offset, machine_id, reading_time, sensor_values, failure, failure_id, late) FROM STDIN (FORMAT binary)", readings),
+        (READINGS_COPY, readings),
     ]
 }
 
@@ -434,6 +434,8 @@ async fn main() {
             };
             copy(&database_url, kind, opts, count, partitions).await
         }
+        Cmd::Latency(args) => latency::run(args).await,
+        Cmd::Rollout(args) => rollout::run(args).await,
         Cmd::ScorerLoad(args) => {
             let r = streamops_worker::scorer::load::run(&args)
                 .await

@@ -11,10 +11,12 @@ use serde_json::{Map, Value};
 
 use super::{RejectKind, Rejection};
 
-/// Parses a message value as one JSON object.
+/// Parses a message value as one JSON object, after checking its shape
+/// ([`check_shape`](super::storable::check_shape)).
 pub(crate) fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, Rejection> {
     let text = std::str::from_utf8(payload)
         .map_err(|e| Rejection::new(RejectKind::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
+    super::storable::check_shape(payload)?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         // `1e999` is valid JSON syntax but no finite number: a bad value, not bad JSON.
         if e.to_string().starts_with("number out of range") {
@@ -138,7 +140,8 @@ pub(crate) fn req_object<'a>(
     v.as_object().ok_or_else(|| wrong(name, "an object", v))
 }
 
-/// Checks an identifier: non-empty after trimming, at most `max` bytes, no control characters.
+/// Checks an identifier: non-empty after trimming, at most `max` bytes, no control characters
+/// (so no U+0000, which PostgreSQL cannot store).
 pub(crate) fn check_id<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, Rejection> {
     if value.trim().is_empty() {
         return Err(Rejection::new(
@@ -274,6 +277,29 @@ mod tests {
     fn timestamp_outside_1970_to_9999_is_invalid() {
         let r = parse_timestamp("t", "1969-12-31T23:59:59Z", false).unwrap_err();
         assert_eq!(r.kind, RejectKind::InvalidValue);
+    }
+
+    #[test]
+    fn lone_surrogates_and_deep_nesting_are_rejected_before_any_field_is_read() {
+        assert_eq!(
+            parse_object(br#"{"a": "\ud800"}"#).unwrap_err().kind,
+            RejectKind::InvalidJson
+        );
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(
+            parse_object(deep.as_bytes()).unwrap_err().kind,
+            RejectKind::TooComplex
+        );
+    }
+
+    #[test]
+    fn id_checks_reject_nul_escapes() {
+        let obj = parse_object(br#"{"id": "a\u0000b"}"#).unwrap();
+        let id = req_str(&obj, &["id"]).unwrap();
+        assert_eq!(
+            check_id("id", id, 8).unwrap_err().kind,
+            RejectKind::InvalidValue
+        );
     }
 
     #[test]

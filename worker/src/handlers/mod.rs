@@ -23,6 +23,7 @@ pub(crate) mod json_fields;
 pub mod moving_average;
 pub mod pipeline_trigger;
 pub mod sensor;
+pub mod storable;
 
 /// A Kafka message as consumed, owned by the pipeline.
 #[derive(Debug, Clone)]
@@ -91,6 +92,14 @@ pub enum RejectKind {
     InvalidValue,
     /// The scoring service refused it as invalid (fraud: a 4xx answer other than 408 and 429).
     ScoringRejected,
+    /// A value PostgreSQL cannot store (U+0000 in a text or JSON string or key).
+    Unstorable,
+    /// Nesting or the number of fields and elements beyond the limits of
+    /// [`storable::check_shape`].
+    TooComplex,
+    /// PostgreSQL refused the message's rows with a data error (SQLSTATE class 22 or 23); the
+    /// detail carries the database's message. Found by splitting the batch.
+    DatabaseRefused,
 }
 
 impl RejectKind {
@@ -105,6 +114,9 @@ impl RejectKind {
             Self::WrongType => "wrong_type",
             Self::InvalidValue => "invalid_value",
             Self::ScoringRejected => "scoring_rejected",
+            Self::Unstorable => "unstorable",
+            Self::TooComplex => "too_complex",
+            Self::DatabaseRefused => "database_refused",
         }
     }
 }
@@ -120,12 +132,16 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    /// A rejection of the given kind.
+    /// A rejection of the given kind. A NUL in the detail (which may quote the message) is
+    /// written as `\u0000`, so the detail itself can always be stored in `streamops_rejections`.
     pub fn new(kind: RejectKind, detail: impl Into<String>) -> Self {
-        Self {
-            kind,
-            detail: detail.into(),
-        }
+        let detail = detail.into();
+        let detail = if detail.contains('\0') {
+            detail.replace('\0', "\\u0000")
+        } else {
+            detail
+        };
+        Self { kind, detail }
     }
 }
 
@@ -196,7 +212,7 @@ pub struct HandlerContext {
 }
 
 /// A message handler. See the module docs for the contract.
-pub trait Handler: Send + 'static {
+pub trait MessageHandler: Send + 'static {
     /// A decoded message.
     type Item: Send + Sync + 'static;
 
@@ -221,7 +237,7 @@ pub trait Handler: Send + 'static {
     }
 
     /// Writes the batch's effects inside `tx`. The pipeline stores the batch's offsets in the same
-    /// transaction and commits it; on any error it rolls back, calls [`Handler::reset`] and
+    /// transaction and commits it; on any error it rolls back, calls [`MessageHandler::reset`] and
     /// retries.
     fn write(
         &mut self,
@@ -245,7 +261,7 @@ pub trait Handler: Send + 'static {
         None
     }
 
-    /// Optional: a thread-safe equivalent of [`Handler::decode`] (it must return exactly what
+    /// Optional: a thread-safe equivalent of [`MessageHandler::decode`] (it must return exactly what
     /// `decode` returns). When given, the pipeline decodes the next batch on the poll task while
     /// the writer is still writing the previous one, overlapping decoding with the database
     /// round trip.
@@ -254,7 +270,7 @@ pub trait Handler: Send + 'static {
     }
 }
 
-/// A thread-safe decoding function; see [`Handler::shared_decoder`].
+/// A thread-safe decoding function; see [`MessageHandler::shared_decoder`].
 pub type SharedDecoder<T> = Arc<dyn Fn(&RawMessage) -> Result<T, Rejection> + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------
@@ -296,11 +312,12 @@ pub fn classify_json_error(e: &serde_json::Error) -> RejectKind {
     }
 }
 
-/// Checks that `payload` is UTF-8 and parses it as JSON into `T`, with a classified rejection on
-/// failure. `T` may borrow from the payload.
+/// Checks that `payload` is UTF-8 and of a bounded shape ([`storable::check_shape`]) and parses
+/// it as JSON into `T`, with a classified rejection on failure. `T` may borrow from the payload.
 pub fn decode_json<'a, T: serde::Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejection> {
     let text = std::str::from_utf8(payload)
         .map_err(|e| Rejection::new(RejectKind::InvalidUtf8, format!("value is not UTF-8: {e}")))?;
+    storable::check_shape(payload)?;
     serde_json::from_str(text).map_err(|e| Rejection::new(classify_json_error(&e), e.to_string()))
 }
 
@@ -333,6 +350,21 @@ mod decode_tests {
             RejectKind::InvalidValue
         );
         assert_eq!(kind(b"{\"symbol\":\"\xff\"}"), RejectKind::InvalidUtf8);
+        // A lone surrogate is not a Unicode scalar value: invalid JSON for serde_json.
+        assert_eq!(
+            kind(b"{\"symbol\":\"\\ud800\",\"price\":1}"),
+            RejectKind::InvalidJson
+        );
+        assert_eq!(
+            kind(b"{\"\\udfff\":1,\"symbol\":\"A\",\"price\":1}"),
+            RejectKind::InvalidJson
+        );
+    }
+
+    #[test]
+    fn a_nul_in_a_rejection_detail_is_escaped_so_the_detail_can_be_stored() {
+        let r = Rejection::new(RejectKind::InvalidValue, "field `a\0b`");
+        assert_eq!(r.detail, "field `a\\u0000b`");
     }
 
     #[test]

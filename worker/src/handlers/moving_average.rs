@@ -11,14 +11,17 @@
 //! | field             | required | rule |
 //! |-------------------|----------|------|
 //! | `symbol`          | yes      | non-empty string, at most 64 bytes |
-//! | `price`           | yes      | JSON number, finite and > 0 |
+//! | `price`           | yes      | JSON number, finite, > 0 and at most 10^15 |
 //! | `timestamp`       | yes      | RFC 3339 string |
-//! | `source`          | no       | string |
-//! | `raw_response_id` | no       | string |
+//! | `source`          | no       | string, at most 1024 bytes |
+//! | `raw_response_id` | no       | string, at most 1024 bytes |
 //!
-//! Unknown fields are ignored. Violations are rejected with `missing_field`, `wrong_type` (for
-//! example `"price":"abc"`) or `invalid_value` (`"price":1e999`, `"price":"NaN"`, a negative
-//! price, a timestamp that is not RFC 3339).
+//! No string may hold U+0000 (`\u0000`), which PostgreSQL cannot store (`unstorable`); a message
+//! nested deeper than 32 levels or with more than 4096 fields and elements is `too_complex` (see
+//! [`storable`](super::storable)). Unknown fields are ignored. Other violations are rejected with
+//! `missing_field`, `wrong_type` (for example `"price":"abc"`) or `invalid_value`
+//! (`"price":1e999`, `"price":"NaN"`, a negative price, a timestamp that is not RFC 3339). The
+//! price bound keeps every average finite (N prices of at most 10^15 cannot overflow a sum).
 //!
 //! # Output
 //! - `price_points`: one row per valid event (topic, partition, offset, symbol, price, event
@@ -47,13 +50,17 @@ use streamops_crds::v1alpha1::MovingAverageSettings;
 use streamops_crds::HandlerKind;
 
 use super::{
-    decode_json, Decoded, Handler, HandlerContext, HandlerError, RawMessage, RejectKind, Rejection,
-    TopicPartition,
+    decode_json, Decoded, HandlerContext, HandlerError, MessageHandler, RawMessage, RejectKind,
+    Rejection, TopicPartition,
 };
 use crate::copy::BinaryCopy;
 
 /// Longest accepted symbol, in bytes.
 pub const MAX_SYMBOL_BYTES: usize = 64;
+/// Longest accepted `source` and `raw_response_id`, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1024;
+/// Largest accepted price.
+pub const MAX_PRICE: f64 = 1e15;
 
 /// A decoded price event.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,11 +131,35 @@ pub fn decode_price(payload: &[u8]) -> Result<PricePoint, Rejection> {
             format!("symbol must be 1-{MAX_SYMBOL_BYTES} bytes"),
         ));
     }
+    super::storable::text("symbol", &w.symbol)?;
+    for (field, value) in [
+        ("source", w.source.as_deref()),
+        ("raw_response_id", w.raw_response_id.as_deref()),
+    ] {
+        if let Some(v) = value {
+            if v.len() > MAX_TEXT_BYTES {
+                return Err(Rejection::new(
+                    RejectKind::InvalidValue,
+                    format!(
+                        "{field} is {} bytes long; at most {MAX_TEXT_BYTES} are allowed",
+                        v.len()
+                    ),
+                ));
+            }
+            super::storable::text(field, v)?;
+        }
+    }
     let price = w.price.0;
     if !price.is_finite() || price <= 0.0 {
         return Err(Rejection::new(
             RejectKind::InvalidValue,
             format!("price must be a finite number > 0, got {price}"),
+        ));
+    }
+    if price > MAX_PRICE {
+        return Err(Rejection::new(
+            RejectKind::InvalidValue,
+            format!("price must be at most {MAX_PRICE:e}, got {price:e}"),
         ));
     }
     let event_time = DateTime::parse_from_rfc3339(&w.timestamp)
@@ -287,7 +318,7 @@ impl MovingAverageHandler {
     }
 }
 
-impl Handler for MovingAverageHandler {
+impl MessageHandler for MovingAverageHandler {
     type Item = PricePoint;
 
     fn kind(&self) -> HandlerKind {
@@ -429,6 +460,60 @@ mod tests {
         assert_eq!(
             kind("{\"symbol\":\"A\",\"price\":"),
             RejectKind::InvalidJson
+        );
+    }
+
+    #[test]
+    fn values_postgresql_cannot_store_are_rejected_as_unstorable() {
+        let ts = "\"timestamp\":\"2024-03-20T10:30:00Z\"";
+        for msg in [
+            format!("{{\"symbol\":\"A\\u0000\",\"price\":1,{ts}}}"),
+            format!("{{\"symbol\":\"A\",\"price\":1,{ts},\"source\":\"x\\u0000y\"}}"),
+            format!("{{\"symbol\":\"A\",\"price\":1,{ts},\"raw_response_id\":\"\\u0000\"}}"),
+        ] {
+            let r = decode_price(msg.as_bytes()).unwrap_err();
+            assert_eq!(r.kind, RejectKind::Unstorable, "{msg}");
+            assert!(!r.detail.contains('\0'), "{}", r.detail);
+        }
+        // An unknown field may hold anything: it is never stored.
+        assert!(decode_price(
+            format!("{{\"symbol\":\"A\",\"price\":1,{ts},\"x\\u0000\":\"\\u0000\"}}").as_bytes()
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn lone_surrogates_extreme_sizes_and_nesting_are_rejected_with_a_reason() {
+        let ts = "\"timestamp\":\"2024-03-20T10:30:00Z\"";
+        assert_eq!(
+            kind(&format!("{{\"symbol\":\"\\udc00\",\"price\":1,{ts}}}")),
+            RejectKind::InvalidJson
+        );
+        assert_eq!(
+            kind(&format!("{{\"symbol\":\"A\",\"price\":1e16,{ts}}}")),
+            RejectKind::InvalidValue
+        );
+        let long = "s".repeat(MAX_TEXT_BYTES + 1);
+        assert_eq!(
+            kind(&format!(
+                "{{\"symbol\":\"A\",\"price\":1,{ts},\"source\":\"{long}\"}}"
+            )),
+            RejectKind::InvalidValue
+        );
+        let deep = format!("{}0{}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(
+            kind(&format!(
+                "{{\"symbol\":\"A\",\"price\":1,{ts},\"x\":{deep}}}"
+            )),
+            RejectKind::TooComplex
+        );
+        let many: Vec<String> = (0..5000).map(|i| format!("\"f{i}\":0")).collect();
+        assert_eq!(
+            kind(&format!(
+                "{{\"symbol\":\"A\",\"price\":1,{ts},{}}}",
+                many.join(",")
+            )),
+            RejectKind::TooComplex
         );
     }
 

@@ -16,10 +16,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::gaps;
 use crate::handlers::TopicPartition;
 use crate::metrics::Metrics;
 use crate::offsets;
 use crate::pipeline::state::{Health, Ownership};
+
+type GapNotes = HashMap<TopicPartition, streamops_crds::gap::GapNote>;
 
 /// A change of this worker's assignment, in the order the rebalance callback saw it.
 #[derive(Debug, Clone)]
@@ -89,15 +92,18 @@ impl PipelineConsumerContext {
             .collect()
     }
 
-    /// Reads the stored offsets, retrying with backoff while PostgreSQL is unreachable. Runs on
-    /// the task polling the consumer, so it blocks that task in place (multi-thread runtime).
-    fn load_offsets(&self, parts: &[TopicPartition]) -> HashMap<TopicPartition, i64> {
+    /// Reads the stored offsets and the partitions' recent offset gaps (reported again with the
+    /// advisory commits), retrying with backoff while PostgreSQL is unreachable. Runs on the task
+    /// polling the consumer, so it blocks that task in place (multi-thread runtime).
+    fn load_offsets(&self, parts: &[TopicPartition]) -> (HashMap<TopicPartition, i64>, GapNotes) {
         let fut = async {
             let mut backoff = Backoff::default_worker();
             loop {
                 let result = async {
                     let mut conn = self.pool.acquire().await?;
-                    offsets::load(&mut conn, &self.group, parts).await
+                    let stored = offsets::load(&mut conn, &self.group, parts).await?;
+                    let gaps = gaps::load_recent(&mut conn, &self.group, parts).await?;
+                    Ok::<_, sqlx::Error>((stored, gaps))
                 }
                 .await;
                 match result {
@@ -125,7 +131,7 @@ impl PipelineConsumerContext {
                             _ = tokio::time::sleep(delay) => {}
                             _ = self.shutdown.cancelled() => {
                                 tracing::warn!("shutting down before the stored offsets could be read");
-                                return HashMap::new();
+                                return Default::default();
                             }
                         }
                     }
@@ -148,7 +154,7 @@ impl PipelineConsumerContext {
 
     fn on_assign(&self, tpl: &mut TopicPartitionList) {
         let parts = self.partitions_of(tpl);
-        let stored = self.load_offsets(&parts);
+        let (stored, mut gap_notes) = self.load_offsets(&parts);
         let mut assigned = Vec::with_capacity(parts.len());
         for tp in parts {
             let next = stored.get(&tp).copied();
@@ -162,6 +168,9 @@ impl PipelineConsumerContext {
             tracing::info!(topic = %tp.topic, partition = tp.partition,
                 stored_next_offset = ?next, "partition assigned");
             let epoch = self.ownership.assign(tp.clone(), next);
+            if let Some(note) = gap_notes.remove(&tp) {
+                self.ownership.set_gap(&tp, epoch, note);
+            }
             assigned.push((tp, epoch));
         }
         self.metrics.rebalances.with_label_values(&["assign"]).inc();

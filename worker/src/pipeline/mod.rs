@@ -1,15 +1,15 @@
 //! The pipeline: consume, batch, decode, route rejections, and commit each batch's effects and
-//! offsets in one PostgreSQL transaction. Generic over [`Handler`], so every handler kind plugs
-//! into the same exactly-once machinery.
+//! offsets in one PostgreSQL transaction. Generic over [`MessageHandler`], so every handler kind
+//! plugs into the same exactly-once machinery.
 //!
 //! How a message flows:
 //! 1. The consumer's rebalance callback ([`context`]) positions each newly assigned partition at
 //!    the `next_offset` stored in `streamops_offsets` before fetching starts.
-//! 2. The poll loop ([`run_pipeline`]) batches messages (`batch.maxMessages` /
-//!    `batch.maxWaitMs`) and hands each batch to the writer task through a bounded channel, so
-//!    fetching the next batch overlaps writing the previous one. Rebalance events are applied
-//!    before each message: buffered messages of revoked partitions are dropped (their next owner
-//!    re-reads them from the stored offsets).
+//! 2. The poll loop (`PollLoop`, started by [`run_pipeline`]) batches messages
+//!    (`batch.maxMessages` / `batch.maxWaitMs`) and hands each batch to the writer task through a
+//!    bounded channel, so fetching the next batch overlaps writing the previous one. Rebalance
+//!    events are applied before each message: buffered messages of revoked partitions are dropped
+//!    (their next owner re-reads them from the stored offsets).
 //! 3. The writer ([`writer`]) skips messages below the known `next_offset` (already applied),
 //!    decodes the rest, produces rejections to the error topic (acknowledged by all replicas),
 //!    then in one transaction moves each partition's offset with a compare-and-set, lets the
@@ -21,9 +21,79 @@
 //!
 //! On shutdown the poll loop stops fetching, the writer commits what was already fetched, and the
 //! consumer is closed.
+//!
+//! # Offsets: three views, fenced by epochs
+//!
+//! A partition's "next offset to apply" exists in three places, which move at different times:
+//!
+//! - **the row**: `streamops_offsets.next_offset` in PostgreSQL ([`crate::offsets`]). The truth.
+//!   It moves only inside a batch's transaction, by a compare-and-set from the value the writer
+//!   expects, so it commits with the batch's effects or not at all.
+//! - **the ownership's next offset**: [`Ownership`] holds, for each partition this worker owns,
+//!   an *epoch* (new on every assignment) and the row's value as this worker last knew it. The
+//!   writer's compare-and-set expects this value.
+//! - **the Kafka position**: where librdkafka fetches from. It starts at the row and runs ahead of
+//!   it by whatever is buffered or in flight. (The offsets committed *to* Kafka are advisory:
+//!   they follow the row after each commit, for lag tools, and are never read back.)
+//!
+//! ```text
+//!                 rebalance callback             poll loop                 writer
+//!                 (context.rs)                   (PollLoop)                (writer.rs)
+//!  assigned ──►   row ──read──► Ownership{E, next}
+//!                 seek Kafka position to next
+//!                 event Assigned(tp, E) ──────►  epochs[tp] = E
+//!                                                fetched message m ──────► batch of (m, E)
+//!                                                tagged with epochs[tp]    keep m only if
+//!                                                                          Ownership.epoch == E
+//!                                                                          and m.offset >= next
+//!                                                                          BEGIN
+//!                                                                          CAS row: next → last+1
+//!                                                                          handler rows,
+//!                                                                          rejections
+//!                                                                          COMMIT
+//!                                                                          Ownership{E}.next
+//!                                                                            = last+1
+//!                                                                          advisory Kafka commit
+//!  revoked ──►    Ownership forgets tp
+//!                 event Revoked(tp) ──────────►  epochs forgets tp,
+//!                                                buffered messages dropped ► handler state dropped
+//! ```
+//!
+//! Per partition, as this worker sees it:
+//!
+//! ```text
+//!              assign: new epoch E, next := row
+//!  not owned ───────────────────────────────────► in step: owned(E, next == row) ◄──┐
+//!    ▲   ▲                                          │   │        │                  │
+//!    │   └──────────── revoke, or lost ─────────────┘   │        └── commit under E:┘
+//!    │                                                  │            row and next := last+1
+//!    │                                                  │ another member (a zombie, or the
+//!    │                                                  ▼ partition's new owner) moves the row
+//!    └──────────── revoke, or lost ─────────── stale: owned(E, next != row)
+//!                                                       │ next batch: CAS conflict, ROLLBACK,
+//!                                                       └ reload next := row ──► in step
+//! ```
+//!
+//! The epochs are the fences. A message carries the epoch its partition had when it was fetched;
+//! the writer drops it if the partition has been reassigned since (new epoch) or is no longer
+//! owned, and the transaction is refused when the plan's epoch is not the ownership's. The
+//! ownership's next offset is only updated under the epoch it was read for, so a late update from
+//! an earlier assignment changes nothing. The row itself is fenced by the compare-and-set: a
+//! member that lost the partition without knowing it (a zombie) expects a value that is no longer
+//! stored, and its transaction rolls back. Messages below the ownership's next offset (fetched
+//! before a reload moved it forward) are skipped as already applied.
+//!
+//! Two guards in the writer ([`defence`]): a partition whose first message in a batch is not at
+//! the known next offset is checked against the broker's watermarks, and a gap (messages Kafka
+//! no longer has) is logged, counted, recorded in `streamops_offset_gaps` in the batch's
+//! transaction and reported on the partition's Kafka commit (`spec.kafka.onOffsetGap`: skip or
+//! fail; see [`crate::gaps`]). A database error caused by the data (SQLSTATE classes 22, 23, 54)
+//! splits the batch until the offending message is alone; it goes to the error topic with reason
+//! `database_refused` and the rest commits. Only infrastructure errors are retried.
 
 pub mod batch;
 pub mod context;
+pub mod defence;
 pub mod state;
 pub mod writer;
 
@@ -34,18 +104,18 @@ use std::time::{Duration, Instant};
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sqlx::PgPool;
-use streamops_crds::WorkerConfig;
+use streamops_crds::{HandlerKind, WorkerConfig};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::errortopic::ErrorSink;
-use crate::handlers::{Handler, HandlerError, RawMessage, TopicPartition};
+use crate::handlers::{HandlerError, MessageHandler, RawMessage, SharedDecoder, TopicPartition};
 use crate::kafka::{ConsumerSettings, KafkaClientSettings};
 use crate::metrics::Metrics;
-use batch::{Fetched, Pending};
+use batch::{Batch, Fetched, Pending};
 use context::{PipelineConsumerContext, RebalanceEvent};
 pub use state::{Health, Ownership};
 pub use writer::WriterTotals;
@@ -96,6 +166,9 @@ pub enum PipelineError {
     /// The writer task panicked.
     #[error("writer task failed: {0}")]
     Writer(String),
+    /// A gap in a partition's offsets under `onOffsetGap: fail`.
+    #[error("offset gap (onOffsetGap: fail): {0}")]
+    OffsetGap(String),
 }
 
 /// Runs `handler` over the configured topics until `ctx.shutdown` is cancelled (returns the
@@ -103,7 +176,7 @@ pub enum PipelineError {
 ///
 /// Must run on a multi-thread tokio runtime: the rebalance callback reads the stored offsets
 /// with `block_in_place`.
-pub async fn run_pipeline<H: Handler>(
+pub async fn run_pipeline<H: MessageHandler>(
     ctx: PipelineContext,
     handler: H,
 ) -> Result<WriterTotals, PipelineError> {
@@ -115,7 +188,11 @@ pub async fn run_pipeline<H: Handler>(
 /// its own connection, so PostgreSQL applies the lanes in parallel. Only for handlers whose
 /// state is per partition (each instance sees a subset of the partitions). An empty vector is
 /// an error.
-pub async fn run_pipeline_lanes<H: Handler>(
+///
+/// The steps: `subscribe` (the consumer and its rebalance callback), the error topic's producer,
+/// `spawn_writers` (one writer task per lane), the `PollLoop` until shutdown or a writer's
+/// failure, `PollLoop::join_writers`, and `close_consumer`.
+pub async fn run_pipeline_lanes<H: MessageHandler>(
     ctx: PipelineContext,
     handlers: Vec<H>,
 ) -> Result<WriterTotals, PipelineError> {
@@ -127,9 +204,59 @@ pub async fn run_pipeline_lanes<H: Handler>(
     let config = ctx.config.clone();
     let kind = first.kind();
     let decoder = first.shared_decoder();
-    let lanes = handlers.len();
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let ownership = Arc::new(Ownership::default());
+    let (consumer, events) = subscribe(&ctx, &ownership)?;
+    let errors = Arc::new(ErrorSink::new(
+        &ctx.kafka,
+        &config.error_topic,
+        &config.consumer_id,
+        config.max_message_bytes,
+    )?);
+    tracing::info!(
+        handler = %kind,
+        topics = ?config.kafka.topics,
+        group = %config.kafka.group_id,
+        group_protocol = config.kafka.group_protocol.as_str(),
+        instance_id = ?ctx.instance_id,
+        error_topic = %config.error_topic,
+        lanes = handlers.len(),
+        "pipeline started"
+    );
+    let lanes = spawn_writers(&ctx, handlers, &consumer, &ownership, &errors);
+    let mut poll = PollLoop::new(&ctx, kind, decoder, consumer.clone(), events, lanes);
+    let writer_failure = poll.run().await;
+    let result = poll.join_writers(writer_failure).await;
+    close_consumer(consumer, &ownership).await;
+    match &result {
+        Ok(t) => tracing::info!(
+            processed = t.processed,
+            rejected = t.rejected,
+            batches = t.batches,
+            "pipeline stopped"
+        ),
+        Err(e) => tracing::error!(error = %e, "pipeline failed"),
+    }
+    result
+}
+
+/// The pipeline's consumer.
+type PipelineConsumer = StreamConsumer<PipelineConsumerContext>;
+
+/// Step 1: the consumer, with the rebalance callback that positions each assigned partition at its
+/// stored offset and records it in `ownership`, subscribed to the configured topics. Returns the
+/// consumer and the callback's events, in order, for the poll loop.
+fn subscribe(
+    ctx: &PipelineContext,
+    ownership: &Arc<Ownership>,
+) -> Result<
+    (
+        Arc<PipelineConsumer>,
+        mpsc::UnboundedReceiver<RebalanceEvent>,
+    ),
+    PipelineError,
+> {
+    let config = &ctx.config;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
     let consumer_ctx = PipelineConsumerContext::new(
         config.kafka.group_id.clone(),
         ctx.pool.clone(),
@@ -145,36 +272,51 @@ pub async fn run_pipeline_lanes<H: Handler>(
         instance_id: ctx.instance_id.as_deref(),
         auto_offset_reset: config.kafka.auto_offset_reset.as_str(),
         statistics_interval_ms: STATISTICS_INTERVAL_MS,
+        group_protocol: config.kafka.group_protocol,
         session_timeout_ms: config.kafka.session_timeout_ms,
         max_poll_interval_ms: config.kafka.max_poll_interval_ms,
     });
-    let consumer: Arc<StreamConsumer<PipelineConsumerContext>> = Arc::new(
-        StreamConsumer::from_config_and_context(&client_config, consumer_ctx)?,
-    );
+    let consumer: Arc<PipelineConsumer> = Arc::new(StreamConsumer::from_config_and_context(
+        &client_config,
+        consumer_ctx,
+    )?);
     let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
-    let errors = Arc::new(ErrorSink::new(
-        &ctx.kafka,
-        &config.error_topic,
-        &config.consumer_id,
-        config.max_message_bytes,
-    )?);
-    tracing::info!(
-        handler = %kind,
-        topics = ?config.kafka.topics,
-        group = %config.kafka.group_id,
-        instance_id = ?ctx.instance_id,
-        error_topic = %config.error_topic,
-        lanes,
-        "pipeline started"
-    );
+    Ok((consumer, events_rx))
+}
 
-    let max_bytes = config.max_message_bytes as usize;
-    let (outage_tx, mut outage_rx) = watch::channel(0u64);
+/// What a writer task returns.
+type WriterExit = Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>;
+
+/// The poll loop's ends of the writer lanes.
+struct Lanes<T> {
+    /// Batches to each lane's writer (room for one batch in flight).
+    batches: Vec<mpsc::Sender<writer::DecodedBatch<T>>>,
+    /// Revoked partitions, to every writer (each drops its handler state of them).
+    revocations: Vec<mpsc::UnboundedSender<Vec<TopicPartition>>>,
+    /// The writer tasks.
+    writers: tokio::task::JoinSet<Result<WriterTotals, PipelineError>>,
+    /// One bit per lane in outage backoff; consumption is paused while any is set.
+    outage: watch::Receiver<u64>,
+}
+
+/// Step 2: one writer task per handler instance (lane).
+fn spawn_writers<H: MessageHandler>(
+    ctx: &PipelineContext,
+    handlers: Vec<H>,
+    consumer: &Arc<PipelineConsumer>,
+    ownership: &Arc<Ownership>,
+    errors: &Arc<ErrorSink>,
+) -> Lanes<H::Item> {
+    let config = &ctx.config;
+    let (outage_tx, outage_rx) = watch::channel(0u64);
     let outage_tx = Arc::new(outage_tx);
-    let mut batch_txs = Vec::with_capacity(lanes);
-    let mut revoke_txs = Vec::with_capacity(lanes);
-    let mut writers = tokio::task::JoinSet::new();
+    let mut lanes = Lanes {
+        batches: Vec::with_capacity(handlers.len()),
+        revocations: Vec::with_capacity(handlers.len()),
+        writers: tokio::task::JoinSet::new(),
+        outage: outage_rx,
+    };
     for (lane, handler) in handlers.into_iter().enumerate() {
         let (batch_tx, batch_rx) = mpsc::channel::<writer::DecodedBatch<H::Item>>(1);
         let (revoke_tx, revoke_rx) = mpsc::unbounded_channel();
@@ -191,157 +333,337 @@ pub async fn run_pipeline_lanes<H: Handler>(
                 consumer: consumer.clone(),
                 revocations: revoke_rx,
                 outage: outage_tx.clone(),
-                max_message_bytes: max_bytes,
+                max_message_bytes: config.max_message_bytes as usize,
                 progress_every: config.progress_every,
                 abort: ctx.abort.clone(),
+                on_offset_gap: config.kafka.on_offset_gap,
             },
         );
-        writers.spawn(writer.run(batch_rx));
-        batch_txs.push(batch_tx);
-        revoke_txs.push(revoke_tx);
+        lanes.writers.spawn(writer.run(batch_rx));
+        lanes.batches.push(batch_tx);
+        lanes.revocations.push(revoke_tx);
     }
-    drop(outage_tx);
+    lanes
+}
 
-    let max_messages = config.batch.max_messages.max(1) as usize;
-    let max_wait = Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1)));
-    let consumed = ctx.metrics.consumed.with_label_values(&[kind.as_str()]);
-    let mut pending: Vec<Pending> = (0..lanes).map(|_| Pending::default()).collect();
-    let mut epochs: HashMap<TopicPartition, u64> = HashMap::new();
-    let mut paused = false;
-    let mut stopping = false;
-    let mut last_topic: Option<(Arc<str>, u64)> = None;
-    let mut writer_failure: Option<
-        Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>,
-    > = None;
+/// What the poll loop buffers: messages per lane, tagged with their partition's assignment epoch.
+struct Buffers<T> {
+    /// Messages received but not yet handed to a lane's writer.
+    pending: Vec<Pending>,
+    /// The assignment epoch of each owned partition, as the rebalance events told it.
+    epochs: HashMap<TopicPartition, u64>,
+    max_messages: usize,
+    max_wait: Duration,
+    /// The handler's shared decoder, if any: batches are decoded before they are handed over.
+    decoder: Option<SharedDecoder<T>>,
+    max_bytes: usize,
+}
 
-    loop {
-        apply_rebalance_events(
-            &mut events_rx,
-            &mut epochs,
-            &mut pending,
-            &revoke_txs,
-            paused,
-            &consumer,
-        );
-        if stopping && pending.iter().all(Pending::is_empty) {
-            break;
-        }
-        let now = Instant::now();
-        let due: Vec<usize> = (0..lanes)
+/// Step 3: the poll loop. Fetches messages into per-lane buffers, hands due batches to the
+/// writers, applies rebalance events, and pauses consumption while a writer is in outage backoff.
+struct PollLoop<T> {
+    consumer: Arc<PipelineConsumer>,
+    events: mpsc::UnboundedReceiver<RebalanceEvent>,
+    lanes: Lanes<T>,
+    buffers: Buffers<T>,
+    health: Arc<Health>,
+    metrics: Metrics,
+    consumed: prometheus::IntCounter,
+    shutdown: CancellationToken,
+    /// Consumption is paused (a writer is in outage backoff).
+    paused: bool,
+    /// Shutdown was requested: fetch nothing more, hand over what was fetched.
+    stopping: bool,
+    /// The topic of the last message and its hash (most messages come in runs of one topic).
+    last_topic: Option<(Arc<str>, u64)>,
+}
+
+impl<T> Buffers<T> {
+    /// Whether nothing is buffered.
+    fn is_empty(&self) -> bool {
+        self.pending.iter().all(Pending::is_empty)
+    }
+
+    /// Messages buffered in all lanes.
+    fn len(&self) -> usize {
+        self.pending.iter().map(Pending::len).sum()
+    }
+
+    /// The lanes whose batch should be handed over now: full, or its time is up, or anything at
+    /// all when `stopping`.
+    fn due_lanes(&self, now: Instant, stopping: bool) -> Vec<usize> {
+        (0..self.pending.len())
             .filter(|&l| {
-                !pending[l].is_empty() && (stopping || pending[l].due(max_messages, max_wait, now))
+                let p = &self.pending[l];
+                !p.is_empty() && (stopping || p.due(self.max_messages, self.max_wait, now))
             })
-            .collect();
-        // Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
-        // whose writer is busy must not stop the others from filling (fetching stops only when
-        // some lane is this far behind).
-        let can_fetch = !stopping
-            && (paused
-                || pending
-                    .iter()
-                    .all(|p| p.len() < max_messages.saturating_mul(LANE_BUFFER_BATCHES)));
-        let deadline = pending
+            .collect()
+    }
+
+    /// Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
+    /// whose writer is busy must not stop the others from filling (fetching stops only when
+    /// some lane is this far behind).
+    fn has_room(&self) -> bool {
+        self.pending
             .iter()
-            .filter_map(|p| p.deadline(max_wait))
+            .all(|p| p.len() < self.max_messages.saturating_mul(LANE_BUFFER_BATCHES))
+    }
+
+    /// When the earliest batch being formed is due.
+    fn deadline(&self, now: Instant) -> Instant {
+        self.pending
+            .iter()
+            .filter_map(|p| p.deadline(self.max_wait))
             .min()
-            .unwrap_or(now + Duration::from_secs(3600));
-        let waiting = pending.iter().any(|p| !p.is_empty());
-        tokio::select! {
-            biased;
-            _ = ctx.shutdown.cancelled(), if !stopping => {
-                stopping = true;
-                ctx.health.set_stopping();
-                let buffered: usize = pending.iter().map(Pending::len).sum();
-                tracing::info!(buffered, "shutdown requested: committing what was fetched");
-            }
-            r = writers.join_next() => {
-                // A writer only ends early on a fatal error (or a panic).
-                writer_failure = r;
-                break;
-            }
-            changed = outage_rx.changed() => {
-                if changed.is_err() { continue; }
-                let outage = *outage_rx.borrow_and_update() != 0;
-                if outage != paused {
-                    match consumer.assignment() {
-                        Ok(tpl) => {
-                            let r = if outage { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, outage, "cannot pause or resume consumption");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot read the assignment"),
-                    }
-                    paused = outage;
-                    tracing::info!(paused, "consumption {}", if paused { "paused" } else { "resumed" });
-                }
-            }
-            (lane, permit) = reserve_any(&batch_txs, &due), if !due.is_empty() => {
-                if let (Ok(permit), Some(b)) = (permit, pending[lane].take(max_messages)) {
-                    // Decoding here overlaps the writers' work on earlier batches.
-                    let pre = decoder.as_ref().map(|d| {
-                        b.messages
-                            .iter()
-                            .map(|f| writer::precheck(&f.msg, max_bytes).and_then(|()| d(&f.msg)))
-                            .collect()
-                    });
-                    permit.send((b, pre));
-                }
-                // A closed channel means the writer is gone; `join_next` reports why.
-            }
-            msg = consumer.recv(), if can_fetch => {
-                match msg {
-                    Ok(m) => {
-                        consumed.inc();
-                        if ctx.health.kafka_down() {
-                            ctx.health.set_kafka_down(false);
-                        }
-                        let (topic, topic_hash) = match &last_topic {
-                            Some((t, h)) if &**t == m.topic() => (t.clone(), *h),
-                            _ => {
-                                let t = consumer.context().intern(m.topic());
-                                let h = batch::topic_hash(&t);
-                                last_topic = Some((t.clone(), h));
-                                (t, h)
-                            }
-                        };
-                        let tp = TopicPartition { topic, partition: m.partition() };
-                        // A rebalance may have run inside this very `recv`: apply it before
-                        // tagging the message with its partition's assignment epoch.
-                        apply_rebalance_events(&mut events_rx, &mut epochs, &mut pending, &revoke_txs, paused, &consumer);
-                        match epochs.get(&tp) {
-                            Some(epoch) => {
-                                tracing::debug!(topic = %tp.topic, partition = tp.partition,
-                                    offset = m.offset(), "received message");
-                                let lane = batch::lane_for(topic_hash, tp.partition, lanes);
-                                let raw = RawMessage {
-                                    topic: tp.topic,
-                                    partition: tp.partition,
-                                    offset: m.offset(),
-                                    key: m.key().map(<[u8]>::to_vec),
-                                    payload: m.payload().map(<[u8]>::to_vec),
-                                    timestamp_ms: m.timestamp().to_millis(),
-                                };
-                                pending[lane].push(Fetched { msg: raw, epoch: *epoch }, now);
-                            }
-                            None => tracing::debug!(topic = %tp.topic, partition = tp.partition,
-                                offset = m.offset(), "message of a partition not owned; dropped"),
-                        }
-                    }
-                    Err(e) => {
-                        ctx.metrics.retries.with_label_values(&["kafka_fetch"]).inc();
-                        tracing::warn!(error = %e, "kafka consume error");
-                    }
-                }
-            }
-            _ = tokio::time::sleep_until(deadline.into()), if waiting && due.is_empty() => {}
+            .unwrap_or(now + Duration::from_secs(3600))
+    }
+
+    /// Takes the next batch of `lane`.
+    fn take(&mut self, lane: usize) -> Option<Batch> {
+        self.pending[lane].take(self.max_messages)
+    }
+
+    /// Decodes `batch` with the shared decoder, if the handler has one: done here, on the poll
+    /// task, it overlaps the writers' work on earlier batches.
+    fn decode(&self, batch: Batch) -> writer::DecodedBatch<T> {
+        let pre = self.decoder.as_ref().map(|d| {
+            batch
+                .messages
+                .iter()
+                .map(|f| writer::precheck(&f.msg, self.max_bytes).and_then(|()| d(&f.msg)))
+                .collect()
+        });
+        (batch, pre)
+    }
+}
+
+/// What woke the poll loop, for what needs the whole loop to handle it.
+enum Woke<'c> {
+    Shutdown,
+    Outage,
+    Message(BorrowedMessage<'c>),
+    Nothing,
+}
+
+impl<T: Send + Sync + 'static> PollLoop<T> {
+    fn new(
+        ctx: &PipelineContext,
+        kind: HandlerKind,
+        decoder: Option<SharedDecoder<T>>,
+        consumer: Arc<PipelineConsumer>,
+        events: mpsc::UnboundedReceiver<RebalanceEvent>,
+        lanes: Lanes<T>,
+    ) -> Self {
+        let config = &ctx.config;
+        let buffers = Buffers {
+            pending: (0..lanes.batches.len())
+                .map(|_| Pending::default())
+                .collect(),
+            epochs: HashMap::new(),
+            max_messages: config.batch.max_messages.max(1) as usize,
+            max_wait: Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1))),
+            decoder,
+            max_bytes: config.max_message_bytes as usize,
+        };
+        Self {
+            consumer,
+            events,
+            lanes,
+            buffers,
+            health: ctx.health.clone(),
+            metrics: ctx.metrics.clone(),
+            consumed: ctx.metrics.consumed.with_label_values(&[kind.as_str()]),
+            shutdown: ctx.shutdown.clone(),
+            paused: false,
+            stopping: false,
+            last_topic: None,
         }
     }
 
-    drop(batch_txs);
-    let mut result: Result<WriterTotals, PipelineError> = Ok(WriterTotals::default());
-    let mut absorb =
-        |r: Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>| match r {
+    /// Runs until a requested shutdown has handed every fetched message to the writers (`None`),
+    /// or until a writer ends early, which it only does on a fatal error or a panic (its exit).
+    async fn run(&mut self) -> Option<WriterExit> {
+        let consumer = self.consumer.clone();
+        loop {
+            self.apply_rebalance_events();
+            if self.stopping && self.buffers.is_empty() {
+                return None;
+            }
+            let now = Instant::now();
+            let due = self.buffers.due_lanes(now, self.stopping);
+            let can_fetch = !self.stopping && (self.paused || self.buffers.has_room());
+            let deadline = self.buffers.deadline(now);
+            let waiting = !self.buffers.is_empty();
+            let woke = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if !self.stopping => Woke::Shutdown,
+                r = self.lanes.writers.join_next() => return r,
+                changed = self.lanes.outage.changed() => match changed {
+                    Ok(()) => Woke::Outage,
+                    Err(_) => Woke::Nothing,
+                },
+                (lane, permit) = reserve_any(&self.lanes.batches, &due), if !due.is_empty() => {
+                    // A closed channel means the writer is gone; `join_next` reports why.
+                    if let (Ok(permit), Some(batch)) = (permit, self.buffers.take(lane)) {
+                        permit.send(self.buffers.decode(batch));
+                    }
+                    Woke::Nothing
+                }
+                msg = consumer.recv(), if can_fetch => match msg {
+                    Ok(m) => Woke::Message(m),
+                    Err(e) => {
+                        self.metrics.retries.with_label_values(&["kafka_fetch"]).inc();
+                        tracing::warn!(error = %e, "kafka consume error");
+                        Woke::Nothing
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.into()), if waiting && due.is_empty() => {
+                    Woke::Nothing
+                }
+            };
+            match woke {
+                Woke::Shutdown => self.begin_stop(),
+                Woke::Outage => self.follow_outage(),
+                Woke::Message(m) => self.accept(&m, now),
+                Woke::Nothing => {}
+            }
+        }
+    }
+
+    /// Shutdown requested: fetch nothing more, hand over what was fetched.
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        self.health.set_stopping();
+        let buffered = self.buffers.len();
+        tracing::info!(buffered, "shutdown requested: committing what was fetched");
+    }
+
+    /// Pauses consumption while any writer is in outage backoff, resumes it when none is. The
+    /// member keeps polling, so it stays in the group.
+    fn follow_outage(&mut self) {
+        let outage = *self.lanes.outage.borrow_and_update() != 0;
+        if outage == self.paused {
+            return;
+        }
+        match self.consumer.assignment() {
+            Ok(tpl) => {
+                let r = if outage {
+                    self.consumer.pause(&tpl)
+                } else {
+                    self.consumer.resume(&tpl)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, outage, "cannot pause or resume consumption");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the assignment"),
+        }
+        self.paused = outage;
+        tracing::info!(
+            paused = self.paused,
+            "consumption {}",
+            if self.paused { "paused" } else { "resumed" }
+        );
+    }
+
+    /// A fetched message: buffered in its partition's lane, tagged with the partition's
+    /// assignment epoch, or dropped if the partition is not owned.
+    fn accept(&mut self, m: &BorrowedMessage<'_>, now: Instant) {
+        self.consumed.inc();
+        if self.health.kafka_down() {
+            self.health.set_kafka_down(false);
+        }
+        let (topic, topic_hash) = match &self.last_topic {
+            Some((t, h)) if &**t == m.topic() => (t.clone(), *h),
+            _ => {
+                let t = self.consumer.context().intern(m.topic());
+                let h = batch::topic_hash(&t);
+                self.last_topic = Some((t.clone(), h));
+                (t, h)
+            }
+        };
+        let tp = TopicPartition {
+            topic,
+            partition: m.partition(),
+        };
+        // A rebalance may have run inside this very `recv`: apply it before tagging the message
+        // with its partition's assignment epoch.
+        self.apply_rebalance_events();
+        match self.buffers.epochs.get(&tp) {
+            Some(epoch) => {
+                tracing::debug!(topic = %tp.topic, partition = tp.partition,
+                    offset = m.offset(), "received message");
+                let lane = batch::lane_for(topic_hash, tp.partition, self.buffers.pending.len());
+                let raw = RawMessage {
+                    topic: tp.topic,
+                    partition: tp.partition,
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    timestamp_ms: m.timestamp().to_millis(),
+                };
+                let epoch = *epoch;
+                self.buffers.pending[lane].push(Fetched { msg: raw, epoch }, now);
+            }
+            None => tracing::debug!(topic = %tp.topic, partition = tp.partition,
+                offset = m.offset(), "message of a partition not owned; dropped"),
+        }
+    }
+
+    /// Applies the rebalance callback's events, in order, to the poll loop's view: epochs of
+    /// owned partitions, buffered messages of revoked partitions (dropped), the writers (told to
+    /// drop the handler state of revoked partitions), and the pause state of new partitions.
+    fn apply_rebalance_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            match ev {
+                RebalanceEvent::Assigned(parts) => {
+                    let mut tpl = TopicPartitionList::new();
+                    for (tp, epoch) in parts {
+                        tpl.add_partition(&tp.topic, tp.partition);
+                        self.buffers.epochs.insert(tp, epoch);
+                    }
+                    if self.paused && tpl.count() > 0 {
+                        if let Err(e) = self.consumer.pause(&tpl) {
+                            tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+                        }
+                    }
+                }
+                RebalanceEvent::Revoked(parts) => {
+                    for tp in &parts {
+                        self.buffers.epochs.remove(tp);
+                    }
+                    let dropped: usize = self
+                        .buffers
+                        .pending
+                        .iter_mut()
+                        .map(|p| p.drop_partitions(&parts))
+                        .sum();
+                    if dropped > 0 {
+                        tracing::info!(dropped, "dropped buffered messages of revoked partitions");
+                    }
+                    for tx in &self.lanes.revocations {
+                        let _ = tx.send(parts.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 4: closes the lanes and waits for every writer to commit what it was handed; sums
+    /// their totals, or returns the first failure (`writer_failure`, a writer that ended early,
+    /// comes first; the other lanes stop too, since their channels are closed).
+    async fn join_writers(
+        self,
+        writer_failure: Option<WriterExit>,
+    ) -> Result<WriterTotals, PipelineError> {
+        let Lanes {
+            batches,
+            mut writers,
+            ..
+        } = self.lanes;
+        drop(batches);
+        let mut result: Result<WriterTotals, PipelineError> = Ok(WriterTotals::default());
+        let mut absorb = |r: WriterExit| match r {
             Ok(Ok(t)) => {
                 if let Ok(total) = &mut result {
                     total.processed += t.processed;
@@ -360,20 +682,32 @@ pub async fn run_pipeline_lanes<H: Handler>(
                 }
             }
         };
-    if let Some(r) = writer_failure {
-        absorb(r);
-        // The other lanes stop too: their channels are closed.
+        if let Some(r) = writer_failure {
+            absorb(r);
+        }
+        while let Some(r) = writers.join_next().await {
+            absorb(r);
+        }
+        result
     }
-    while let Some(r) = writers.join_next().await {
-        absorb(r);
-    }
+}
 
-    // Final advisory commit of what PostgreSQL holds, then close (leaves the group, or keeps the
-    // static membership until the same instance id returns).
+/// Step 5: the final advisory commit of what PostgreSQL holds, then the consumer is closed (it
+/// leaves the group, or keeps the static membership until the same instance id returns). Closing
+/// blocks, so it runs on a blocking thread; `consumer` must be the last reference.
+async fn close_consumer(consumer: Arc<PipelineConsumer>, ownership: &Ownership) {
     let mut tpl = TopicPartitionList::new();
     for tp in ownership.partitions() {
-        if let Some(Some(next)) = ownership.get(&tp).map(|o| o.next_offset) {
-            let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+        if let Some(o) = ownership.get(&tp) {
+            if let Some(next) = o.next_offset {
+                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
+                // The partition's latest gap rides on the commit, for the operator.
+                if let (Some(note), Some(mut e)) =
+                    (o.gap, tpl.find_partition(&tp.topic, tp.partition))
+                {
+                    e.set_metadata(note.to_string());
+                }
+            }
         }
     }
     let closing = tokio::task::spawn_blocking(move || {
@@ -387,16 +721,6 @@ pub async fn run_pipeline_lanes<H: Handler>(
     if let Err(e) = closing.await {
         tracing::warn!(error = %e, "closing the consumer failed");
     }
-    match &result {
-        Ok(t) => tracing::info!(
-            processed = t.processed,
-            rejected = t.rejected,
-            batches = t.batches,
-            "pipeline stopped"
-        ),
-        Err(e) => tracing::error!(error = %e, "pipeline failed"),
-    }
-    result
 }
 
 /// Waits for room in the channel of any lane in `due`; returns the lane and its permit.
@@ -411,45 +735,4 @@ async fn reserve_any<'a, T>(
         .iter()
         .map(|&lane| Box::pin(async move { (lane, txs[lane].reserve().await) }));
     futures::future::select_all(futures).await.0
-}
-
-/// Applies the rebalance callback's events, in order, to the poll loop's view: epochs of owned
-/// partitions, buffered messages of revoked partitions (dropped), the writer (told to drop the
-/// handler state of revoked partitions), and the pause state of new partitions.
-fn apply_rebalance_events(
-    events_rx: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
-    epochs: &mut HashMap<TopicPartition, u64>,
-    pending: &mut [Pending],
-    revoke_txs: &[mpsc::UnboundedSender<Vec<TopicPartition>>],
-    paused: bool,
-    consumer: &StreamConsumer<PipelineConsumerContext>,
-) {
-    while let Ok(ev) = events_rx.try_recv() {
-        match ev {
-            RebalanceEvent::Assigned(parts) => {
-                let mut tpl = TopicPartitionList::new();
-                for (tp, epoch) in parts {
-                    tpl.add_partition(&tp.topic, tp.partition);
-                    epochs.insert(tp, epoch);
-                }
-                if paused && tpl.count() > 0 {
-                    if let Err(e) = consumer.pause(&tpl) {
-                        tracing::warn!(error = %e, "cannot pause newly assigned partitions");
-                    }
-                }
-            }
-            RebalanceEvent::Revoked(parts) => {
-                for tp in &parts {
-                    epochs.remove(tp);
-                }
-                let dropped: usize = pending.iter_mut().map(|p| p.drop_partitions(&parts)).sum();
-                if dropped > 0 {
-                    tracing::info!(dropped, "dropped buffered messages of revoked partitions");
-                }
-                for tx in revoke_txs {
-                    let _ = tx.send(parts.clone());
-                }
-            }
-        }
-    }
 }

@@ -14,6 +14,9 @@ pub struct Owned {
     pub epoch: u64,
     /// The `next_offset` stored in PostgreSQL as this worker last knew it (None: no row).
     pub next_offset: Option<i64>,
+    /// The partition's latest offset gap, reported with every advisory Kafka commit of the
+    /// partition (see [`streamops_crds::gap`]).
+    pub gap: Option<streamops_crds::gap::GapNote>,
 }
 
 /// The partitions this worker owns, with the offset each resumes from.
@@ -44,6 +47,7 @@ impl Ownership {
             Owned {
                 epoch,
                 next_offset: stored,
+                gap: None,
             },
         );
         epoch
@@ -67,6 +71,15 @@ impl Ownership {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Sets the partition's latest gap if `tp` is still owned under `epoch`.
+    pub fn set_gap(&self, tp: &TopicPartition, epoch: u64, gap: streamops_crds::gap::GapNote) {
+        if let Some(o) = self.lock().parts.get_mut(tp) {
+            if o.epoch == epoch {
+                o.gap = Some(gap);
+            }
         }
     }
 

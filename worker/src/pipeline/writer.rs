@@ -14,12 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{applicable_mask, plan_offsets, retain_by_mask, Batch, Fetched, PartitionPlan};
 use super::context::PipelineConsumerContext;
+use super::defence::{self, KnownResets};
 use super::state::{Health, Ownership};
 use super::PipelineError;
 use crate::backoff::Backoff;
 use crate::errortopic::{ErrorRecord, ErrorSink};
+use crate::gaps::{self, Gap};
 use crate::handlers::{
-    Decoded, Handler, HandlerError, Position, RawMessage, RejectKind, Rejection, TopicPartition,
+    Decoded, HandlerError, MessageHandler, Position, RawMessage, RejectKind, Rejection,
+    TopicPartition,
 };
 use crate::metrics::Metrics;
 use crate::offsets::{self, Cas};
@@ -40,6 +43,7 @@ pub(crate) struct WriterParts {
     pub max_message_bytes: usize,
     pub progress_every: u64,
     pub abort: CancellationToken,
+    pub on_offset_gap: streamops_crds::v1alpha1::OnOffsetGap,
 }
 
 /// Totals of a writer's run.
@@ -60,18 +64,25 @@ enum Outcome {
 
 enum Failure {
     Retry(&'static str, String),
+    /// The database refused the batch's data (see [`defence::data_error`]): split, do not retry.
+    Data(String),
     Fatal(PipelineError),
 }
 
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        Failure::Retry("database", e.to_string())
+        match defence::data_error(&e) {
+            Some(reason) => Failure::Data(reason),
+            None => Failure::Retry("database", e.to_string()),
+        }
     }
 }
 
 impl From<HandlerError> for Failure {
     fn from(e: HandlerError) -> Self {
-        if e.is_retryable() {
+        if let Some(reason) = defence::handler_data_error(&e) {
+            Failure::Data(reason)
+        } else if e.is_retryable() {
             Failure::Retry(e.kind(), e.to_string())
         } else {
             Failure::Fatal(PipelineError::Handler(e))
@@ -96,19 +107,25 @@ pub(crate) fn precheck(msg: &RawMessage, max_bytes: usize) -> Result<(), Rejecti
 
 type ErrKey = (Arc<str>, i32, i64);
 
+/// Rejected messages, by index into the batch's messages, with the reason.
+type Rejected = Vec<(usize, Rejection)>;
+
 /// A batch with its messages already decoded, when the handler offers a shared decoder.
 pub(crate) type DecodedBatch<T> = (Batch, Option<Vec<Result<T, Rejection>>>);
 
-pub(crate) struct Writer<H: Handler> {
+pub(crate) struct Writer<H: MessageHandler> {
     handler: H,
     p: WriterParts,
     totals: WriterTotals,
     next_progress: u64,
     processed_counter: prometheus::IntCounter,
     label: &'static str,
+    known_resets: KnownResets,
+    /// Gaps already logged and counted (a gap is seen again when its batch is retried or split).
+    reported_gaps: Vec<Gap>,
 }
 
-impl<H: Handler> Writer<H> {
+impl<H: MessageHandler> Writer<H> {
     pub(crate) fn new(handler: H, p: WriterParts) -> Self {
         let label = handler.kind().as_str();
         let processed_counter = p.metrics.processed.with_label_values(&[label]);
@@ -120,6 +137,8 @@ impl<H: Handler> Writer<H> {
             next_progress,
             processed_counter,
             label,
+            known_resets: KnownResets::new(),
+            reported_gaps: Vec::new(),
         }
     }
 
@@ -165,14 +184,65 @@ impl<H: Handler> Writer<H> {
     async fn process(
         &mut self,
         batch: Batch,
-        mut pre: Option<Vec<Result<H::Item, Rejection>>>,
+        pre: Option<Vec<Result<H::Item, Rejection>>>,
     ) -> Result<(), PipelineError> {
         let started = batch.started;
-        let mut messages = batch.messages;
         let mut delivered: HashSet<ErrKey> = HashSet::new();
+        // Messages the database refused, found by splitting (second line of defence).
+        let mut refused: HashMap<ErrKey, Rejection> = HashMap::new();
+        // Parts of the batch still to commit, in order (last = next): a data error splits one.
+        let mut parts = vec![(batch.messages, pre)];
+        while let Some((messages, pre)) = parts.pop() {
+            if let Some(second) = self
+                .process_part(messages, pre, &mut delivered, &mut refused, started)
+                .await?
+            {
+                parts.push(second);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits one part of a batch, retrying infrastructure errors. On a data error it commits
+    /// the first half itself and returns the second to be processed next; a single message the
+    /// database refuses is rejected with the database's reason.
+    #[allow(clippy::type_complexity)]
+    async fn process_part(
+        &mut self,
+        mut messages: Vec<Fetched>,
+        mut pre: Option<Vec<Result<H::Item, Rejection>>>,
+        delivered: &mut HashSet<ErrKey>,
+        refused: &mut HashMap<ErrKey, Rejection>,
+        started: Instant,
+    ) -> Result<Option<(Vec<Fetched>, Option<Vec<Result<H::Item, Rejection>>>)>, PipelineError>
+    {
         let mut backoff = Backoff::default_worker();
+        let mut second = None;
+        let mut gaps: Vec<Gap> = Vec::new();
         loop {
             self.drain_revocations();
+            match defence::detect_gaps(
+                &self.p.consumer,
+                &self.p.ownership,
+                &messages,
+                self.p.on_offset_gap,
+                &self.known_resets,
+            )
+            .await
+            {
+                Ok(found) => {
+                    for g in found {
+                        if !gaps.contains(&g) {
+                            self.gap_found(&g).await?;
+                            gaps.push(g);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.retry_wait(&mut backoff, "watermarks", &e).await?;
+                    continue;
+                }
+            }
             let ownership = &self.p.ownership;
             let mask = applicable_mask(&messages, |tp| {
                 ownership.get(tp).map(|o| (o.epoch, o.next_offset))
@@ -184,11 +254,23 @@ impl<H: Handler> Writer<H> {
                 }
             }
             if messages.is_empty() {
-                return Ok(());
+                if gaps.is_empty() {
+                    return Ok(second);
+                }
+                // Nothing to apply (a reset gap drops messages below the stored offset): the
+                // gap still gets its transaction.
+                match self.record_gaps_alone(&gaps).await {
+                    Ok(()) => return Ok(second),
+                    Err(e) => {
+                        self.retry_wait(&mut backoff, "database", &e.to_string())
+                            .await?;
+                        continue;
+                    }
+                }
             }
             // Pre-decoded items serve the first attempt only (`prepare` consumes them).
             match self
-                .attempt(&messages, pre.take(), &mut delivered, started)
+                .attempt(&messages, pre.take(), delivered, refused, &gaps, started)
                 .await
             {
                 Ok(Outcome::Committed) => {
@@ -196,7 +278,7 @@ impl<H: Handler> Writer<H> {
                         tracing::info!(attempts = backoff.attempts(), "recovered; batch committed");
                     }
                     self.set_outage(false);
-                    return Ok(());
+                    return Ok(second);
                 }
                 Ok(Outcome::Conflict(parts)) => {
                     self.p.metrics.fencing_conflicts.inc();
@@ -211,6 +293,140 @@ impl<H: Handler> Writer<H> {
                     self.handler.reset();
                     self.retry_wait(&mut backoff, op, &detail).await?;
                 }
+                Err(Failure::Data(reason)) => {
+                    self.handler.reset();
+                    self.p
+                        .metrics
+                        .retries
+                        .with_label_values(&["database_refused"])
+                        .inc();
+                    if messages.len() > 1 {
+                        // Split: this half now, the other after it (offset order is kept).
+                        let tail = messages.split_off(messages.len() / 2);
+                        tracing::info!(
+                            first = messages.len(),
+                            second = tail.len(),
+                            reason = %reason,
+                            "the database refused the batch's data; splitting it to isolate the message"
+                        );
+                        let later = match second.take() {
+                            // An earlier split left a part to do after this one: it comes after.
+                            Some(rest) => {
+                                let (mut rest_msgs, _): (Vec<Fetched>, _) = rest;
+                                let mut t = tail;
+                                t.append(&mut rest_msgs);
+                                t
+                            }
+                            None => tail,
+                        };
+                        second = Some((later, None));
+                        pre = None;
+                        continue;
+                    }
+                    let m = &messages[0].msg;
+                    let key = (m.topic.clone(), m.partition, m.offset);
+                    if refused.contains_key(&key) {
+                        // Rejected already and still refused: not this message's data.
+                        self.retry_wait(&mut backoff, "database", &reason).await?;
+                        continue;
+                    }
+                    tracing::warn!(topic = %m.topic, partition = m.partition, offset = m.offset,
+                        reason = %reason, "the database refused this message; sending it to the error topic");
+                    refused.insert(key, Rejection::new(RejectKind::DatabaseRefused, reason));
+                }
+            }
+        }
+    }
+
+    /// Logs and counts a gap once per detection; under `onOffsetGap: fail` records it, reports it
+    /// on the partition's Kafka commit and stops the worker.
+    async fn gap_found(&mut self, gap: &Gap) -> Result<(), PipelineError> {
+        let Some(owned) = self.p.ownership.get(&gap.tp) else {
+            return Ok(());
+        };
+        if self.reported_gaps.contains(gap) {
+            return Ok(());
+        }
+        if self.reported_gaps.len() >= 64 {
+            self.reported_gaps.remove(0);
+        }
+        self.reported_gaps.push(gap.clone());
+        self.p
+            .metrics
+            .offset_gaps
+            .with_label_values(&[&gap.tp.topic, gap.kind.as_str()])
+            .inc();
+        tracing::warn!(topic = %gap.tp.topic, partition = gap.tp.partition,
+            kind = gap.kind.as_str(), from = gap.from, to = gap.to,
+            action = gap.action.as_str(), "offset gap: {}", gap.describe());
+        let now = chrono::Utc::now().timestamp();
+        if gap.kind == streamops_crds::gap::GapKind::Reset {
+            if let Some(next) = owned.next_offset {
+                self.known_resets
+                    .insert(gap.tp.clone(), (owned.epoch, next));
+            }
+        }
+        if gap.action == streamops_crds::v1alpha1::OnOffsetGap::Fail {
+            let mut backoff = Backoff::default_worker();
+            while let Err(e) = self.record_gaps_alone(std::slice::from_ref(gap)).await {
+                self.retry_wait(&mut backoff, "database", &e.to_string())
+                    .await?;
+            }
+            self.p
+                .ownership
+                .set_gap(&gap.tp, owned.epoch, gap.note(now));
+            if let Some(next) = owned.next_offset {
+                let mut tpl = TopicPartitionList::new();
+                if tpl
+                    .add_partition_offset(&gap.tp.topic, gap.tp.partition, Offset::Offset(next))
+                    .is_ok()
+                {
+                    if let Some(mut e) = tpl.find_partition(&gap.tp.topic, gap.tp.partition) {
+                        e.set_metadata(gap.note(now).to_string());
+                    }
+                    let consumer = self.p.consumer.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        consumer.commit(&tpl, CommitMode::Sync)
+                    })
+                    .await;
+                }
+            }
+            return Err(PipelineError::OffsetGap(gap.describe()));
+        }
+        Ok(())
+    }
+
+    /// Records gaps in a transaction of their own and reports them on the next commits.
+    async fn record_gaps_alone(&mut self, found: &[Gap]) -> Result<(), sqlx::Error> {
+        let mut tx = self.p.pool.begin().await?;
+        for g in found {
+            gaps::record(&mut tx, &self.p.group, g).await?;
+        }
+        tx.commit().await?;
+        self.gaps_committed(found);
+        Ok(())
+    }
+
+    /// After the transaction recording `found` committed: the gaps ride on the commits.
+    fn gaps_committed(&self, found: &[Gap]) {
+        let now = chrono::Utc::now().timestamp();
+        for g in found {
+            if let Some(o) = self.p.ownership.get(&g.tp) {
+                self.p.ownership.set_gap(&g.tp, o.epoch, g.note(now));
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for g in found {
+            if let Some(Some(next)) = self.p.ownership.get(&g.tp).map(|o| o.next_offset) {
+                let _ = tpl.add_partition_offset(&g.tp.topic, g.tp.partition, Offset::Offset(next));
+                if let Some(mut e) = tpl.find_partition(&g.tp.topic, g.tp.partition) {
+                    e.set_metadata(g.note(now).to_string());
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.p.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "advisory Kafka commit of a gap failed");
             }
         }
     }
@@ -252,17 +468,55 @@ impl<H: Handler> Writer<H> {
         Ok(())
     }
 
+    /// One attempt at a batch, in four steps: [decode](Self::decode),
+    /// [prepare](Self::prepare), [error topic](deliver_rejections) and
+    /// [transaction](Self::transaction); then, once committed, [`Self::after_commit`]. Each step
+    /// works on the messages it is given, so a step can be run again on part of a batch.
     async fn attempt(
         &mut self,
         messages: &[Fetched],
         pre: Option<Vec<Result<H::Item, Rejection>>>,
         delivered: &mut HashSet<ErrKey>,
+        refused: &HashMap<ErrKey, Rejection>,
+        gaps_found: &[Gap],
         started: Instant,
     ) -> Result<Outcome, Failure> {
-        // 1. Decode (pure; done again on every attempt, since `prepare` consumes the items).
+        let (items, mut rejected) = self.decode(messages, pre, refused);
+        let items = self.prepare(messages, items, &mut rejected).await?;
+        let (errors, max) = (&self.p.errors, self.p.max_message_bytes);
+        deliver_rejections(errors, max, messages, &rejected, delivered).await?;
+        let plan = plan_offsets(messages);
+        let outcome = self
+            .transaction(messages, &plan, &items, &rejected, gaps_found)
+            .await?;
+        if let Outcome::Committed = outcome {
+            self.after_commit(
+                &plan,
+                messages.len(),
+                items.len(),
+                &rejected,
+                gaps_found,
+                started,
+            )
+            .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Step 1, decode: the pipeline's checks, then the handler's `decode`. Pure, and done again on
+    /// every attempt, since `prepare` consumes the items; the poll loop's pre-decoded results
+    /// (`pre`) serve when they cover exactly these messages. Returns the items and the rejections
+    /// (by index into `messages`). Messages the database refused earlier (`refused`) are
+    /// rejected with the database's reason.
+    fn decode(
+        &self,
+        messages: &[Fetched],
+        pre: Option<Vec<Result<H::Item, Rejection>>>,
+        refused: &HashMap<ErrKey, Rejection>,
+    ) -> (Vec<Decoded<H::Item>>, Rejected) {
         let max = self.p.max_message_bytes;
         let mut items: Vec<Decoded<H::Item>> = Vec::with_capacity(messages.len());
-        let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+        let mut rejected: Rejected = Vec::new();
         let mut pre = pre
             .filter(|p| p.len() == messages.len())
             .map(Vec::into_iter);
@@ -271,6 +525,10 @@ impl<H: Handler> Writer<H> {
             let decoded = match pre.as_mut().and_then(Iterator::next) {
                 Some(r) => r,
                 None => precheck(m, max).and_then(|()| self.handler.decode(m)),
+            };
+            let decoded = match refused.get(&(m.topic.clone(), m.partition, m.offset)) {
+                Some(r) => Err(r.clone()),
+                None => decoded,
             };
             match decoded {
                 Ok(item) => items.push(Decoded {
@@ -285,8 +543,18 @@ impl<H: Handler> Writer<H> {
                 Err(r) => rejected.push((i, r)),
             }
         }
+        (items, rejected)
+    }
 
-        // 2. Remote preparation, which may reject more.
+    /// Step 2, prepare: the handler's remote preparation (outside any transaction), which may
+    /// reject more items; those are added to `rejected`. A rejection of a message that is not in
+    /// `messages` is a handler bug, and fatal.
+    async fn prepare(
+        &mut self,
+        messages: &[Fetched],
+        items: Vec<Decoded<H::Item>>,
+        rejected: &mut Rejected,
+    ) -> Result<Vec<Decoded<H::Item>>, Failure> {
         let prepared = self.handler.prepare(items).await?;
         if !prepared.rejected.is_empty() {
             let index: HashMap<(&str, i32, i64), usize> = messages
@@ -308,36 +576,27 @@ impl<H: Handler> Writer<H> {
                 }
             }
         }
-        let items = prepared.items;
+        Ok(prepared.items)
+    }
 
-        // 3. Every rejection reaches the error topic before anything commits.
-        let mut records: Vec<ErrorRecord> = rejected
-            .iter()
-            .filter(|(i, _)| {
-                let m = &messages[*i].msg;
-                !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
-            })
-            .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
-            .collect();
-        if !records.is_empty() {
-            let mut done = vec![false; records.len()];
-            let result = self.p.errors.deliver(&mut records, &mut done).await;
-            for (rec, ok) in records.iter().zip(&done) {
-                if *ok {
-                    delivered.insert((Arc::from(rec.topic.as_str()), rec.partition, rec.offset));
-                }
-            }
-            if let Err(e) = result {
-                return Err(Failure::Retry("error_topic", e.to_string()));
-            }
-        }
-
-        // 4. One transaction: offsets (compare-and-set), handler rows, rejections.
-        let plan = plan_offsets(messages);
+    /// Step 4, transaction: in one PostgreSQL transaction, moves each partition of `plan` from
+    /// the offset this worker knows (its [`Ownership`]) to the plan's next offset with a
+    /// compare-and-set, lets the handler write `items`, and records `rejected` (indices into
+    /// `messages`). A partition no longer owned under the plan's epoch, or whose stored offset
+    /// moved, rolls everything back: [`Outcome::Conflict`]. Nothing in memory changes here, so the
+    /// step can be retried, on the whole batch or on part of it.
+    async fn transaction(
+        &mut self,
+        messages: &[Fetched],
+        plan: &BTreeMap<TopicPartition, PartitionPlan>,
+        items: &[Decoded<H::Item>],
+        rejected: &[(usize, Rejection)],
+        gaps_found: &[Gap],
+    ) -> Result<Outcome, Failure> {
         let t0 = Instant::now();
         let mut tx = self.p.pool.begin().await?;
         let mut conflicts = Vec::new();
-        for (tp, p) in &plan {
+        for (tp, p) in plan {
             let expected = match self.p.ownership.get(tp) {
                 Some(o) if o.epoch == p.epoch => o.next_offset,
                 _ => {
@@ -355,14 +614,17 @@ impl<H: Handler> Writer<H> {
             tx.rollback().await?;
             return Ok(Outcome::Conflict(conflicts));
         }
-        self.handler.write(&mut tx, &items).await?;
+        self.handler.write(&mut tx, items).await?;
+        for g in gaps_found {
+            gaps::record(&mut tx, &self.p.group, g).await?;
+        }
         if !rejected.is_empty() {
             insert_rejections(
                 &mut tx,
                 &self.p.group,
                 self.p.errors.topic(),
                 messages,
-                &rejected,
+                rejected,
             )
             .await?;
         }
@@ -371,18 +633,35 @@ impl<H: Handler> Writer<H> {
             .metrics
             .db_write_duration
             .observe(t0.elapsed().as_secs_f64());
+        Ok(Outcome::Committed)
+    }
 
-        // 5. Committed: advance, report, and tell Kafka (advisory).
-        for (tp, p) in &plan {
+    /// After the commit: advances the known offsets, runs the handler's post-commit hook, counts,
+    /// and tells Kafka (advisory).
+    async fn after_commit(
+        &mut self,
+        plan: &BTreeMap<TopicPartition, PartitionPlan>,
+        batch_len: usize,
+        processed: usize,
+        rejected: &[(usize, Rejection)],
+        gaps_found: &[Gap],
+        started: Instant,
+    ) {
+        for (tp, p) in plan {
             self.p.ownership.set_next_offset(tp, p.epoch, p.next_offset);
+        }
+        let now = chrono::Utc::now().timestamp();
+        for g in gaps_found {
+            if let Some(o) = self.p.ownership.get(&g.tp) {
+                self.p.ownership.set_gap(&g.tp, o.epoch, g.note(now));
+            }
         }
         if let Err(e) = self.handler.committed().await {
             tracing::warn!(error = %e, "handler post-commit hook failed; resetting its state");
             self.handler.reset();
         }
-        self.account(messages.len(), items.len(), &rejected, started);
-        self.advisory_commit(&plan);
-        Ok(Outcome::Committed)
+        self.account(batch_len, processed, rejected, started);
+        self.advisory_commit(plan);
     }
 
     fn account(
@@ -428,12 +707,49 @@ impl<H: Handler> Writer<H> {
                 tracing::debug!(error = %e, "cannot build the advisory commit");
                 return;
             }
+            // The partition's latest gap rides on every commit, for the operator.
+            if let Some(note) = self.p.ownership.get(tp).and_then(|o| o.gap) {
+                if let Some(mut e) = tpl.find_partition(&tp.topic, tp.partition) {
+                    e.set_metadata(note.to_string());
+                }
+            }
         }
         if let Err(e) = self.p.consumer.commit(&tpl, CommitMode::Async) {
             self.p.metrics.kafka_commit_failures.inc();
             tracing::debug!(error = %e, "advisory Kafka commit failed (offsets are in PostgreSQL)");
         }
     }
+}
+
+/// Step 3, error topic: every rejection reaches the error topic (acknowledged) before anything
+/// commits; values are cut to `max` bytes. `delivered` remembers what earlier attempts of the batch already delivered, so a
+/// retry does not send it again.
+async fn deliver_rejections(
+    errors: &ErrorSink,
+    max: usize,
+    messages: &[Fetched],
+    rejected: &[(usize, Rejection)],
+    delivered: &mut HashSet<ErrKey>,
+) -> Result<(), Failure> {
+    let mut records: Vec<ErrorRecord> = rejected
+        .iter()
+        .filter(|(i, _)| {
+            let m = &messages[*i].msg;
+            !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
+        })
+        .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
+        .collect();
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut done = vec![false; records.len()];
+    let result = errors.deliver(&mut records, &mut done).await;
+    for (rec, ok) in records.iter().zip(&done) {
+        if *ok {
+            delivered.insert((Arc::from(rec.topic.as_str()), rec.partition, rec.offset));
+        }
+    }
+    result.map_err(|e| Failure::Retry("error_topic", e.to_string()))
 }
 
 async fn insert_rejections(

@@ -1,10 +1,11 @@
 //! Shared support for the worker's integration tests (also for the handlers' tests: add
 //! `mod support;` to a test file).
 //!
-//! Every test runs against the real services of DEVELOPERS.md (tansu on 127.0.0.1:9092,
+//! Every test runs against the real services of DEVELOPERS.md (Apache Kafka on 127.0.0.1:9092,
 //! PostgreSQL on 127.0.0.1:5432) and fails loudly, naming the service, when one is absent.
 //! Names are unique per run ([`unique`]), and every test gets a fresh database
-//! ([`fresh_database`]).
+//! ([`fresh_database`]). The Kafka and PostgreSQL helpers shared with the operator's tests come
+//! from `streamops-test-support` (re-exported here); this module adds the worker's own.
 //!
 //! Typical flow:
 //! ```ignore
@@ -14,82 +15,29 @@
 //! t.wait_for_rows("price_points", 1000).await;
 //! w.terminate_and_wait();                                                    // SIGTERM
 //! ```
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::generate::{GenOptions, Generated, Generator};
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::produce::{produce, ProduceOptions};
 
-/// The broker.
-pub const BROKER: &str = "127.0.0.1:9092";
-/// PostgreSQL server (trust auth).
-pub const PG_HOST: &str = "127.0.0.1:5432";
+pub use streamops_test_support::kafka;
+pub use streamops_test_support::pg::{self, drop_database, fresh_database};
+pub use streamops_test_support::{require_services, unique, BROKER, PG_HOST};
+
 /// How long a wait may take before the test fails with a message (a liveness guard, not a
 /// performance assertion).
 pub const PATIENCE: Duration = Duration::from_secs(180);
-
-/// Panics with a clear message when a required service is not listening.
-pub fn require_services() {
-    for (name, addr) in [("Kafka broker (tansu)", BROKER), ("PostgreSQL", PG_HOST)] {
-        let sock = addr.parse().expect("valid address");
-        if TcpStream::connect_timeout(&sock, Duration::from_secs(3)).is_err() {
-            panic!(
-                "{name} is not reachable at {addr}; start it (see DEVELOPERS.md, `make dev-up`) \
-                 before running the worker's integration tests"
-            );
-        }
-    }
-}
-
-/// A name unique to this test run: `prefix-<pid>-<millis>-<n>`.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default();
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        millis % 100_000_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Creates a fresh database; returns its URL and a pool on it (migrations not applied: the
-/// worker applies them, or call `streamops_worker::db::MIGRATOR.run`).
-pub async fn fresh_database(prefix: &str) -> (String, PgPool) {
-    let name = unique(prefix).replace('-', "_").to_lowercase();
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("postgres://postgres@{PG_HOST}/postgres"))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {PG_HOST}: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
-    admin.close().await;
-    let url = format!("postgres://postgres@{PG_HOST}/{name}");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    (url, pool)
-}
 
 /// Creates a topic through the worker's own admin command path.
 pub async fn create_topic(name: &str, partitions: i32) {
@@ -112,12 +60,11 @@ pub struct ProduceSpec {
     pub count: u64,
     /// Messages per second (0 = unlimited).
     pub rate: u64,
-    /// One record per batch (needed when a test resumes consumers: tansu caveat).
-    pub one_per_batch: bool,
 }
 
 impl ProduceSpec {
-    /// `count` valid events of `kind`, seed 1, 8 keys, one record per batch.
+    /// `count` valid events of `kind`, seed 1, 8 keys (the producer batches and compresses as
+    /// `streamops-worker produce` does).
     pub fn new(kind: HandlerKind, count: u64) -> Self {
         Self {
             gen: GenOptions {
@@ -129,7 +76,6 @@ impl ProduceSpec {
             },
             count,
             rate: 0,
-            one_per_batch: true,
         }
     }
     /// Sets the seed.
@@ -164,7 +110,6 @@ pub async fn produce_events(topic: &str, spec: &ProduceSpec) -> Vec<Generated> {
             count: spec.count,
             rate: spec.rate,
             gen: spec.gen.clone(),
-            one_per_batch: spec.one_per_batch,
         },
     )
     .await
@@ -230,14 +175,28 @@ impl TestEnv {
         produce_events(&self.topic, spec).await
     }
 
-    /// Starts a worker subprocess with the current configuration and `instance_id`.
-    pub fn start_worker(&self, instance_id: &str) -> WorkerProcess {
-        WorkerProcess::start(self, instance_id)
+    /// Starts a worker subprocess with the current configuration as a dynamic group member (the
+    /// command line's default: no `--instance-id`); `name` names its configuration and log files.
+    pub fn start_worker(&self, name: &str) -> WorkerProcess {
+        WorkerProcess::start(self, name, Membership::Dynamic, &[])
     }
 
     /// Like [`TestEnv::start_worker`], with extra environment variables (`STREAMOPS_REDIS_URL`).
-    pub fn start_worker_with_env(&self, instance_id: &str, vars: &[(&str, &str)]) -> WorkerProcess {
-        WorkerProcess::start_with_env(self, instance_id, vars)
+    pub fn start_worker_with_env(&self, name: &str, vars: &[(&str, &str)]) -> WorkerProcess {
+        WorkerProcess::start(self, name, Membership::Dynamic, vars)
+    }
+
+    /// Starts a worker as a static group member with `--instance-id id`, the way the operator
+    /// runs it (the pod name). Starting it again under the same id after a kill is a container
+    /// restart in its pod: the member gets its partitions back without waiting for
+    /// `session.timeout.ms`.
+    pub fn start_static_worker(&self, id: &str) -> WorkerProcess {
+        WorkerProcess::start(self, id, Membership::Static, &[])
+    }
+
+    /// Like [`TestEnv::start_static_worker`], with extra environment variables.
+    pub fn start_static_worker_with_env(&self, id: &str, vars: &[(&str, &str)]) -> WorkerProcess {
+        WorkerProcess::start(self, id, Membership::Static, vars)
     }
 
     /// Row count of `table`.
@@ -306,21 +265,7 @@ impl TestEnv {
     /// Drops the test database (call at the end of a passing test).
     pub async fn cleanup(self) {
         self.pool.close().await;
-        let name = self
-            .db_url
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if let Ok(admin) = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&format!("postgres://postgres@{PG_HOST}/postgres"))
-            .await
-        {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&admin)
-                .await;
-        }
+        drop_database(&self.db_url).await;
     }
 }
 
@@ -383,6 +328,15 @@ pub struct WorkerProcess {
     pub log: PathBuf,
 }
 
+/// How a worker joins its consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A fresh member id per process (no `group.instance.id`); a graceful stop leaves the group.
+    Dynamic,
+    /// `group.instance.id` = the worker's name (what the operator sets: the pod name).
+    Static,
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -391,32 +345,28 @@ fn free_port() -> u16 {
 }
 
 impl WorkerProcess {
-    /// Starts a worker for `env` with `instance_id`, logging to a file in `env.dir`.
-    pub fn start(env: &TestEnv, instance_id: &str) -> Self {
-        Self::start_with_env(env, instance_id, &[])
-    }
-
-    /// Like [`WorkerProcess::start`], with extra environment variables.
-    pub fn start_with_env(env: &TestEnv, instance_id: &str, vars: &[(&str, &str)]) -> Self {
+    /// Starts a worker for `env` named `name`, logging to a file in `env.dir`, with extra
+    /// environment variables.
+    pub fn start(env: &TestEnv, name: &str, membership: Membership, vars: &[(&str, &str)]) -> Self {
         let port = free_port();
         let http = format!("127.0.0.1:{port}");
-        let cfg_path = env.dir.join(format!("{instance_id}.yaml"));
+        let cfg_path = env.dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg_path, env.config.to_yaml().expect("config renders"))
             .expect("write config");
         let n = std::fs::read_dir(&env.dir).map(|d| d.count()).unwrap_or(0);
-        let log = env.dir.join(format!("{instance_id}-{n}.log"));
+        let log = env.dir.join(format!("{name}-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_streamops-worker"))
-            .args(["run", "--config"])
-            .arg(&cfg_path)
-            .args([
-                "--instance-id",
-                instance_id,
-                "--http-listen",
-                &http,
-                "--log-format",
-                "json",
-            ])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_streamops-worker"));
+        cmd.args(["run", "--config"]).arg(&cfg_path).args([
+            "--http-listen",
+            &http,
+            "--log-format",
+            "json",
+        ]);
+        if membership == Membership::Static {
+            cmd.args(["--instance-id", name]);
+        }
+        let child = cmd
             .env("STREAMOPS_DATABASE_URL", &env.db_url)
             .env("RUST_LOG", "info,streamops_worker=debug")
             .envs(vars.iter().copied())
@@ -508,6 +458,20 @@ impl WorkerProcess {
                     "worker did not exit after SIGTERM; log: {}",
                     self.log.display()
                 );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `patience` for the worker to exit on its own; panics if it does not.
+    pub fn wait_exit(mut self, patience: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if start.elapsed() > patience {
+                panic!("worker did not exit; log: {}", self.log.display());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

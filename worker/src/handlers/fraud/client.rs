@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
-use rand::Rng;
 use reqwest::StatusCode;
 use tracing::{debug, warn};
 
@@ -173,12 +172,10 @@ pub struct ClientSettings {
     pub breaker_reset: Duration,
 }
 
-/// The delay before retry number `retry` (1-based): the backoff's ceiling
-/// (`base * factor^(retry-1)`, capped), times a random factor in `[0.5, 1]` so replicas do not
-/// retry in lockstep.
-pub fn backoff(b: &RetryBackoff, retry: u32) -> Duration {
-    b.ceiling(retry)
-        .mul_f64(rand::rng().random_range(0.5..=1.0))
+/// The backoff between scoring attempts, from the spec's `retryBackoff` (base, factor, cap),
+/// with jitter (the worker's one [`Backoff`](crate::backoff::Backoff)).
+pub fn backoff(b: &RetryBackoff) -> crate::backoff::Backoff {
+    crate::backoff::Backoff::from_spec(b)
 }
 
 /// The scoring client.
@@ -215,11 +212,12 @@ impl ScoringClient {
             last: CallError::Other(format!("cannot encode the request: {e}")),
         })?;
         let mut attempts = 0;
+        let mut delays = backoff(&self.settings.backoff);
         loop {
             attempts += 1;
             if attempts > 1 {
                 self.metrics.retries.inc();
-                tokio::time::sleep(backoff(&self.settings.backoff, attempts - 1)).await;
+                delays.wait().await;
             }
             let result = match self.breaker.allow(Instant::now()) {
                 Err(left) => Err(CallError::CircuitOpen(left.as_millis() as u64)),
@@ -495,16 +493,16 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_by_the_factor_from_the_base_and_is_capped() {
+    fn retries_follow_the_spec_backoff() {
         let b = RetryBackoff {
             base_ms: 50,
             factor: 3.0,
             cap_ms: 2_000,
         };
+        let mut delays = backoff(&b);
         for retry in 1..=20u32 {
-            let d = backoff(&b, retry);
-            let full =
-                Duration::from_millis((50.0 * 3f64.powi(retry as i32 - 1)).min(2_000.0) as u64);
+            let d = delays.next_delay();
+            let full = b.ceiling(retry);
             assert!(
                 d <= full && d >= full / 2,
                 "retry {retry}: {d:?} vs {full:?}"

@@ -23,6 +23,9 @@
 //! | `country` | string | optional; ISO 3166-1 alpha-2, two uppercase letters |
 //! | `card_present` | boolean | optional |
 //!
+//! Text fields (ids, merchant, category) allow no control characters, so no U+0000 (`\u0000`),
+//! which PostgreSQL cannot store; a message nested deeper than 32 levels or with more than 4096
+//! fields and elements is `too_complex` (see [`storable`](super::storable)).
 //! Other fields are ignored. An invalid transaction goes to the error topic (by default the topic
 //! plus `-failed`, as in seed 003: `transactions-failed`) with the rule it broke.
 //!
@@ -88,8 +91,8 @@ pub use store::{
 pub use transaction::{decode_transaction, Transaction};
 
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, Position, Prepared, RawMessage, RejectKind,
-    Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, Position, Prepared, RawMessage,
+    RejectKind, Rejection, TopicPartition,
 };
 use client::ClientMetrics;
 
@@ -197,7 +200,7 @@ impl FraudHandler {
     }
 }
 
-impl Handler for FraudHandler {
+impl MessageHandler for FraudHandler {
     type Item = FraudItem;
 
     fn kind(&self) -> HandlerKind {

@@ -1,15 +1,15 @@
 //! PostgreSQL side of the fraud handler.
 //!
-//! A batch goes in by binary `COPY` (the fast path) under a savepoint. `COPY` cannot skip a
-//! transaction id that is already stored, so if the batch holds one (or holds the same id twice),
-//! it is rolled back to the savepoint and written with `INSERT ... ON CONFLICT DO NOTHING`, which
-//! keeps the first occurrence.
+//! A batch goes in by binary `COPY` (the fast path) under a savepoint
+//! ([`copy_or_insert`]). `COPY` cannot skip a transaction id that is already stored, so if the
+//! batch holds one (or holds the same id twice), it is rolled back to the savepoint and written
+//! with `INSERT ... ON CONFLICT DO NOTHING`, which keeps the first occurrence.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::{FraudItem, Transaction};
-use crate::copy::BinaryCopy;
+use crate::copy::{copy_or_insert, BinaryCopy, CopyOrInsert};
 use crate::handlers::{Decoded, HandlerError, Position};
 
 /// Decimal places of `transactions.amount` (`NUMERIC(20, 4)`).
@@ -109,13 +109,9 @@ pub fn prediction_row(
     is_fraud
 }
 
-/// The fast path: every row by `COPY`. Fails with a unique violation if an id is already stored
-/// or repeated.
-async fn copy_batch(
-    conn: &mut PgConnection,
-    items: &[Decoded<FraudItem>],
-    threshold: f64,
-) -> Result<Written, sqlx::Error> {
+/// The fast path's rows: `transactions` and `predictions` as binary COPY buffers, with the number
+/// flagged as fraud.
+fn copy_rows(items: &[Decoded<FraudItem>], threshold: f64) -> (BinaryCopy, BinaryCopy, u64) {
     let mut txs = BinaryCopy::with_capacity(12, items.len() * 200);
     let mut preds = BinaryCopy::with_capacity(5, items.len() * 80);
     let mut flagged = 0;
@@ -134,13 +130,7 @@ async fn copy_batch(
         );
         flagged += u64::from(is_fraud);
     }
-    let stored = txs.load(conn, TRANSACTIONS_COPY).await?;
-    preds.load(conn, PREDICTIONS_COPY).await?;
-    Ok(Written {
-        transactions: stored,
-        duplicates: 0,
-        flagged,
-    })
+    (txs, preds, flagged)
 }
 
 /// Rows written by one batch.
@@ -171,24 +161,22 @@ pub async fn write_batch(
             d.item.transaction.transaction_id
         )));
     }
-    sqlx::query("SAVEPOINT fraud_copy")
-        .execute(&mut *conn)
-        .await?;
-    match copy_batch(conn, items, threshold).await {
-        Ok(w) => {
-            sqlx::query("RELEASE SAVEPOINT fraud_copy")
-                .execute(&mut *conn)
-                .await?;
-            Ok(w)
-        }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            sqlx::query("ROLLBACK TO SAVEPOINT fraud_copy")
-                .execute(&mut *conn)
-                .await?;
-            insert_batch(conn, items, threshold).await
-        }
-        Err(e) => Err(e.into()),
-    }
+    let (txs, preds, flagged) = copy_rows(items, threshold);
+    let written = copy_or_insert(
+        conn,
+        "fraud_copy",
+        vec![(txs, TRANSACTIONS_COPY), (preds, PREDICTIONS_COPY)],
+        |conn| insert_batch(conn, items, threshold),
+    )
+    .await?;
+    Ok(match written {
+        CopyOrInsert::Copied(loaded) => Written {
+            transactions: loaded.first().copied().unwrap_or(0),
+            duplicates: 0,
+            flagged,
+        },
+        CopyOrInsert::Inserted(written) => written,
+    })
 }
 
 /// The slow path: `INSERT ... ON CONFLICT DO NOTHING`, keeping the first occurrence of each id.

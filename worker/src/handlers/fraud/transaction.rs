@@ -303,6 +303,34 @@ mod tests {
     }
 
     #[test]
+    fn nul_escapes_in_stored_strings_are_rejected() {
+        for field in [
+            "transaction_id",
+            "account_id",
+            "merchant",
+            "merchant_category",
+        ] {
+            let r = decode(&with(field, serde_json::json!("a\u{0}b"))).unwrap_err();
+            assert_eq!(r.kind, RejectKind::InvalidValue, "{field}");
+            assert!(!r.detail.contains('\0'), "{}", r.detail);
+        }
+        for field in ["currency", "country"] {
+            let r = decode(&with(field, serde_json::json!("U\u{0}"))).unwrap_err();
+            assert_eq!(r.kind, RejectKind::InvalidValue, "{field}");
+            assert!(!r.detail.contains('\0'), "{}", r.detail);
+        }
+    }
+
+    #[test]
+    fn lone_surrogates_and_deep_nesting_are_rejected() {
+        let r = decode(&VALID.replace("Corner Grocery", "\\udbff")).unwrap_err();
+        assert_eq!(r.kind, RejectKind::InvalidJson);
+        let deep = format!("{}{}", "[".repeat(33), "]".repeat(33));
+        let r = decode(&with("extra", serde_json::from_str(&deep).unwrap())).unwrap_err();
+        assert_eq!(r.kind, RejectKind::TooComplex);
+    }
+
+    #[test]
     fn bad_optional_fields_are_rejected() {
         let r = decode(&with("country", serde_json::json!("usa"))).unwrap_err();
         assert_eq!(r.kind, RejectKind::InvalidValue);

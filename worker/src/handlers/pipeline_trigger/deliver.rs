@@ -7,6 +7,8 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use kube::api::PostParams;
 use kube::Api;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use streamops_crds::config::webhook_header_env;
+use streamops_crds::job_template::{harden, parse_template, restricted_violations};
 use streamops_crds::v1alpha1::{
     default_webhook_backoff, JobTriggerSpec, RetryBackoff, WebhookSpec,
 };
@@ -54,14 +56,43 @@ pub struct WebhookSink {
 }
 
 impl WebhookSink {
-    /// Builds the target; fails on a header that is not valid HTTP.
+    /// Builds the target; fails on a header that is not valid HTTP. The values of
+    /// `secretHeaders` come from the process environment ([`webhook_header_env`]).
     pub fn new(spec: &WebhookSpec) -> Result<Self, String> {
+        Self::with_lookup(spec, &|name| std::env::var(name).ok())
+    }
+
+    /// [`WebhookSink::new`], reading the secret header values through `lookup`. No error message
+    /// ever contains a header value.
+    pub fn with_lookup(
+        spec: &WebhookSpec,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
         let mut headers = HeaderMap::new();
         for (k, v) in &spec.headers {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|e| format!("webhook header name {k:?}: {e}"))?;
             let value = HeaderValue::from_str(v)
                 .map_err(|e| format!("webhook header {k:?} has an invalid value: {e}"))?;
+            headers.insert(name, value);
+        }
+        for (i, h) in spec.secret_headers.iter().enumerate() {
+            let env = webhook_header_env(i);
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|e| format!("webhook secret header name {:?}: {e}", h.name))?;
+            let raw = lookup(&env).ok_or_else(|| {
+                format!(
+                    "webhook header {:?}: {env} is not set (Secret {} key {})",
+                    h.name, h.secret_key_ref.name, h.secret_key_ref.key
+                )
+            })?;
+            let mut value = HeaderValue::from_str(raw.trim_end_matches(['\r', '\n'])).map_err(|_| {
+                format!(
+                    "webhook header {:?}: the value in Secret {} key {} is not a valid header value",
+                    h.name, h.secret_key_ref.name, h.secret_key_ref.key
+                )
+            })?;
+            value.set_sensitive(true);
             headers.insert(name, value);
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -98,6 +129,8 @@ impl WebhookSink {
             .send()
             .await
             .map_err(|e| {
+                // Without the URL: it may carry a token in its query string.
+                let e = e.without_url();
                 SendError::Retryable(if e.is_timeout() {
                     format!("webhook timed out: {e}")
                 } else {
@@ -108,14 +141,9 @@ impl WebhookSink {
         if status.is_success() || status.as_u16() == 409 {
             return Ok(Sent { job_name: None });
         }
-        let body: String = resp
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(200)
-            .collect();
-        let msg = format!("webhook answered HTTP {}: {body}", status.as_u16());
+        // The body is never kept: what a remote service answers is not echoed into
+        // pipeline_runs, /consumer/info or the logs (it may be an internal service's data).
+        let msg = format!("webhook answered HTTP {status}");
         if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
             Err(SendError::Permanent(msg))
         } else {
@@ -132,11 +160,17 @@ pub struct JobSink {
 }
 
 impl JobSink {
-    /// Builds the target; fails when the template is not a `batch/v1` JobSpec. The Kubernetes
-    /// client (in-cluster configuration, or the local kubeconfig) is made on first use.
+    /// Builds the target; fails when the template is not a `batch/v1` JobSpec or breaks the
+    /// restricted Pod Security Standard, naming the field. What the template leaves unset is set to
+    /// the restricted values ([`harden`]). The Kubernetes client (in-cluster configuration, or the
+    /// local kubeconfig) is made on first use.
     pub fn new(spec: &JobTriggerSpec, namespace: Option<String>) -> Result<Self, String> {
-        let template: JobSpec = serde_json::from_value(spec.template.clone())
-            .map_err(|e| format!("pipelineTrigger.job.template is not a batch/v1 JobSpec: {e}"))?;
+        let mut template: JobSpec =
+            parse_template(&spec.template).map_err(|e| format!("{}: {}", e.field, e.message))?;
+        if let Some(v) = restricted_violations(&template).first() {
+            return Err(format!("{}: {}", v.field, v.message));
+        }
+        harden(&mut template);
         Ok(Self {
             client: OnceCell::new(),
             namespace,
@@ -250,8 +284,74 @@ mod tests {
             max_retries: 0,
             headers,
             retry_backoff: default_webhook_backoff(),
+            secret_headers: Vec::new(),
         };
         assert!(WebhookSink::new(&spec).is_err());
+    }
+
+    fn webhook(secret_headers: Vec<streamops_crds::v1alpha1::SecretHeader>) -> WebhookSpec {
+        WebhookSpec {
+            url: "http://127.0.0.1:1/hook".into(),
+            timeout_ms: 100,
+            max_retries: 0,
+            headers: BTreeMap::new(),
+            retry_backoff: default_webhook_backoff(),
+            secret_headers,
+        }
+    }
+
+    fn authorization() -> streamops_crds::v1alpha1::SecretHeader {
+        streamops_crds::v1alpha1::SecretHeader {
+            name: "Authorization".into(),
+            secret_key_ref: streamops_crds::v1alpha1::SecretKeyRef {
+                name: "hook".into(),
+                key: "auth".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn secret_header_values_come_from_the_environment_and_are_sensitive() {
+        let sink = WebhookSink::with_lookup(&webhook(vec![authorization()]), &|name| {
+            (name == "STREAMOPS_WEBHOOK_HEADER_0").then(|| "Bearer s3cr3t\n".to_string())
+        })
+        .unwrap();
+        let v = sink.headers.get("authorization").unwrap();
+        assert_eq!(v, "Bearer s3cr3t");
+        assert!(v.is_sensitive());
+        assert!(!format!("{:?}", sink.headers).contains("s3cr3t"));
+    }
+
+    #[test]
+    fn a_missing_or_invalid_secret_header_is_an_error_without_the_value() {
+        let err = WebhookSink::with_lookup(&webhook(vec![authorization()]), &|_| None)
+            .err()
+            .unwrap();
+        assert!(err.contains("STREAMOPS_WEBHOOK_HEADER_0"), "{err}");
+        let err = WebhookSink::with_lookup(&webhook(vec![authorization()]), &|_| {
+            Some("s3cr3t\u{7f}bad".to_string())
+        })
+        .err()
+        .unwrap();
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
+
+    #[test]
+    fn job_template_that_breaks_the_restricted_standard_is_refused_and_short_ones_hardened() {
+        let spec = JobTriggerSpec {
+            template: serde_json::json!({"template": {"spec": {"hostNetwork": true, "containers": [{"name": "c", "image": "i"}]}}}),
+        };
+        let err = JobSink::new(&spec, None).err().unwrap();
+        assert!(err.contains("template.spec.hostNetwork"), "{err}");
+        let spec = JobTriggerSpec {
+            template: serde_json::json!({"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}}}),
+        };
+        let sink = JobSink::new(&spec, None).unwrap();
+        let pod = sink.template.template.spec.as_ref().unwrap();
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_non_root,
+            Some(true)
+        );
     }
 
     #[test]

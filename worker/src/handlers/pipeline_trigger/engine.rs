@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
-use rand::Rng;
 use redis::{ErrorKind, RedisError};
 use sqlx::PgPool;
 use streamops_crds::v1alpha1::PipelineTriggerSettings;
@@ -17,6 +16,7 @@ use super::counter::{Counter, CounterError};
 use super::deliver::Sink;
 use super::runs;
 use super::trigger::{trigger_id, Claimed};
+use crate::backoff::Backoff;
 use crate::handlers::HandlerError;
 
 /// Longest wait between two ticks, so a window reset by another replica is noticed soon.
@@ -28,13 +28,8 @@ pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest delay after a failed Redis or PostgreSQL call of a background loop.
 const LOOP_BACKOFF_CAP: Duration = Duration::from_secs(10);
 
-/// `base * 2^(n-1)`, capped, times a random factor in `[0.5, 1]`.
-pub fn capped_backoff(n: u32, base: Duration, cap: Duration) -> Duration {
-    let full = base
-        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
-        .min(cap);
-    full.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
+/// First delay after a failed Redis or PostgreSQL call of a background loop.
+const LOOP_BACKOFF_BASE: Duration = Duration::from_millis(200);
 
 /// Errors of the Redis and PostgreSQL calls.
 #[derive(Debug, thiserror::Error)]
@@ -265,17 +260,17 @@ impl Engine {
 
     /// Claims time triggers until `shutdown`.
     pub async fn run_ticker(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut failures = 0;
+        let mut backoff = Backoff::new(LOOP_BACKOFF_BASE, LOOP_BACKOFF_CAP);
         loop {
             let wait = match self.tick_once().await {
                 Ok(w) => {
-                    failures = 0;
+                    backoff.reset();
                     w
                 }
                 Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, failures, "time-trigger tick failed; retrying");
-                    capped_backoff(failures, Duration::from_millis(200), LOOP_BACKOFF_CAP)
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, failures = backoff.attempts(), "time-trigger tick failed; retrying");
+                    wait
                 }
             };
             tokio::select! {
@@ -287,15 +282,13 @@ impl Engine {
 
     /// Delivers pending triggers until `shutdown`.
     pub async fn run_delivery(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut failures = 0;
+        let mut backoff = Backoff::new(LOOP_BACKOFF_BASE, LOOP_BACKOFF_CAP);
         loop {
             match self.delivery_pass(&shutdown).await {
-                Ok(()) => failures = 0,
+                Ok(()) => backoff.reset(),
                 Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, failures, "trigger delivery pass failed; retrying");
-                    let wait =
-                        capped_backoff(failures, Duration::from_millis(200), LOOP_BACKOFF_CAP);
+                    let wait = backoff.next_delay();
+                    warn!(error = %e, failures = backoff.attempts(), "trigger delivery pass failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}
@@ -350,8 +343,8 @@ impl Engine {
             .await?;
         }
         let max_retries = self.sink.max_retries();
-        let backoff = self.sink.backoff();
         let mut attempt: u32 = 0;
+        let mut backoff = Backoff::from_spec(&self.sink.backoff());
         loop {
             attempt += 1;
             if !self.counter.renew_lease(t.seq, &self.token, ttl).await? {
@@ -388,9 +381,7 @@ impl Engine {
                         error!(trigger_id = %id, attempts = attempt, error = %e, "trigger delivery failed; giving up");
                         return Ok(());
                     }
-                    let wait = backoff
-                        .ceiling(attempt)
-                        .mul_f64(rand::rng().random_range(0.5..=1.0));
+                    let wait = backoff.next_delay();
                     warn!(trigger_id = %id, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "trigger delivery failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => {
@@ -410,13 +401,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capped_backoff_doubles_and_stays_under_the_cap() {
-        let base = Duration::from_millis(250);
-        let cap = Duration::from_secs(30);
-        for n in 1..40 {
-            let d = capped_backoff(n, base, cap);
-            let full = base.saturating_mul(1 << (n - 1).min(20)).min(cap);
+    fn job_trigger_delivery_backoff_is_the_webhook_default() {
+        let spec = streamops_crds::v1alpha1::default_webhook_backoff();
+        let mut b = Backoff::from_spec(&spec);
+        for n in 1..40u32 {
+            let d = b.next_delay();
+            let full = spec.ceiling(n);
             assert!(d >= full / 2 && d <= full, "{n}: {d:?}");
         }
+        assert_eq!(spec.ceiling(1), Duration::from_millis(250));
+        assert_eq!(spec.ceiling(40), Duration::from_secs(30));
     }
 }

@@ -110,6 +110,10 @@ async fn info(engine: &Engine, id: &str) -> Response {
         Ok(r) => r,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")),
     };
+    let run = run.map(|mut r| {
+        r.last_error = r.last_error.as_deref().map(without_remote_body);
+        r
+    });
     let last_trigger = match (run, snap.last_trigger) {
         (Some(r), Some(c)) if (c.seq as i64) > r.sequence => Some(claimed(engine, c)),
         (Some(r), _) => Some(LastTrigger::Recorded(r)),
@@ -139,6 +143,20 @@ async fn info(engine: &Engine, id: &str) -> Response {
         last_trigger,
     })
     .into_response()
+}
+
+/// A delivery error as `/consumer/info` shows it: never what a remote service answered. Rows
+/// written by older workers kept up to 200 characters of the webhook's response body after
+/// `webhook answered HTTP <code>: `; that part is cut.
+pub fn without_remote_body(error: &str) -> String {
+    const PREFIX: &str = "webhook answered HTTP ";
+    match error.strip_prefix(PREFIX) {
+        Some(rest) => {
+            let status: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            format!("{PREFIX}{status}")
+        }
+        None => error.to_string(),
+    }
 }
 
 fn claimed(engine: &Engine, c: Claimed) -> LastTrigger {
@@ -172,6 +190,22 @@ pub fn router(engine: Arc<Engine>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_response_bodies_are_not_echoed() {
+        assert_eq!(
+            without_remote_body("webhook answered HTTP 500: {\"internal\": \"secret data\"}"),
+            "webhook answered HTTP 500"
+        );
+        assert_eq!(
+            without_remote_body("webhook answered HTTP 404 Not Found"),
+            "webhook answered HTTP 404"
+        );
+        assert_eq!(
+            without_remote_body("webhook timed out: operation timed out"),
+            "webhook timed out: operation timed out"
+        );
+    }
 
     #[test]
     fn consumer_is_found_by_full_id_or_name() {

@@ -4,7 +4,10 @@
 //!
 //! # Events
 //! Any JSON object is an event; anything else (not UTF-8, not JSON, a JSON array or scalar) goes
-//! to the error topic with the reason. Event contents are not interpreted.
+//! to the error topic with the reason, and so does an object nested deeper than 32 levels or with
+//! more than 4096 fields and elements (`too_complex`, see [`storable`](super::storable)). Event
+//! contents are not interpreted and never reach PostgreSQL, so a `\u0000` inside an event is
+//! harmless and accepted.
 //!
 //! # Counting
 //! Events are counted per consumer (the StreamConsumer, shared by all its replicas) in Redis, by
@@ -72,7 +75,8 @@ pub use trigger::{build_job, job_name, trigger_id, Claimed, Reason, WebhookPaylo
 
 use super::json_fields::parse_object;
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, Prepared, RawMessage, Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, Prepared, RawMessage, Rejection,
+    TopicPartition,
 };
 
 /// A valid event. Its contents are not used; only its position is counted.
@@ -164,7 +168,7 @@ pub fn decode_event(payload: &[u8]) -> Result<Event, Rejection> {
     parse_object(payload).map(|_| Event)
 }
 
-impl Handler for PipelineTriggerHandler {
+impl MessageHandler for PipelineTriggerHandler {
     type Item = Event;
 
     fn kind(&self) -> HandlerKind {
@@ -206,8 +210,9 @@ impl Handler for PipelineTriggerHandler {
     async fn write(
         &mut self,
         tx: &mut sqlx::PgConnection,
-        _items: &[Decoded<Event>],
+        items: &[Decoded<Event>],
     ) -> Result<(), HandlerError> {
+        runs::record_counted(tx, &self.engine.consumer_id, items).await?;
         // The batch's triggers are recorded with its offsets. (The delivery loop records them
         // too before delivering, so none is missed if this transaction fails.)
         runs::record_claimed(

@@ -208,3 +208,35 @@ pub async fn last_run(pool: &PgPool, consumer_id: &str) -> Result<Option<Run>, s
     })
     .transpose()
 }
+
+/// Records, in the batch's transaction, the offsets of the valid events a batch counted, per
+/// partition (`pipeline_trigger_counted`): a replay needs to know how many events lie before its
+/// reset point (see `crate::replay::rebuild`).
+pub async fn record_counted<T>(
+    conn: &mut PgConnection,
+    consumer_id: &str,
+    items: &[crate::handlers::Decoded<T>],
+) -> Result<(), sqlx::Error> {
+    let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<i64>> =
+        std::collections::BTreeMap::new();
+    for d in items {
+        by_partition
+            .entry((&d.pos.topic, d.pos.partition))
+            .or_default()
+            .push(d.pos.offset);
+    }
+    for ((topic, partition), offsets) in by_partition {
+        sqlx::query(
+            "INSERT INTO pipeline_trigger_counted (consumer_id, topic, partition, first_offset, offsets) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(consumer_id)
+        .bind(topic)
+        .bind(partition)
+        .bind(offsets.iter().copied().min().unwrap_or_default())
+        .bind(&offsets)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}

@@ -13,10 +13,12 @@
 //! |---|---|---|
 //! | `machine_id` | string | required; 1-128 bytes, not blank, no control characters |
 //! | `timestamp` | string | required; RFC 3339, or ISO 8601 without offset (read as UTC); years 1970-9999 |
-//! | `readings` | object | required; at most 256 entries, sensor name (1-64 bytes) -> finite number |
+//! | `readings` | object | required; at most 256 entries, sensor name (1-64 bytes, no U+0000) -> finite number |
 //! | `failure` | boolean | required; whether the machine reports a failure |
 //!
-//! Other fields are ignored. A message breaking a rule goes to the error topic with the reason
+//! A message nested deeper than 32 levels or with more than 4096 fields and elements is
+//! `too_complex`; a sensor name holding U+0000 (`\u0000`, which jsonb refuses) is `unstorable`
+//! (see [`storable`](super::storable)). Other fields are ignored. A message breaking a rule goes to the error topic with the reason
 //! (`missing_field`, `wrong_type`, `invalid_value`, `invalid_json`, ...) and the field named in
 //! the detail.
 //!
@@ -72,9 +74,10 @@ use tracing::debug;
 
 pub use episodes::{failure_id, plan_batch, BatchPlan, Link, MachineState};
 pub use reading::{decode_reading, Reading};
+pub use store::{reading_row, READINGS_COPY};
 
 use super::{
-    Decoded, Handler, HandlerContext, HandlerError, RawMessage, Rejection, TopicPartition,
+    Decoded, HandlerContext, HandlerError, MessageHandler, RawMessage, Rejection, TopicPartition,
 };
 
 /// The sensor handler's metrics.
@@ -163,7 +166,7 @@ impl SensorHandler {
     }
 }
 
-impl Handler for SensorHandler {
+impl MessageHandler for SensorHandler {
     type Item = Reading;
 
     fn kind(&self) -> HandlerKind {

@@ -47,6 +47,7 @@ struct Wire<'a> {
 /// does not accept goes through the field-by-field path, which accepts the same messages with the
 /// same result and names the reason for the others.
 pub fn decode_reading(payload: &[u8]) -> Result<Reading, Rejection> {
+    crate::handlers::storable::check_shape(payload)?;
     let fast = std::str::from_utf8(payload)
         .ok()
         .and_then(|text| serde_json::from_str::<Wire>(text).ok())
@@ -111,6 +112,8 @@ fn values_text<'a>(
                 ),
             ));
         }
+        // The name becomes a jsonb key: no U+0000 (`\u0000`).
+        crate::handlers::storable::text("readings", name)?;
         if !n.as_f64().is_some_and(f64::is_finite) {
             return Err(Rejection::new(
                 RejectKind::InvalidValue,
@@ -257,6 +260,53 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r.kind, RejectKind::InvalidValue);
+    }
+
+    #[test]
+    fn a_nul_in_a_sensor_name_is_unstorable_on_both_paths() {
+        for msg in [
+            r#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {"t\u0000": 1}, "failure": false}"#,
+            r#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {"\u0000": 1, "x": "y"}, "failure": false}"#,
+        ] {
+            let r = decode_reading(msg.as_bytes()).unwrap_err();
+            assert!(
+                matches!(r.kind, RejectKind::Unstorable | RejectKind::WrongType),
+                "{msg}: {r}"
+            );
+            assert!(!r.detail.contains('\0'), "{}", r.detail);
+        }
+        let r = decode_fields(
+            br#"{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {"t\u0000": 1}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(r.kind, RejectKind::Unstorable);
+    }
+
+    #[test]
+    fn a_nul_or_a_lone_surrogate_in_the_machine_id_is_rejected() {
+        let nul = decode_reading(
+            br#"{"machine_id": "m\u0000", "timestamp": "2024-03-20T10:30:00Z", "readings": {}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(nul.kind, RejectKind::InvalidValue);
+        let surrogate = decode_reading(
+            br#"{"machine_id": "m\ud83d", "timestamp": "2024-03-20T10:30:00Z", "readings": {}, "failure": false}"#,
+        )
+        .unwrap_err();
+        assert_eq!(surrogate.kind, RejectKind::InvalidJson);
+    }
+
+    #[test]
+    fn deep_nesting_in_an_ignored_field_is_too_complex() {
+        let msg = format!(
+            r#"{{"machine_id": "m", "timestamp": "2024-03-20T10:30:00Z", "readings": {{}}, "failure": false, "x": {}1{}}}"#,
+            "[".repeat(64),
+            "]".repeat(64)
+        );
+        assert_eq!(
+            decode_reading(msg.as_bytes()).unwrap_err().kind,
+            RejectKind::TooComplex
+        );
     }
 
     #[test]

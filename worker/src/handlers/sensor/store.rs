@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 
 use super::episodes::{BatchPlan, Link, MachineState, OpenFailure, ReadingRow};
-use crate::copy::BinaryCopy;
+use crate::copy::{copy_or_insert, BinaryCopy};
 use crate::handlers::Position;
 
 /// Loads the state of the given machines, as committed: dates, and the open episode if any.
@@ -105,68 +105,80 @@ impl ReadingColumns {
         self.failures.push(r.failure);
         self.links.push(link);
     }
+
+    /// Binds `$1` to `$7`: topics, partitions, offsets, machines, times, values, failures.
+    fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.topics)
+            .bind(&self.partitions)
+            .bind(&self.offsets)
+            .bind(&self.machines)
+            .bind(&self.times)
+            .bind(&self.values)
+            .bind(&self.failures)
+    }
 }
 
-const READINGS_COPY: &str = "COPY sensor_readings (source_topic, source_partition, \
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binary `COPY` of `sensor_readings`, in the column order of [`reading_row`].
+pub const READINGS_COPY: &str = "COPY sensor_readings (source_topic, source_partition, \
     source_offset, machine_id, reading_time, sensor_values, failure, failure_id, late) \
     FROM STDIN (FORMAT binary)";
 
+/// Appends one `sensor_readings` row (see [`READINGS_COPY`]) for `r`: linked to its episode if it
+/// is in order and has one, `late` if its episode is looked up by timestamp.
+pub fn reading_row(copy: &mut BinaryCopy, r: &ReadingRow) {
+    copy.row()
+        .text(&r.pos.topic)
+        .int4(r.pos.partition)
+        .int8(r.pos.offset)
+        .text(&r.machine_id)
+        .timestamptz(r.timestamp)
+        .jsonb(&r.values)
+        .bool(r.failure)
+        .opt_text(link_of(r))
+        .bool(matches!(r.link, Link::Lookup));
+}
+
 /// In-order readings go in by binary COPY, the fast path. COPY cannot skip rows already stored,
-/// so it runs under a savepoint: should the batch hold a reading stored before (a replay of
-/// committed messages, which the pipeline's offsets normally rule out), it is rolled back to the
-/// savepoint and the rows are inserted with `ON CONFLICT DO NOTHING` instead.
+/// so it runs under a savepoint ([`copy_or_insert`]): should the batch hold a reading stored
+/// before (a replay of committed messages, which the pipeline's offsets normally rule out), it is
+/// rolled back to the savepoint and the rows are inserted with `ON CONFLICT DO NOTHING` instead.
 async fn insert_in_order(conn: &mut PgConnection, rows: &[&ReadingRow]) -> Result<(), sqlx::Error> {
     let mut copy = BinaryCopy::with_capacity(9, rows.len() * 160);
     for r in rows {
-        copy.row()
-            .text(&r.pos.topic)
-            .int4(r.pos.partition)
-            .int8(r.pos.offset)
-            .text(&r.machine_id)
-            .timestamptz(r.timestamp)
-            .jsonb(&r.values)
-            .bool(r.failure)
-            .opt_text(link_of(r))
-            .bool(false);
+        reading_row(&mut copy, r);
     }
-    sqlx::query("SAVEPOINT sensor_readings_copy")
-        .execute(&mut *conn)
-        .await?;
-    match copy.load(conn, READINGS_COPY).await {
-        Ok(_) => {
-            sqlx::query("RELEASE SAVEPOINT sensor_readings_copy")
-                .execute(&mut *conn)
-                .await?;
-            Ok(())
-        }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-            tracing::warn!("sensor readings already stored in this batch; inserting the others");
-            sqlx::query("ROLLBACK TO SAVEPOINT sensor_readings_copy")
-                .execute(&mut *conn)
-                .await?;
-            let c = ReadingColumns::of(rows);
-            sqlx::query(
-                "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, \
-                     machine_id, reading_time, sensor_values, failure, failure_id, late) \
-                 SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, u.l, FALSE \
-                 FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
-                             $6::text[], $7::bool[], $8::text[]) AS u(t, p, o, m, ts, v, f, l) \
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&c.topics)
-            .bind(&c.partitions)
-            .bind(&c.offsets)
-            .bind(&c.machines)
-            .bind(&c.times)
-            .bind(&c.values)
-            .bind(&c.failures)
-            .bind(&c.links)
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
+    copy_or_insert(
+        conn,
+        "sensor_readings_copy",
+        vec![(copy, READINGS_COPY)],
+        |conn| insert_in_order_on_conflict(conn, rows),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The slow path of [`insert_in_order`]: `INSERT ... ON CONFLICT DO NOTHING`.
+async fn insert_in_order_on_conflict(
+    conn: &mut PgConnection,
+    rows: &[&ReadingRow],
+) -> Result<(), sqlx::Error> {
+    tracing::warn!("sensor readings already stored in this batch; inserting the others");
+    let c = ReadingColumns::of(rows);
+    c.bind(sqlx::query(
+        "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, \
+             machine_id, reading_time, sensor_values, failure, failure_id, late) \
+         SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, u.l, FALSE \
+         FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
+                     $6::text[], $7::bool[], $8::text[]) AS u(t, p, o, m, ts, v, f, l) \
+         ON CONFLICT DO NOTHING",
+    ))
+    .bind(&c.links)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Writes a batch plan inside the caller's transaction: machines, then episodes, then readings
@@ -270,7 +282,7 @@ pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(),
     let late = ReadingColumns::of(&late);
     if !late.offsets.is_empty() {
         let c = &late;
-        sqlx::query(
+        c.bind(sqlx::query(
             "INSERT INTO sensor_readings (source_topic, source_partition, source_offset, machine_id, \
                  reading_time, sensor_values, failure, failure_id, late) \
              SELECT u.t, u.p, u.o, u.m, u.ts, u.v::jsonb, u.f, \
@@ -282,14 +294,7 @@ pub async fn write_plan(conn: &mut PgConnection, plan: &BatchPlan) -> Result<(),
              FROM UNNEST($1::text[], $2::int4[], $3::int8[], $4::text[], $5::timestamptz[], \
                          $6::text[], $7::bool[]) AS u(t, p, o, m, ts, v, f) \
              ON CONFLICT DO NOTHING",
-        )
-        .bind(&c.topics)
-        .bind(&c.partitions)
-        .bind(&c.offsets)
-        .bind(&c.machines)
-        .bind(&c.times)
-        .bind(&c.values)
-        .bind(&c.failures)
+        ))
         .execute(&mut *conn)
         .await?;
     }

@@ -1,0 +1,436 @@
+//! The Apply side of the reconciler: validates the object, applies every child under one field
+//! manager in dependency order, deletes the optional children it no longer wants, keeps
+//! `spec.replicas` equal to the autoscaled count, and writes the status.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
+use tracing::{debug, info, warn};
+
+use super::events::{publish, report_changes};
+use super::{identity, object_key, Context, Identity};
+use crate::build::{build_children, BuildContext, Children, RenderedConfig};
+use crate::names::{
+    children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
+};
+use crate::ownership::{controlled_by, existing_child, Swept};
+use crate::status;
+use crate::validation::validate_with_policy;
+use crate::{Error, Result};
+
+pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
+    let id = identity(sc)?;
+    let consumers: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), id.namespace);
+    let reference = sc.object_ref(&());
+
+    if let Err(invalid) = validate_with_policy(sc, &ctx.config.policy) {
+        // Nothing is applied: the workers keep running their last valid configuration. No
+        // requeue: only a new spec can change the verdict.
+        let new_status = status::invalid_spec(sc, &invalid, status::now());
+        if sc.status.as_ref() != Some(&new_status) {
+            warn!(object = %object_key(&sc.metadata), field = invalid.first_field(), error = %invalid, "invalid spec");
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                status::REASON_INVALID_SPEC,
+                "Validate",
+                invalid.to_string(),
+            )
+            .await;
+            patch_status(&consumers, id.name, &new_status).await?;
+        }
+        return Ok(Action::await_change());
+    }
+
+    // Suspended, or a replay in progress: the workers are held at zero and autoscaling is not
+    // consulted (lag is still read and reported).
+    let held = crate::replay::holds_workers(sc);
+    let replicas = if held {
+        0
+    } else {
+        ctx.replicas.desired_replicas(sc)
+    };
+    let lag = ctx.replicas.lag(sc);
+    let rendered = RenderedConfig::render(sc)?;
+    let build = BuildContext::new(sc, &ctx.config.worker_image, &rendered, replicas)?
+        .with_settings(
+            &ctx.config.job_trigger_cluster_role,
+            ctx.config.worker_network.as_ref(),
+        );
+    let children = build_children(&build);
+
+    let applied = match apply_children(ctx, &id, &children).await {
+        Ok(applied) => applied,
+        Err(error) => {
+            let new_status = status::failed(sc, error.reason(), &error.to_string(), status::now());
+            if sc.status.as_ref() != Some(&new_status) {
+                if let Err(e) = patch_status(&consumers, id.name, &new_status).await {
+                    warn!(error = %e, "cannot record the failure in the status");
+                }
+            }
+            return Err(error);
+        }
+    };
+
+    let previous_replicas = applied.previous.as_ref().map(deployment_replicas);
+    let decision = if !held && previous_replicas != Some(replicas) {
+        ctx.replicas.announce(sc, replicas)
+    } else {
+        None
+    };
+    report_changes(
+        ctx,
+        &reference,
+        applied.previous.as_ref(),
+        &children.deployment,
+        &rendered.hash,
+        replicas,
+        decision.as_ref(),
+    )
+    .await;
+
+    let mut new_status = status::observed(
+        sc,
+        &applied.deployment,
+        replicas,
+        &rendered.hash,
+        lag.as_ref(),
+        status::now(),
+    );
+    let replaying = crate::replay::pending_request(sc).is_some();
+    let replay_event = crate::replay::drive(
+        &ctx.client,
+        sc,
+        &build,
+        &children.deployment,
+        &applied.deployment,
+        &mut new_status,
+    )
+    .await?;
+    if let Some((reason, message)) = replay_event {
+        let kind = if reason == "ReplayFailed" {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, &reference, kind, reason, "Replay", message).await;
+    }
+    if let Some(lost) = status::lag_lost(sc.status.as_ref(), &new_status) {
+        publish(
+            ctx,
+            &reference,
+            EventType::Warning,
+            status::REASON_LAG_UNAVAILABLE,
+            "ReadLag",
+            lost,
+        )
+        .await;
+    }
+    if !held && sc.spec.autoscaling.is_some() && sc.spec.replicas != replicas {
+        // A hand-made change: spec.replicas moved away from what the workers ran.
+        if previous_replicas.is_some_and(|old| old != sc.spec.replicas) {
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "ReplicasOverridden",
+                "Scale",
+                format!(
+                    "spec.replicas was set to {} but spec.autoscaling owns the replicas: set back to {replicas}; \
+                     change spec.autoscaling (minReplicas, maxReplicas) instead, or remove it to scale by hand",
+                    sc.spec.replicas
+                ),
+            )
+            .await;
+        }
+        patch_spec_replicas(
+            &consumers,
+            id.name,
+            sc.metadata.resource_version.as_deref(),
+            replicas,
+        )
+        .await?;
+    }
+    if sc.status.as_ref() != Some(&new_status) {
+        patch_status(&consumers, id.name, &new_status).await?;
+    }
+    if replaying {
+        // The replay Job is not watched: look again soon.
+        return Ok(Action::requeue(
+            crate::replay::POLL_INTERVAL.min(ctx.config.resync_period),
+        ));
+    }
+    Ok(Action::requeue(ctx.config.resync_period))
+}
+
+pub(super) fn deployment_replicas(d: &Deployment) -> i32 {
+    // The API server defaults an absent spec.replicas to 1.
+    d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
+}
+
+/// Keeps `spec.replicas` equal to the autoscaled count (a merge patch: only that field changes).
+/// The patch carries the `resourceVersion` this reconciliation read, so a patch computed from a
+/// stale copy is refused (409) instead of undoing a newer edit; the newer object is reconciled
+/// next (the watch delivers it), so a refusal is not an error.
+pub(super) async fn patch_spec_replicas(
+    api: &Api<StreamConsumer>,
+    name: &str,
+    resource_version: Option<&str>,
+    replicas: i32,
+) -> Result<()> {
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..PatchParams::default()
+    };
+    let body = match resource_version {
+        Some(rv) => json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": replicas}}),
+        None => json!({"spec": {"replicas": replicas}}),
+    };
+    match api.patch(name, &params, &Patch::Merge(body)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            debug!(
+                object = name,
+                "spec.replicas changed since it was read; the newer object is reconciled next"
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::PatchReplicas(e)),
+    }
+}
+
+struct Applied {
+    /// The Deployment before this reconciliation, if any.
+    previous: Option<Deployment>,
+    /// The Deployment as the API server returned it from the apply, with its current status.
+    deployment: Deployment,
+}
+
+/// Applies the children in dependency order (configuration and RBAC before the pods that use
+/// them), then deletes the ones no longer wanted. First every child's name is read: if any object
+/// there is not controlled by this StreamConsumer, nothing at all is written
+/// ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and an event says so).
+async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<Applied> {
+    let client = &ctx.client;
+    let ns = id.namespace;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let previous = existing_child(&deployments, &workload_name(id.name), id.uid).await?;
+    check_name::<ConfigMap>(ctx, id, &children.config_map).await?;
+    if let Some(rbac) = &children.worker_rbac {
+        check_name::<ServiceAccount>(ctx, id, &rbac.service_account).await?;
+        check_name::<RoleBinding>(ctx, id, &rbac.role_binding).await?;
+    }
+    check_name::<Service>(ctx, id, &children.service).await?;
+    if let Some(pdb) = &children.pdb {
+        check_name::<PodDisruptionBudget>(ctx, id, pdb).await?;
+    }
+    if let Some(np) = &children.network_policy {
+        check_name::<NetworkPolicy>(ctx, id, np).await?;
+    }
+
+    apply_child(&Api::namespaced(client.clone(), ns), &children.config_map).await?;
+    if let Some(rbac) = &children.worker_rbac {
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.service_account).await?;
+        apply_child(&Api::namespaced(client.clone(), ns), &rbac.role_binding).await?;
+    }
+    let deployment = apply_child(&deployments, &children.deployment).await?;
+    apply_child(&Api::namespaced(client.clone(), ns), &children.service).await?;
+    if let Some(pdb) = &children.pdb {
+        apply_child(&Api::namespaced(client.clone(), ns), pdb).await?;
+    }
+    if let Some(np) = &children.network_policy {
+        apply_child(&Api::namespaced(client.clone(), ns), np).await?;
+    }
+    delete_orphans(ctx, id, children).await?;
+    Ok(Applied {
+        previous,
+        deployment,
+    })
+}
+
+/// Fails with [`Error::ChildConflict`] when the name of `desired` is held by an object this
+/// StreamConsumer does not control.
+async fn check_name<K>(ctx: &Context, id: &Identity<'_>, desired: &K) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let name = desired.meta().name.as_deref().unwrap_or_default();
+    existing_child::<K>(
+        &Api::namespaced(ctx.client.clone(), id.namespace),
+        name,
+        id.uid,
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn apply_child<K>(api: &Api<K>, object: &K) -> Result<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::ApplyChild {
+        kind: K::kind(&()).into_owned(),
+        name,
+        source,
+    })
+}
+
+/// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
+/// to one replica, the RBAC after leaving the job trigger. Candidates are selected by label and
+/// must be controlled by this StreamConsumer; one under a child's name that is not is left alone
+/// and reported ([`Error::ChildConflict`]).
+async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<()> {
+    let client = &ctx.client;
+    let selector = children_selector(id.name);
+    let keep = |meta: Option<&ObjectMeta>| meta.and_then(|m| m.name.clone());
+    let rbac = children.worker_rbac.as_ref();
+    let mut foreign = Vec::new();
+    let pdb = delete_owned::<PodDisruptionBudget>(
+        client,
+        id,
+        &selector,
+        keep(children.pdb.as_ref().map(|p| &p.metadata)).as_deref(),
+    )
+    .await?;
+    foreign.extend(pdb.conflicts("PodDisruptionBudget", &[&workload_name(id.name)]));
+    let sa = delete_owned::<ServiceAccount>(
+        client,
+        id,
+        &selector,
+        keep(rbac.map(|r| &r.service_account.metadata)).as_deref(),
+    )
+    .await?;
+    foreign.extend(sa.conflicts("ServiceAccount", &[&worker_rbac_name(id.name)]));
+    // The RoleBinding of earlier versions was named like the ServiceAccount.
+    let rb = delete_owned::<RoleBinding>(
+        client,
+        id,
+        &selector,
+        keep(rbac.map(|r| &r.role_binding.metadata)).as_deref(),
+    )
+    .await?;
+    foreign.extend(rb.conflicts(
+        "RoleBinding",
+        &[
+            &job_trigger_binding_name(id.name),
+            &worker_rbac_name(id.name),
+        ],
+    ));
+    if ctx.config.worker_network.is_some() {
+        let np = delete_owned::<NetworkPolicy>(
+            client,
+            id,
+            &selector,
+            keep(children.network_policy.as_ref().map(|n| &n.metadata)).as_deref(),
+        )
+        .await?;
+        foreign.extend(np.conflicts("NetworkPolicy", &[&workload_name(id.name)]));
+    }
+    match foreign.into_iter().next() {
+        Some((kind, name)) => Err(Error::ChildConflict { kind, name }),
+        None => Ok(()),
+    }
+}
+
+/// Deletes every `K` matching `selector` and controlled by the StreamConsumer, except `keep`.
+/// Objects controlled by anything else are never touched; they are returned in [`Swept`].
+pub(super) async fn delete_owned<K>(
+    client: &Client,
+    id: &Identity<'_>,
+    selector: &str,
+    keep: Option<&str>,
+) -> Result<Swept>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), id.namespace);
+    let kind = K::kind(&()).into_owned();
+    let list = api
+        .list_metadata(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| Error::ListChildren {
+            kind: kind.clone(),
+            source,
+        })?;
+    let mut swept = Swept::default();
+    for item in list.items {
+        let Some(name) = item.metadata.name.as_deref() else {
+            continue;
+        };
+        if Some(name) == keep {
+            continue;
+        }
+        if !controlled_by(&item.metadata, id.uid) {
+            warn!(%kind, name, namespace = id.namespace, "labelled like a child but not controlled by this StreamConsumer; left alone");
+            swept.foreign.push(name.to_string());
+            continue;
+        }
+        let params = DeleteParams::background().preconditions(Preconditions {
+            uid: item.metadata.uid.clone(),
+            resource_version: None,
+        });
+        match api.delete(name, &params).await {
+            Ok(_) => {
+                info!(%kind, name, namespace = id.namespace, "deleted a child that is no longer wanted");
+                swept.deleted += 1;
+            }
+            // Already gone, or replaced by another object since the list.
+            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+            Err(source) => {
+                return Err(Error::DeleteChild {
+                    kind,
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(swept)
+}
+
+async fn patch_status(
+    api: &Api<StreamConsumer>,
+    name: &str,
+    status: &StreamConsumerStatus,
+) -> Result<()> {
+    let body = json!({
+        "apiVersion": StreamConsumer::api_version(&()),
+        "kind": StreamConsumer::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    Ok(())
+}
