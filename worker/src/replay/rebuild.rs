@@ -17,7 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::{Query, QueryScalar};
+use sqlx::{PgConnection, Postgres, Row};
 use streamops_crds::{Handler, WorkerConfig};
 
 use super::{PartitionOffset, ReplayError};
@@ -48,6 +50,28 @@ pub async fn rebuild(
     Ok(())
 }
 
+/// A statement whose `$1`, `$2` and `$3` are the topic, partition and offset of `p`.
+fn at<'q>(sql: &'q str, p: &'q PartitionOffset) -> Query<'q, Postgres, PgArguments> {
+    sqlx::query(sql)
+        .bind(&p.topic)
+        .bind(p.partition)
+        .bind(p.offset)
+}
+
+/// [`at`] for a statement that returns one column.
+fn scalars_at<'q, T>(
+    sql: &'q str,
+    p: &'q PartitionOffset,
+) -> QueryScalar<'q, Postgres, T, PgArguments>
+where
+    (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    sqlx::query_scalar(sql)
+        .bind(&p.topic)
+        .bind(p.partition)
+        .bind(p.offset)
+}
+
 fn add(deleted: &mut BTreeMap<String, u64>, table: &str, n: u64) {
     *deleted.entry(table.to_string()).or_default() += n;
 }
@@ -66,13 +90,7 @@ async fn delete_from(
         cols.0, cols.1, cols.2
     );
     for p in positions {
-        let n = sqlx::query(&sql)
-            .bind(&p.topic)
-            .bind(p.partition)
-            .bind(p.offset)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = at(&sql, p).execute(&mut *tx).await?.rows_affected();
         add(deleted, table, n);
     }
     Ok(())
@@ -95,42 +113,36 @@ async fn sensor(
 ) -> Result<(), sqlx::Error> {
     for p in positions {
         // The machines whose readings go: their state is recomputed below.
-        let machines: Vec<String> = sqlx::query_scalar(
+        let machines: Vec<String> = scalars_at(
             "WITH gone AS (
                  DELETE FROM sensor_readings
                   WHERE source_topic = $1 AND source_partition = $2 AND source_offset >= $3
               RETURNING machine_id)
              SELECT machine_id FROM gone",
+            p,
         )
-        .bind(&p.topic)
-        .bind(p.partition)
-        .bind(p.offset)
         .fetch_all(&mut *tx)
         .await?;
         add(deleted, "sensor_readings", machines.len() as u64);
         let mut machines = machines;
         machines.sort();
         machines.dedup();
-        let n = sqlx::query(
+        let n = at(
             "DELETE FROM failures
               WHERE opened_topic = $1 AND opened_partition = $2 AND opened_offset >= $3",
+            p,
         )
-        .bind(&p.topic)
-        .bind(p.partition)
-        .bind(p.offset)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         add(deleted, "failures", n);
         // Episodes that were open at the reset point are open again.
-        sqlx::query(
+        at(
             "UPDATE failures SET ended_at = NULL, active = TRUE,
                     closed_topic = NULL, closed_partition = NULL, closed_offset = NULL
               WHERE closed_topic = $1 AND closed_partition = $2 AND closed_offset >= $3",
+            p,
         )
-        .bind(&p.topic)
-        .bind(p.partition)
-        .bind(p.offset)
         .execute(&mut *tx)
         .await?;
         if machines.is_empty() {
@@ -179,16 +191,14 @@ async fn fraud(
     deleted: &mut BTreeMap<String, u64>,
 ) -> Result<(), sqlx::Error> {
     for p in positions {
-        let ids: Vec<String> = sqlx::query_scalar(
+        let ids: Vec<String> = scalars_at(
             "WITH gone AS (
                  DELETE FROM transactions
                   WHERE source_topic = $1 AND source_partition = $2 AND source_offset >= $3
               RETURNING transaction_id)
              SELECT transaction_id FROM gone",
+            p,
         )
-        .bind(&p.topic)
-        .bind(p.partition)
-        .bind(p.offset)
         .fetch_all(&mut *tx)
         .await?;
         add(deleted, "transactions", ids.len() as u64);
