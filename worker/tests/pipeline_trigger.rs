@@ -624,6 +624,7 @@ fn claimed(seq: u64) -> Claimed {
         window_start_ms: 1_710_930_600_000,
         window_end_ms: 1_710_930_660_000,
         pipeline: "nightly-load".into(),
+        offsets: Vec::new(),
     }
 }
 
