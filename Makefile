@@ -63,6 +63,7 @@ bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replic
 
 -include mk/kind.mk
 -include mk/cluster.mk
+-include mk/local.mk
 
 .PHONY: chaos chaos-short fuzz
 chaos: dev-up ## Full fault-injection suite (1,000,000 messages; long)

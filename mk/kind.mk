@@ -124,7 +124,8 @@ deploy: kind-tools ## helm upgrade --install the operator (local images), then t
 	  --set image.repository=$(OPERATOR_IMAGE_REPO) --set-string image.tag=$(IMAGE_TAG) \
 	  --set image.pullPolicy=IfNotPresent \
 	  --set worker.image.repository=$(WORKER_IMAGE_REPO) --set-string worker.image.tag=$(IMAGE_TAG) \
-	  --set logFormat=text --wait --timeout 5m
+	  --set logFormat=text --wait --timeout 5m \
+	  --set-json 'lag.brokers=[{"name":"dev","bootstrapServers":["kafka.$(DEV_NAMESPACE):9092"]}]'
 	@$(MAKE) --no-print-directory dev-stack
 
 dev-stack: ## Apply manifests/dev/ to kind, wait for it, create the topics

@@ -120,6 +120,7 @@ OPERATOR_RULES = {
     ("policy", "poddisruptionbudgets"): APPLIED | {"get", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): APPLIED | {"get", "delete"},
     ("events.k8s.io", "events"): {"create", "patch"},
+    ("discovery.k8s.io", "endpointslices"): {"list"},
 }
 # With policy.jobTriggers.enabled: bind the one Job-trigger ClusterRole (no jobs verbs of its own).
 JOB_TRIGGER_RULES = {("rbac.authorization.k8s.io", "clusterroles"): {"bind"}}

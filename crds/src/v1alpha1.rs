@@ -1026,15 +1026,18 @@ pub struct RedisSpec {
     pub url_secret_ref: SecretKeyRef,
 }
 
-/// How messages are grouped into one database transaction.
+/// How messages are grouped into one database transaction. Within these bounds the worker
+/// adapts each batch to the backlog: a batch goes to the database as soon as the previous one
+/// is committed, so batches are small (low latency) once the worker has caught up, and their
+/// size limit doubles, up to `maxMessages`, while messages are left behind (high throughput).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSpec {
-    /// Most messages in one batch.
+    /// Most messages in one batch: the ceiling of the adaptive batch size (default 10000).
     #[serde(default = "default_batch_max_messages")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_messages: u32,
-    /// Longest time a batch waits to fill, in milliseconds.
+    /// Longest time a message waits for its batch while the writer is busy, in milliseconds.
     #[serde(default = "default_batch_max_wait_ms")]
     #[schemars(range(min = 1, max = 60000))]
     pub max_wait_ms: u32,
@@ -1050,7 +1053,7 @@ impl Default for BatchSpec {
 }
 
 fn default_batch_max_messages() -> u32 {
-    1000
+    10_000
 }
 fn default_batch_max_wait_ms() -> u32 {
     100

@@ -387,7 +387,10 @@ spec:
         cfg.handler,
         Handler::MovingAverage(MovingAverageSettings { window: 7 })
     );
-    assert_eq!(cfg.batch.max_messages, 1000);
+    assert_eq!(
+        cfg.batch.max_messages, 10_000,
+        "the adaptive batch's default ceiling"
+    );
     assert_eq!(cfg.error_topic, "price-events-failed");
 }
 

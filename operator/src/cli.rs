@@ -282,6 +282,7 @@ impl LagArgs {
             sasl_mechanism: self.sasl_mechanism.map(Into::into),
             credentials,
             ssl_ca_location: None,
+            workers: None,
         }
     }
 }

@@ -58,6 +58,16 @@ pub enum Error {
         name: String,
     },
 
+    /// A child changed between the read that checked its ownership and the write (another writer
+    /// replaced or deleted it): nothing was written; the next pass reads it again.
+    #[error("{kind} {name} changed while it was being written (another writer); nothing was written, it is read again")]
+    ChildChanged {
+        /// Kind of the child.
+        kind: String,
+        /// Name of the child.
+        name: String,
+    },
+
     /// Listing children for orphan cleanup failed.
     #[error("cannot list {kind} objects: {source}")]
     ListChildren {
@@ -120,6 +130,7 @@ impl Error {
             Self::GetChild { .. } => "ReadFailed",
             Self::ApplyChild { .. } => "ApplyFailed",
             Self::ChildConflict { .. } => "ChildConflict",
+            Self::ChildChanged { .. } => "ChildChanged",
             Self::ListChildren { .. } => "ListFailed",
             Self::DeleteChild { .. } => "DeleteFailed",
             Self::PatchStatus(_) => "StatusPatchFailed",

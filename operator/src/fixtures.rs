@@ -323,16 +323,32 @@ impl Recorded {
             && self.has_query("fieldManager", FIELD_MANAGER)
     }
 
+    /// Whether this creates an object in collection `path` under the operator's field manager.
+    pub fn is_create_in(&self, path: &str) -> bool {
+        self.method == Method::POST
+            && self.path == path
+            && self.has_query("fieldManager", FIELD_MANAGER)
+    }
+
     fn has_query(&self, k: &str, v: &str) -> bool {
         self.query.iter().any(|(a, b)| a == k && b == v)
     }
 }
 
-/// Finds the body of the one recorded request to `method path`.
+/// Finds the body of the one recorded request to `method path`. A `PATCH` of an object also
+/// finds the `POST` that created it in its collection (a child whose name was free is created,
+/// not applied).
 pub fn body_of(requests: &[Recorded], method: Method, path: &str) -> Value {
+    let creation = |r: &Recorded| {
+        method == Method::PATCH
+            && r.method == Method::POST
+            && path.rsplit_once('/').is_some_and(|(collection, name)| {
+                r.path == collection && r.body["metadata"]["name"] == name
+            })
+    };
     let found: Vec<_> = requests
         .iter()
-        .filter(|r| r.method == method && r.path == path)
+        .filter(|r| (r.method == method && r.path == path) || creation(r))
         .collect();
     assert_eq!(found.len(), 1, "exactly one {method} {path}: {requests:#?}");
     found[0].body.clone()
@@ -594,6 +610,38 @@ pub fn apply(kind: Kind, server: Value) -> Expect {
         .reply(Reply::MergedOverRequest(server))
 }
 
+/// Creation of a child of `test` (its name was read as free), answered with the created object
+/// plus `server`.
+pub fn create(kind: Kind, server: Value) -> Expect {
+    Expect::new(Method::POST, kind.path(""))
+        .query("fieldManager", FIELD_MANAGER)
+        .body(json!({
+            "kind": kind.kind(),
+            "metadata": {
+                "name": kind.child_name(),
+                "namespace": NS,
+                "labels": {"app.kubernetes.io/instance": "test", "app.kubernetes.io/managed-by": "streamops-operator"},
+                "ownerReferences": [{"kind": "StreamConsumer", "name": "test", "uid": SC_UID, "controller": true}]
+            }
+        }))
+        .reply(Reply::MergedOverRequest(server))
+}
+
+/// The write of a child of `test`: an apply carrying the `resourceVersion` read (`Some`), or a
+/// creation (`None`: the name was free).
+pub fn write(kind: Kind, read_version: Option<&str>, server: Value) -> Expect {
+    match read_version {
+        Some(rv) => {
+            let mut e = apply(kind, server);
+            if let (Some(body), false) = (&mut e.body, rv.is_empty()) {
+                body["metadata"]["resourceVersion"] = json!(rv);
+            }
+            e
+        }
+        None => create(kind, server),
+    }
+}
+
 /// A child of `test` as the API server lists its metadata; `owner_uid` is its controller.
 pub fn child_metadata(kind: Kind, owner_uid: &str) -> Value {
     json!({
@@ -823,18 +871,34 @@ impl ApplyPass {
                 .then(|| child_object(kind, Some(SC_UID)));
             s.push(get_child(kind, live));
         }
-        s.push(apply(Kind::ConfigMap, json!({})));
+        let live = |kind: Kind| self.live.contains(&kind).then_some("7");
+        s.push(write(Kind::ConfigMap, live(Kind::ConfigMap), json!({})));
         if self.rbac {
-            s.push(apply(Kind::ServiceAccount, json!({})));
-            s.push(apply(Kind::RoleBinding, json!({})));
+            s.push(write(
+                Kind::ServiceAccount,
+                live(Kind::ServiceAccount),
+                json!({}),
+            ));
+            s.push(write(Kind::RoleBinding, live(Kind::RoleBinding), json!({})));
         }
-        s.push(apply(Kind::Deployment, self.deployment_answer.clone()));
-        s.push(apply(Kind::Service, json!({})));
+        s.push(match &self.existing {
+            Some(d) => write(
+                Kind::Deployment,
+                Some(d.metadata.resource_version.as_deref().unwrap_or_default()),
+                self.deployment_answer.clone(),
+            ),
+            None => create(Kind::Deployment, self.deployment_answer.clone()),
+        });
+        s.push(write(Kind::Service, live(Kind::Service), json!({})));
         if self.pdb {
-            s.push(apply(Kind::Pdb, json!({})));
+            s.push(write(Kind::Pdb, live(Kind::Pdb), json!({})));
         }
         if self.network {
-            s.push(apply(Kind::NetworkPolicy, json!({})));
+            s.push(write(
+                Kind::NetworkPolicy,
+                live(Kind::NetworkPolicy),
+                json!({}),
+            ));
         }
         let mut swept = vec![Kind::Pdb, Kind::ServiceAccount, Kind::RoleBinding];
         if self.network {
@@ -956,7 +1020,7 @@ impl Scenario {
                 get_deployment(None),
                 get_child(Kind::ConfigMap, None),
                 get_child(Kind::Service, None),
-                apply(Kind::ConfigMap, json!({})).reply(Reply::Error(code, reason)),
+                create(Kind::ConfigMap, json!({})).reply(Reply::Error(code, reason)),
                 status_patch(
                     &sc,
                     json!({"conditions": [

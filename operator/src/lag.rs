@@ -56,6 +56,9 @@ pub struct LagTarget {
     pub credentials: Option<(String, String)>,
     /// PEM CA file for TLS protocols (default: the system CAs).
     pub ssl_ca_location: Option<String>,
+    /// Where the StreamConsumer's workers report their lag, when the operator may not read it
+    /// from the brokers ([`crate::lag_workers`]); `None` for the `lag` command.
+    pub workers: Option<crate::lag_workers::WorkersRef>,
 }
 
 impl LagTarget {
@@ -76,6 +79,7 @@ impl LagTarget {
             sasl_mechanism: security.and_then(|s| s.sasl.as_ref()).map(|s| s.mechanism),
             credentials: None,
             ssl_ca_location: None,
+            workers: crate::lag_workers::WorkersRef::of(sc),
         }
     }
 }
@@ -97,6 +101,7 @@ impl std::fmt::Debug for LagTarget {
                     .map(|(user, _)| (user, "<redacted>")),
             )
             .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("workers", &self.workers)
             .finish()
     }
 }
@@ -129,6 +134,19 @@ pub struct PartitionGap {
     pub note: GapNote,
 }
 
+/// Where a reading came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LagSource {
+    /// The brokers (an allowed broker, with the operator's own connection).
+    #[default]
+    Brokers,
+    /// The reports of the StreamConsumer's own workers ([`crate::lag_workers`]).
+    Workers {
+        /// Workers that reported.
+        reported: i32,
+    },
+}
+
 /// Lag of a whole group.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GroupLag {
@@ -146,6 +164,8 @@ pub struct GroupLag {
     pub uncommitted: i32,
     /// Offset gaps the workers reported, sorted by topic and partition.
     pub gaps: Vec<PartitionGap>,
+    /// Where the figures came from.
+    pub source: LagSource,
 }
 
 /// Why the lag could not be read.
@@ -184,6 +204,10 @@ pub enum LagError {
     /// The blocking reader task failed.
     #[error("lag reader task: {0}")]
     Task(String),
+    /// The workers' lag reports could not be read (no ready worker, one did not answer, or its
+    /// report was refused).
+    #[error("{0}")]
+    Workers(String),
 }
 
 impl LagError {
@@ -197,6 +221,7 @@ impl LagError {
             Self::Kafka(_) => "KafkaError",
             Self::Topic { .. } | Self::Partition { .. } => "TopicUnavailable",
             Self::Task(_) => "ReaderFailed",
+            Self::Workers(_) => "WorkerReportsUnavailable",
         }
     }
 }
@@ -234,13 +259,17 @@ pub fn summarize(mut per_partition: Vec<PartitionLag>, members: i32) -> GroupLag
         })
         .collect();
     GroupLag {
-        total: per_partition.iter().map(|p| p.lag).sum(),
+        // Saturating: figures reported by workers are untrusted and may be absurd.
+        total: per_partition
+            .iter()
+            .fold(0i64, |sum, p| sum.saturating_add(p.lag)),
         partitions: i32::try_from(per_partition.len()).unwrap_or(i32::MAX),
         members,
         max_partition_lag: per_partition.iter().map(|p| p.lag).max().unwrap_or(0),
         per_partition,
         uncommitted: i32::try_from(uncommitted).unwrap_or(i32::MAX),
         gaps,
+        source: LagSource::Brokers,
     }
 }
 
@@ -616,6 +645,7 @@ mod tests {
             sasl_mechanism: Some(SaslMechanism::ScramSha512),
             credentials: None,
             ssl_ca_location: None,
+            workers: None,
         };
         assert!(matches!(
             client_config(&target),
@@ -634,6 +664,7 @@ mod tests {
             sasl_mechanism: Some(SaslMechanism::Plain),
             credentials: Some(("u".into(), "p".into())),
             ssl_ca_location: None,
+            workers: None,
         };
         assert!(matches!(
             client_config(&target),

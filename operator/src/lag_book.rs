@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use streamops_crds::v1alpha1::{LagStatus, StreamConsumer};
 
 use crate::autoscale::{decide, Decision, LagSample, Observation, ScaleHistory, ScalePolicy};
-use crate::lag::{GroupLag, LagError, LagTarget, PartitionGap};
+use crate::lag::{GroupLag, LagError, LagSource, LagTarget, PartitionGap};
 use crate::ReplicaDecider;
 
 /// Why a lag reading failed, as the `LagAvailable=False` condition shows it.
@@ -84,6 +84,8 @@ pub struct LagView {
     pub failure: Option<LagFailure>,
     /// Offset gaps the workers reported in the latest successful reading.
     pub gaps: Vec<PartitionGap>,
+    /// Where the latest successful reading came from.
+    pub source: LagSource,
 }
 
 /// What one reading changed, for the poller: whether to trigger a reconciliation, and metrics.
@@ -118,6 +120,7 @@ struct Entry {
     last: Option<LagStatus>,
     failure: Option<LagFailure>,
     gaps: Vec<PartitionGap>,
+    source: LagSource,
     attempted: bool,
     history: ScaleHistory,
     /// The autoscaler's count (unbounded by later policy changes; see [`bounded`]).
@@ -134,6 +137,7 @@ impl Entry {
             last: None,
             failure: None,
             gaps: Vec::new(),
+            source: LagSource::Brokers,
             attempted: false,
             history: ScaleHistory::default(),
             decided: None,
@@ -237,6 +241,7 @@ impl LagBook {
                 });
                 entry.failure = None;
                 entry.gaps = lag.gaps.clone();
+                entry.source = lag.source;
                 (
                     Some(figures),
                     Observation::Lag(LagSample {
@@ -314,6 +319,7 @@ impl ReplicaDecider for LagBook {
                 last: e.last.clone(),
                 failure: e.failure.clone(),
                 gaps: e.gaps.clone(),
+                source: e.source,
             })
         })
         .flatten()

@@ -160,6 +160,7 @@ mod tests {
             sasl_mechanism: None,
             credentials: None,
             ssl_ca_location: None,
+            workers: None,
         }
     }
 

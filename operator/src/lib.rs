@@ -32,6 +32,10 @@
 //! announce as an event. Without `spec.autoscaling` the book carries only the lag, and the replicas
 //! are `spec.replicas`.
 //!
+//! Brokers the operator's admin did not allow are never contacted: the lag of such a
+//! StreamConsumer comes from its own workers' reports instead ([`lag_workers`]), and the
+//! `LagAvailable` condition says which source it came from.
+//!
 //! The RBAC the operator needs is listed in `operator/RBAC.md`.
 
 pub mod autoscale;
@@ -45,6 +49,7 @@ pub mod lag;
 pub mod lag_book;
 pub mod lag_clients;
 pub mod lag_poller;
+pub mod lag_workers;
 pub mod leader;
 pub mod metrics;
 pub mod names;

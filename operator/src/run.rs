@@ -16,6 +16,7 @@ use crate::http::{self, HttpState};
 use crate::lag::KafkaLagReader;
 use crate::lag_book::LagBook;
 use crate::lag_poller::LagPoller;
+use crate::lag_workers::{BrokersOrWorkers, WorkerLagReader};
 use crate::leader::{run_as_leader, LeaseLock, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::reconcile::run_controller;
@@ -61,13 +62,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         book.clone(),
     ));
     let poll_settings = args.poll_settings();
+    // Lag of StreamConsumers on brokers the admin did not allow: their workers' reports.
+    let workers = match WorkerLagReader::new(client.clone(), std::time::Duration::from_secs(3)) {
+        Ok(reader) => Some(reader),
+        Err(e) => {
+            warn!(error = %e, "cannot read the workers' lag reports");
+            None
+        }
+    };
     let poller = || {
         Some(LagPoller::new(
-            KafkaLagReader::new(
-                std::time::Duration::from_secs(5),
-                poll_settings.max_concurrent_reads,
-            )
-            .with_policy(brokers.clone()),
+            BrokersOrWorkers::new(
+                KafkaLagReader::new(
+                    std::time::Duration::from_secs(5),
+                    poll_settings.max_concurrent_reads,
+                )
+                .with_policy(brokers.clone()),
+                workers.clone(),
+            ),
             book.clone(),
             metrics.clone(),
             poll_settings.clone(),

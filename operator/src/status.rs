@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
 
+use crate::lag::LagSource;
 use crate::lag_book::LagView;
 use crate::names::selector_string;
 use crate::validation::InvalidSpec;
@@ -48,8 +49,11 @@ const MAX_GAPS_IN_MESSAGE: usize = 5;
 
 /// Reason of `Degraded=True` for an invalid spec.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
-/// Reason of `LagAvailable=True`.
+/// Reason of `LagAvailable=True` when the lag is read from the brokers.
 pub const REASON_LAG_READ: &str = "LagRead";
+/// Reason of `LagAvailable=True` when the lag is what the workers report (the brokers are not on
+/// the operator's allow-list; see [`crate::lag_workers`]).
+pub const REASON_LAG_REPORTED_BY_WORKERS: &str = "LagReportedByWorkers";
 /// Reason of the warning event when the lag stops being readable. (The condition's reason says
 /// why: `KafkaError`, `TopicUnavailable`, `MissingCredentials`, `Timeout`, `ReaderFailed`.)
 pub const REASON_LAG_UNAVAILABLE: &str = "LagUnavailable";
@@ -174,11 +178,29 @@ impl<'a> Conditions<'a> {
     fn lag_available(&mut self, sc: &StreamConsumer, lag: Option<&LagView>, desired: i32) {
         match lag {
             None => self.carry(LAG_AVAILABLE),
-            Some(LagView { failure: None, .. }) => self.set(
+            Some(LagView {
+                failure: None,
+                source: LagSource::Brokers,
+                ..
+            }) => self.set(
                 LAG_AVAILABLE,
                 true,
                 REASON_LAG_READ,
                 "the consumer-group lag is read from the brokers",
+            ),
+            Some(LagView {
+                failure: None,
+                source: LagSource::Workers { reported },
+                ..
+            }) => self.set(
+                LAG_AVAILABLE,
+                true,
+                REASON_LAG_REPORTED_BY_WORKERS,
+                format!(
+                    "the brokers are not on the operator's allow-list: the consumer-group lag is \
+                     the sum of what the {reported} ready worker(s) report, which acts only on \
+                     this StreamConsumer's replicas, within its own bounds"
+                ),
             ),
             Some(LagView {
                 failure: Some(f), ..
@@ -608,6 +630,7 @@ mod tests {
             }),
             failure: None,
             gaps: Vec::new(),
+            source: LagSource::Brokers,
         }
     }
 
@@ -619,6 +642,7 @@ mod tests {
                 message: "kafka: all brokers down".into(),
             }),
             gaps: Vec::new(),
+            source: LagSource::Brokers,
         }
     }
 

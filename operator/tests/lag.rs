@@ -54,6 +54,7 @@ fn target(f: &Fixture, reset: AutoOffsetReset) -> LagTarget {
         sasl_mechanism: None,
         credentials: None,
         ssl_ca_location: None,
+        workers: None,
     }
 }
 
@@ -207,6 +208,7 @@ async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
         sasl_mechanism: None,
         credentials: None,
         ssl_ca_location: None,
+        workers: None,
     };
     // Ten callers that give up after 50 ms, as the poller's timeout would.
     for _ in 0..10 {
@@ -238,6 +240,7 @@ async fn a_missing_topic_is_an_error_not_zero_lag() {
         sasl_mechanism: None,
         credentials: None,
         ssl_ca_location: None,
+        workers: None,
     };
     let err = KafkaLagReader::default()
         .read(&target)
@@ -261,6 +264,7 @@ async fn unreachable_brokers_are_an_error() {
         sasl_mechanism: None,
         credentials: None,
         ssl_ca_location: None,
+        workers: None,
     };
     let reader = KafkaLagReader::with_timeout(Duration::from_secs(1));
     let err = reader.read(&target).await.expect_err("no broker, no lag");

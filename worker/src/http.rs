@@ -1,4 +1,5 @@
-//! The worker's HTTP server: `/healthz`, `/readyz`, `/metrics`, plus the handler's own routes.
+//! The worker's HTTP server: `/healthz`, `/readyz`, `/metrics`, `/consumer/lag` (the lag report,
+//! see [`streamops_crds::lag_report`]), plus the handler's own routes.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::WorkerError;
 use crate::metrics::Metrics as WorkerMetrics;
-use crate::pipeline::Health;
+use crate::pipeline::{Health, Ownership};
 
 #[derive(Clone)]
 struct AppState {
@@ -53,6 +54,28 @@ pub fn router(health: Arc<Health>, metrics: WorkerMetrics, extra: Option<Router>
         Some(r) => base.merge(r),
         None => base,
     }
+}
+
+/// What `/consumer/lag` reports from.
+#[derive(Clone)]
+pub struct LagSource {
+    /// The partitions the pipeline owns.
+    pub ownership: Arc<Ownership>,
+    /// The consumer group.
+    pub group: String,
+}
+
+async fn lag_report(State(s): State<LagSource>) -> impl IntoResponse {
+    axum::Json(s.ownership.lag_report(&s.group))
+}
+
+/// `GET /consumer/lag`: the partitions this worker owns, with the next offset it will apply and
+/// the high watermark its consumer last saw. The operator reads it when it may not connect to the
+/// brokers itself.
+pub fn lag_router(source: LagSource) -> Router {
+    Router::new()
+        .route(streamops_crds::lag_report::LAG_REPORT_PATH, get(lag_report))
+        .with_state(source)
 }
 
 /// Binds `addr` and serves `app` until `shutdown` is cancelled. Returns once bound, with the

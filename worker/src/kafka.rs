@@ -125,13 +125,14 @@ impl KafkaClientSettings {
         c.set("group.id", s.group_id)
             .set("group.protocol", s.group_protocol.as_str());
         if s.group_protocol == GroupProtocol::Classic {
+            // Members learn that a rebalance started at their next heartbeat, and a cooperative
+            // rebalance takes two rounds: the heartbeat interval bounds how long the moved
+            // partitions pause (`streamops-bench rollout`: see DEVELOPERS.md). One heartbeat a
+            // second per member is a negligible load on the group coordinator.
             c.set("partition.assignment.strategy", "cooperative-sticky")
                 .set("session.timeout.ms", s.session_timeout_ms.to_string())
-                // At most a third of the session timeout, as Kafka recommends.
-                .set(
-                    "heartbeat.interval.ms",
-                    (s.session_timeout_ms / 3).clamp(1, 3000).to_string(),
-                );
+                // 1 s, well under a third of the shortest allowed session timeout (6 s).
+                .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
         }
         c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -163,6 +164,9 @@ impl KafkaClientSettings {
         c
     }
 }
+
+/// `heartbeat.interval.ms` of a classic-protocol member (librdkafka's default is 3 s).
+pub const HEARTBEAT_INTERVAL_MS: &str = "1000";
 
 /// librdkafka consumer properties applied last, as `key=value,key=value` (tuning and
 /// debugging, e.g. `debug=cgrp`). Never put credentials here.
@@ -218,7 +222,7 @@ mod tests {
             max_poll_interval_ms: 600_000,
         });
         assert_eq!(c.get("session.timeout.ms"), Some("12000"));
-        assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("1000"));
         assert_eq!(c.get("max.poll.interval.ms"), Some("600000"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));

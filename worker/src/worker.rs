@@ -160,7 +160,13 @@ impl WorkerRuntime {
     ) -> Result<WriterTotals, WorkerError> {
         let http_stop = CancellationToken::new();
         let routes = handlers.first().and_then(MessageHandler::routes);
-        let app = crate::http::router(self.health.clone(), self.metrics.clone(), routes);
+        let ownership = Arc::new(pipeline::Ownership::default());
+        let lag = crate::http::LagSource {
+            ownership: ownership.clone(),
+            group: self.config.kafka.group_id.clone(),
+        };
+        let app = crate::http::router(self.health.clone(), self.metrics.clone(), routes)
+            .merge(crate::http::lag_router(lag));
         let (_addr, http_task) =
             crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
         let ctx = PipelineContext {
@@ -170,6 +176,7 @@ impl WorkerRuntime {
             instance_id: self.instance_id.clone(),
             metrics: self.metrics.clone(),
             health: self.health.clone(),
+            ownership,
             shutdown: self.shutdown.clone(),
             abort: self.abort.clone(),
         };

@@ -104,6 +104,58 @@ async fn a_database_outage_pauses_the_worker_unready_and_loses_nothing() {
     env.cleanup().await;
 }
 
+/// A worker whose batch keeps failing (here: its database is gone) must still stop on one SIGTERM,
+/// as Kubernetes sends only one before SIGKILL: it gives the batch up and leaves the group at
+/// once instead of holding its partitions while it retries. Nothing is lost: the next member
+/// reads the batch again from the stored offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_retrying_a_batch_stops_on_sigterm_and_the_next_member_loses_nothing() {
+    let mut env = TestEnv::new("ma-retry-term", HandlerKind::MovingAverage, 2).await;
+    env.config.batch.max_messages = 100;
+    env.config.batch.max_wait_ms = 20;
+    let total = 2000u64;
+    let spec = ProduceSpec::new(HandlerKind::MovingAverage, total)
+        .seed(37)
+        .rate(500);
+    let producer = {
+        let topic = env.topic.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move { produce_events(&topic, &spec).await })
+    };
+    let mut w = env.start_worker("w-0");
+    w.wait_ready().await;
+    env.wait_for_offsets(200).await;
+
+    let db = env.db_url.rsplit('/').next().unwrap().to_string();
+    let admin = admin_pool().await;
+    cut_database(&admin, &db, false).await;
+    let start = Instant::now();
+    while w.metric("streamops_retries_total") < 2.0 {
+        assert!(start.elapsed() < PATIENCE, "the worker never retried");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still retrying (the database is still gone) when the signal comes.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid().to_string()])
+        .status();
+    // A liveness bound, far above the retry backoff's first delays: without the fix the worker
+    // retries until a second signal, i.e. forever.
+    let status = w.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "a stop while retrying is a clean stop: {status}"
+    );
+    cut_database(&admin, &db, true).await;
+
+    let mut w1 = env.start_worker("w-1");
+    w1.wait_ready().await;
+    producer.await.expect("producer task");
+    env.wait_for_offsets(total as i64).await;
+    assert_exactly_once(&env, total as i64).await;
+    assert!(w1.terminate_and_wait().success());
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_member_joining_mid_stream_shares_the_partitions_exactly_once() {
     let mut env = TestEnv::new("ma-rebal", HandlerKind::MovingAverage, 4).await;

@@ -118,6 +118,11 @@ resolves.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Lag of StreamConsumers on brokers the operator may not contact: the ready endpoints of their
+# worker Service, whose workers report it (operator/src/lag_workers.rs).
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list"]
 {{- if .Values.policy.jobTriggers.enabled }}
 # Job-trigger workers: bind their ServiceAccount, in their own namespace, to this one ClusterRole
 # (the operator itself cannot create Jobs).

@@ -15,7 +15,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use serde_json::json;
 use streamops_crds::v1alpha1::{StreamConsumer, StreamConsumerStatus};
 use tracing::{debug, info, warn};
@@ -26,7 +25,7 @@ use crate::build::{build_children, BuildContext, Children, RenderedConfig};
 use crate::names::{
     children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
 };
-use crate::ownership::{controlled_by, existing_child, Swept};
+use crate::ownership::{controlled_by, existing_child, write_child, Swept};
 use crate::status;
 use crate::validation::validate_with_policy;
 use crate::{Error, Result};
@@ -229,31 +228,62 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
     let ns = id.namespace;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let previous = existing_child(&deployments, &workload_name(id.name), id.uid).await?;
-    check_name::<ConfigMap>(ctx, id, &children.config_map).await?;
-    if let Some(rbac) = &children.worker_rbac {
-        check_name::<ServiceAccount>(ctx, id, &rbac.service_account).await?;
-        check_name::<RoleBinding>(ctx, id, &rbac.role_binding).await?;
-    }
-    check_name::<Service>(ctx, id, &children.service).await?;
-    if let Some(pdb) = &children.pdb {
-        check_name::<PodDisruptionBudget>(ctx, id, pdb).await?;
-    }
-    if let Some(np) = &children.network_policy {
-        check_name::<NetworkPolicy>(ctx, id, np).await?;
-    }
+    let config_map = check_name::<ConfigMap>(ctx, id, &children.config_map).await?;
+    let rbac = match &children.worker_rbac {
+        Some(rbac) => Some((
+            check_name::<ServiceAccount>(ctx, id, &rbac.service_account).await?,
+            check_name::<RoleBinding>(ctx, id, &rbac.role_binding).await?,
+        )),
+        None => None,
+    };
+    let service = check_name::<Service>(ctx, id, &children.service).await?;
+    let pdb = match &children.pdb {
+        Some(pdb) => Some(check_name::<PodDisruptionBudget>(ctx, id, pdb).await?),
+        None => None,
+    };
+    let network_policy = match &children.network_policy {
+        Some(np) => Some(check_name::<NetworkPolicy>(ctx, id, np).await?),
+        None => None,
+    };
 
-    apply_child(&Api::namespaced(client.clone(), ns), &children.config_map).await?;
-    if let Some(rbac) = &children.worker_rbac {
-        apply_child(&Api::namespaced(client.clone(), ns), &rbac.service_account).await?;
-        apply_child(&Api::namespaced(client.clone(), ns), &rbac.role_binding).await?;
+    // Each write carries its ownership check: see `crate::ownership::write_child`.
+    write_child(
+        &Api::namespaced(client.clone(), ns),
+        &children.config_map,
+        config_map,
+        id.uid,
+    )
+    .await?;
+    if let (Some(desired), Some((sa, rb))) = (&children.worker_rbac, rbac) {
+        write_child(
+            &Api::namespaced(client.clone(), ns),
+            &desired.service_account,
+            sa,
+            id.uid,
+        )
+        .await?;
+        write_child(
+            &Api::namespaced(client.clone(), ns),
+            &desired.role_binding,
+            rb,
+            id.uid,
+        )
+        .await?;
     }
-    let deployment = apply_child(&deployments, &children.deployment).await?;
-    apply_child(&Api::namespaced(client.clone(), ns), &children.service).await?;
-    if let Some(pdb) = &children.pdb {
-        apply_child(&Api::namespaced(client.clone(), ns), pdb).await?;
+    let deployment =
+        write_child(&deployments, &children.deployment, previous.clone(), id.uid).await?;
+    write_child(
+        &Api::namespaced(client.clone(), ns),
+        &children.service,
+        service,
+        id.uid,
+    )
+    .await?;
+    if let (Some(desired), Some(live)) = (&children.pdb, pdb) {
+        write_child(&Api::namespaced(client.clone(), ns), desired, live, id.uid).await?;
     }
-    if let Some(np) = &children.network_policy {
-        apply_child(&Api::namespaced(client.clone(), ns), np).await?;
+    if let (Some(desired), Some(live)) = (&children.network_policy, network_policy) {
+        write_child(&Api::namespaced(client.clone(), ns), desired, live, id.uid).await?;
     }
     delete_orphans(ctx, id, children).await?;
     Ok(Applied {
@@ -263,8 +293,8 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
 }
 
 /// Fails with [`Error::ChildConflict`] when the name of `desired` is held by an object this
-/// StreamConsumer does not control.
-async fn check_name<K>(ctx: &Context, id: &Identity<'_>, desired: &K) -> Result<()>
+/// StreamConsumer does not control; otherwise returns what holds it (ours), if anything.
+async fn check_name<K>(ctx: &Context, id: &Identity<'_>, desired: &K) -> Result<Option<K>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -278,25 +308,6 @@ where
         id.uid,
     )
     .await
-    .map(|_| ())
-}
-
-async fn apply_child<K>(api: &Api<K>, object: &K) -> Result<K>
-where
-    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
-{
-    let name = object.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .map_err(|source| Error::ApplyChild {
-        kind: K::kind(&()).into_owned(),
-        name,
-        source,
-    })
 }
 
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling

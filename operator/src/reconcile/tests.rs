@@ -18,7 +18,7 @@ use super::*;
 use crate::build::{build_deployment, BuildContext, RenderedConfig};
 use crate::consumer_group::{GroupDeleteError, GroupDeletion};
 use crate::fixtures::*;
-use crate::names::CONFIG_HASH_ANNOTATION;
+use crate::names::{CONFIG_HASH_ANNOTATION, FIELD_MANAGER};
 use crate::status;
 
 /// The Deployment the operator would have applied for `sc`, as the API server stores it.
@@ -96,10 +96,24 @@ async fn create_applies_every_child_under_one_field_manager_and_reports_progress
         hash.as_str()
     );
     assert_eq!(template(&d)["spec"]["containers"][0]["image"], TEST_IMAGE);
-    // Every write is a forced apply under the one field manager.
+    // Every child is new: each is created (never applied over a name that could have been taken
+    // meanwhile) under the one field manager; the status is a forced apply.
     for r in requests.iter().filter(|r| r.method == Method::PATCH) {
         assert!(r.is_apply_to(&r.path), "{} is not an apply", r.path);
+        assert!(
+            r.path.ends_with("/status"),
+            "{} was applied, not created",
+            r.path
+        );
     }
+    let created = requests
+        .iter()
+        .filter(|r| r.method == Method::POST && r.is_create_in(&r.path))
+        .count();
+    assert_eq!(
+        created, 3,
+        "ConfigMap, Deployment, Service, and no other child"
+    );
 }
 
 #[tokio::test]
@@ -370,10 +384,9 @@ async fn every_kind_of_child_is_applied_when_nothing_else_holds_its_name() {
     result.unwrap();
     for kind in wanted.into_iter().chain([Kind::Deployment]) {
         assert!(
-            requests
-                .iter()
-                .any(|r| r.method == Method::PATCH && r.path == kind.path(kind.child_name())),
-            "{kind:?} not applied"
+            requests.iter().any(|r| r.is_create_in(&kind.path(""))
+                && r.body["metadata"]["name"] == kind.child_name()),
+            "{kind:?} not created"
         );
     }
     let np = body_of(&requests, Method::PATCH, &Kind::NetworkPolicy.path("test"));
@@ -446,6 +459,252 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
             );
         }
     }
+}
+
+/// The order in which a pass of [`every_child`] writes its children.
+const WRITE_ORDER: [Kind; 7] = [
+    Kind::ConfigMap,
+    Kind::ServiceAccount,
+    Kind::RoleBinding,
+    Kind::Deployment,
+    Kind::Service,
+    Kind::Pdb,
+    Kind::NetworkPolicy,
+];
+
+/// The name of `kind` as its conflict is reported: "Kind name".
+fn named(kind: Kind) -> String {
+    format!(
+        "{} {}",
+        child_object(kind, None)["kind"].as_str().unwrap(),
+        kind.child_name()
+    )
+}
+
+/// The end of a pass stopped by a conflict over `kind`: the status and the event name it.
+fn conflict_reported(sc: &StreamConsumer, kind: Kind, reason: &str) -> [Expect; 2] {
+    [
+        status_patch(
+            sc,
+            json!({"conditions": [
+                {"type": "Ready", "status": "False"},
+                {"type": "Progressing", "status": "False"},
+                {"type": "Degraded", "status": "True", "reason": reason}
+            ]}),
+        )
+        .contains("/status/conditions/2/message", &named(kind)),
+        event("Warning", reason).contains("/note", &named(kind)),
+    ]
+}
+
+/// Nothing but creations of free names and applies to our own objects was written; `kind`'s name
+/// in particular got no write after it turned out to be someone else's.
+fn assert_nothing_written_to(requests: &[Recorded], kind: Kind, last_write: usize) {
+    assert!(
+        !requests.iter().any(|r| r.method == Method::DELETE),
+        "{kind:?}: something was deleted"
+    );
+    let writes: Vec<_> = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            (r.method == Method::PATCH && r.path == kind.path(kind.child_name()))
+                || (r.method == Method::POST && r.path == kind.path(""))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        writes.iter().all(|i| *i <= last_write),
+        "{kind:?}: written after the conflict: {:?}",
+        requests
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The read-then-write race, on a free name: for every kind of child, the name is free when the
+/// pass reads it, and another actor creates an object there before the pass writes. The pass
+/// creates (it never applies over a name it read as free), the API server refuses with
+/// `AlreadyExists`, the pass reads the name again, finds someone else's object, and stops: nothing
+/// written to it, nothing deleted, Degraded and an event naming it.
+#[tokio::test]
+async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_taken_over() {
+    for raced in WRITE_ORDER {
+        let (ctx, server) = network_context();
+        let (sc, pass) = every_child();
+        let mut steps = vec![get_deployment(None)];
+        for kind in pass.wanted() {
+            steps.push(get_child(kind, None));
+        }
+        for kind in WRITE_ORDER {
+            if kind == raced {
+                steps.push(create(kind, json!({})).reply(Reply::Error(409, "AlreadyExists")));
+                steps.push(get_child(
+                    kind,
+                    Some(child_object(kind, Some("someone-else"))),
+                ));
+                break;
+            }
+            let answer = if kind == Kind::Deployment {
+                rollout(1, 3, 0)
+            } else {
+                json!({})
+            };
+            steps.push(create(kind, answer));
+        }
+        let last_write = steps.len() - 2;
+        steps.extend(conflict_reported(&sc, raced, "ChildConflict"));
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?}");
+        assert_nothing_written_to(&requests, raced, last_write);
+    }
+}
+
+/// The read-then-write race, on our own object: for every kind of child, the object the pass read
+/// as ours is replaced (deleted and created again by someone else) before the pass writes. The
+/// apply carries the `resourceVersion` that was read, the API server refuses it (409), the pass
+/// reads the name again, finds someone else's object, and stops without writing to it.
+#[tokio::test]
+async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
+    for raced in WRITE_ORDER {
+        let (ctx, server) = network_context();
+        let (sc, pass) = every_child();
+        let mut steps = vec![get_child(
+            Kind::Deployment,
+            Some(child_object(Kind::Deployment, Some(SC_UID))),
+        )];
+        for kind in pass.wanted() {
+            steps.push(get_child(kind, Some(child_object(kind, Some(SC_UID)))));
+        }
+        for kind in WRITE_ORDER {
+            if kind == raced {
+                steps.push(write(kind, Some("7"), json!({})).reply(Reply::Error(409, "Conflict")));
+                steps.push(get_child(
+                    kind,
+                    Some(child_object(kind, Some("someone-else"))),
+                ));
+                break;
+            }
+            let answer = if kind == Kind::Deployment {
+                rollout(1, 3, 0)
+            } else {
+                json!({})
+            };
+            steps.push(write(kind, Some("7"), answer));
+        }
+        let last_write = steps.len() - 2;
+        steps.extend(conflict_reported(&sc, raced, "ChildConflict"));
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?}");
+        assert_nothing_written_to(&requests, raced, last_write);
+    }
+}
+
+/// A child of ours that keeps changing under the pass (every apply refused for a stale
+/// `resourceVersion`) is read again and retried a bounded number of times, then the pass stops
+/// with `ChildChanged`; a child that changed once is simply written on the second attempt.
+#[tokio::test]
+async fn a_child_that_keeps_changing_is_retried_a_bounded_number_of_times() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let ours = |rv: &str| {
+        let mut o = child_object(Kind::ConfigMap, Some(SC_UID));
+        o["metadata"]["resourceVersion"] = json!(rv);
+        o
+    };
+    let mut steps = vec![
+        get_deployment(None),
+        get_child(Kind::ConfigMap, Some(ours("7"))),
+        get_child(Kind::Service, None),
+    ];
+    for (attempt, rv) in ["7", "8", "9"].into_iter().enumerate() {
+        steps
+            .push(write(Kind::ConfigMap, Some(rv), json!({})).reply(Reply::Error(409, "Conflict")));
+        steps.push(get_child(
+            Kind::ConfigMap,
+            Some(ours(["8", "9", "10"][attempt])),
+        ));
+    }
+    steps.extend(conflict_reported(&sc, Kind::ConfigMap, "ChildChanged"));
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap_err().reason(), "ChildChanged");
+
+    // Changed once: the second attempt, with the new resourceVersion, goes through.
+    let (ctx, server, _) = Context::test();
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.live = vec![Kind::ConfigMap];
+    let mut steps = pass.steps_for_test();
+    let at = steps
+        .iter()
+        .position(|e| e.is(Method::PATCH, &Kind::ConfigMap.path("test-config")))
+        .unwrap();
+    steps.splice(
+        at..at + 1,
+        [
+            write(Kind::ConfigMap, Some("7"), json!({})).reply(Reply::Error(409, "Conflict")),
+            get_child(Kind::ConfigMap, Some(ours("8"))),
+            write(Kind::ConfigMap, Some("8"), json!({})),
+        ],
+    );
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+/// A created child's fields belong to the operator's `create` (an `Update` entry); they are handed
+/// to server-side apply (the entry becomes the manager's `Apply` entry) under a `resourceVersion`
+/// precondition, so a later apply that stops setting a field removes it.
+#[tokio::test]
+async fn a_created_childs_fields_are_handed_to_server_side_apply() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let entry = |op: &str| {
+        json!({"manager": FIELD_MANAGER, "operation": op, "apiVersion": "v1",
+               "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:worker.yaml": {}}}})
+    };
+    let pass = ApplyPass::new(sc.clone());
+    let mut steps = pass.steps_for_test();
+    let at = steps
+        .iter()
+        .position(|e| e.is(Method::POST, &Kind::ConfigMap.path("")))
+        .unwrap();
+    steps.splice(
+        at..at + 1,
+        [
+            create(
+                Kind::ConfigMap,
+                json!({"metadata": {"resourceVersion": "11", "managedFields": [entry("Update")]}}),
+            ),
+            Expect::new(Method::PATCH, Kind::ConfigMap.path("test-config"))
+                .body(json!({"metadata": {"resourceVersion": "11", "managedFields": [entry("Apply")]}}))
+                .reply(Reply::Json(200, child_object(Kind::ConfigMap, Some(SC_UID)))),
+        ],
+    );
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    let handover = requests
+        .iter()
+        .find(|r| r.method == Method::PATCH && r.path == Kind::ConfigMap.path("test-config"))
+        .unwrap();
+    assert!(
+        !handover.query.iter().any(|(k, _)| k == "force"),
+        "a merge patch, not an apply"
+    );
 }
 
 /// Orphan cleanup: an object under the name of a child this pass no longer wants (PDB,
@@ -1181,7 +1440,10 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
                     continue;
                 }
                 (Method::GET, _) => list(vec![]),
-                (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
+                // Created on the first pass (the name was free), applied on the second.
+                (Method::POST, p) | (Method::PATCH, p)
+                    if p == Kind::Deployment.path("") || p == Kind::Deployment.path("test") =>
+                {
                     deployment_applies.push(body.clone());
                     let mut answer = body;
                     answer["metadata"]["generation"] = json!(1);
@@ -1367,7 +1629,9 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     continue;
                 }
                 (Method::GET, _) => list(vec![]),
-                (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
+                (Method::POST, p) | (Method::PATCH, p)
+                    if p == Kind::Deployment.path("") || p == Kind::Deployment.path("test") =>
+                {
                     if applied.is_none() {
                         assert_eq!(
                             body["spec"]["replicas"], 1,
@@ -1378,6 +1642,7 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     let mut answer = body;
                     answer["metadata"]["generation"] = json!(1);
                     answer["metadata"]["uid"] = json!("deployment-uid");
+                    answer["metadata"]["resourceVersion"] = json!("20");
                     applied = Some(answer.clone());
                     answer
                 }
@@ -1394,7 +1659,7 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     }
                     body
                 }
-                (Method::PATCH, _) => body,
+                (Method::PATCH, _) | (Method::POST, _) => body,
                 (m, p) => panic!("unexpected request {m} {p}: {body}"),
             };
             send.send_response(

@@ -361,6 +361,8 @@ pub struct OperatorSpec {
     pub lease_name: String,
     /// POD_NAME: the start of its leader identity.
     pub pod_name: String,
+    /// Further command-line arguments (the admin's policy: `--job-triggers`, ...).
+    pub args: Vec<String>,
 }
 
 impl OperatorSpec {
@@ -373,6 +375,7 @@ impl OperatorSpec {
             leader_election: false,
             lease_name: LEASE_NAME.into(),
             pod_name: unique("operator"),
+            args: Vec::new(),
         }
     }
 }
@@ -424,6 +427,7 @@ impl Operator {
         if let Some(ns) = &spec.watch {
             cmd.arg(format!("--namespace={ns}"));
         }
+        cmd.args(&spec.args);
         let child = cmd.spawn().expect("streamops-operator starts");
         Self {
             child,

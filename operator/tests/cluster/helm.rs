@@ -235,6 +235,7 @@ async fn the_operator_runs_under_the_charts_namespaced_rbac() {
         leader_election: true,
         lease_name: operator_name.clone(),
         pod_name: unique("nsmode"),
+        args: Vec::new(),
     });
     let client = admin().await;
     let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &watched.name);

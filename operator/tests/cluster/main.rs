@@ -15,4 +15,5 @@ use streamops_test_support::kafka;
 mod helm;
 mod leader;
 mod lifecycle;
+mod security;
 mod validation;

@@ -139,11 +139,18 @@ pub fn retain_applicable(
 }
 
 /// Which messages [`retain_applicable`] keeps, as a mask.
+///
+/// Within one assignment a partition's offsets only go up, so a message at or below an offset
+/// already kept for its partition in this batch is a second delivery (the client rewound its
+/// fetch position while earlier messages were still buffered): it is dropped, so a batch never
+/// holds the same message twice (its rows would collide with themselves on the handler's key,
+/// a failure no retry can fix).
 pub fn applicable_mask(
     messages: &[Fetched],
     mut owned: impl FnMut(&TopicPartition) -> Option<(u64, Option<i64>)>,
 ) -> Vec<bool> {
     let mut cache: HashMap<TopicPartition, Option<(u64, Option<i64>)>> = HashMap::new();
+    let mut last_kept: HashMap<TopicPartition, i64> = HashMap::new();
     messages
         .iter()
         .map(|f| {
@@ -151,10 +158,24 @@ pub fn applicable_mask(
                 topic: f.msg.topic.clone(),
                 partition: f.msg.partition,
             };
-            let state = *cache.entry(tp).or_insert_with_key(|tp| owned(tp));
-            match state {
+            let state = *cache.entry(tp.clone()).or_insert_with_key(|tp| owned(tp));
+            let applicable = match state {
                 Some((epoch, next)) => epoch == f.epoch && next.is_none_or(|n| f.msg.offset >= n),
                 None => false,
+            };
+            if !applicable {
+                return false;
+            }
+            match last_kept.get_mut(&tp) {
+                Some(last) if f.msg.offset <= *last => false,
+                Some(last) => {
+                    *last = f.msg.offset;
+                    true
+                }
+                None => {
+                    last_kept.insert(tp, f.msg.offset);
+                    true
+                }
             }
         })
         .collect()
@@ -266,6 +287,35 @@ mod tests {
             .map(|m| (m.msg.partition, m.msg.offset))
             .collect();
         assert_eq!(kept, vec![(0, 5), (1, 0)]);
+    }
+
+    #[test]
+    fn a_partition_delivered_again_within_a_batch_keeps_each_offset_once() {
+        // The client rewound partition 0 to 5 after delivering 5..=7 (same assignment).
+        let mut msgs = vec![
+            f(0, 5, 1),
+            f(0, 6, 1),
+            f(1, 0, 1),
+            f(0, 7, 1),
+            f(0, 5, 1),
+            f(0, 6, 1),
+            f(0, 7, 1),
+            f(0, 8, 1),
+            f(1, 0, 1),
+        ];
+        let dropped = retain_applicable(&mut msgs, |tp| match tp.partition {
+            0 => Some((1, Some(5))),
+            _ => Some((1, None)),
+        });
+        assert_eq!(dropped, 4);
+        let kept: Vec<_> = msgs
+            .iter()
+            .map(|m| (m.msg.partition, m.msg.offset))
+            .collect();
+        assert_eq!(kept, vec![(0, 5), (0, 6), (1, 0), (0, 7), (0, 8)]);
+        let plan = plan_offsets(&msgs);
+        assert_eq!(plan[&tp(0)].count, 4);
+        assert_eq!(plan[&tp(0)].next_offset, 9);
     }
 
     #[test]

@@ -218,6 +218,7 @@ impl ClientContext for PipelineConsumerContext {
                     topic: self.intern(name),
                     partition: *p,
                 };
+                self.ownership.set_high_watermark(&tp, part.hi_offset);
                 if self.ownership.get(&tp).is_some() && part.consumer_lag >= 0 {
                     self.metrics
                         .partition_lag

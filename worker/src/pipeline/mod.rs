@@ -5,9 +5,12 @@
 //! How a message flows:
 //! 1. The consumer's rebalance callback ([`context`]) positions each newly assigned partition at
 //!    the `next_offset` stored in `streamops_offsets` before fetching starts.
-//! 2. The poll loop (`PollLoop`, started by [`run_pipeline`]) batches messages
-//!    (`batch.maxMessages` / `batch.maxWaitMs`) and hands each batch to the writer task through a
-//!    bounded channel, so fetching the next batch overlaps writing the previous one. Rebalance
+//! 2. The poll loop (`PollLoop`, started by [`run_pipeline`]) batches messages per writer lane
+//!    and hands each batch to the lane's writer task through a bounded channel, so fetching the
+//!    next batch overlaps writing the previous one. Batches adapt to the backlog ([`adaptive`]):
+//!    a lane's batch goes as soon as its writer can take it (small once caught up), and its size
+//!    limit grows while messages are left behind, up to `batch.maxMessages`; `batch.maxWaitMs`
+//!    bounds how long a message waits for a busy writer's next batch. Rebalance
 //!    events are applied before each message: buffered messages of revoked partitions are dropped
 //!    (their next owner re-reads them from the stored offsets).
 //! 3. The writer ([`writer`]) skips messages below the known `next_offset` (already applied),
@@ -91,6 +94,7 @@
 //! splits the batch until the offending message is alone; it goes to the error topic with reason
 //! `database_refused` and the rest commits. Only infrastructure errors are retried.
 
+pub mod adaptive;
 pub mod batch;
 pub mod context;
 pub mod defence;
@@ -115,6 +119,7 @@ use crate::errortopic::ErrorSink;
 use crate::handlers::{HandlerError, MessageHandler, RawMessage, SharedDecoder, TopicPartition};
 use crate::kafka::{ConsumerSettings, KafkaClientSettings};
 use crate::metrics::Metrics;
+use adaptive::AdaptiveBatch;
 use batch::{Batch, Fetched, Pending};
 use context::{PipelineConsumerContext, RebalanceEvent};
 pub use state::{Health, Ownership};
@@ -142,6 +147,8 @@ pub struct PipelineContext {
     pub metrics: Metrics,
     /// Health flags for `/readyz`.
     pub health: Arc<Health>,
+    /// The partitions this worker owns (shared with the HTTP server's lag report).
+    pub ownership: Arc<Ownership>,
     /// Cancel for a graceful stop: stop fetching, commit what was fetched, leave.
     pub shutdown: CancellationToken,
     /// Cancel to give up retrying the in-flight batch (second signal). Nothing uncommitted is
@@ -163,6 +170,13 @@ pub enum PipelineError {
         "aborted while retrying the in-flight batch; it will be replayed from the stored offsets"
     )]
     Aborted,
+    /// Shutdown was requested while a batch was being retried: the writer gave the batch up (it is
+    /// read again from the stored offsets by the partition's next owner) and stopped. Never
+    /// returned by the pipeline: the writer turns it into a clean stop.
+    #[error(
+        "stopped while retrying the in-flight batch; it will be replayed from the stored offsets"
+    )]
+    StoppedWhileRetrying,
     /// The writer task panicked.
     #[error("writer task failed: {0}")]
     Writer(String),
@@ -204,7 +218,7 @@ pub async fn run_pipeline_lanes<H: MessageHandler>(
     let config = ctx.config.clone();
     let kind = first.kind();
     let decoder = first.shared_decoder();
-    let ownership = Arc::new(Ownership::default());
+    let ownership = ctx.ownership.clone();
     let (consumer, events) = subscribe(&ctx, &ownership)?;
     let errors = Arc::new(ErrorSink::new(
         &ctx.kafka,
@@ -336,6 +350,7 @@ fn spawn_writers<H: MessageHandler>(
                 max_message_bytes: config.max_message_bytes as usize,
                 progress_every: config.progress_every,
                 abort: ctx.abort.clone(),
+                shutdown: ctx.shutdown.clone(),
                 on_offset_gap: config.kafka.on_offset_gap,
             },
         );
@@ -352,8 +367,8 @@ struct Buffers<T> {
     pending: Vec<Pending>,
     /// The assignment epoch of each owned partition, as the rebalance events told it.
     epochs: HashMap<TopicPartition, u64>,
-    max_messages: usize,
-    max_wait: Duration,
+    /// The adaptive size limit of each lane's batches (`batch.maxMessages` the ceiling).
+    sizes: Vec<AdaptiveBatch>,
     /// The handler's shared decoder, if any: batches are decoded before they are handed over.
     decoder: Option<SharedDecoder<T>>,
     max_bytes: usize,
@@ -389,38 +404,44 @@ impl<T> Buffers<T> {
         self.pending.iter().map(Pending::len).sum()
     }
 
-    /// The lanes whose batch should be handed over now: full, or its time is up, or anything at
-    /// all when `stopping`.
-    fn due_lanes(&self, now: Instant, stopping: bool) -> Vec<usize> {
+    /// The lanes whose batch should be handed over now ([`AdaptiveBatch::due`]): anything
+    /// buffered once the lane's writer can take it (`ready`), a full batch, a batch whose time
+    /// is up, or anything at all when `stopping`.
+    fn due_lanes(&self, now: Instant, stopping: bool, ready: impl Fn(usize) -> bool) -> Vec<usize> {
         (0..self.pending.len())
             .filter(|&l| {
                 let p = &self.pending[l];
-                !p.is_empty() && (stopping || p.due(self.max_messages, self.max_wait, now))
+                !p.is_empty() && (stopping || self.sizes[l].due(p, ready(l), now))
             })
             .collect()
     }
 
-    /// Each lane may buffer a few batches: messages arrive in runs per partition, so a lane
-    /// whose writer is busy must not stop the others from filling (fetching stops only when
-    /// some lane is this far behind).
+    /// Each lane may buffer a few batches of its current limit: messages arrive in runs per
+    /// partition, so a lane whose writer is busy must not stop the others from filling
+    /// (fetching stops only when some lane is this far behind).
     fn has_room(&self) -> bool {
         self.pending
             .iter()
-            .all(|p| p.len() < self.max_messages.saturating_mul(LANE_BUFFER_BATCHES))
+            .zip(&self.sizes)
+            .all(|(p, s)| p.len() < s.fetch_budget(LANE_BUFFER_BATCHES))
     }
 
     /// When the earliest batch being formed is due.
     fn deadline(&self, now: Instant) -> Instant {
         self.pending
             .iter()
-            .filter_map(|p| p.deadline(self.max_wait))
+            .zip(&self.sizes)
+            .filter_map(|(p, s)| p.deadline(s.max_wait()))
             .min()
             .unwrap_or(now + Duration::from_secs(3600))
     }
 
-    /// Takes the next batch of `lane`.
+    /// Takes the next batch of `lane`, up to the lane's current limit, and adapts the limit to
+    /// what stays behind.
     fn take(&mut self, lane: usize) -> Option<Batch> {
-        self.pending[lane].take(self.max_messages)
+        let batch = self.pending[lane].take(self.sizes[lane].limit())?;
+        self.sizes[lane].taken(batch.messages.len(), self.pending[lane].len());
+        Some(batch)
     }
 
     /// Decodes `batch` with the shared decoder, if the handler has one: done here, on the poll
@@ -460,8 +481,14 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 .map(|_| Pending::default())
                 .collect(),
             epochs: HashMap::new(),
-            max_messages: config.batch.max_messages.max(1) as usize,
-            max_wait: Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1))),
+            sizes: (0..lanes.batches.len())
+                .map(|_| {
+                    AdaptiveBatch::new(
+                        config.batch.max_messages as usize,
+                        Duration::from_millis(u64::from(config.batch.max_wait_ms.max(1))),
+                    )
+                })
+                .collect(),
             decoder,
             max_bytes: config.max_message_bytes as usize,
         };
@@ -490,7 +517,10 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 return None;
             }
             let now = Instant::now();
-            let due = self.buffers.due_lanes(now, self.stopping);
+            let batches = &self.lanes.batches;
+            let due = self
+                .buffers
+                .due_lanes(now, self.stopping, |l| batches[l].capacity() > 0);
             let can_fetch = !self.stopping && (self.paused || self.buffers.has_room());
             let deadline = self.buffers.deadline(now);
             let waiting = !self.buffers.is_empty();
@@ -524,7 +554,9 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
             match woke {
                 Woke::Shutdown => self.begin_stop(),
                 Woke::Outage => self.follow_outage(),
-                Woke::Message(m) => self.accept(&m, now),
+                // `now` was taken before the wait: after an idle wait a message stamped with it
+                // would look overdue, and go out as a batch of one.
+                Woke::Message(m) => self.accept(&m, Instant::now()),
                 Woke::Nothing => {}
             }
         }

@@ -17,6 +17,9 @@ pub struct Owned {
     /// The partition's latest offset gap, reported with every advisory Kafka commit of the
     /// partition (see [`streamops_crds::gap`]).
     pub gap: Option<streamops_crds::gap::GapNote>,
+    /// The partition's high watermark as the consumer last saw it (librdkafka statistics, from
+    /// fetch answers); for the lag report.
+    pub high_watermark: Option<i64>,
 }
 
 /// The partitions this worker owns, with the offset each resumes from.
@@ -48,6 +51,7 @@ impl Ownership {
                 epoch,
                 next_offset: stored,
                 gap: None,
+                high_watermark: None,
             },
         );
         epoch
@@ -80,6 +84,33 @@ impl Ownership {
             if o.epoch == epoch {
                 o.gap = Some(gap);
             }
+        }
+    }
+
+    /// Sets the high watermark last seen for `tp`, if owned (a negative value means unknown).
+    pub fn set_high_watermark(&self, tp: &TopicPartition, high: i64) {
+        if let (Some(o), true) = (self.lock().parts.get_mut(tp), high >= 0) {
+            o.high_watermark = Some(high);
+        }
+    }
+
+    /// This worker's lag report for consumer group `group` (see [`streamops_crds::lag_report`]).
+    pub fn lag_report(&self, group: &str) -> streamops_crds::lag_report::LagReport {
+        let mut partitions: Vec<_> = self
+            .lock()
+            .parts
+            .iter()
+            .map(|(tp, o)| streamops_crds::lag_report::PartitionPosition {
+                topic: tp.topic.to_string(),
+                partition: tp.partition,
+                next_offset: o.next_offset,
+                high_watermark: o.high_watermark,
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        streamops_crds::lag_report::LagReport {
+            group_id: group.to_string(),
+            partitions,
         }
     }
 

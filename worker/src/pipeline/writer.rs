@@ -43,6 +43,9 @@ pub(crate) struct WriterParts {
     pub max_message_bytes: usize,
     pub progress_every: u64,
     pub abort: CancellationToken,
+    /// The graceful stop (first signal): a batch being retried is given up, so a worker whose
+    /// batch keeps failing still leaves the group when asked to stop.
+    pub shutdown: CancellationToken,
     pub on_offset_gap: streamops_crds::v1alpha1::OnOffsetGap,
 }
 
@@ -148,7 +151,18 @@ impl<H: MessageHandler> Writer<H> {
         mut batches: mpsc::Receiver<DecodedBatch<H::Item>>,
     ) -> Result<WriterTotals, PipelineError> {
         while let Some((batch, pre)) = batches.recv().await {
-            self.process(batch, pre).await?;
+            match self.process(batch, pre).await {
+                Ok(()) => {}
+                Err(PipelineError::StoppedWhileRetrying) => {
+                    self.set_outage(false);
+                    tracing::warn!(
+                        "shutdown while retrying a batch: it is left uncommitted and will be read \
+                         again from the stored offsets; stopping"
+                    );
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.drain_revocations();
         Ok(self.totals)
@@ -437,6 +451,14 @@ impl<H: MessageHandler> Writer<H> {
         op: &'static str,
         detail: &str,
     ) -> Result<(), PipelineError> {
+        if self.p.shutdown.is_cancelled() {
+            tracing::warn!(
+                operation = op,
+                error = detail,
+                "batch failed during shutdown; not retrying"
+            );
+            return Err(PipelineError::StoppedWhileRetrying);
+        }
         self.set_outage(true);
         self.p.metrics.retries.with_label_values(&[op]).inc();
         let delay = backoff.next_delay();
@@ -450,6 +472,7 @@ impl<H: MessageHandler> Writer<H> {
         tokio::select! {
             _ = tokio::time::sleep(delay) => Ok(()),
             _ = self.p.abort.cancelled() => Err(PipelineError::Aborted),
+            _ = self.p.shutdown.cancelled() => Err(PipelineError::StoppedWhileRetrying),
         }
     }
 

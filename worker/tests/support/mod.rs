@@ -397,6 +397,11 @@ impl WorkerProcess {
         Some((status, body))
     }
 
+    /// Status and body of `GET path` on the worker's HTTP port, if it answers.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        self.get(path)
+    }
+
     /// `/readyz` status code, if the server answers.
     pub fn readyz(&self) -> Option<u16> {
         self.get("/readyz").map(|r| r.0)

@@ -85,6 +85,10 @@ pub struct RolloutArgs {
     /// Directory for the workers' configuration and logs (default: a new one under /tmp).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// librdkafka consumer settings for every worker (`STREAMOPS_KAFKA_CONSUMER_OVERRIDES`,
+    /// `key=value,key=value`), to measure a tuning; none by default (the worker's own defaults).
+    #[arg(long)]
+    pub consumer_overrides: Option<String>,
 }
 
 fn fail(msg: String) -> ! {
@@ -124,6 +128,9 @@ impl Worker {
             .stderr(log);
         if setup == Setup::Static {
             cmd.args(["--instance-id", name]);
+        }
+        if let Some(o) = &args.consumer_overrides {
+            cmd.env("STREAMOPS_KAFKA_CONSUMER_OVERRIDES", o);
         }
         let child = cmd
             .spawn()
