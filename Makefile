@@ -34,6 +34,10 @@ $(VENV)/.installed: scripts/requirements-validate.txt
 validate: $(VENV)/.installed ## Validate manifests, examples and the chart offline
 	$(VENV)/bin/python scripts/validate_manifests.py
 
+.PHONY: alerts-test
+alerts-test: $(VENV)/.installed ## Check and unit-test the chart's PrometheusRule with promtool (built once from Go modules)
+	$(VENV)/bin/python scripts/alerts_test.py
+
 .PHONY: test
 test: dev-up cluster-build ## Run every test: unit, integration (broker, PostgreSQL, Redis), mock-API, real control plane, manifests
 	$(CARGO) build --workspace --bins

@@ -76,6 +76,14 @@ COUNTERS = {
     "streamops_operator_reconcile_failures_total": {"error"},
     "streamops_operator_lag_read_failures_total": {"reason"},
     "streamops_operator_scale_decisions_total": {"reason"},
+    "streamops_fraud_transactions_stored_total": set(),
+    "streamops_fraud_flagged_total": set(),
+    "streamops_fraud_scoring_rejected_total": set(),
+    "streamops_fraud_scoring_calls_total": {"outcome"},
+    "streamops_pipeline_trigger_events_counted_total": set(),
+    "streamops_pipeline_trigger_claimed_total": set(),
+    "streamops_pipeline_trigger_deliveries_total": {"outcome"},
+    "streamops_pipeline_trigger_delivery_attempts_total": {"outcome"},
 }
 GAUGES = {
     "streamops_partition_lag": {"topic", "partition"},
@@ -84,12 +92,16 @@ GAUGES = {
     "streamops_operator_consumer_members": {"namespace", "name"},
     "streamops_operator_consumer_lag_read_timestamp_seconds": {"namespace", "name"},
     "streamops_operator_autoscaler_replicas": {"namespace", "name"},
+    "streamops_fraud_circuit_state": set(),
+    "streamops_pipeline_trigger_window_events": set(),
+    "streamops_pipeline_trigger_pending": set(),
 }
 HISTOGRAMS = {
     "streamops_batch_size": set(),
     "streamops_batch_duration_seconds": set(),
     "streamops_db_write_duration_seconds": set(),
     "streamops_operator_reconcile_duration_seconds": set(),
+    "streamops_fraud_scoring_duration_seconds": set(),
 }
 # Labels that Prometheus adds to every scraped series (ServiceMonitor/PodMonitor target labels).
 SCRAPE_LABELS = {"namespace", "pod", "container", "job", "instance", "service", "endpoint"}

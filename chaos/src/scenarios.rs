@@ -872,13 +872,22 @@ async fn reconcile(stack: &Stack, lane: &Lane, scenario: Scenario, messages: u64
             .fetch_one(pool)
             .await?;
             let scoring_failed: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM streamops_rejections WHERE reason = 'scoring_failed'",
+                "SELECT count(*) FROM streamops_rejections WHERE reason = 'scoring_rejected'",
             )
             .fetch_one(pool)
             .await?;
             if pred != tx {
                 wrong = true;
                 notes.push(format!("{pred} predictions for {tx} transactions"));
+            }
+            // A scorer outage pauses consumption: it never sends a transaction to the error
+            // topic (only the scorer refusing one as invalid does, and the reference scorer
+            // accepts everything the decoder accepts).
+            if scoring_failed != 0 {
+                wrong = true;
+                notes.push(format!(
+                    "{scoring_failed} transactions rejected by the scorer; expected none"
+                ));
             }
             let invalid = rej_rows - scoring_failed;
             if invalid as u64 != lane.expected_poison {
@@ -889,7 +898,7 @@ async fn reconcile(stack: &Stack, lane: &Lane, scenario: Scenario, messages: u64
                 ));
             }
             notes.push(format!(
-                "{tx} scored, {scoring_failed} to the error topic after scoring retries"
+                "{tx} scored, {scoring_failed} refused by the scorer"
             ));
         }
         HandlerKind::PipelineTrigger => {

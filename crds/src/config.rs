@@ -119,6 +119,12 @@ pub struct KafkaConfig {
     /// session and heartbeat timeouts.
     #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
     pub group_protocol: GroupProtocol,
+    /// `session.timeout.ms`.
+    #[serde(default = "crate::v1alpha1::default_session_timeout_ms")]
+    pub session_timeout_ms: u32,
+    /// `max.poll.interval.ms`.
+    #[serde(default = "crate::v1alpha1::default_max_poll_interval_ms")]
+    pub max_poll_interval_ms: u32,
 }
 
 /// A handler with its resolved settings.
@@ -222,6 +228,8 @@ impl WorkerConfig {
                 ssl_key_location: client_cert
                     .map(|_| format!("{TLS_MOUNT_DIR}/client/{TLS_KEY_KEY}")),
                 group_protocol: spec.kafka.group_protocol,
+                session_timeout_ms: spec.kafka.session_timeout_ms,
+                max_poll_interval_ms: spec.kafka.max_poll_interval_ms,
             },
             handler,
             error_topic: spec.error_topic.clone().unwrap_or_else(|| {
@@ -232,7 +240,7 @@ impl WorkerConfig {
             max_message_bytes: spec.max_message_bytes,
             http_listen: default_http_listen(),
             log_level: spec.log_level.unwrap_or_default(),
-            progress_every: DEFAULT_PROGRESS_EVERY,
+            progress_every: spec.progress_every.unwrap_or(DEFAULT_PROGRESS_EVERY),
         })
     }
 
@@ -292,8 +300,21 @@ pub fn stream_consumer_from_manifest(text: &str) -> Result<StreamConsumer, Confi
         0 => Err(ConfigError::Manifest(
             "the file holds no document of kind StreamConsumer".into(),
         )),
-        1 => serde_json::from_value(found.remove(0))
-            .map_err(|e| ConfigError::Manifest(e.to_string())),
+        1 => {
+            let doc = found.remove(0);
+            // Strict field validation, as the API server applies it.
+            let unknown = crate::strict::unknown_fields(&doc);
+            if !unknown.is_empty() {
+                return Err(ConfigError::Manifest(
+                    unknown
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ));
+            }
+            serde_json::from_value(doc).map_err(|e| ConfigError::Manifest(e.to_string()))
+        }
         n => Err(ConfigError::Manifest(format!(
             "the file holds {n} StreamConsumer documents; expected exactly one"
         ))),

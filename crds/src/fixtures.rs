@@ -26,6 +26,8 @@ impl StreamConsumerSpec {
                     fraud_threshold: 0.8,
                     circuit_breaker_failures: 5,
                     circuit_breaker_reset_ms: 30_000,
+                    protocol: ScoringProtocol::Streamops,
+                    retry_backoff: RetryBackoff::default(),
                 })
             }
             HandlerKind::PipelineTrigger => {
@@ -34,12 +36,14 @@ impl StreamConsumerSpec {
                     max_events: 1000,
                     max_time_seconds: 300,
                     trigger_on_empty_window: false,
+                    consumer_id: None,
                     webhook: Some(WebhookSpec {
                         url: "http://127.0.0.1:8081/hook".into(),
                         timeout_ms: 5000,
                         max_retries: 5,
                         headers: Default::default(),
                         secret_headers: Vec::new(),
+                        retry_backoff: default_webhook_backoff(),
                     }),
                     job: None,
                 })
@@ -61,6 +65,8 @@ impl StreamConsumerSpec {
                 on_offset_gap: Default::default(),
                 security: None,
                 group_protocol: Default::default(),
+                session_timeout_ms: default_session_timeout_ms(),
+                max_poll_interval_ms: default_max_poll_interval_ms(),
             },
             handler,
             sink: SinkSpec {
@@ -83,6 +89,7 @@ impl StreamConsumerSpec {
             image: None,
             resources: None,
             log_level: None,
+            progress_every: None,
             cleanup_policy: CleanupPolicy::Retain,
             autoscaling: None,
             suspend: false,

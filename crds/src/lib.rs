@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod gap;
 pub mod job_template;
 pub mod lag_report;
+pub mod strict;
 pub mod v1alpha1;
 pub mod validate;
 

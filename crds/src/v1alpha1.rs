@@ -135,12 +135,21 @@ pub struct StreamConsumerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// Worker log level: error, warn, info, debug or trace.
+    /// Worker log level: error, warn, info, debug or trace. At debug, every message received and
+    /// every result (fraud: each score) is logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
 
-    /// What happens to the consumer group when this resource is deleted. Sink data is never
-    /// touched.
+    /// A progress line (messages processed and rejected so far) is logged every this many
+    /// messages (seed 003 logged every 100). 1-100000000; default 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub progress_every: Option<u64>,
+
+    /// What happens to the Kafka consumer group when this resource is deleted. Sink data, and the
+    /// consumed offsets stored in PostgreSQL with it, are never touched: a StreamConsumer created
+    /// later with the same group id and database resumes where this one stopped, whichever policy
+    /// ran. To process a topic again, use a new group id or a replay.
     #[serde(default)]
     pub cleanup_policy: CleanupPolicy,
 
@@ -214,6 +223,7 @@ fn default_max_message_bytes() -> u32 {
 
 /// Kafka connection and consumer-group settings.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.sessionTimeoutMs <= self.maxPollIntervalMs").message("sessionTimeoutMs must not exceed maxPollIntervalMs").field_path(".sessionTimeoutMs"))]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSpec {
     /// Comma-separated `host:port` list of bootstrap brokers.
@@ -255,6 +265,32 @@ pub struct KafkaSpec {
     /// timeout and heartbeat interval).
     #[serde(default, skip_serializing_if = "GroupProtocol::is_classic")]
     pub group_protocol: GroupProtocol,
+
+    /// Kafka's `session.timeout.ms`: how long the group coordinator waits for a heartbeat before
+    /// it removes a member (a static member: before its partitions move to others). Between 6000
+    /// and 300000 (the broker's `group.min/max.session.timeout.ms` defaults), at most
+    /// `maxPollIntervalMs`. Default 45000. Classic protocol only: under `consumer` (KIP-848) the
+    /// broker's `group.consumer.session.timeout.ms` decides.
+    #[serde(default = "default_session_timeout_ms")]
+    #[schemars(range(min = 6000, max = 300000))]
+    pub session_timeout_ms: u32,
+
+    /// Kafka's `max.poll.interval.ms`: the longest a member may go without polling before it
+    /// leaves the group. The worker polls while a batch waits for a dependency, so this only
+    /// matters if a poll stalls. Between 10000 and 86400000. Default 300000.
+    #[serde(default = "default_max_poll_interval_ms")]
+    #[schemars(range(min = 10000, max = 86400000))]
+    pub max_poll_interval_ms: u32,
+}
+
+/// Default of `spec.kafka.sessionTimeoutMs`.
+pub fn default_session_timeout_ms() -> u32 {
+    45_000
+}
+
+/// Default of `spec.kafka.maxPollIntervalMs`.
+pub fn default_max_poll_interval_ms() -> u32 {
+    300_000
 }
 
 /// Consumer group protocol (`group.protocol` of the Kafka client).
@@ -593,6 +629,92 @@ pub struct FraudSettings {
     #[serde(default = "default_breaker_reset_ms")]
     #[schemars(range(min = 100, max = 3600000))]
     pub circuit_breaker_reset_ms: u32,
+    /// The scoring API's protocol: `streamops` (the reference scorer's `POST /predict`),
+    /// `kserve-v1` (KServe/Seldon V1: `{"instances": [...]}` -> `{"predictions": [...]}`, URL
+    /// `.../v1/models/NAME:predict`) or `open-inference-v2` (the Open Inference Protocol, URL
+    /// `.../v2/models/NAME/infer`). The feature vector sent for `kserve-v1` and
+    /// `open-inference-v2` is documented in the worker's fraud handler.
+    #[serde(default)]
+    pub protocol: ScoringProtocol,
+    /// Backoff between the retries of a failed scoring call.
+    #[serde(default)]
+    pub retry_backoff: RetryBackoff,
+}
+
+/// Protocol of a scoring API.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum ScoringProtocol {
+    /// The reference scorer's `POST /predict` with named fields.
+    #[default]
+    #[serde(rename = "streamops")]
+    Streamops,
+    /// KServe/Seldon V1: `{"instances": [[...], ...]}` -> `{"predictions": [...]}`.
+    #[serde(rename = "kserve-v1")]
+    KserveV1,
+    /// Open Inference Protocol (KServe V2, Triton, Seldon MLServer): `inputs`/`outputs` tensors.
+    #[serde(rename = "open-inference-v2")]
+    OpenInferenceV2,
+}
+
+impl ScoringProtocol {
+    /// The name used in specs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Streamops => "streamops",
+            Self::KserveV1 => "kserve-v1",
+            Self::OpenInferenceV2 => "open-inference-v2",
+        }
+    }
+}
+
+/// Capped exponential backoff between retries: retry `n` (1-based) waits
+/// `baseMs * factor^(n-1)`, at most `capMs`, times a random factor between 0.5 and 1 so that
+/// replicas do not retry in lockstep.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.baseMs <= self.capMs").message("baseMs must not exceed capMs").field_path(".baseMs"))]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBackoff {
+    /// Delay before the first retry, in milliseconds (1-60000). Default 100.
+    #[serde(default = "default_backoff_base_ms")]
+    #[schemars(range(min = 1, max = 60000))]
+    pub base_ms: u32,
+    /// Growth of the delay from one retry to the next (1-10). Default 2.
+    #[serde(default = "default_backoff_factor")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub factor: f64,
+    /// Longest delay between two attempts, in milliseconds (1-600000). Default 5000.
+    #[serde(default = "default_backoff_cap_ms")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub cap_ms: u32,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self {
+            base_ms: default_backoff_base_ms(),
+            factor: default_backoff_factor(),
+            cap_ms: default_backoff_cap_ms(),
+        }
+    }
+}
+
+impl RetryBackoff {
+    /// The full (un-jittered) delay before retry `retry` (1-based).
+    pub fn ceiling(&self, retry: u32) -> std::time::Duration {
+        let exp = retry.saturating_sub(1).min(64) as i32;
+        let ms = f64::from(self.base_ms) * self.factor.max(1.0).powi(exp);
+        std::time::Duration::from_millis(ms.min(f64::from(self.cap_ms)) as u64)
+    }
+}
+
+fn default_backoff_base_ms() -> u32 {
+    100
+}
+fn default_backoff_factor() -> f64 {
+    2.0
+}
+fn default_backoff_cap_ms() -> u32 {
+    5000
 }
 
 fn default_timeout_ms() -> u32 {
@@ -631,6 +753,13 @@ pub struct PipelineTriggerSettings {
     /// Whether the time threshold triggers a window with no events in it.
     #[serde(default)]
     pub trigger_on_empty_window: bool,
+    /// The consumer id of seed 004's configuration: names the Redis counters
+    /// (`consumer:<id>:events`), the `/consumer/info/<id>` endpoint and the `consumer_id` of every
+    /// trigger. Defaults to `namespace/name` of the StreamConsumer. 1-253 characters of
+    /// `[a-zA-Z0-9._:/-]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-zA-Z0-9._:/-]+$"))]
+    pub consumer_id: Option<String>,
     /// Trigger by an HTTP POST.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
@@ -659,12 +788,24 @@ pub struct WebhookSpec {
     /// any name containing token, secret, key or password) are refused inline.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// Backoff between the retries of a failed call (default: 250 ms, factor 2, at most 30 s).
+    #[serde(default = "default_webhook_backoff")]
+    pub retry_backoff: RetryBackoff,
     /// HTTP headers whose values come from Secrets, such as `Authorization`. The kubelet puts each
     /// value into the worker's environment (`STREAMOPS_WEBHOOK_HEADER_<index>`); it never appears
     /// in the StreamConsumer, the worker configuration, logs or status.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub secret_headers: Vec<SecretHeader>,
+}
+
+/// Default of `webhook.retryBackoff`; also the backoff of Job triggers.
+pub fn default_webhook_backoff() -> RetryBackoff {
+    RetryBackoff {
+        base_ms: 250,
+        factor: 2.0,
+        cap_ms: 30_000,
+    }
 }
 
 /// An HTTP header whose value is read from a Secret.
@@ -954,7 +1095,9 @@ pub enum CleanupPolicy {
     /// Keep the consumer group and its committed offsets.
     #[default]
     Retain,
-    /// Delete the consumer group, and with it its committed offsets.
+    /// Delete the Kafka consumer group and the offsets committed to Kafka, which are advisory
+    /// (lag tools read them). It does not reset processing: the authoritative offsets are stored
+    /// in PostgreSQL with the results and are kept.
     DeleteConsumerGroup,
 }
 

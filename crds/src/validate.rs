@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::v1alpha1::{HandlerKind, StreamConsumerSpec};
+use crate::v1alpha1::{HandlerKind, RetryBackoff, StreamConsumerSpec};
 
 /// One invalid field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,29 @@ impl fmt::Display for SpecError {
 
 #[derive(Default)]
 struct Collector(Vec<FieldError>);
+
+fn check_backoff(c: &mut Collector, field: &str, b: &RetryBackoff) {
+    c.check(
+        (1..=60_000).contains(&b.base_ms),
+        &format!("{field}.baseMs"),
+        "must be between 1 and 60000",
+    );
+    c.check(
+        b.factor.is_finite() && (1.0..=10.0).contains(&b.factor),
+        &format!("{field}.factor"),
+        "must be between 1 and 10",
+    );
+    c.check(
+        (1..=600_000).contains(&b.cap_ms),
+        &format!("{field}.capMs"),
+        "must be between 1 and 600000",
+    );
+    c.check(
+        b.base_ms <= b.cap_ms,
+        &format!("{field}.baseMs"),
+        "must not exceed capMs",
+    );
+}
 
 impl Collector {
     fn check(&mut self, ok: bool, field: &str, message: impl Into<String>) {
@@ -182,6 +205,21 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
         "spec.kafka.groupId",
         "must be 1-255 characters",
     );
+    c.check(
+        (6_000..=300_000).contains(&k.session_timeout_ms),
+        "spec.kafka.sessionTimeoutMs",
+        "must be between 6000 and 300000",
+    );
+    c.check(
+        (10_000..=86_400_000).contains(&k.max_poll_interval_ms),
+        "spec.kafka.maxPollIntervalMs",
+        "must be between 10000 and 86400000",
+    );
+    c.check(
+        k.session_timeout_ms <= k.max_poll_interval_ms,
+        "spec.kafka.sessionTimeoutMs",
+        "must not exceed maxPollIntervalMs",
+    );
     if let Some(sec) = &k.security {
         if sec.protocol.uses_sasl() {
             c.check(
@@ -234,6 +272,13 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
         "spec.batch.maxWaitMs",
         "must be between 1 and 60000",
     );
+    if let Some(p) = spec.progress_every {
+        c.check(
+            (1..=100_000_000).contains(&p),
+            "spec.progressEvery",
+            "must be between 1 and 100000000",
+        );
+    }
     c.check(
         (1024..=64 * 1024 * 1024).contains(&spec.max_message_bytes),
         "spec.maxMessageBytes",
@@ -313,6 +358,7 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
                     "spec.handler.fraud.circuitBreakerFailures",
                     "must be at least 1",
                 );
+                check_backoff(&mut c, "spec.handler.fraud.retryBackoff", &f.retry_backoff);
             }
         },
         HandlerKind::PipelineTrigger => match &h.pipeline_trigger {
@@ -348,7 +394,24 @@ pub fn validate_spec(spec: &StreamConsumerSpec) -> Result<(), SpecError> {
                         "spec.handler.pipelineTrigger.webhook.url",
                         "must be an http:// or https:// URL",
                     );
+                    check_backoff(
+                        &mut c,
+                        "spec.handler.pipelineTrigger.webhook.retryBackoff",
+                        &w.retry_backoff,
+                    );
                     check_webhook_headers(&mut c, w);
+                }
+                if let Some(id) = &p.consumer_id {
+                    c.check(
+                        !id.is_empty()
+                            && id.len() <= 253
+                            && id.bytes().all(|b| {
+                                b.is_ascii_alphanumeric()
+                                    || matches!(b, b'.' | b'_' | b':' | b'/' | b'-')
+                            }),
+                        "spec.handler.pipelineTrigger.consumerId",
+                        "must be 1-253 characters of [a-zA-Z0-9._:/-]",
+                    );
                 }
                 if let Some(j) = &p.job {
                     match crate::job_template::parse_template(&j.template) {

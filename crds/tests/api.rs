@@ -468,3 +468,113 @@ fn cel_rules_reject_what_the_rust_validation_rejects() {
         "spec.autoscaling.minReplicas"
     );
 }
+
+#[test]
+fn a_local_spec_with_misspelt_fields_is_refused_and_every_one_is_named() {
+    let manifest = r#"
+apiVersion: streamops.dev/v1alpha1
+kind: StreamConsumer
+metadata: {name: x}
+spec:
+  replicaz: 3
+  kafka: {bootstrapServers: "kafka:9092", topics: [t], groupId: g, autoOfsetReset: latest}
+  handler: {kind: moving-average, movingAverage: {windw: 7}}
+  sink: {postgres: {urlSecretRef: {name: pg, key: url}}}
+"#;
+    let err = stream_consumer_from_manifest(manifest)
+        .unwrap_err()
+        .to_string();
+    for field in [
+        "\"spec.replicaz\"",
+        "\"spec.kafka.autoOfsetReset\"",
+        "\"spec.handler.movingAverage.windw\"",
+    ] {
+        assert!(err.contains(field), "{field} is not named in: {err}");
+    }
+    assert!(err.contains("did you mean \"window\""), "{err}");
+}
+
+#[test]
+fn new_settings_are_range_checked_and_name_their_field() {
+    use streamops_crds::v1alpha1::RetryBackoff;
+    let fields = |spec: &StreamConsumerSpec| -> Vec<String> {
+        validate_spec(spec)
+            .err()
+            .map(|e| e.errors.into_iter().map(|f| f.field).collect())
+            .unwrap_or_default()
+    };
+    let mut s = StreamConsumerSpec::example(HandlerKind::Fraud);
+    assert!(fields(&s).is_empty());
+    s.kafka.session_timeout_ms = 1_000;
+    s.kafka.max_poll_interval_ms = 5_000;
+    assert_eq!(
+        fields(&s),
+        vec![
+            "spec.kafka.sessionTimeoutMs",
+            "spec.kafka.maxPollIntervalMs"
+        ]
+    );
+    s.kafka.session_timeout_ms = 120_000;
+    s.kafka.max_poll_interval_ms = 60_000;
+    assert_eq!(fields(&s), vec!["spec.kafka.sessionTimeoutMs"]);
+    let mut s = StreamConsumerSpec::example(HandlerKind::Fraud);
+    s.handler.fraud.as_mut().unwrap().retry_backoff = RetryBackoff {
+        base_ms: 10_000,
+        factor: 0.5,
+        cap_ms: 1_000,
+    };
+    assert_eq!(
+        fields(&s),
+        vec![
+            "spec.handler.fraud.retryBackoff.factor",
+            "spec.handler.fraud.retryBackoff.baseMs"
+        ]
+    );
+    let mut s = StreamConsumerSpec::example(HandlerKind::PipelineTrigger);
+    let pt = s.handler.pipeline_trigger.as_mut().unwrap();
+    pt.webhook.as_mut().unwrap().retry_backoff.cap_ms = 0;
+    pt.consumer_id = Some("consumer 1".into());
+    s.progress_every = Some(0);
+    assert_eq!(
+        fields(&s),
+        vec![
+            "spec.progressEvery",
+            "spec.handler.pipelineTrigger.webhook.retryBackoff.capMs",
+            "spec.handler.pipelineTrigger.webhook.retryBackoff.baseMs",
+            "spec.handler.pipelineTrigger.consumerId"
+        ]
+    );
+}
+
+#[test]
+fn the_new_settings_reach_the_worker_configuration_with_the_documented_defaults() {
+    let manifest = r#"
+apiVersion: streamops.dev/v1alpha1
+kind: StreamConsumer
+metadata: {name: x, namespace: ns}
+spec:
+  kafka: {bootstrapServers: "kafka:9092", topics: [t], groupId: g, sessionTimeoutMs: 10000}
+  handler: {kind: fraud, fraud: {scoringUrl: "http://m/v2/models/f/infer", protocol: open-inference-v2}}
+  sink: {postgres: {urlSecretRef: {name: pg, key: url}}}
+"#;
+    let cfg =
+        WorkerConfig::from_resource(&stream_consumer_from_manifest(manifest).unwrap()).unwrap();
+    assert_eq!(cfg.kafka.session_timeout_ms, 10_000);
+    assert_eq!(cfg.progress_every, 10_000, "the default progress interval");
+    assert_eq!(cfg.kafka.max_poll_interval_ms, 300_000);
+    let Handler::Fraud(f) = cfg.handler else {
+        panic!("fraud")
+    };
+    assert_eq!(
+        f.protocol,
+        streamops_crds::v1alpha1::ScoringProtocol::OpenInferenceV2
+    );
+    assert_eq!(
+        (
+            f.retry_backoff.base_ms,
+            f.retry_backoff.factor,
+            f.retry_backoff.cap_ms
+        ),
+        (100, 2.0, 5_000)
+    );
+}

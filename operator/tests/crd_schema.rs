@@ -566,6 +566,37 @@ fn cases() -> Vec<RuleCase> {
             valid: vec![pipeline(true, false), pipeline(false, true)],
             invalid: vec![pipeline(true, true), pipeline(false, false)],
         },
+        RuleCase {
+            rule: "self.sessionTimeoutMs <= self.maxPollIntervalMs",
+            message: Some("sessionTimeoutMs must not exceed maxPollIntervalMs"),
+            valid: vec![
+                StreamConsumer::test(),
+                StreamConsumer::test().with_spec(|s| {
+                    s.kafka.session_timeout_ms = 60_000;
+                    s.kafka.max_poll_interval_ms = 60_000;
+                }),
+            ],
+            invalid: vec![StreamConsumer::test().with_spec(|s| {
+                s.kafka.session_timeout_ms = 120_000;
+                s.kafka.max_poll_interval_ms = 60_000;
+            })],
+        },
+        RuleCase {
+            rule: "self.baseMs <= self.capMs",
+            message: Some("baseMs must not exceed capMs"),
+            valid: vec![of(HandlerKind::Fraud), of(HandlerKind::PipelineTrigger)],
+            invalid: vec![
+                of(HandlerKind::Fraud).with_spec(|s| {
+                    let b = &mut s.handler.fraud.as_mut().unwrap().retry_backoff;
+                    b.base_ms = 6_000;
+                    b.cap_ms = 5_000;
+                }),
+                of(HandlerKind::PipelineTrigger).with_spec(|s| {
+                    let w = s.handler.pipeline_trigger.as_mut().unwrap().webhook.as_mut().unwrap();
+                    w.retry_backoff.base_ms = 40_000;
+                }),
+            ],
+        },
     ]
 }
 

@@ -35,11 +35,16 @@ impl Clone for Backoff {
 /// adds up to 100% to each delay, so it starts from half the base and is capped at half the
 /// maximum.
 pub fn builder(base: Duration, max: Duration) -> ExponentialBuilder {
+    builder_with_factor(base, max, 2.0)
+}
+
+/// As [`builder`], with the delay growing by `factor` (at least 1) instead of doubling.
+pub fn builder_with_factor(base: Duration, max: Duration, factor: f64) -> ExponentialBuilder {
     let max = max.max(base);
     ExponentialBuilder::new()
         .with_min_delay(base / 2)
         .with_max_delay(max / 2)
-        .with_factor(2.0)
+        .with_factor(factor.max(1.0) as f32)
         .with_jitter()
         .without_max_times()
 }
@@ -53,6 +58,25 @@ impl Backoff {
             delays: builder.build(),
             attempt: 0,
         }
+    }
+
+    /// A backoff starting at `base`, growing by `factor`, never exceeding `max`.
+    pub fn with_factor(base: Duration, max: Duration, factor: f64) -> Self {
+        let builder = builder_with_factor(base, max, factor);
+        Self {
+            builder,
+            delays: builder.build(),
+            attempt: 0,
+        }
+    }
+
+    /// The backoff a spec's `retryBackoff` (base, factor, cap) describes.
+    pub fn from_spec(b: &streamops_crds::v1alpha1::RetryBackoff) -> Self {
+        Self::with_factor(
+            Duration::from_millis(u64::from(b.base_ms)),
+            Duration::from_millis(u64::from(b.cap_ms)),
+            b.factor,
+        )
     }
 
     /// The worker's default: 100 ms doubling up to 30 s.
@@ -122,6 +146,26 @@ mod tests {
         b.reset();
         assert_eq!(b.attempts(), 0);
         assert!(b.next_delay() <= ms(100));
+    }
+
+    #[test]
+    fn a_spec_backoff_grows_by_its_factor_from_its_base_up_to_its_cap() {
+        let spec = streamops_crds::v1alpha1::RetryBackoff {
+            base_ms: 50,
+            factor: 3.0,
+            cap_ms: 2_000,
+        };
+        for _ in 0..50 {
+            let mut b = Backoff::from_spec(&spec);
+            for retry in 1..=12u32 {
+                let ceiling = spec.ceiling(retry);
+                let d = b.next_delay();
+                assert!(
+                    d >= ceiling / 2 && d <= ceiling,
+                    "retry {retry}: {d:?} vs ceiling {ceiling:?}"
+                );
+            }
+        }
     }
 
     #[test]

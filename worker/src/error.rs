@@ -29,6 +29,9 @@ pub enum WorkerError {
     /// Migrations failed.
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A table the migrations would create already exists with other columns.
+    #[error("database schema: {0}")]
+    Schema(String),
     /// A handler failed in a way retrying cannot fix.
     #[error("handler: {0}")]
     Handler(#[from] HandlerError),

@@ -108,6 +108,10 @@ pub struct ConsumerSettings<'a> {
     pub statistics_interval_ms: u32,
     /// `group.protocol`.
     pub group_protocol: GroupProtocol,
+    /// `session.timeout.ms`.
+    pub session_timeout_ms: u32,
+    /// `max.poll.interval.ms`.
+    pub max_poll_interval_ms: u32,
 }
 
 impl KafkaClientSettings {
@@ -126,14 +130,15 @@ impl KafkaClientSettings {
             // partitions pause (`streamops-bench rollout`: see DEVELOPERS.md). One heartbeat a
             // second per member is a negligible load on the group coordinator.
             c.set("partition.assignment.strategy", "cooperative-sticky")
-                .set("session.timeout.ms", "45000")
+                .set("session.timeout.ms", s.session_timeout_ms.to_string())
+                // 1 s, well under a third of the shortest allowed session timeout (6 s).
                 .set("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS);
         }
         c.set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", s.auto_offset_reset)
-            .set("max.poll.interval.ms", "300000")
+            .set("max.poll.interval.ms", s.max_poll_interval_ms.to_string())
             .set("fetch.wait.max.ms", "100")
             // Prefetch: enough to keep the poll loop fed, small enough to bound memory. The
             // byte cap is for the whole consumer whatever the partition count; the fetcher
@@ -213,7 +218,12 @@ mod tests {
             auto_offset_reset: "earliest",
             statistics_interval_ms: 5000,
             group_protocol: GroupProtocol::Classic,
+            session_timeout_ms: 12_000,
+            max_poll_interval_ms: 600_000,
         });
+        assert_eq!(c.get("session.timeout.ms"), Some("12000"));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("1000"));
+        assert_eq!(c.get("max.poll.interval.ms"), Some("600000"));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("group.instance.id"), Some("w-0"));
@@ -222,7 +232,6 @@ mod tests {
             c.get("partition.assignment.strategy"),
             Some("cooperative-sticky")
         );
-        assert_eq!(c.get("session.timeout.ms"), Some("45000"));
     }
 
     #[test]
@@ -233,6 +242,8 @@ mod tests {
             auto_offset_reset: "earliest",
             statistics_interval_ms: 5000,
             group_protocol: GroupProtocol::Consumer,
+            session_timeout_ms: 12_000,
+            max_poll_interval_ms: 600_000,
         });
         assert_eq!(c.get("group.protocol"), Some("consumer"));
         for classic_only in [
@@ -246,6 +257,7 @@ mod tests {
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("1536"));
         assert_eq!(c.get("group.instance.id"), None);
+        assert_eq!(c.get("max.poll.interval.ms"), Some("600000"));
     }
 
     #[test]
@@ -257,6 +269,8 @@ mod tests {
                 auto_offset_reset: "earliest",
                 statistics_interval_ms: 0,
                 group_protocol,
+                session_timeout_ms: 45_000,
+                max_poll_interval_ms: 300_000,
             });
             // Creating a consumer validates every property without connecting.
             let created: Result<rdkafka::consumer::BaseConsumer, _> = c.create();

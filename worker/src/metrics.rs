@@ -39,6 +39,8 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Failed advisory Kafka commits.
     pub kafka_commit_failures: IntCounter,
+    /// 1 when `/readyz` answers 200 (set at every scrape).
+    pub ready: IntGauge,
     /// Gaps found in partitions' offsets (messages Kafka no longer had), by topic and kind
     /// (`retention`, `reset`).
     pub offset_gaps: IntCounterVec,
@@ -143,6 +145,11 @@ impl Metrics {
                 &r,
                 "streamops_outages_total",
                 "Times the worker entered outage backoff",
+            ),
+            ready: gauge(
+                &r,
+                "streamops_ready",
+                "1 when the worker is ready (what /readyz answers), at the time of the scrape",
             ),
             in_outage: gauge(
                 &r,

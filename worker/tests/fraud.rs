@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use sqlx::PgPool;
-use streamops_crds::v1alpha1::FraudSettings;
+use streamops_crds::v1alpha1::{FraudSettings, RetryBackoff, ScoringProtocol};
 use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::generate::{Event, Generated};
 use streamops_worker::handlers::fraud::{FraudHandler, FraudItem};
@@ -31,6 +31,8 @@ fn settings(url: &str) -> FraudSettings {
         fraud_threshold: 0.8,
         circuit_breaker_failures: 5,
         circuit_breaker_reset_ms: 30_000,
+        protocol: ScoringProtocol::Streamops,
+        retry_backoff: RetryBackoff::default(),
     }
 }
 
@@ -229,7 +231,7 @@ async fn malformed_answers_are_retried_and_the_batch_is_then_scored() {
 }
 
 #[tokio::test]
-async fn exhausted_retries_reject_the_transactions_with_the_last_error() {
+async fn exhausted_retries_fail_the_batch_for_a_later_retry_and_reject_nothing() {
     let s = scorer().await;
     s.set_faults(FaultPlan {
         status: Some(503),
@@ -238,37 +240,26 @@ async fn exhausted_retries_reject_the_transactions_with_the_last_error() {
     let mut cfg = settings(&s.predict_url());
     cfg.max_retries = 2;
     let (mut h, _, items) = direct(cfg, 30);
-    let p = h.prepare(items).await.unwrap();
-    assert!(p.items.is_empty());
-    assert_eq!(p.rejected.len(), 30);
-    let offsets: Vec<i64> = p.rejected.iter().map(|(pos, _)| pos.offset).collect();
-    assert_eq!(
-        offsets,
-        (0..30).collect::<Vec<_>>(),
-        "every transaction is rejected, none lost"
-    );
-    let r = &p.rejected[0].1;
-    assert_eq!(r.kind, RejectKind::ScoringFailed);
+    let e = h.prepare(items).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
     assert!(
-        r.detail
-            .starts_with("scoring failed after 3 attempt(s): scoring service answered HTTP 503"),
-        "{}",
-        r.detail
+        e.to_string().contains(
+            "scoring service unavailable: scoring failed after 3 attempt(s): scoring service answered HTTP 503"
+        ),
+        "{e}"
     );
     assert_eq!(s.stats().predict_requests, 3);
 }
 
 #[tokio::test]
-async fn unreachable_scorer_rejects_the_transactions_after_the_retries() {
+async fn an_unreachable_scorer_fails_the_batch_for_a_later_retry() {
     let mut cfg = settings(&dead_url());
     cfg.max_retries = 1;
     let (mut h, reg, items) = direct(cfg, 5);
-    let p = h.prepare(items).await.unwrap();
-    assert_eq!(p.rejected.len(), 5);
+    let e = h.prepare(items).await.unwrap_err();
     assert!(
-        p.rejected[0].1.detail.contains("unreachable"),
-        "{}",
-        p.rejected[0].1.detail
+        e.is_retryable() && e.to_string().contains("unreachable"),
+        "{e}"
     );
     assert_eq!(
         metric(
@@ -281,21 +272,32 @@ async fn unreachable_scorer_rejects_the_transactions_after_the_retries() {
 }
 
 #[tokio::test]
-async fn client_errors_reject_the_transactions_without_retrying() {
+async fn a_transaction_the_scorer_refuses_is_isolated_and_its_neighbours_are_scored() {
     let s = scorer().await;
-    s.set_faults(FaultPlan {
-        status: Some(422),
-        ..FaultPlan::default()
-    });
-    let (mut h, _, items) = direct(settings(&s.predict_url()), 5);
+    let (mut h, _, mut items) = direct(settings(&s.predict_url()), 20);
+    // The decoder accepts nothing the reference scorer refuses; alter one decoded transaction.
+    items[7].item.transaction.currency = "usd".into();
     let p = h.prepare(items).await.unwrap();
-    assert_eq!(p.rejected.len(), 5);
+    assert_eq!(p.rejected.len(), 1, "{:?}", p.rejected);
+    let (pos, r) = &p.rejected[0];
+    assert_eq!(pos.offset, 7);
+    assert_eq!(r.kind, RejectKind::ScoringRejected);
     assert!(
-        p.rejected[0].1.detail.contains("after 1 attempt(s)"),
+        r.detail.contains("HTTP 422") && r.detail.contains("currency"),
         "{}",
-        p.rejected[0].1.detail
+        r.detail
     );
-    assert_eq!(s.stats().predict_requests, 1);
+    assert_eq!(p.items.len(), 19);
+    let offsets: Vec<i64> = p.items.iter().map(|d| d.pos.offset).collect();
+    assert_eq!(
+        offsets,
+        (0..20).filter(|o| *o != 7).collect::<Vec<_>>(),
+        "scored items keep their order"
+    );
+    for d in &p.items {
+        let pred = d.item.prediction.as_ref().expect("prediction");
+        assert!((pred.score - expected_score(&d.item)).abs() < 1e-12);
+    }
 }
 
 #[tokio::test]
@@ -311,15 +313,12 @@ async fn open_circuit_breaker_fails_fast_and_a_successful_trial_call_closes_it()
     cfg.circuit_breaker_failures = 2;
     cfg.circuit_breaker_reset_ms = 400;
     let (mut h, reg, items) = direct(cfg, 20);
-    // Four groups: two failed calls open the breaker, the next two fail without a call.
-    let p = h.prepare(items.clone()).await.unwrap();
-    assert_eq!(p.rejected.len(), 20);
+    // Two failed calls (two attempts of the batch) open the breaker; the third fails fast.
+    assert!(h.prepare(items.clone()).await.is_err());
+    assert!(h.prepare(items.clone()).await.is_err());
+    let e = h.prepare(items.clone()).await.unwrap_err();
+    assert!(e.to_string().contains("circuit breaker open"), "{e}");
     assert_eq!(s.stats().predict_requests, 2);
-    assert!(
-        p.rejected[19].1.detail.contains("circuit breaker open"),
-        "{}",
-        p.rejected[19].1.detail
-    );
     assert_eq!(metric(&reg, "streamops_fraud_circuit_state", None), 1.0);
     assert_eq!(
         metric(&reg, "streamops_fraud_circuit_opened_total", None),
@@ -327,7 +326,6 @@ async fn open_circuit_breaker_fails_fast_and_a_successful_trial_call_closes_it()
     );
 
     // The service recovers; once the breaker's reset time has passed, a trial call closes it.
-    h.committed().await.unwrap();
     s.set_faults(FaultPlan::default());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let p = h.prepare(items).await.unwrap();
@@ -336,10 +334,37 @@ async fn open_circuit_breaker_fails_fast_and_a_successful_trial_call_closes_it()
 }
 
 #[tokio::test]
+async fn a_retried_batch_only_scores_the_transactions_still_unscored() {
+    let s = scorer().await;
+    let mut cfg = settings(&s.predict_url());
+    cfg.batch_size = 10;
+    cfg.max_retries = 0;
+    let (mut h, _, items) = direct(cfg, 30);
+    // The first group is scored, then the scorer fails.
+    h.prepare(items[..10].to_vec()).await.unwrap();
+    s.set_faults(FaultPlan {
+        status: Some(503),
+        ..FaultPlan::default()
+    });
+    assert!(h.prepare(items.clone()).await.is_err());
+    assert_eq!(s.stats().predict_requests, 2);
+    s.set_faults(FaultPlan::default());
+    h.reset();
+    let p = h.prepare(items.clone()).await.unwrap();
+    assert_all_scored(&p, 30);
+    assert_eq!(s.stats().predict_requests, 4, "two more calls, not three");
+    assert_eq!(s.stats().transactions, 30);
+    // After the commit, the same positions (a replay) are scored afresh.
+    h.committed().await.unwrap();
+    assert_all_scored(&h.prepare(items).await.unwrap(), 30);
+    assert_eq!(s.stats().transactions, 60);
+}
+
+#[tokio::test]
 async fn transactions_sent_to_the_error_topic_stay_rejected_when_their_batch_is_retried() {
     let s = scorer().await;
     s.set_faults(FaultPlan {
-        status: Some(500),
+        status: Some(422),
         ..FaultPlan::default()
     });
     let mut cfg = settings(&s.predict_url());
@@ -347,6 +372,7 @@ async fn transactions_sent_to_the_error_topic_stay_rejected_when_their_batch_is_
     let (mut h, _, items) = direct(cfg, 10);
     let first = h.prepare(items.clone()).await.unwrap();
     assert_eq!(first.rejected.len(), 10);
+    let calls = s.stats().predict_requests;
     // The transaction of the batch failed: the pipeline resets the handler and retries.
     h.reset();
     s.set_faults(FaultPlan::default());
@@ -355,10 +381,67 @@ async fn transactions_sent_to_the_error_topic_stay_rejected_when_their_batch_is_
         again.rejected, first.rejected,
         "the same transactions, with the same reason"
     );
-    assert_eq!(s.stats().predict_requests, 1, "no second scoring call");
+    assert_eq!(s.stats().predict_requests, calls, "no second scoring call");
     // Once a batch commits, the next batches are scored normally.
     h.committed().await.unwrap();
     assert_all_scored(&h.prepare(items).await.unwrap(), 10);
+}
+
+/// Every protocol, against the reference scorer's endpoint for it.
+async fn protocol_scores_every_transaction(protocol: ScoringProtocol) {
+    let s = scorer().await;
+    let mut cfg = settings(&s.url_for(protocol));
+    cfg.protocol = protocol;
+    cfg.batch_size = 25;
+    let (mut h, _, items) = direct(cfg, 60);
+    let p = h.prepare(items).await.unwrap();
+    assert!(p.rejected.is_empty(), "{:?}", p.rejected.first());
+    assert_eq!(p.items.len(), 60);
+    for d in &p.items {
+        let pred = d.item.prediction.as_ref().expect("prediction");
+        assert!(
+            (pred.score - expected_score(&d.item)).abs() < 1e-12,
+            "{}: {} vs {}",
+            protocol.as_str(),
+            pred.score,
+            expected_score(&d.item)
+        );
+        assert_eq!(&*pred.model_version, model::MODEL_VERSION);
+    }
+    assert_eq!(s.stats().predict_requests, 3);
+    assert_eq!(s.stats().transactions, 60);
+}
+
+#[tokio::test]
+async fn the_streamops_protocol_scores_every_transaction_like_the_reference_model() {
+    protocol_scores_every_transaction(ScoringProtocol::Streamops).await;
+}
+
+#[tokio::test]
+async fn the_kserve_v1_protocol_scores_every_transaction_like_the_reference_model() {
+    protocol_scores_every_transaction(ScoringProtocol::KserveV1).await;
+}
+
+#[tokio::test]
+async fn the_open_inference_v2_protocol_scores_every_transaction_like_the_reference_model() {
+    protocol_scores_every_transaction(ScoringProtocol::OpenInferenceV2).await;
+}
+
+#[tokio::test]
+async fn tensor_protocols_are_retried_through_an_outage_like_the_streamops_one() {
+    for protocol in [ScoringProtocol::KserveV1, ScoringProtocol::OpenInferenceV2] {
+        let s = scorer().await;
+        s.set_faults(FaultPlan {
+            status: Some(503),
+            count: Some(2),
+            ..FaultPlan::default()
+        });
+        let mut cfg = settings(&s.url_for(protocol));
+        cfg.protocol = protocol;
+        let (mut h, _, items) = direct(cfg, 10);
+        assert_all_scored(&h.prepare(items).await.unwrap(), 10);
+        assert_eq!(s.stats().predict_requests, 3, "{}", protocol.as_str());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,67 +750,101 @@ async fn invalid_transactions_land_in_the_error_topic_with_the_rule_they_broke()
     env.cleanup().await;
 }
 
+/// Stored predictions per transaction id: how many rows each id has.
+async fn predictions_per_transaction(pool: &PgPool) -> HashMap<String, i64> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT transaction_id, count(*) FROM predictions GROUP BY transaction_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_scorer_down_transactions_go_to_the_error_topic_after_the_retries_and_none_is_lost(
+async fn a_60_second_scorer_outage_mid_stream_leaves_every_valid_transaction_with_exactly_one_prediction(
 ) {
-    let mut env = TestEnv::new("fraud-down", HandlerKind::Fraud, 2).await;
-    let mut cfg = settings(&dead_url());
+    let s = scorer().await;
+    let addr = s.addr();
+    let mut env = TestEnv::new("fraud-outage", HandlerKind::Fraud, 2).await;
+    let mut cfg = settings(&s.predict_url());
     cfg.max_retries = 2;
     cfg.timeout_ms = 500;
+    cfg.circuit_breaker_reset_ms = 2_000;
     fraud_env(&mut env, cfg);
-    let first = env
-        .produce(&ProduceSpec::new(HandlerKind::Fraud, 300).seed(51))
-        .await;
+    env.config.batch.max_messages = 50;
+    env.config.batch.max_wait_ms = 50;
+    // About 75 s of traffic at 40 messages per second, 2% of it invalid.
+    let total = 3000u64;
+    let spec = ProduceSpec::new(HandlerKind::Fraud, total)
+        .seed(53)
+        .rate(40)
+        .poison(2.0);
+    let producer = {
+        let topic = env.topic.clone();
+        tokio::spawn(async move { produce_events(&topic, &spec).await })
+    };
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
     env.wait_for_offsets(300).await;
-    assert!(w.terminate_and_wait().success());
-    assert_eq!(env.count("transactions").await, 0);
-    assert_eq!(env.count("streamops_rejections").await, 300);
-    let records = env.consume_error_topic(300);
-    assert_eq!(
-        records.len(),
-        300,
-        "every transaction is on the error topic once"
-    );
-    let mut payloads: Vec<Vec<u8>> = records
-        .iter()
-        .map(|r| r.payload().unwrap().to_vec())
-        .collect();
-    let mut sent: Vec<Vec<u8>> = first.iter().map(|g| g.payload.clone()).collect();
-    payloads.sort();
-    sent.sort();
-    assert_eq!(payloads, sent);
-    let mut unreachable = 0;
-    for r in &records {
-        assert_eq!(
-            header(r, "streamops.error.reason").as_deref(),
-            Some("scoring_failed")
-        );
-        let d = header(r, "streamops.error.detail").unwrap();
-        // The breaker opens after five failed calls; later attempts fail fast.
-        assert!(
-            d.contains("after 3 attempt(s)")
-                && (d.contains("unreachable") || d.contains("circuit breaker open")),
-            "{d}"
-        );
-        unreachable += usize::from(d.contains("unreachable"));
-    }
-    assert!(unreachable > 0);
 
-    // The service is back: the next transactions are scored and stored.
-    let s = scorer().await;
-    fraud_env(&mut env, settings(&s.predict_url()));
-    let second = env
-        .produce(&ProduceSpec::new(HandlerKind::Fraud, 200).seed(52))
-        .await;
-    let mut w = env.start_worker("w-0");
-    w.wait_ready().await;
-    env.wait_for_offsets(500).await;
-    assert_predictions(
-        &independent_predictions(&second),
-        &stored_predictions(&env.pool).await,
+    // The scorer goes away for 60 s: connections are refused.
+    s.stop().await.expect("scorer stops");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let applied = env.applied_offsets().await;
+    assert!(applied < total as i64, "the outage was not mid-stream");
+    let mut readyz_seen_false = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        readyz_seen_false |= w.readyz() == Some(503);
+    }
+    assert_eq!(
+        env.applied_offsets().await,
+        applied,
+        "nothing commits while the scorer is down: consumption is paused"
     );
+    assert!(
+        readyz_seen_false,
+        "the worker reports not ready during the outage"
+    );
+    let refused: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM streamops_rejections WHERE reason = 'scoring_rejected'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        refused, 0,
+        "no transaction goes to the error topic because the scorer is down"
+    );
+
+    // The scorer returns on the same address.
+    let s = ScorerServer::spawn(addr, FaultPlan::default())
+        .await
+        .expect("scorer restarts on the same address");
+    let events = producer.await.expect("producer task");
+    env.wait_for_offsets(total as i64).await;
+    assert!(s.stats().transactions > 0);
+
+    let valid = independent_predictions(&events);
+    let poison = events.iter().filter(|g| g.poison.is_some()).count();
+    assert!(poison > 0 && !valid.is_empty());
+    let per_tx = predictions_per_transaction(&env.pool).await;
+    assert_eq!(
+        per_tx.len(),
+        valid.len(),
+        "every valid transaction has a prediction"
+    );
+    for id in valid.keys() {
+        assert_eq!(per_tx.get(id), Some(&1), "{id}: exactly one prediction");
+    }
+    assert_predictions(&valid, &stored_predictions(&env.pool).await);
+    // The error topic holds the invalid messages only, none for the outage.
+    assert_eq!(env.count("streamops_rejections").await, poison as i64);
+    let records = env.consume_error_topic(poison);
+    assert!(records
+        .iter()
+        .all(|r| header(r, "streamops.error.reason").as_deref() != Some("scoring_rejected")));
+    assert!(w.metric("streamops_fraud_scoring_calls_total{outcome=\"connect\"}") > 0.0);
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
 }
@@ -761,4 +878,51 @@ async fn a_slow_scorer_is_retried_after_timeouts_and_every_transaction_is_stored
     );
     assert!(w.terminate_and_wait().success());
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_table_left_by_the_original_service_is_refused_not_adopted() {
+    let (_url, pool) = fresh_database("fraud-foreign").await;
+    // Seed 003's own table (Flyway), with other columns.
+    sqlx::query(
+        "CREATE TABLE transactions (id UUID PRIMARY KEY, amount NUMERIC, created_at TIMESTAMPTZ)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let err = streamops_worker::db::migrate(&pool, &tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("table \"transactions\" already exists with other columns")
+            && err.contains("missing transaction_id")
+            && err.contains("unexpected id"),
+        "{err}"
+    );
+    let predictions: Option<String> = sqlx::query_scalar("SELECT to_regclass('predictions')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        predictions, None,
+        "nothing of the fraud migration was applied"
+    );
+
+    // The same database with the table renamed away: the migrations apply.
+    sqlx::query("ALTER TABLE transactions RENAME TO legacy_transactions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        streamops_worker::db::migrate(&pool, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap()
+    );
+    // Once applied, a second start does not trip over its own tables.
+    assert!(
+        streamops_worker::db::migrate(&pool, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap()
+    );
 }

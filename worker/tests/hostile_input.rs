@@ -300,6 +300,8 @@ async fn fraud_hostile_messages_go_to_the_error_topic_and_valid_ones_land() {
         fraud_threshold: 0.8,
         circuit_breaker_failures: 5,
         circuit_breaker_reset_ms: 30_000,
+        protocol: Default::default(),
+        retry_backoff: Default::default(),
     });
     let tx = |id: &str, merchant: &str| {
         format!("{{\"transaction_id\":\"{id}\",\"account_id\":\"a-1\",\"merchant\":\"{merchant}\",\"amount\":12.5,\"currency\":\"EUR\",{TS}}}")
@@ -334,6 +336,7 @@ async fn pipeline_trigger_hostile_messages_go_to_the_error_topic_and_valid_ones_
         max_events: 1_000_000,
         max_time_seconds: 86_400,
         trigger_on_empty_window: false,
+        consumer_id: None,
         // Never called: no threshold is reached.
         webhook: Some(WebhookSpec {
             url: "http://127.0.0.1:9/never".into(),
@@ -341,6 +344,7 @@ async fn pipeline_trigger_hostile_messages_go_to_the_error_topic_and_valid_ones_
             max_retries: 0,
             headers: Default::default(),
             secret_headers: Default::default(),
+            retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
         }),
         job: None,
     });

@@ -180,11 +180,13 @@ fn settings(
         max_events,
         max_time_seconds,
         trigger_on_empty_window: on_empty,
+        consumer_id: None,
         webhook: Some(WebhookSpec {
             url: url.to_string(),
             timeout_ms: 2000,
             max_retries: 3,
             headers: BTreeMap::from([("X-Team".to_string(), "data".to_string())]),
+            retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
             secret_headers: Vec::new(),
         }),
         job: None,
@@ -352,6 +354,154 @@ async fn concurrent_replicas_claim_exactly_one_trigger_per_threshold_crossing() 
     d.finish().await;
 }
 
+/// The first payload of each trigger, by sequence number.
+fn payloads(hook: &Receiver) -> BTreeMap<u64, Value> {
+    let mut out = BTreeMap::new();
+    for c in hook.calls() {
+        let seq = c.body["sequence"].as_u64().unwrap();
+        out.entry(seq).or_insert(c.body);
+    }
+    out
+}
+
+/// `(topic, partition) -> [(first, last, events, seq)]` in sequence order, after checking that
+/// each payload's ranges add up to its event count.
+fn ranges_by_partition(
+    payloads: &BTreeMap<u64, Value>,
+) -> BTreeMap<(String, i64), Vec<(i64, i64, u64, u64)>> {
+    let mut out: BTreeMap<(String, i64), Vec<(i64, i64, u64, u64)>> = BTreeMap::new();
+    for (seq, p) in payloads {
+        let ranges = p["offsets"].as_array().expect("offsets is a list");
+        let sum: u64 = ranges.iter().map(|r| r["events"].as_u64().unwrap()).sum();
+        assert_eq!(
+            sum,
+            p["event_count"].as_u64().unwrap(),
+            "trigger {seq}: {p}"
+        );
+        for r in ranges {
+            out.entry((
+                r["topic"].as_str().unwrap().to_string(),
+                r["partition"].as_i64().unwrap(),
+            ))
+            .or_default()
+            .push((
+                r["first_offset"].as_i64().unwrap(),
+                r["last_offset"].as_i64().unwrap(),
+                r["events"].as_u64().unwrap(),
+                *seq,
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_payloads_carry_offset_ranges_that_split_each_partition_into_exact_windows() {
+    let d = Direct::new("pt-ranges").await;
+    let hook = Receiver::start().await;
+    let s = settings(&hook.url(), 50, 3600, false);
+    let per_partition = 700i64;
+    let mut tasks = Vec::new();
+    for partition in 0..3 {
+        let mut h = d.handler(&s);
+        let pool = d.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut offset = 0;
+            while offset < per_partition {
+                // Batches of 37 straddle the windows of 50: boundaries fall inside batches.
+                let end = (offset + 37).min(per_partition);
+                run_batch(&mut h, &pool, events(partition, offset..end)).await;
+                run_batch(&mut h, &pool, events(partition, offset..end)).await;
+                offset = end;
+            }
+            h
+        }));
+    }
+    let mut handlers = Vec::new();
+    for t in tasks {
+        handlers.push(t.await.unwrap());
+    }
+    let expected = (3 * per_partition / 50) as usize;
+    hook.wait_for_triggers(expected).await;
+    let payloads = payloads(&hook);
+    assert_eq!(payloads.len(), expected);
+    let by_partition = ranges_by_partition(&payloads);
+    assert_eq!(by_partition.len(), 3, "{by_partition:?}");
+    for ((topic, partition), ranges) in &by_partition {
+        assert_eq!(topic, "events");
+        // In sequence order the ranges tile the partition: no offset in two windows, none in none.
+        let mut next = 0;
+        for &(first, last, n, seq) in ranges {
+            assert_eq!(
+                first, next,
+                "partition {partition}, trigger {seq}: {ranges:?}"
+            );
+            assert!(last >= first);
+            assert_eq!((last - first + 1) as u64, n, "every offset is an event");
+            next = last + 1;
+        }
+        assert_eq!(next, per_partition, "partition {partition}: {ranges:?}");
+    }
+    // The recorded runs keep the ranges (a trigger delivered after a restart sends the same).
+    d.wait_for_runs(expected, "delivered").await;
+    let stored: Vec<(i64, Value)> = sqlx::query_as::<_, (i64, sqlx::types::Json<Value>)>(
+        "SELECT seq, offsets FROM pipeline_runs WHERE consumer_id = $1 ORDER BY seq",
+    )
+    .bind(&d.consumer_id)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(s, j)| (s, j.0))
+    .collect();
+    for (seq, offsets) in stored {
+        let mut sent: Vec<Value> = payloads[&(seq as u64)]["offsets"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let mut kept = offsets.as_array().unwrap().clone();
+        let key = |v: &Value| (v["topic"].to_string(), v["partition"].as_i64());
+        sent.sort_by_key(key);
+        kept.sort_by_key(key);
+        assert_eq!(sent, kept, "trigger {seq}");
+    }
+    drop(handlers);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_trigger_carries_its_windows_ranges_and_uncounted_offsets_stay_outside_the_count() {
+    let d = Direct::new("pt-time-ranges").await;
+    let hook = Receiver::start().await;
+    let mut h = d.handler(&settings(&hook.url(), 1000, 1, false));
+    // Offsets 10..15 of partition 0 were not events (rejected before counting).
+    let mut batch = events(0, 0..10);
+    batch.extend(events(0, 15..20));
+    batch.extend(events(1, 3..4));
+    run_batch(&mut h, &d.pool, batch).await;
+    hook.wait_for_triggers(1).await;
+    let p = &payloads(&hook)[&1];
+    assert_eq!(p["reason"], "time");
+    assert_eq!(p["event_count"], 16);
+    assert!(p["window_start"].as_str().unwrap() < p["window_end"].as_str().unwrap());
+    assert_eq!(
+        p["offsets"],
+        json!([
+            {"topic": "events", "partition": 0, "first_offset": 0, "last_offset": 19, "events": 15},
+            {"topic": "events", "partition": 1, "first_offset": 3, "last_offset": 3, "events": 1},
+        ])
+    );
+    // The next window starts after the last counted offset.
+    run_batch(&mut h, &d.pool, events(0, 18..25)).await;
+    hook.wait_for_triggers(2).await;
+    let p = &payloads(&hook)[&2];
+    assert_eq!(
+        p["offsets"],
+        json!([{"topic": "events", "partition": 0, "first_offset": 20, "last_offset": 24, "events": 5}])
+    );
+    d.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_errors_are_retried_with_the_same_idempotency_key_and_every_attempt_is_recorded() {
     let d = Direct::new("pt-retry").await;
@@ -474,6 +624,7 @@ fn claimed(seq: u64) -> Claimed {
         window_start_ms: 1_710_930_600_000,
         window_end_ms: 1_710_930_660_000,
         pipeline: "nightly-load".into(),
+        offsets: Vec::new(),
     }
 }
 

@@ -184,6 +184,8 @@ impl Fixture {
                     fraud_threshold: 0.8,
                     circuit_breaker_failures: 5,
                     circuit_breaker_reset_ms: 30_000,
+                    protocol: Default::default(),
+                    retry_backoff: Default::default(),
                 });
                 f._scorer = Some(s);
             }
@@ -196,12 +198,14 @@ impl Fixture {
                     max_events: f.max_events,
                     max_time_seconds: 3600,
                     trigger_on_empty_window: false,
+                    consumer_id: None,
                     webhook: Some(WebhookSpec {
                         url: format!("http://{addr}/hook"),
                         timeout_ms: 2000,
                         max_retries: 3,
                         headers: Default::default(),
                         secret_headers: Default::default(),
+                        retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
                     }),
                     job: None,
                 });

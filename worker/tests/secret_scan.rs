@@ -65,11 +65,13 @@ async fn no_secret_value_appears_in_logs_metrics_or_consumer_info() {
         max_events: 10,
         max_time_seconds: 3600,
         trigger_on_empty_window: false,
+        consumer_id: None,
         webhook: Some(WebhookSpec {
             url: format!("http://{addr}/hook"),
             timeout_ms: 2000,
             max_retries: 3,
             headers: Default::default(),
+            retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
             secret_headers: vec![SecretHeader {
                 name: "Authorization".into(),
                 secret_key_ref: SecretKeyRef {

@@ -237,7 +237,11 @@ fn env_secret(name: &str, secret: &str, key: &str) -> EnvVar {
 fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
     let spec = &ctx.consumer.spec;
     let config = &ctx.config.config;
-    let mut env = vec![env_value(ENV_CONFIG_PATH, config_path())];
+    let mut env = vec![
+        env_value(ENV_CONFIG_PATH, config_path()),
+        // One JSON object per log line, for the cluster's log pipeline.
+        env_value("STREAMOPS_LOG_FORMAT", "json".into()),
+    ];
     let pg = &spec.sink.postgres.url_secret_ref;
     env.push(env_secret(ENV_DATABASE_URL, &pg.name, &pg.key));
     if config.handler.needs_redis() {
@@ -564,6 +568,13 @@ mod tests {
                 "{kind}: a pod-name instance id makes every rollout wait out the session timeout"
             );
         }
+    }
+
+    #[test]
+    fn workers_log_json() {
+        let d = with_ctx(&StreamConsumer::test(), build_deployment);
+        let e = env_of(&d, "STREAMOPS_LOG_FORMAT").expect("STREAMOPS_LOG_FORMAT is set");
+        assert_eq!(e.value.as_deref(), Some("json"));
     }
 
     #[test]

@@ -90,8 +90,8 @@ pub enum RejectKind {
     WrongType,
     /// A field has a value outside its domain (non-finite number, bad currency, ...).
     InvalidValue,
-    /// The scoring service could not score it after all retries (fraud).
-    ScoringFailed,
+    /// The scoring service refused it as invalid (fraud: a 4xx answer other than 408 and 429).
+    ScoringRejected,
     /// A value PostgreSQL cannot store (U+0000 in a text or JSON string or key).
     Unstorable,
     /// Nesting or the number of fields and elements beyond the limits of
@@ -113,7 +113,7 @@ impl RejectKind {
             Self::MissingField => "missing_field",
             Self::WrongType => "wrong_type",
             Self::InvalidValue => "invalid_value",
-            Self::ScoringFailed => "scoring_failed",
+            Self::ScoringRejected => "scoring_rejected",
             Self::Unstorable => "unstorable",
             Self::TooComplex => "too_complex",
             Self::DatabaseRefused => "database_refused",
@@ -189,7 +189,7 @@ impl HandlerError {
 pub struct Prepared<T> {
     /// Items that go on to `write`, in the order received.
     pub items: Vec<Decoded<T>>,
-    /// Items rejected during preparation (fraud: scoring failed after all retries). The pipeline
+    /// Items rejected during preparation (fraud: refused by the scorer as invalid). The pipeline
     /// routes them to the error topic before the transaction commits.
     pub rejected: Vec<(Position, Rejection)>,
 }

@@ -287,6 +287,8 @@ fn subscribe(
         auto_offset_reset: config.kafka.auto_offset_reset.as_str(),
         statistics_interval_ms: STATISTICS_INTERVAL_MS,
         group_protocol: config.kafka.group_protocol,
+        session_timeout_ms: config.kafka.session_timeout_ms,
+        max_poll_interval_ms: config.kafka.max_poll_interval_ms,
     });
     let consumer: Arc<PipelineConsumer> = Arc::new(StreamConsumer::from_config_and_context(
         &client_config,
@@ -621,6 +623,8 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
         self.apply_rebalance_events();
         match self.buffers.epochs.get(&tp) {
             Some(epoch) => {
+                tracing::debug!(topic = %tp.topic, partition = tp.partition,
+                    offset = m.offset(), "received message");
                 let lane = batch::lane_for(topic_hash, tp.partition, self.buffers.pending.len());
                 let raw = RawMessage {
                     topic: tp.topic,

@@ -212,9 +212,10 @@ async fn fraud(
     Ok(())
 }
 
-/// Rewinds the Redis counter of a consumer. KEYS: events, state, offsets, pending, last_trigger.
-/// ARGV: seq, window events, events total, last trigger JSON ('' for none), lease key prefix,
-/// then pairs of (`topic:partition`, last counted offset, -1 for none).
+/// Rewinds the Redis counter of a consumer. KEYS: events, state, offsets, pending, last_trigger,
+/// window. ARGV: seq, window events, events total, last trigger JSON ('' for none), lease key
+/// prefix, the number k of the window's partitions, k pairs (`topic:partition`,
+/// `first:last:events`), then pairs of (`topic:partition`, last counted offset, -1 for none).
 const REWIND_LUA: &str = r#"
 local seq = tonumber(ARGV[1])
 local old = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
@@ -232,7 +233,13 @@ end
 for s = seq + 1, old do
   redis.call('DEL', ARGV[5] .. s)
 end
-local i = 6
+redis.call('DEL', KEYS[6])
+local k = tonumber(ARGV[6])
+local i = 7
+for _ = 1, k do
+  redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
 while i <= #ARGV do
   if tonumber(ARGV[i + 1]) < 0 then
     redis.call('HDEL', KEYS[3], ARGV[i])
@@ -287,7 +294,7 @@ async fn pipeline_trigger(
     .await?;
     // Triggers are kept while the events they consumed lie before the reset point.
     let runs = sqlx::query(
-        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name
+        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name, offsets
            FROM pipeline_runs WHERE consumer_id = $1 ORDER BY seq FOR UPDATE",
     )
     .bind(consumer)
@@ -295,6 +302,8 @@ async fn pipeline_trigger(
     .await?;
     let mut consumed: i64 = 0;
     let mut kept: Option<Claimed> = None;
+    // Per partition, the last offset that a kept trigger's window holds.
+    let mut windowed: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for r in &runs {
         let count: i64 = r.try_get("event_count")?;
         if consumed + count > events {
@@ -313,7 +322,14 @@ async fn pipeline_trigger(
             window_start_ms: start.timestamp_millis(),
             window_end_ms: end.timestamp_millis(),
             pipeline: r.try_get("pipeline_name")?,
+            offsets: crate::handlers::pipeline_trigger::runs::offsets_of(r)?,
         });
+        for range in kept.iter().flat_map(|k| &k.offsets) {
+            let done = windowed
+                .entry((range.topic.clone(), range.partition))
+                .or_insert(range.last_offset);
+            *done = (*done).max(range.last_offset);
+        }
     }
     let kept_seq = kept.as_ref().map_or(0, |k| k.seq);
     let n = sqlx::query("DELETE FROM pipeline_runs WHERE consumer_id = $1 AND seq > $2")
@@ -329,6 +345,32 @@ async fn pipeline_trigger(
         "SELECT topic, partition, next_offset FROM streamops_offsets WHERE consumer_group = $1",
     )
     .bind(&config.kafka.group_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    // The open window: per partition, the counted events after the kept triggers' windows.
+    let (topics, partitions, done): (Vec<String>, Vec<i32>, Vec<i64>) = windowed
+        .into_iter()
+        .map(|((t, p), o)| (t, p, o))
+        .fold(Default::default(), |(mut a, mut b, mut c), (t, p, o)| {
+            a.push(t);
+            b.push(p);
+            c.push(o);
+            (a, b, c)
+        });
+    let window = sqlx::query(
+        "SELECT c.topic, c.partition, min(o)::int8 AS first, max(o)::int8 AS last,
+                count(*)::int8 AS events
+           FROM pipeline_trigger_counted c
+           CROSS JOIN LATERAL unnest(c.offsets) AS o
+           LEFT JOIN unnest($2::text[], $3::int4[], $4::int8[]) AS d(topic, partition, done)
+             ON d.topic = c.topic AND d.partition = c.partition
+          WHERE c.consumer_id = $1 AND o > coalesce(d.done, -1)
+          GROUP BY c.topic, c.partition",
+    )
+    .bind(consumer)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&done)
     .fetch_all(&mut *tx)
     .await?;
     let keys = Keys::new(consumer);
@@ -348,7 +390,20 @@ async fn pipeline_trigger(
         .arg(events - consumed)
         .arg(events)
         .arg(last_json)
-        .arg(keys.lease(0).trim_end_matches('0'));
+        .arg(keys.lease(0).trim_end_matches('0'))
+        .arg(window.len())
+        .key(&keys.window);
+    for r in &window {
+        let topic: String = r.try_get("topic")?;
+        let partition: i32 = r.try_get("partition")?;
+        let (first, last, n): (i64, i64, i64) = (
+            r.try_get("first")?,
+            r.try_get("last")?,
+            r.try_get("events")?,
+        );
+        inv.arg(format!("{topic}:{partition}"))
+            .arg(format!("{first}:{last}:{n}"));
+    }
     for r in &stored {
         let topic: String = r.try_get("topic")?;
         let partition: i32 = r.try_get("partition")?;

@@ -62,3 +62,64 @@ pub struct HealthBody {
     /// Version of the model served.
     pub model_version: String,
 }
+
+// ---- KServe/Seldon V1 (`POST /v1/models/<name>:predict`).
+
+/// KServe V1 request: one feature vector per instance (see [`crate::scorer::model::features`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V1Request {
+    /// Feature vectors.
+    pub instances: Vec<Vec<f64>>,
+}
+
+/// KServe V1 response: one prediction per instance, in order. A prediction is a probability, or
+/// a list of class probabilities whose last entry is the fraud class (`predict_proba`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V1Response {
+    /// Predictions.
+    pub predictions: Vec<serde_json::Value>,
+    /// Optional model version (KServe does not require one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+}
+
+// ---- Open Inference Protocol, V2 (`POST /v2/models/<name>/infer`).
+
+/// A tensor of the Open Inference Protocol, with its data flattened in row-major order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V2Tensor {
+    /// Tensor name.
+    pub name: String,
+    /// Shape, such as `[batch, 7]`.
+    pub shape: Vec<u64>,
+    /// Data type: `FP64` or `FP32` for the fraud model.
+    pub datatype: String,
+    /// Row-major data.
+    pub data: Vec<f64>,
+}
+
+/// Open Inference Protocol request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V2Request {
+    /// Request id, echoed back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Input tensors; the fraud model reads the first.
+    pub inputs: Vec<V2Tensor>,
+}
+
+/// Open Inference Protocol response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct V2Response {
+    /// Model name.
+    pub model_name: String,
+    /// Model version, if the server reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    /// The request's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Output tensors; the client reads the first: shape `[batch]` or `[batch, 1]` (fraud
+    /// probability) or `[batch, 2]` (class probabilities, fraud last).
+    pub outputs: Vec<V2Tensor>,
+}

@@ -13,6 +13,15 @@
 //!   order. A body that is not such JSON gets `400` (syntax) or `422` (shape); an invalid
 //!   transaction (empty id, amount not finite and positive, currency not three uppercase letters,
 //!   timestamp not RFC 3339) gets `422`. Error bodies are `{"error": "..."}`.
+//! - `POST /v1/models/<name>:predict` (KServe/Seldon V1): `{"instances": [[f0, ..., f6], ...]}`
+//!   -> `{"predictions": [0.0731, ...], "model_version": "streamops-logit-v1"}`; each instance is
+//!   the feature vector of [`model::features`]. A batch that is not 1 to 10,000 rows of 7 finite
+//!   numbers gets `400`.
+//! - `POST /v2/models/<name>/infer` (Open Inference Protocol): one input tensor of shape
+//!   `[batch, 7]`, `FP64` or `FP32`, the same feature vectors in row-major order; the answer has
+//!   one output `fraud_probability`, shape `[batch]`, `FP64`. `GET /v2/models/<name>` gives the
+//!   model's metadata, `GET /v2/health/ready` and `/v2/health/live` answer `200`.
+//!   Every scoring endpoint scores with the same model and obeys the same fault plan.
 //! - `GET /health`: `{"status": "ok", "model_version": "streamops-logit-v1"}`.
 //! - `GET /metrics`: Prometheus text (`streamops_scorer_requests_total{outcome}`,
 //!   `streamops_scorer_transactions_total`).
@@ -53,7 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -66,7 +75,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use api::{
-    ErrorBody, HealthBody, PredictRequest, PredictResponse, ScoreInput, ScoreOutput, MAX_BATCH,
+    ErrorBody, HealthBody, PredictRequest, PredictResponse, ScoreInput, ScoreOutput, V1Request,
+    V1Response, V2Request, V2Response, V2Tensor, MAX_BATCH,
 };
 
 /// Command-line arguments of `streamops-worker scorer`.
@@ -226,29 +236,181 @@ fn validate(i: usize, t: &ScoreInput) -> Result<(), String> {
     Ok(())
 }
 
-async fn predict(
-    State(s): State<Arc<Shared>>,
-    body: Result<Json<PredictRequest>, JsonRejection>,
-) -> Response {
+/// Counts a scoring request and applies the fault plan to it; `Some` is the faulty answer.
+async fn apply_fault(s: &Shared) -> Option<Response> {
     s.predict_requests.fetch_add(1, Ordering::Relaxed);
-    if let Some(fault) = s.take_fault() {
-        s.faults_injected.fetch_add(1, Ordering::Relaxed);
-        s.requests.with_label_values(&["fault"]).inc();
-        if fault.delay_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
-        }
-        if let Some(code) = fault.status {
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return error(status, format!("injected fault: status {code}"));
-        }
-        if fault.malformed {
-            return (
+    let fault = s.take_fault()?;
+    s.faults_injected.fetch_add(1, Ordering::Relaxed);
+    s.requests.with_label_values(&["fault"]).inc();
+    if fault.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
+    }
+    if let Some(code) = fault.status {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return Some(error(status, format!("injected fault: status {code}")));
+    }
+    if fault.malformed {
+        return Some(
+            (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
                 r#"{"model_version": "streamops-logit-v1", "predictions": [{"transaction_id""#,
             )
-                .into_response();
+                .into_response(),
+        );
+    }
+    None
+}
+
+/// Checks the feature vectors of a tensor request: 1 to [`MAX_BATCH`] rows of
+/// [`model::FEATURES`] finite values each.
+fn validate_rows(rows: &[&[f64]]) -> Result<(), String> {
+    if rows.is_empty() || rows.len() > MAX_BATCH {
+        return Err(format!("the batch must hold 1 to {MAX_BATCH} instances"));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        if r.len() != model::FEATURES.len() {
+            return Err(format!(
+                "instance {i} has {} features; the model takes {} ({})",
+                r.len(),
+                model::FEATURES.len(),
+                model::FEATURES.join(", ")
+            ));
         }
+        if let Some(j) = r.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "instance {i}: feature {} is not finite",
+                model::FEATURES[j]
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn scored_rows(s: &Shared, rows: &[&[f64]]) -> Vec<f64> {
+    let scores: Vec<f64> = rows.iter().map(|r| model::score_features(r)).collect();
+    let n = scores.len() as u64;
+    s.transactions.fetch_add(n, Ordering::Relaxed);
+    s.scored.inc_by(n);
+    s.requests.with_label_values(&["ok"]).inc();
+    scores
+}
+
+/// `POST /v1/models/<name>:predict` (KServe/Seldon V1). The model name is not checked.
+async fn predict_v1(
+    State(s): State<Arc<Shared>>,
+    Path(target): Path<String>,
+    body: Result<Json<V1Request>, JsonRejection>,
+) -> Response {
+    if !target.ends_with(":predict") {
+        return error(StatusCode::NOT_FOUND, "use POST /v1/models/<name>:predict");
+    }
+    if let Some(r) = apply_fault(&s).await {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            s.requests.with_label_values(&["invalid"]).inc();
+            return error(rejection.status(), rejection.body_text());
+        }
+    };
+    let rows: Vec<&[f64]> = req.instances.iter().map(Vec::as_slice).collect();
+    if let Err(e) = validate_rows(&rows) {
+        s.requests.with_label_values(&["invalid"]).inc();
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let scores = scored_rows(&s, &rows);
+    Json(V1Response {
+        predictions: scores.into_iter().map(serde_json::Value::from).collect(),
+        model_version: Some(model::MODEL_VERSION.to_string()),
+    })
+    .into_response()
+}
+
+/// `POST /v2/models/<name>/infer` (Open Inference Protocol). Reads the first input tensor,
+/// `[batch, 7]` FP64 or FP32, and answers one `[batch]` FP64 tensor named `fraud_probability`.
+async fn infer_v2(
+    State(s): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Result<Json<V2Request>, JsonRejection>,
+) -> Response {
+    if let Some(r) = apply_fault(&s).await {
+        return r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            s.requests.with_label_values(&["invalid"]).inc();
+            return error(rejection.status(), rejection.body_text());
+        }
+    };
+    let width = model::FEATURES.len();
+    let checked = match req.inputs.first() {
+        None => Err("the request has no input tensor".to_string()),
+        Some(t) if !matches!(t.datatype.as_str(), "FP64" | "FP32") => Err(format!(
+            "input {:?} has datatype {}; expected FP64 or FP32",
+            t.name, t.datatype
+        )),
+        Some(t) if t.shape.len() != 2 || t.shape[1] as usize != width => Err(format!(
+            "input {:?} has shape {:?}; expected [batch, {width}]",
+            t.name, t.shape
+        )),
+        Some(t) if t.data.len() as u64 != t.shape[0].saturating_mul(width as u64) => Err(format!(
+            "input {:?} holds {} values for shape {:?}",
+            t.name,
+            t.data.len(),
+            t.shape
+        )),
+        Some(t) => {
+            let rows: Vec<&[f64]> = t.data.chunks(width).collect();
+            validate_rows(&rows).map(|()| rows)
+        }
+    };
+    let rows = match checked {
+        Ok(rows) => rows,
+        Err(e) => {
+            s.requests.with_label_values(&["invalid"]).inc();
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    let scores = scored_rows(&s, &rows);
+    Json(V2Response {
+        model_name: name,
+        model_version: Some(model::MODEL_VERSION.to_string()),
+        id: req.id,
+        outputs: vec![V2Tensor {
+            name: "fraud_probability".into(),
+            shape: vec![scores.len() as u64],
+            datatype: "FP64".into(),
+            data: scores,
+        }],
+    })
+    .into_response()
+}
+
+/// `GET /v2/health/ready` and `GET /v2/health/live`.
+async fn v2_health() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `GET /v2/models/<name>`: model metadata.
+async fn v2_metadata(Path(name): Path<String>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": name,
+        "versions": [model::MODEL_VERSION],
+        "platform": "streamops-reference",
+        "inputs": [{"name": "transactions", "datatype": "FP64", "shape": [-1, model::FEATURES.len()]}],
+        "outputs": [{"name": "fraud_probability", "datatype": "FP64", "shape": [-1]}],
+    }))
+}
+
+async fn predict(
+    State(s): State<Arc<Shared>>,
+    body: Result<Json<PredictRequest>, JsonRejection>,
+) -> Response {
+    if let Some(r) = apply_fault(&s).await {
+        return r;
     }
     let Json(req) = match body {
         Ok(b) => b,
@@ -325,6 +487,11 @@ async fn stats(State(s): State<Arc<Shared>>) -> Json<ScorerStats> {
 fn router(shared: Arc<Shared>, admin: bool) -> Router {
     let mut r = Router::new()
         .route("/predict", post(predict))
+        .route("/v1/models/{target}", post(predict_v1))
+        .route("/v2/models/{name}/infer", post(infer_v2))
+        .route("/v2/models/{name}", get(v2_metadata))
+        .route("/v2/health/ready", get(v2_health))
+        .route("/v2/health/live", get(v2_health))
         .route("/health", get(health))
         .route("/metrics", get(metrics));
     if admin {
@@ -384,6 +551,16 @@ impl ScorerServer {
     /// The `POST /predict` URL.
     pub fn predict_url(&self) -> String {
         format!("http://{}/predict", self.addr)
+    }
+
+    /// The scoring URL for `protocol` (model name `fraud` for the tensor protocols).
+    pub fn url_for(&self, protocol: streamops_crds::v1alpha1::ScoringProtocol) -> String {
+        use streamops_crds::v1alpha1::ScoringProtocol as P;
+        match protocol {
+            P::Streamops => self.predict_url(),
+            P::KserveV1 => format!("http://{}/v1/models/fraud:predict", self.addr),
+            P::OpenInferenceV2 => format!("http://{}/v2/models/fraud/infer", self.addr),
+        }
     }
 
     /// Replaces the fault plan.

@@ -57,9 +57,32 @@ fn unit(h: u64) -> f64 {
     (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// The score of one transaction, in `[0, 1]`. `timestamp` must be RFC 3339; an unparsable one
-/// counts as daytime (the service validates timestamps before scoring).
-pub fn score(input: &ScoreInput) -> f64 {
+/// Names of the feature vector sent to a model served over `kserve-v1` or `open-inference-v2`,
+/// in order. See [`features`].
+pub const FEATURES: [&str; 7] = [
+    "amount",
+    "log1p_amount_usd",
+    "hour_utc",
+    "night",
+    "rare_currency",
+    "merchant_risk",
+    "account_risk",
+];
+
+/// The feature vector of one transaction, in the order of [`FEATURES`]:
+///
+/// | # | name | value |
+/// |---|---|---|
+/// | 0 | `amount` | the amount in major units of its currency |
+/// | 1 | `log1p_amount_usd` | `ln(1 + amount / rate)`, `rate` from [`USD_RATES`] (1 for other currencies) |
+/// | 2 | `hour_utc` | hour of the timestamp in UTC, 0-23 (12 if unparsable) |
+/// | 3 | `night` | 1 if `hour_utc < 6`, else 0 |
+/// | 4 | `rare_currency` | 1 if the currency is not in [`USD_RATES`], else 0 |
+/// | 5 | `merchant_risk` | `fnv1a64(merchant) / 2^64 - 0.5`, in `[-0.5, 0.5)` |
+/// | 6 | `account_risk` | `fnv1a64(account_id) / 2^64 - 0.5`, in `[-0.5, 0.5)` |
+///
+/// Every value is an IEEE 754 double (`FP64` in the Open Inference Protocol).
+pub fn features(input: &ScoreInput) -> [f64; 7] {
     let (rate, rare) = match USD_RATES.iter().find(|(c, _)| *c == input.currency) {
         Some((_, r)) => (*r, 0.0),
         None => (1.0, 1.0),
@@ -69,13 +92,34 @@ pub fn score(input: &ScoreInput) -> f64 {
         .map(|t| t.with_timezone(&Utc).hour())
         .unwrap_or(12);
     let night = if hour < 6 { 1.0 } else { 0.0 };
+    [
+        input.amount,
+        usd.ln_1p(),
+        f64::from(hour),
+        night,
+        rare,
+        unit(fnv1a64(&input.merchant)) - 0.5,
+        unit(fnv1a64(&input.account_id)) - 0.5,
+    ]
+}
+
+/// The score of a feature vector (see [`features`]), in `[0, 1]`. Features beyond the known
+/// ones are ignored; missing ones count as 0.
+pub fn score_features(f: &[f64]) -> f64 {
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
     let z = INTERCEPT
-        + W_AMOUNT * usd.ln_1p()
-        + W_NIGHT * night
-        + W_RARE_CURRENCY * rare
-        + W_MERCHANT * (unit(fnv1a64(&input.merchant)) - 0.5)
-        + W_ACCOUNT * (unit(fnv1a64(&input.account_id)) - 0.5);
+        + W_AMOUNT * at(1)
+        + W_NIGHT * at(3)
+        + W_RARE_CURRENCY * at(4)
+        + W_MERCHANT * at(5)
+        + W_ACCOUNT * at(6);
     1.0 / (1.0 + (-z).exp())
+}
+
+/// The score of one transaction, in `[0, 1]`. `timestamp` must be RFC 3339; an unparsable one
+/// counts as daytime (the service validates timestamps before scoring).
+pub fn score(input: &ScoreInput) -> f64 {
+    score_features(&features(input))
 }
 
 #[cfg(test)]

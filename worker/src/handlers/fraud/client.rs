@@ -1,5 +1,6 @@
-//! The scoring client: one `POST /predict` per batch, with a per-call timeout, capped exponential
-//! backoff between attempts, and a circuit breaker shared by all calls of the worker.
+//! The scoring client: one call per batch in the configured protocol (`streamops`, `kserve-v1`,
+//! `open-inference-v2`), with a per-call timeout, capped exponential backoff between attempts,
+//! and a circuit breaker shared by all calls of the worker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,13 +9,14 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use reqwest::StatusCode;
 use tracing::{debug, warn};
 
-use super::breaker::CircuitBreaker;
-use crate::scorer::api::{PredictRequest, PredictResponse, ScoreInput};
+use streamops_crds::v1alpha1::{RetryBackoff, ScoringProtocol};
 
-/// Delay before the first retry.
-pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
-/// Longest delay between two attempts.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
+use super::breaker::CircuitBreaker;
+use crate::scorer::api::{
+    PredictRequest, PredictResponse, ScoreInput, ScoreOutput, V1Request, V1Response, V2Request,
+    V2Response, V2Tensor,
+};
+use crate::scorer::model;
 /// Longest error body kept in a rejection reason.
 const MAX_BODY_IN_REASON: usize = 200;
 
@@ -154,8 +156,12 @@ impl ClientMetrics {
 /// Settings of a [`ScoringClient`].
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// `POST /predict` URL.
+    /// URL of the scoring endpoint.
     pub url: String,
+    /// Wire protocol.
+    pub protocol: ScoringProtocol,
+    /// Backoff between retries.
+    pub backoff: RetryBackoff,
     /// Timeout of one call.
     pub timeout: Duration,
     /// Retries after the first attempt.
@@ -166,10 +172,10 @@ pub struct ClientSettings {
     pub breaker_reset: Duration,
 }
 
-/// The backoff between scoring attempts: `BACKOFF_BASE` doubling up to `BACKOFF_CAP`, with
-/// jitter (the worker's one [`Backoff`](crate::backoff::Backoff)).
-pub fn backoff() -> crate::backoff::Backoff {
-    crate::backoff::Backoff::new(BACKOFF_BASE, BACKOFF_CAP)
+/// The backoff between scoring attempts, from the spec's `retryBackoff` (base, factor, cap),
+/// with jitter (the worker's one [`Backoff`](crate::backoff::Backoff)).
+pub fn backoff(b: &RetryBackoff) -> crate::backoff::Backoff {
+    crate::backoff::Backoff::from_spec(b)
 }
 
 /// The scoring client.
@@ -201,15 +207,12 @@ impl ScoringClient {
     /// by the settings, so a graceful shutdown simply lets it finish: the batch then commits,
     /// scored or on the error topic.
     pub async fn score(&mut self, inputs: &[ScoreInput]) -> Result<Scored, ScoringFailure> {
-        let body = serde_json::to_vec(&PredictRequest {
-            transactions: inputs.to_vec(),
-        })
-        .map_err(|e| ScoringFailure {
+        let body = encode_request(self.settings.protocol, inputs).map_err(|e| ScoringFailure {
             attempts: 0,
             last: CallError::Other(format!("cannot encode the request: {e}")),
         })?;
         let mut attempts = 0;
-        let mut delays = backoff();
+        let mut delays = backoff(&self.settings.backoff);
         loop {
             attempts += 1;
             if attempts > 1 {
@@ -287,9 +290,140 @@ impl ScoringClient {
                 body,
             });
         }
-        let parsed: PredictResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| CallError::Malformed(format!("not a prediction batch: {e}")))?;
+        let parsed = decode_response(self.settings.protocol, &self.settings.url, &bytes, inputs)?;
         check_response(parsed, inputs)
+    }
+}
+
+/// The request body of one call in `protocol`.
+pub fn encode_request(
+    protocol: ScoringProtocol,
+    inputs: &[ScoreInput],
+) -> Result<Vec<u8>, serde_json::Error> {
+    match protocol {
+        ScoringProtocol::Streamops => serde_json::to_vec(&PredictRequest {
+            transactions: inputs.to_vec(),
+        }),
+        ScoringProtocol::KserveV1 => serde_json::to_vec(&V1Request {
+            instances: inputs.iter().map(|i| model::features(i).to_vec()).collect(),
+        }),
+        ScoringProtocol::OpenInferenceV2 => serde_json::to_vec(&V2Request {
+            id: inputs.first().map(|i| i.transaction_id.clone()),
+            inputs: vec![V2Tensor {
+                name: "transactions".into(),
+                shape: vec![inputs.len() as u64, model::FEATURES.len() as u64],
+                datatype: "FP64".into(),
+                data: inputs.iter().flat_map(model::features).collect(),
+            }],
+        }),
+    }
+}
+
+/// The model name in a KServe (`.../v1/models/NAME:predict`) or Open Inference
+/// (`.../v2/models/NAME/infer`) URL, used as the model version when the answer names none.
+fn model_name_of(url: &str) -> Option<&str> {
+    let rest = url.split("/models/").nth(1)?;
+    let name = rest.split([':', '/', '?']).next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// The probability of the fraud class in one KServe V1 prediction: a number, or a list of class
+/// probabilities whose last entry is the fraud class.
+fn v1_score(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::Array(a) if !a.is_empty() => a.last()?.as_f64(),
+        _ => None,
+    }
+}
+
+/// Decodes an answer in `protocol` into the streamops shape (one prediction per input, ids from
+/// the inputs for the tensor protocols, which answer by position).
+pub fn decode_response(
+    protocol: ScoringProtocol,
+    url: &str,
+    bytes: &[u8],
+    inputs: &[ScoreInput],
+) -> Result<PredictResponse, CallError> {
+    let malformed = |e: String| CallError::Malformed(e);
+    let by_position = |scores: Vec<f64>, version: String| PredictResponse {
+        model_version: version,
+        predictions: scores
+            .into_iter()
+            .zip(inputs)
+            .map(|(score, i)| ScoreOutput {
+                transaction_id: i.transaction_id.clone(),
+                score,
+            })
+            .collect(),
+    };
+    let fallback_version = || model_name_of(url).unwrap_or("unknown").to_string();
+    match protocol {
+        ScoringProtocol::Streamops => serde_json::from_slice(bytes)
+            .map_err(|e| malformed(format!("not a prediction batch: {e}"))),
+        ScoringProtocol::KserveV1 => {
+            let r: V1Response = serde_json::from_slice(bytes)
+                .map_err(|e| malformed(format!("not a KServe V1 answer: {e}")))?;
+            let scores = r
+                .predictions
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v1_score(v).ok_or_else(|| {
+                        malformed(format!("predictions[{i}] is neither a number nor a list of class probabilities"))
+                    })
+                })
+                .collect::<Result<Vec<f64>, _>>()?;
+            if scores.len() != inputs.len() {
+                return Err(malformed(format!(
+                    "{} predictions for {} transactions",
+                    scores.len(),
+                    inputs.len()
+                )));
+            }
+            Ok(by_position(
+                scores,
+                r.model_version.unwrap_or_else(fallback_version),
+            ))
+        }
+        ScoringProtocol::OpenInferenceV2 => {
+            let r: V2Response = serde_json::from_slice(bytes)
+                .map_err(|e| malformed(format!("not an Open Inference answer: {e}")))?;
+            let out = r
+                .outputs
+                .first()
+                .ok_or_else(|| malformed("the answer has no output tensor".into()))?;
+            let n = inputs.len() as u64;
+            let columns = match out.shape.as_slice() {
+                [rows] if *rows == n => 1,
+                [rows, cols] if *rows == n && (1..=2).contains(cols) => *cols as usize,
+                shape => {
+                    return Err(malformed(format!(
+                        "output {:?} has shape {shape:?}; expected [{n}], [{n}, 1] or [{n}, 2]",
+                        out.name
+                    )))
+                }
+            };
+            if out.data.len() != inputs.len() * columns {
+                return Err(malformed(format!(
+                    "output {:?} holds {} values for shape {:?}",
+                    out.name,
+                    out.data.len(),
+                    out.shape
+                )));
+            }
+            // The last column is the fraud class.
+            let scores = out
+                .data
+                .chunks(columns)
+                .filter_map(|c| c.last().copied())
+                .collect();
+            let version = match r.model_version {
+                Some(v) if !v.trim().is_empty() => v,
+                _ => r.model_name,
+            };
+            Ok(by_position(scores, version))
+        }
     }
 }
 
@@ -359,16 +493,112 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_from_the_base_and_is_capped() {
-        let mut b = backoff();
+    fn retries_follow_the_spec_backoff() {
+        let b = RetryBackoff {
+            base_ms: 50,
+            factor: 3.0,
+            cap_ms: 2_000,
+        };
+        let mut delays = backoff(&b);
         for retry in 1..=20u32 {
-            let d = b.next_delay();
-            let full = BACKOFF_BASE
-                .saturating_mul(1 << (retry - 1).min(16))
-                .min(BACKOFF_CAP);
+            let d = delays.next_delay();
+            let full = b.ceiling(retry);
             assert!(
                 d <= full && d >= full / 2,
                 "retry {retry}: {d:?} vs {full:?}"
+            );
+        }
+        assert_eq!(b.ceiling(1), Duration::from_millis(50));
+        assert_eq!(b.ceiling(2), Duration::from_millis(150));
+        assert_eq!(b.ceiling(30), Duration::from_millis(2_000));
+        let default = RetryBackoff::default();
+        assert_eq!(default.ceiling(1), Duration::from_millis(100));
+        assert_eq!(default.ceiling(2), Duration::from_millis(200));
+        assert_eq!(default.ceiling(10), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn requests_carry_the_documented_feature_vector_in_the_tensor_protocols() {
+        let inputs = [input("a"), input("b")];
+        let v1: serde_json::Value =
+            serde_json::from_slice(&encode_request(ScoringProtocol::KserveV1, &inputs).unwrap())
+                .unwrap();
+        let f = model::features(&inputs[0]);
+        assert_eq!(v1["instances"].as_array().unwrap().len(), 2);
+        // serde_json's default float parsing may differ from the printed value in the last bit.
+        let sent: Vec<f64> = v1["instances"][0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(sent.len(), model::FEATURES.len());
+        for (s, e) in sent.iter().zip(f) {
+            assert!((s - e).abs() <= e.abs() * 1e-15, "{s} vs {e}");
+        }
+        let v2: serde_json::Value = serde_json::from_slice(
+            &encode_request(ScoringProtocol::OpenInferenceV2, &inputs).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v2["inputs"][0]["shape"], serde_json::json!([2, 7]));
+        assert_eq!(v2["inputs"][0]["datatype"], "FP64");
+        assert_eq!(v2["inputs"][0]["data"].as_array().unwrap().len(), 14);
+    }
+
+    #[test]
+    fn tensor_answers_are_read_by_position_with_the_fraud_class_last() {
+        let inputs = [input("a"), input("b")];
+        let url = "http://m/v1/models/fraud:predict";
+        let r = decode_response(
+            ScoringProtocol::KserveV1,
+            url,
+            br#"{"predictions": [[0.9, 0.1], [0.2, 0.8]]}"#,
+            &inputs,
+        )
+        .unwrap();
+        let s = check_response(r, &inputs).unwrap();
+        assert_eq!(s.scores, vec![0.1, 0.8]);
+        assert_eq!(&*s.model_version, "fraud");
+        let r = decode_response(
+            ScoringProtocol::KserveV1,
+            url,
+            br#"{"predictions": [0.3, 0.4]}"#,
+            &inputs,
+        )
+        .unwrap();
+        assert_eq!(check_response(r, &inputs).unwrap().scores, vec![0.3, 0.4]);
+        let v2 = br#"{"model_name": "fraud", "model_version": "3", "outputs":
+            [{"name": "p", "shape": [2, 2], "datatype": "FP32", "data": [0.9, 0.1, 0.2, 0.8]}]}"#;
+        let r = decode_response(ScoringProtocol::OpenInferenceV2, url, v2, &inputs).unwrap();
+        let s = check_response(r, &inputs).unwrap();
+        assert_eq!(s.scores, vec![0.1, 0.8]);
+        assert_eq!(&*s.model_version, "3");
+    }
+
+    #[test]
+    fn tensor_answers_of_the_wrong_size_are_malformed() {
+        let inputs = [input("a"), input("b")];
+        let url = "http://m/v2/models/fraud/infer";
+        for (p, body) in [
+            (ScoringProtocol::KserveV1, &br#"{"predictions": [0.3]}"#[..]),
+            (ScoringProtocol::KserveV1, br#"{"predictions": ["x", 0.1]}"#),
+            (
+                ScoringProtocol::OpenInferenceV2,
+                br#"{"model_name": "f", "outputs": [{"name": "p", "shape": [3], "datatype": "FP64", "data": [1, 2, 3]}]}"#,
+            ),
+            (
+                ScoringProtocol::OpenInferenceV2,
+                br#"{"model_name": "f", "outputs": [{"name": "p", "shape": [2], "datatype": "FP64", "data": [1]}]}"#,
+            ),
+            (ScoringProtocol::OpenInferenceV2, br#"{"model_name": "f", "outputs": []}"#),
+        ] {
+            assert!(
+                matches!(
+                    decode_response(p, url, body, &inputs),
+                    Err(CallError::Malformed(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
             );
         }
     }

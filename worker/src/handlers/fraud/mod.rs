@@ -30,19 +30,33 @@
 //! plus `-failed`, as in seed 003: `transactions-failed`) with the rule it broke.
 //!
 //! # Scoring
-//! `prepare` sends the valid transactions of a batch to `POST {scoringUrl}` in groups of
-//! `batchSize` (the API is described in [`crate::scorer`]). Each call has `timeoutMs`; a failed
-//! call (unreachable, timeout, 5xx, 408, 429, malformed answer) is retried up to `maxRetries`
-//! times with capped exponential backoff (100 ms doubling, at most 5 s, with jitter). A circuit
-//! breaker opens after `circuitBreakerFailures` consecutive failed calls and fails attempts fast
-//! for `circuitBreakerResetMs`, then lets one trial call through. When the attempts run out, or
-//! on a client error (other 4xx), the group's transactions go to the error topic with reason
-//! `scoring_failed` and the last error in the detail. Nothing is dropped: every message ends up in
-//! `transactions` or on the error topic. The error topic is written before the batch commits, so
-//! the handler remembers what it sent there until the batch commits: if the transaction fails and
-//! the batch is retried, those transactions are rejected again rather than scored a second time,
-//! so a message is never both on the error topic and in `transactions` (short of the worker dying
-//! between the two, when the replay decides afresh).
+//! `prepare` sends the valid transactions of a batch to `scoringUrl` in groups of `batchSize`,
+//! in the configured `protocol`: `streamops` (the reference API, described in [`crate::scorer`]),
+//! `kserve-v1` or `open-inference-v2`. The two tensor protocols carry one feature vector per
+//! transaction, documented in [`crate::scorer::model::features`]: `amount`,
+//! `log1p_amount_usd`, `hour_utc`, `night`, `rare_currency`, `merchant_risk`, `account_risk`, all
+//! FP64. Each call has `timeoutMs`; a failed call (unreachable, timeout, 5xx, 408, 429, malformed
+//! answer) is retried up to `maxRetries` times with capped exponential backoff
+//! (`retryBackoff`: 100 ms, factor 2, at most 5 s by default, with jitter). A circuit breaker
+//! opens after `circuitBreakerFailures` consecutive failed calls and fails attempts fast for
+//! `circuitBreakerResetMs`, then lets one trial call through.
+//!
+//! **No transaction goes unscored because the scorer was down.** When the retries run out or the
+//! breaker is open, `prepare` fails with a retryable error: the pipeline pauses consumption
+//! (the member stays in the group), marks the worker not ready and retries the same batch with
+//! its own capped backoff, exactly as during a PostgreSQL outage. Groups of the batch that were
+//! already scored are kept, so the retry only calls for the rest. We chose pausing over parking
+//! transactions as pending: the batch's offsets, rows and predictions still commit together, so
+//! exactly-once and partition order hold with no second store to reconcile, and the backlog
+//! stays in Kafka where the lag (and its alerts) shows it.
+//!
+//! Only a transaction the scorer refuses as invalid (a 4xx answer other than 408 and 429) goes to
+//! the error topic, with reason `scoring_rejected` and the answer in the detail. A refused group
+//! is split in halves and retried until the refused transactions are isolated, so one bad
+//! transaction does not take its valid neighbours with it. The error topic is written before the
+//! batch commits, so the handler remembers what it sent there until the batch commits: if the
+//! transaction fails and the batch is retried, those transactions are rejected again rather than
+//! scored a second time.
 //!
 //! # Tables (migration `0004_fraud.sql`)
 //! `transactions` (keyed by `transaction_id`, with the source position) and `predictions`
@@ -58,7 +72,7 @@ mod client;
 mod store;
 pub mod transaction;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,7 +80,7 @@ use chrono::{DateTime, Utc};
 use prometheus::{IntCounter, Opts};
 use streamops_crds::v1alpha1::FraudSettings;
 use streamops_crds::HandlerKind;
-use tracing::warn;
+use tracing::{debug, warn};
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{backoff, CallError, ClientSettings, Scored, ScoringClient, ScoringFailure};
@@ -105,7 +119,7 @@ struct FraudMetrics {
     stored: IntCounter,
     flagged: IntCounter,
     duplicates: IntCounter,
-    scoring_failed: IntCounter,
+    scoring_rejected: IntCounter,
 }
 
 impl FraudMetrics {
@@ -124,15 +138,15 @@ impl FraudMetrics {
                 "streamops_fraud_duplicates_total",
                 "Transactions skipped because their id was already stored (committed).",
             )?,
-            scoring_failed: counter(
-                "streamops_fraud_scoring_failed_total",
-                "Transactions sent to the error topic because scoring failed after all retries.",
+            scoring_rejected: counter(
+                "streamops_fraud_scoring_rejected_total",
+                "Transactions sent to the error topic because the scorer refused them as invalid (committed).",
             )?,
         };
         registry.register(Box::new(m.stored.clone()))?;
         registry.register(Box::new(m.flagged.clone()))?;
         registry.register(Box::new(m.duplicates.clone()))?;
-        registry.register(Box::new(m.scoring_failed.clone()))?;
+        registry.register(Box::new(m.scoring_rejected.clone()))?;
         Ok(m)
     }
 }
@@ -145,9 +159,13 @@ pub struct FraudHandler {
     /// Transactions sent to the error topic by a `prepare` whose batch has not committed yet.
     /// Kept across `reset`: the error topic already holds them.
     sticky: HashMap<Position, Rejection>,
+    /// Predictions obtained by a `prepare` whose batch has not committed yet, so that a retry of
+    /// the batch (after a scorer or database outage) only scores what is still missing. Kept
+    /// across `reset`: they come from the scorer, not from uncommitted data.
+    scored: HashMap<Position, Prediction>,
     staged: Option<store::Written>,
     /// Transactions the last `prepare` rejected, counted once their batch commits.
-    scoring_failed: u64,
+    scoring_rejected: u64,
 }
 
 impl FraudHandler {
@@ -160,6 +178,8 @@ impl FraudHandler {
         let client = ScoringClient::new(
             ClientSettings {
                 url: settings.scoring_url.clone(),
+                protocol: settings.protocol,
+                backoff: settings.retry_backoff.clone(),
                 timeout: Duration::from_millis(u64::from(settings.timeout_ms.max(1))),
                 max_retries: settings.max_retries,
                 breaker_failures: settings.circuit_breaker_failures,
@@ -173,8 +193,9 @@ impl FraudHandler {
             client,
             metrics,
             sticky: HashMap::new(),
+            scored: HashMap::new(),
             staged: None,
-            scoring_failed: 0,
+            scoring_rejected: 0,
         })
     }
 }
@@ -206,19 +227,28 @@ impl MessageHandler for FraudHandler {
         let size = self.settings.batch_size.max(1) as usize;
         let mut scored = Vec::with_capacity(items.len());
         let mut rejected = Vec::new();
-        let items: Vec<Decoded<FraudItem>> = items
-            .into_iter()
-            .filter_map(|d| match self.sticky.get(&d.pos) {
-                Some(r) => {
-                    rejected.push((d.pos, r.clone()));
-                    None
-                }
-                None => Some(d),
-            })
+        let mut todo: Vec<Decoded<FraudItem>> = Vec::with_capacity(items.len());
+        let order: HashMap<Position, usize> = items
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.pos.clone(), i))
             .collect();
-        let mut rest = items.into_iter().peekable();
+        for mut d in items {
+            if let Some(r) = self.sticky.get(&d.pos) {
+                rejected.push((d.pos, r.clone()));
+            } else if let Some(p) = self.scored.get(&d.pos) {
+                d.item.prediction = Some(p.clone());
+                scored.push(d);
+            } else {
+                todo.push(d);
+            }
+        }
+        let mut groups: VecDeque<Vec<Decoded<FraudItem>>> = VecDeque::new();
+        let mut rest = todo.into_iter().peekable();
         while rest.peek().is_some() {
-            let mut group: Vec<Decoded<FraudItem>> = rest.by_ref().take(size).collect();
+            groups.push_back(rest.by_ref().take(size).collect());
+        }
+        while let Some(mut group) = groups.pop_front() {
             let inputs: Vec<_> = group
                 .iter()
                 .map(|d| d.item.transaction.score_input())
@@ -226,20 +256,36 @@ impl MessageHandler for FraudHandler {
             match self.client.score(&inputs).await {
                 Ok(s) => {
                     for (d, score) in group.iter_mut().zip(s.scores) {
-                        d.item.prediction = Some(Prediction {
+                        let p = Prediction {
                             score,
                             model_version: s.model_version.clone(),
-                        });
+                        };
+                        debug!(transaction_id = %d.item.transaction.transaction_id,
+                            score, partition = d.pos.partition, offset = d.pos.offset, "scored");
+                        self.scored.insert(d.pos.clone(), p.clone());
+                        d.item.prediction = Some(p);
                     }
                     scored.append(&mut group);
                 }
+                Err(failure) if failure.last.is_retryable() => {
+                    // The scorer is unavailable: nothing of this batch is rejected for it. The
+                    // pipeline pauses consumption and retries the batch; what was scored so far
+                    // is kept in `self.scored`.
+                    return Err(HandlerError::Http(format!(
+                        "scoring service unavailable: {failure}"
+                    )));
+                }
+                Err(failure) if group.len() > 1 => {
+                    // Refused as invalid: isolate the refused transactions by halving.
+                    debug!(transactions = group.len(), error = %failure,
+                        "scorer refused a group; splitting it");
+                    let right = group.split_off(group.len() / 2);
+                    groups.push_front(right);
+                    groups.push_front(group);
+                }
                 Err(failure) => {
-                    warn!(
-                        transactions = group.len(),
-                        error = %failure,
-                        "scoring failed; sending the transactions to the error topic"
-                    );
-                    let reason = Rejection::new(RejectKind::ScoringFailed, failure.to_string());
+                    warn!(error = %failure, "the scorer refused a transaction; sending it to the error topic");
+                    let reason = Rejection::new(RejectKind::ScoringRejected, failure.to_string());
                     for d in group {
                         self.sticky.insert(d.pos.clone(), reason.clone());
                         rejected.push((d.pos, reason.clone()));
@@ -247,8 +293,11 @@ impl MessageHandler for FraudHandler {
                 }
             }
         }
+        // The pipeline expects the items in the order received; halving and cached predictions
+        // may have changed it.
+        scored.sort_by_key(|d| order.get(&d.pos).copied().unwrap_or(usize::MAX));
         // Counted once the batch commits (prepare may run again for the same batch).
-        self.scoring_failed = rejected.len() as u64;
+        self.scoring_rejected = rejected.len() as u64;
         Ok(Prepared {
             items: scored,
             rejected,
@@ -268,14 +317,15 @@ impl MessageHandler for FraudHandler {
 
     async fn committed(&mut self) -> Result<(), HandlerError> {
         self.sticky.clear();
+        self.scored.clear();
         if let Some(w) = self.staged.take() {
             self.metrics.stored.inc_by(w.transactions);
             self.metrics.flagged.inc_by(w.flagged);
             self.metrics.duplicates.inc_by(w.duplicates);
         }
         self.metrics
-            .scoring_failed
-            .inc_by(std::mem::take(&mut self.scoring_failed));
+            .scoring_rejected
+            .inc_by(std::mem::take(&mut self.scoring_rejected));
         Ok(())
     }
 
@@ -286,10 +336,12 @@ impl MessageHandler for FraudHandler {
             .collect();
         self.sticky
             .retain(|pos, _| !revoked.contains(&(&*pos.topic, pos.partition)));
+        self.scored
+            .retain(|pos, _| !revoked.contains(&(&*pos.topic, pos.partition)));
     }
 
     fn reset(&mut self) {
         self.staged = None;
-        self.scoring_failed = 0;
+        self.scoring_rejected = 0;
     }
 }

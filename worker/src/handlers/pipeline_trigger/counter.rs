@@ -8,6 +8,7 @@
 //! | `consumer:{C}:events` | string | events counted in the current window (seed 004's counter) |
 //! | `consumer:{C}:state` | hash | `window_start_ms`, `seq` (last claimed trigger), `events_total`, `last_trigger_ms` |
 //! | `consumer:{C}:offsets` | hash | `topic:partition` -> last counted offset |
+//! | `consumer:{C}:window` | hash | `topic:partition` -> `first:last:events` counted in the current window |
 //! | `consumer:{C}:pending` | hash | `seq` -> trigger JSON, claimed and not yet delivered |
 //! | `consumer:{C}:last_trigger` | string | JSON of the last claimed trigger |
 //! | `consumer:{C}:lease:<seq>` | string, with TTL | the worker delivering that trigger |
@@ -24,12 +25,64 @@ use tokio::sync::OnceCell;
 use super::trigger::Claimed;
 use crate::handlers::Decoded;
 
-/// Counts a batch's events, skipping offsets at or below each partition's last counted one (so a
-/// replay counts nothing twice), then claims a trigger for every `max_events` events, and a time
-/// trigger if the window is older than `max_time_ms` and holds events.
+/// Lua shared by the scripts that claim triggers: the current window's offset range per
+/// partition (`win`, loaded from the window hash), `note` to add an event to it, `take_ranges` to
+/// hand the ranges to a claimed trigger (and start an empty window), and `save_window` to write
+/// it back. Offsets travel as strings: Redis's cjson prints numbers with 14 significant digits.
+const WINDOW_LUA: &str = r#"
+local function load_window(key)
+  local win = {}
+  local raw = redis.call('HGETALL', key)
+  for k = 1, #raw, 2 do
+    local a, b, c = string.match(raw[k + 1], '^(%-?%d+):(%-?%d+):(%d+)$')
+    if a then win[raw[k]] = {tonumber(a), tonumber(b), tonumber(c)} end
+  end
+  return win
+end
+local function note(win, field, o)
+  local r = win[field]
+  if r then
+    r[2] = o
+    r[3] = r[3] + 1
+  else
+    win[field] = {o, o, 1}
+  end
+end
+local function take_ranges(win)
+  local list = {}
+  for field, r in pairs(win) do
+    local sep = string.find(field, ':[^:]*$')
+    list[#list + 1] = {topic = string.sub(field, 1, sep - 1),
+      partition = tonumber(string.sub(field, sep + 1)),
+      first_offset = string.format('%d', r[1]), last_offset = string.format('%d', r[2]),
+      events = r[3]}
+  end
+  for field in pairs(win) do win[field] = nil end
+  return list
+end
+local function save_window(key, win)
+  redis.call('DEL', key)
+  for field, r in pairs(win) do
+    redis.call('HSET', key, field, string.format('%d:%d:%d', r[1], r[2], r[3]))
+  end
+end
+local function encode_trigger(seq, reason, n, start, now, pipeline, ranges)
+  local trig = {seq = seq, reason = reason, event_count = n, window_start_ms = start,
+    window_end_ms = now, pipeline = pipeline}
+  -- cjson writes an empty table as {}: leave the field out instead.
+  if #ranges > 0 then trig.offsets = ranges end
+  return cjson.encode(trig)
+end
+"#;
+
+/// Counts a batch's events one by one in offset order, skipping offsets at or below each
+/// partition's last counted one (so a replay counts nothing twice), adds each to the current
+/// window's offset range of its partition, and claims a trigger each time the window reaches
+/// `max_events` (the window's ranges go with it, so consecutive windows split a partition at the
+/// exact event), then a time trigger if the window is older than `max_time_ms` and holds events.
 ///
-/// KEYS: events, state, offsets, pending, last_trigger.
-/// ARGV: max_events, max_time_ms, pipeline, then per partition: field, n, n offsets.
+/// KEYS: events, state, offsets, pending, last_trigger, window.
+/// ARGV: max_events, max_time_ms, pipeline, then per partition: field, n, n offsets (ascending).
 /// Returns: {new events counted, events now in the window, claimed trigger JSON...}.
 const COUNT_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -37,6 +90,24 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_events = tonumber(ARGV[1])
 local max_time = tonumber(ARGV[2])
 local pipeline = ARGV[3]
+local win = load_window(KEYS[6])
+local start = tonumber(redis.call('HGET', KEYS[2], 'window_start_ms') or '-1')
+if start < 0 then
+  start = now
+  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now))
+end
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+local out = {'', ''}
+local function claim(reason, n)
+  local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+  local trig = encode_trigger(seq, reason, n, start, now, pipeline, take_ranges(win))
+  redis.call('HSET', KEYS[4], tostring(seq), trig)
+  redis.call('SET', KEYS[5], trig)
+  start = now
+  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now),
+    'last_trigger_ms', string.format('%d', now))
+  out[#out + 1] = trig
+end
 local new = 0
 local i = 4
 while i <= #ARGV do
@@ -46,9 +117,15 @@ while i <= #ARGV do
   local top = last
   for j = i + 2, i + 1 + n do
     local o = tonumber(ARGV[j])
-    if o > last then
+    if o > top then
+      top = o
       new = new + 1
-      if o > top then top = o end
+      count = count + 1
+      note(win, field, o)
+      if count >= max_events then
+        claim('count', count)
+        count = 0
+      end
     end
   end
   if top > last then
@@ -56,44 +133,24 @@ while i <= #ARGV do
   end
   i = i + 2 + n
 end
-local start = tonumber(redis.call('HGET', KEYS[2], 'window_start_ms') or '-1')
-if start < 0 then
-  start = now
-  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now))
-end
 if new > 0 then
   redis.call('HINCRBY', KEYS[2], 'events_total', new)
-end
-local count = tonumber(redis.call('GET', KEYS[1]) or '0') + new
-local out = {tostring(new), ''}
-local function claim(reason, n)
-  local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-  local trig = cjson.encode({seq = seq, reason = reason, event_count = n,
-    window_start_ms = start, window_end_ms = now, pipeline = pipeline})
-  redis.call('HSET', KEYS[4], tostring(seq), trig)
-  redis.call('SET', KEYS[5], trig)
-  start = now
-  redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now),
-    'last_trigger_ms', string.format('%d', now))
-  out[#out + 1] = trig
-end
-while count >= max_events do
-  claim('count', max_events)
-  count = count - max_events
 end
 if count > 0 and now - start >= max_time then
   claim('time', count)
   count = 0
 end
+save_window(KEYS[6], win)
 redis.call('SET', KEYS[1], string.format('%d', count))
+out[1] = tostring(new)
 out[2] = tostring(count)
 return out
 "#;
 
 /// Claims a time trigger if the window is at least `max_time_ms` old and holds events (or
-/// `on_empty` is 1).
+/// `on_empty` is 1), with the window's offset ranges.
 ///
-/// KEYS: events, state, pending, last_trigger. ARGV: max_time_ms, on_empty, pipeline.
+/// KEYS: events, state, pending, last_trigger, window. ARGV: max_time_ms, on_empty, pipeline.
 /// Returns: {claimed trigger JSON or '', milliseconds until the window is due (-1: due, but empty
 /// and not triggering; an event will fire it)}.
 const TICK_LUA: &str = r#"
@@ -114,8 +171,9 @@ if count == 0 and ARGV[2] ~= '1' then
   return {'', '-1'}
 end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-local trig = cjson.encode({seq = seq, reason = 'time', event_count = count,
-  window_start_ms = start, window_end_ms = now, pipeline = ARGV[3]})
+local win = load_window(KEYS[5])
+local trig = encode_trigger(seq, 'time', count, start, now, ARGV[3], take_ranges(win))
+redis.call('DEL', KEYS[5])
 redis.call('HSET', KEYS[3], tostring(seq), trig)
 redis.call('SET', KEYS[4], trig)
 redis.call('HSET', KEYS[2], 'window_start_ms', string.format('%d', now),
@@ -185,6 +243,8 @@ pub struct Keys {
     pub state: String,
     /// Counted offsets.
     pub offsets: String,
+    /// Offset ranges of the current window.
+    pub window: String,
     /// Claimed, undelivered triggers.
     pub pending: String,
     /// Last claimed trigger.
@@ -200,6 +260,7 @@ impl Keys {
             events: format!("{prefix}:events"),
             state: format!("{prefix}:state"),
             offsets: format!("{prefix}:offsets"),
+            window: format!("{prefix}:window"),
             pending: format!("{prefix}:pending"),
             last_trigger: format!("{prefix}:last_trigger"),
             prefix,
@@ -262,6 +323,7 @@ pub enum CounterError {
 
 fn parse_claimed(json: &str) -> Result<Claimed, CounterError> {
     serde_json::from_str(json)
+        .map(Claimed::sorted)
         .map_err(|e| CounterError::Protocol(format!("trigger JSON {json:?}: {e}")))
 }
 
@@ -286,8 +348,8 @@ impl Counter {
             client: redis::Client::open(url)?,
             conn: OnceCell::new(),
             keys: Keys::new(consumer_id),
-            count: Script::new(COUNT_LUA),
-            tick: Script::new(TICK_LUA),
+            count: Script::new(&format!("{WINDOW_LUA}{COUNT_LUA}")),
+            tick: Script::new(&format!("{WINDOW_LUA}{TICK_LUA}")),
             raise: Script::new(RAISE_SEQ_LUA),
             acquire: Script::new(ACQUIRE_LUA),
             renew: Script::new(RENEW_LUA),
@@ -343,10 +405,13 @@ impl Counter {
             .key(&self.keys.offsets)
             .key(&self.keys.pending)
             .key(&self.keys.last_trigger)
+            .key(&self.keys.window)
             .arg(max_events.max(1))
             .arg(max_time_ms.max(1))
             .arg(pipeline);
-        for ((topic, partition), offsets) in &by_partition {
+        for ((topic, partition), offsets) in by_partition.iter_mut() {
+            // The script assigns events to windows in offset order.
+            offsets.sort_unstable();
             inv.arg(format!("{topic}:{partition}"))
                 .arg(offsets.len())
                 .arg(offsets.as_slice());
@@ -382,6 +447,7 @@ impl Counter {
             .key(&self.keys.state)
             .key(&self.keys.pending)
             .key(&self.keys.last_trigger)
+            .key(&self.keys.window)
             .arg(max_time_ms.max(1))
             .arg(if on_empty { "1" } else { "0" })
             .arg(pipeline)
@@ -542,7 +608,14 @@ mod tests {
         let k = Keys::new("team-a/clicks");
         assert_eq!(k.events, "consumer:{team-a/clicks}:events");
         assert_eq!(k.lease(7), "consumer:{team-a/clicks}:lease:7");
-        for key in [&k.events, &k.state, &k.offsets, &k.pending, &k.last_trigger] {
+        for key in [
+            &k.events,
+            &k.state,
+            &k.offsets,
+            &k.window,
+            &k.pending,
+            &k.last_trigger,
+        ] {
             assert!(key.contains("{team-a/clicks}"));
         }
     }

@@ -9,7 +9,9 @@ use kube::Api;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use streamops_crds::config::webhook_header_env;
 use streamops_crds::job_template::{harden, parse_template, restricted_violations};
-use streamops_crds::v1alpha1::{JobTriggerSpec, WebhookSpec};
+use streamops_crds::v1alpha1::{
+    default_webhook_backoff, JobTriggerSpec, RetryBackoff, WebhookSpec,
+};
 use tokio::sync::OnceCell;
 
 use super::trigger::{build_job, job_name, Claimed, WebhookPayload};
@@ -50,6 +52,7 @@ pub struct WebhookSink {
     url: String,
     headers: HeaderMap,
     max_retries: u32,
+    backoff: RetryBackoff,
 }
 
 impl WebhookSink {
@@ -108,6 +111,7 @@ impl WebhookSink {
             url: spec.url.clone(),
             headers,
             max_retries: spec.max_retries,
+            backoff: spec.retry_backoff.clone(),
         })
     }
 
@@ -247,6 +251,14 @@ impl Sink {
         }
     }
 
+    /// Backoff between attempts.
+    pub fn backoff(&self) -> RetryBackoff {
+        match self {
+            Self::Webhook(w) => w.backoff.clone(),
+            Self::Job(_) => default_webhook_backoff(),
+        }
+    }
+
     /// One attempt.
     pub async fn send(&self, consumer_id: &str, t: &Claimed) -> Result<Sent, SendError> {
         match self {
@@ -271,6 +283,7 @@ mod tests {
             timeout_ms: 100,
             max_retries: 0,
             headers,
+            retry_backoff: default_webhook_backoff(),
             secret_headers: Vec::new(),
         };
         assert!(WebhookSink::new(&spec).is_err());
@@ -282,6 +295,7 @@ mod tests {
             timeout_ms: 100,
             max_retries: 0,
             headers: BTreeMap::new(),
+            retry_backoff: default_webhook_backoff(),
             secret_headers,
         }
     }

@@ -25,10 +25,6 @@ pub const MAX_TICK: Duration = Duration::from_secs(1);
 pub const MIN_TICK: Duration = Duration::from_millis(10);
 /// How often the delivery loop looks for pending triggers without being woken.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
-/// First delay between two delivery attempts.
-pub const DELIVERY_BACKOFF_BASE: Duration = Duration::from_millis(250);
-/// Longest delay between two delivery attempts.
-pub const DELIVERY_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Longest delay after a failed Redis or PostgreSQL call of a background loop.
 const LOOP_BACKOFF_CAP: Duration = Duration::from_secs(10);
 
@@ -186,7 +182,8 @@ impl Engine {
             Some(w) => Duration::from_millis(u64::from(w.timeout_ms)),
             None => Duration::from_secs(30),
         };
-        attempt + DELIVERY_BACKOFF_CAP + Duration::from_secs(10)
+        let cap = Duration::from_millis(u64::from(self.sink.backoff().cap_ms));
+        attempt + cap + Duration::from_secs(10)
     }
 
     /// Once per process, before the first claim: makes sure the Redis sequence is above every
@@ -347,7 +344,7 @@ impl Engine {
         }
         let max_retries = self.sink.max_retries();
         let mut attempt: u32 = 0;
-        let mut backoff = Backoff::new(DELIVERY_BACKOFF_BASE, DELIVERY_BACKOFF_CAP);
+        let mut backoff = Backoff::from_spec(&self.sink.backoff());
         loop {
             attempt += 1;
             if !self.counter.renew_lease(t.seq, &self.token, ttl).await? {
@@ -404,14 +401,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delivery_backoff_doubles_and_stays_under_the_cap() {
-        let mut b = Backoff::new(DELIVERY_BACKOFF_BASE, DELIVERY_BACKOFF_CAP);
+    fn job_trigger_delivery_backoff_is_the_webhook_default() {
+        let spec = streamops_crds::v1alpha1::default_webhook_backoff();
+        let mut b = Backoff::from_spec(&spec);
         for n in 1..40u32 {
             let d = b.next_delay();
-            let full = DELIVERY_BACKOFF_BASE
-                .saturating_mul(1 << (n - 1).min(20))
-                .min(DELIVERY_BACKOFF_CAP);
+            let full = spec.ceiling(n);
             assert!(d >= full / 2 && d <= full, "{n}: {d:?}");
         }
+        assert_eq!(spec.ceiling(1), Duration::from_millis(250));
+        assert_eq!(spec.ceiling(40), Duration::from_secs(30));
     }
 }

@@ -21,8 +21,11 @@
 //! # Triggers
 //! The same script that counts claims triggers: each time the window reaches `maxEvents` it
 //! increments the consumer's trigger sequence and records the trigger (`reason: count`,
-//! `event_count: maxEvents`, window start and end) in the consumer's pending set, then opens a
-//! new window; events beyond `maxEvents` carry over. A window at least `maxTimeSeconds` old
+//! `event_count: maxEvents`, window start and end, and per partition the offsets of the window's
+//! first and last event with their count) in the consumer's pending set, then opens a new window;
+//! events beyond `maxEvents` carry over. Events join windows in offset order, one by one, so a
+//! window boundary can fall inside a batch and consecutive windows never share an offset: a
+//! pipeline that reads each partition's `[first_offset, last_offset]` reads exactly its window. A window at least `maxTimeSeconds` old
 //! triggers with `reason: time` and the events it holds: a background ticker (every replica runs
 //! one, at most one second apart, stopping on shutdown) claims it even when no events arrive, and
 //! an event arriving into an overdue window claims it at once. An overdue window with no events
@@ -34,12 +37,13 @@
 //! # Delivery
 //! A delivery loop on each replica takes pending triggers in order, each under a Redis lease so
 //! one replica delivers it, records it in `pipeline_runs` (`pending`), and attempts delivery up to
-//! `1 + maxRetries` times (Job: 6) with capped exponential backoff (250 ms doubling, at most 30 s),
+//! `1 + maxRetries` times (Job: 6) with capped exponential backoff (`webhook.retryBackoff`: 250 ms, factor 2, at most 30 s by default),
 //! counting `attempts`; then `delivered` (with `delivered_at`) or `failed` (with `last_error`).
 //! A worker that dies mid-delivery leaves the trigger pending; another takes it over when the
 //! lease expires, with the same trigger id, so:
 //! - webhook: `POST` of `{"trigger_id", "consumer_id", "pipeline_name", "sequence", "reason",
-//!   "event_count", "window_start", "window_end"}` with header `Idempotency-Key: <trigger_id>`
+//!   "event_count", "window_start", "window_end", "offsets"}` with header
+//!   `Idempotency-Key: <trigger_id>`
 //!   (plus the spec's headers); 2xx or 409 is a delivery, 408/429/5xx and transport errors are
 //!   retried, other 4xx fail at once;
 //! - job: a Job from the template, named `<pipeline>-<hash of consumer>-<seq>`, so a repeated
@@ -71,7 +75,9 @@ use streamops_crds::HandlerKind;
 pub use counter::{Counter, Keys};
 pub use deliver::{JobSink, Sink, WebhookSink, IDEMPOTENCY_KEY};
 pub use engine::{Engine, TriggerMetrics};
-pub use trigger::{build_job, job_name, trigger_id, Claimed, Reason, WebhookPayload};
+pub use trigger::{
+    build_job, job_name, trigger_id, Claimed, PartitionRange, Reason, WebhookPayload,
+};
 
 use super::json_fields::parse_object;
 use super::{
@@ -124,7 +130,11 @@ impl PipelineTriggerHandler {
                 "the pipeline-trigger handler needs Redis: set STREAMOPS_REDIS_URL".into(),
             )
         })?;
-        let consumer_id = ctx.config.consumer_id.clone();
+        // seed 004's `consumer_id`, when the spec sets one.
+        let consumer_id = settings
+            .consumer_id
+            .clone()
+            .unwrap_or_else(|| ctx.config.consumer_id.clone());
         let counter = Counter::new(url, &consumer_id)
             .map_err(|e| HandlerError::Fatal(format!("invalid Redis URL: {e}")))?;
         let metrics = TriggerMetrics::register(&ctx.registry).map_err(|e| {

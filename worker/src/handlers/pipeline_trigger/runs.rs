@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::trigger::{ms_to_time, trigger_id, Claimed, Reason};
+use super::trigger::{ms_to_time, trigger_id, Claimed, PartitionRange, Reason};
 
 /// `webhook` or `job`.
 pub type Target = &'static str;
@@ -36,12 +36,17 @@ pub async fn record_claimed(
         .iter()
         .map(|t| ms_to_time(t.window_end_ms))
         .collect();
+    let offsets: Vec<String> = triggers
+        .iter()
+        .map(|t| serde_json::to_string(&t.offsets).unwrap_or_else(|_| "[]".into()))
+        .collect();
     sqlx::query(
         "INSERT INTO pipeline_runs (trigger_id, consumer_id, pipeline_name, seq, reason, event_count, \
-             window_start, window_end, target) \
-         SELECT u.id, $1, u.p, u.s, u.r, u.c, u.ws, u.we, $2 \
+             window_start, window_end, target, offsets) \
+         SELECT u.id, $1, u.p, u.s, u.r, u.c, u.ws, u.we, $2, u.o::jsonb \
          FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], \
-                     $8::timestamptz[], $9::timestamptz[]) AS u(id, p, s, r, c, ws, we) \
+                     $8::timestamptz[], $9::timestamptz[], $10::text[]) \
+              AS u(id, p, s, r, c, ws, we, o) \
          ON CONFLICT DO NOTHING",
     )
     .bind(consumer_id)
@@ -53,6 +58,7 @@ pub async fn record_claimed(
     .bind(&counts)
     .bind(&starts)
     .bind(&ends)
+    .bind(&offsets)
     .execute(conn)
     .await?;
     Ok(())
@@ -121,7 +127,7 @@ pub async fn max_seq(pool: &PgPool, consumer_id: &str) -> Result<u64, sqlx::Erro
 /// Triggers recorded as `pending`, by sequence number.
 pub async fn pending(pool: &PgPool, consumer_id: &str) -> Result<Vec<Claimed>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name \
+        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name, offsets \
          FROM pipeline_runs WHERE consumer_id = $1 AND status = 'pending' ORDER BY seq",
     )
     .bind(consumer_id)
@@ -143,9 +149,16 @@ pub async fn pending(pool: &PgPool, consumer_id: &str) -> Result<Vec<Claimed>, s
             window_start_ms: start.timestamp_millis(),
             window_end_ms: end.timestamp_millis(),
             pipeline: r.try_get("pipeline_name")?,
+            offsets: offsets_of(&r)?,
         });
     }
     Ok(out)
+}
+
+/// The `offsets` column of a `pipeline_runs` row.
+pub fn offsets_of(r: &sqlx::postgres::PgRow) -> Result<Vec<PartitionRange>, sqlx::Error> {
+    let v: sqlx::types::Json<Vec<PartitionRange>> = r.try_get("offsets")?;
+    Ok(v.0)
 }
 
 /// One `pipeline_runs` row, as `/consumer/info` shows it.
@@ -165,6 +178,8 @@ pub struct Run {
     pub window_start: DateTime<Utc>,
     /// Window end.
     pub window_end: DateTime<Utc>,
+    /// The window's offset range per partition.
+    pub offsets: Vec<PartitionRange>,
     /// `webhook` or `job`.
     pub target: String,
     /// `pending`, `delivered` or `failed`.
@@ -183,7 +198,7 @@ pub struct Run {
 pub async fn last_run(pool: &PgPool, consumer_id: &str) -> Result<Option<Run>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT trigger_id, seq, pipeline_name, reason, event_count, window_start, window_end, \
-                target, status, attempts, last_error, job_name, delivered_at \
+                offsets, target, status, attempts, last_error, job_name, delivered_at \
          FROM pipeline_runs WHERE consumer_id = $1 ORDER BY seq DESC LIMIT 1",
     )
     .bind(consumer_id)
@@ -198,6 +213,7 @@ pub async fn last_run(pool: &PgPool, consumer_id: &str) -> Result<Option<Run>, s
             event_count: r.try_get("event_count")?,
             window_start: r.try_get("window_start")?,
             window_end: r.try_get("window_end")?,
+            offsets: offsets_of(&r)?,
             target: r.try_get("target")?,
             status: r.try_get("status")?,
             attempts: r.try_get("attempts")?,

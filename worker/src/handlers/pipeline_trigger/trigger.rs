@@ -46,6 +46,52 @@ pub struct Claimed {
     pub window_end_ms: i64,
     /// Pipeline name when it was claimed.
     pub pipeline: String,
+    /// The window's events per partition, by topic and partition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<PartitionRange>,
+}
+
+/// The events a window holds in one partition: those counted with offsets from `first_offset`
+/// to `last_offset`, both included. Consecutive windows never overlap in a partition, so a
+/// pipeline that reads each partition from `first_offset` to `last_offset` reads exactly its
+/// window. Messages inside the range that were not counted (rejected as invalid, sent to the
+/// error topic) are the difference between `last_offset - first_offset + 1` and `events`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PartitionRange {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset of the window's first event in this partition.
+    #[serde(deserialize_with = "int_or_string")]
+    pub first_offset: i64,
+    /// Offset of the window's last event in this partition (included).
+    #[serde(deserialize_with = "int_or_string")]
+    pub last_offset: i64,
+    /// Events of the window in this partition.
+    pub events: u64,
+}
+
+/// An integer written as a JSON number or, as the Redis scripts write offsets, a string.
+fn int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrString {
+        Int(i64),
+        String(String),
+    }
+    match IntOrString::deserialize(d)? {
+        IntOrString::Int(i) => Ok(i),
+        IntOrString::String(s) => s.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+impl Claimed {
+    /// The offset ranges sorted by topic and partition (the scripts list them in no order).
+    pub fn sorted(mut self) -> Self {
+        self.offsets.sort();
+        self
+    }
 }
 
 /// The id of trigger `seq` of `consumer_id`: `<consumer_id>:<seq>`. It is the `Idempotency-Key`
@@ -82,6 +128,9 @@ pub struct WebhookPayload {
     pub window_start: String,
     /// Window end, RFC 3339.
     pub window_end: String,
+    /// What to read for exactly this window: per partition, the offsets of its first and last
+    /// event (both included) and its event count. Empty for a window without events.
+    pub offsets: Vec<PartitionRange>,
 }
 
 impl WebhookPayload {
@@ -96,6 +145,7 @@ impl WebhookPayload {
             event_count: t.event_count,
             window_start: rfc3339(t.window_start_ms),
             window_end: rfc3339(t.window_end_ms),
+            offsets: t.offsets.clone(),
         }
     }
 }
@@ -174,8 +224,8 @@ fn add_env(c: &mut Container, vars: &[(&str, String)]) {
 /// The Job created for a trigger: the template's spec, named by [`job_name`], labelled as managed
 /// by streamops, annotated with the trigger, and with the trigger passed to every container as
 /// `STREAMOPS_TRIGGER_ID`, `STREAMOPS_CONSUMER_ID`, `STREAMOPS_PIPELINE_NAME`,
-/// `STREAMOPS_TRIGGER_REASON`, `STREAMOPS_EVENT_COUNT`, `STREAMOPS_WINDOW_START` and
-/// `STREAMOPS_WINDOW_END`.
+/// `STREAMOPS_TRIGGER_REASON`, `STREAMOPS_EVENT_COUNT`, `STREAMOPS_WINDOW_START`,
+/// `STREAMOPS_WINDOW_END` and `STREAMOPS_WINDOW_OFFSETS` (the payload's `offsets`, as JSON).
 pub fn build_job(template: &JobSpec, namespace: &str, consumer_id: &str, t: &Claimed) -> Job {
     let p = WebhookPayload::new(consumer_id, t);
     let name = job_name(consumer_id, &t.pipeline, t.seq);
@@ -213,6 +263,10 @@ pub fn build_job(template: &JobSpec, namespace: &str, consumer_id: &str, t: &Cla
         ("STREAMOPS_EVENT_COUNT", p.event_count.to_string()),
         ("STREAMOPS_WINDOW_START", p.window_start.clone()),
         ("STREAMOPS_WINDOW_END", p.window_end.clone()),
+        (
+            "STREAMOPS_WINDOW_OFFSETS",
+            serde_json::to_string(&p.offsets).unwrap_or_else(|_| "[]".into()),
+        ),
     ];
     let mut spec = template.clone();
     if let Some(pod) = spec.template.spec.as_mut() {
@@ -252,6 +306,13 @@ mod tests {
             window_start_ms: 1_710_930_600_000,
             window_end_ms: 1_710_930_660_500,
             pipeline: "Nightly Load".into(),
+            offsets: vec![PartitionRange {
+                topic: "clicks".into(),
+                partition: 2,
+                first_offset: 9_007_199_254_740_993,
+                last_offset: 9_007_199_254_741_992,
+                events: 1000,
+            }],
         }
     }
 
@@ -289,6 +350,12 @@ mod tests {
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["reason"], "count");
         assert_eq!(json["event_count"], 1000);
+        assert_eq!(
+            json["offsets"],
+            serde_json::json!([{"topic": "clicks", "partition": 2,
+                "first_offset": 9_007_199_254_740_993_i64, "last_offset": 9_007_199_254_741_992_i64,
+                "events": 1000}])
+        );
     }
 
     #[test]
@@ -343,6 +410,9 @@ mod tests {
             vec!["team-a/clicks:3".to_string()]
         );
         assert_eq!(get("STREAMOPS_TRIGGER_REASON"), vec!["count".to_string()]);
+        let offsets: Vec<PartitionRange> =
+            serde_json::from_str(&get("STREAMOPS_WINDOW_OFFSETS")[0]).unwrap();
+        assert_eq!(offsets, claimed(3).offsets);
     }
 
     #[test]
@@ -351,5 +421,12 @@ mod tests {
         let c: Claimed = serde_json::from_str(json).unwrap();
         assert_eq!(c.reason, Reason::Time);
         assert_eq!(c.seq, 4);
+        assert!(c.offsets.is_empty());
+        // Offsets above 2^53 come as strings from the scripts and stay exact.
+        let json = r#"{"seq":5,"reason":"count","event_count":3,"window_start_ms":1,"window_end_ms":2,"pipeline":"p","offsets":[{"topic":"a.b:c","partition":1,"first_offset":"9007199254740993","last_offset":"9007199254740995","events":3}]}"#;
+        let c: Claimed = serde_json::from_str(json).unwrap();
+        assert_eq!(c.offsets[0].first_offset, 9_007_199_254_740_993);
+        let back: Claimed = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 }
