@@ -1033,7 +1033,7 @@ pub struct RedisSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BatchSpec {
-    /// Most messages in one batch: the ceiling of the adaptive batch size (default 10000).
+    /// Most messages in one batch: the ceiling of the adaptive batch size (default 5000).
     #[serde(default = "default_batch_max_messages")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_messages: u32,
@@ -1053,7 +1053,7 @@ impl Default for BatchSpec {
 }
 
 fn default_batch_max_messages() -> u32 {
-    10_000
+    5_000
 }
 fn default_batch_max_wait_ms() -> u32 {
     100

@@ -388,7 +388,7 @@ spec:
         Handler::MovingAverage(MovingAverageSettings { window: 7 })
     );
     assert_eq!(
-        cfg.batch.max_messages, 10_000,
+        cfg.batch.max_messages, 5_000,
         "the adaptive batch's default ceiling"
     );
     assert_eq!(cfg.error_topic, "price-events-failed");
