@@ -37,6 +37,10 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Partitions currently assigned to this worker.
     pub assigned_partitions: IntGauge,
+    /// Owned partitions with lag that fetched nothing for the stall window.
+    pub stalled_partitions: IntGauge,
+    /// Stalled partitions whose fetcher was restarted.
+    pub stall_restarts: IntCounter,
     /// Failed advisory Kafka commits.
     pub kafka_commit_failures: IntCounter,
     /// 1 when `/readyz` answers 200 (set at every scrape).
@@ -171,6 +175,16 @@ impl Metrics {
                 &r,
                 "streamops_assigned_partitions",
                 "Partitions assigned to this worker",
+            ),
+            stalled_partitions: gauge(
+                &r,
+                "streamops_stalled_partitions",
+                "Owned partitions with lag that fetched nothing for the stall window",
+            ),
+            stall_restarts: counter(
+                &r,
+                "streamops_stalled_partition_restarts_total",
+                "Stalled partitions whose fetcher was restarted (incremental unassign + assign)",
             ),
             kafka_commit_failures: counter(
                 &r,

@@ -364,12 +364,13 @@ fn payloads(hook: &Receiver) -> BTreeMap<u64, Value> {
     out
 }
 
+/// `(first, last, events, seq)` of one partition's range in one trigger.
+type Range = (i64, i64, u64, u64);
+
 /// `(topic, partition) -> [(first, last, events, seq)]` in sequence order, after checking that
 /// each payload's ranges add up to its event count.
-fn ranges_by_partition(
-    payloads: &BTreeMap<u64, Value>,
-) -> BTreeMap<(String, i64), Vec<(i64, i64, u64, u64)>> {
-    let mut out: BTreeMap<(String, i64), Vec<(i64, i64, u64, u64)>> = BTreeMap::new();
+fn ranges_by_partition(payloads: &BTreeMap<u64, Value>) -> BTreeMap<(String, i64), Vec<Range>> {
+    let mut out: BTreeMap<(String, i64), Vec<Range>> = BTreeMap::new();
     for (seq, p) in payloads {
         let ranges = p["offsets"].as_array().expect("offsets is a list");
         let sum: u64 = ranges.iter().map(|r| r["events"].as_u64().unwrap()).sum();

@@ -44,6 +44,9 @@ pub struct PipelineConsumerContext {
     pub(crate) events: UnboundedSender<RebalanceEvent>,
     pub(crate) shutdown: CancellationToken,
     topics: std::sync::Mutex<Vec<Arc<str>>>,
+    /// Each owned partition's high watermark as the latest statistics reported it (for the
+    /// poll loop's stall check).
+    high_watermarks: std::sync::Mutex<HashMap<TopicPartition, i64>>,
 }
 
 impl PipelineConsumerContext {
@@ -68,6 +71,7 @@ impl PipelineConsumerContext {
             events,
             shutdown,
             topics: Default::default(),
+            high_watermarks: Default::default(),
         }
     }
 
@@ -80,6 +84,15 @@ impl PipelineConsumerContext {
         let t: Arc<str> = Arc::from(topic);
         g.push(t.clone());
         t
+    }
+
+    /// The partition's high watermark from the latest statistics, if reported while owned.
+    pub(crate) fn high_watermark(&self, tp: &TopicPartition) -> Option<i64> {
+        let g = self
+            .high_watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.get(tp).copied()
     }
 
     fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -185,6 +198,10 @@ impl PipelineConsumerContext {
         let parts = self.partitions_of(tpl);
         for tp in &parts {
             self.ownership.revoke(tp);
+            self.high_watermarks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(tp);
             let _ = self
                 .metrics
                 .partition_lag
@@ -219,6 +236,12 @@ impl ClientContext for PipelineConsumerContext {
                     partition: *p,
                 };
                 self.ownership.set_high_watermark(&tp, part.hi_offset);
+                if self.ownership.get(&tp).is_some() && part.hi_offset >= 0 {
+                    self.high_watermarks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(tp.clone(), part.hi_offset);
+                }
                 if self.ownership.get(&tp).is_some() && part.consumer_lag >= 0 {
                     self.metrics
                         .partition_lag

@@ -128,6 +128,10 @@ pub use writer::WriterTotals;
 /// Batches a writer lane may have buffered in the poll loop before fetching stops.
 pub const LANE_BUFFER_BATCHES: usize = 3;
 
+/// An owned partition with lag (statistics' high watermark above its fetch position) that
+/// fetched nothing for this long, while the poll loop was able to fetch, is stalled.
+pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
 /// How often librdkafka reports statistics (lag gauge).
 pub const STATISTICS_INTERVAL_MS: u32 = 5_000;
 
@@ -391,6 +395,12 @@ struct PollLoop<T> {
     stopping: bool,
     /// The topic of the last message and its hash (most messages come in runs of one topic).
     last_topic: Option<(Arc<str>, u64)>,
+    /// When each owned partition last delivered a message (or was assigned).
+    last_fetched: HashMap<TopicPartition, Instant>,
+    /// The last time the loop could not fetch (full buffers, outage pause, stopping).
+    fetch_blocked_at: Instant,
+    /// When the stall check runs next.
+    next_stall_check: Instant,
 }
 
 impl<T> Buffers<T> {
@@ -504,6 +514,9 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
             paused: false,
             stopping: false,
             last_topic: None,
+            last_fetched: HashMap::new(),
+            fetch_blocked_at: Instant::now(),
+            next_stall_check: Instant::now() + STALL_AFTER,
         }
     }
 
@@ -522,6 +535,13 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 .buffers
                 .due_lanes(now, self.stopping, |l| batches[l].capacity() > 0);
             let can_fetch = !self.stopping && (self.paused || self.buffers.has_room());
+            if !can_fetch || self.paused {
+                self.fetch_blocked_at = now;
+            }
+            if now >= self.next_stall_check {
+                self.next_stall_check = now + STALL_AFTER / 6;
+                self.check_stalls(now);
+            }
             let deadline = self.buffers.deadline(now);
             let waiting = !self.buffers.is_empty();
             let woke = tokio::select! {
@@ -635,6 +655,7 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                     timestamp_ms: m.timestamp().to_millis(),
                 };
                 let epoch = *epoch;
+                self.last_fetched.insert(tp_key(&raw), now);
                 self.buffers.pending[lane].push(Fetched { msg: raw, epoch }, now);
             }
             None => tracing::debug!(topic = %tp.topic, partition = tp.partition,
@@ -652,6 +673,7 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                     let mut tpl = TopicPartitionList::new();
                     for (tp, epoch) in parts {
                         tpl.add_partition(&tp.topic, tp.partition);
+                        self.last_fetched.insert(tp.clone(), Instant::now());
                         self.buffers.epochs.insert(tp, epoch);
                     }
                     if self.paused && tpl.count() > 0 {
@@ -663,6 +685,7 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 RebalanceEvent::Revoked(parts) => {
                     for tp in &parts {
                         self.buffers.epochs.remove(tp);
+                        self.last_fetched.remove(tp);
                     }
                     let dropped: usize = self
                         .buffers
@@ -678,6 +701,83 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                     }
                 }
             }
+        }
+    }
+
+    /// The stall check: an owned partition whose high watermark (latest statistics) is above its
+    /// fetch position, that delivered nothing for [`STALL_AFTER`] while the loop could fetch, is
+    /// stalled: librdkafka is not fetching it (seen after cooperative rebalances during which
+    /// advisory commits failed with ILLEGAL_GENERATION: the member kept the partition but never
+    /// fetched it again). It is logged, counted in `streamops_stalled_partitions`, makes
+    /// `/readyz` fail, and its fetcher is restarted: an incremental unassign and assign at the
+    /// stored offset (which clears librdkafka's own pause of the partition). The ownership and
+    /// its epoch are unchanged: this member still owns the partition in the group.
+    fn check_stalls(&mut self, now: Instant) {
+        let mut stalled = Vec::new();
+        if !self.stopping && !self.paused {
+            let positions = self.consumer.position().unwrap_or_default();
+            for tp in self.buffers.epochs.keys() {
+                let since = self
+                    .last_fetched
+                    .get(tp)
+                    .copied()
+                    .unwrap_or(now)
+                    .max(self.fetch_blocked_at);
+                if now.saturating_duration_since(since) < STALL_AFTER {
+                    continue;
+                }
+                let Some(high) = self.consumer.context().high_watermark(tp) else {
+                    continue;
+                };
+                let next = self
+                    .consumer
+                    .context()
+                    .ownership
+                    .get(tp)
+                    .and_then(|o| o.next_offset);
+                let position = match positions
+                    .find_partition(&tp.topic, tp.partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => next,
+                };
+                if let Some(pos) = position {
+                    if high > pos {
+                        stalled.push((tp.clone(), pos, high, next));
+                    }
+                }
+            }
+        }
+        self.metrics.stalled_partitions.set(stalled.len() as i64);
+        self.health.set_stalled(!stalled.is_empty());
+        for (tp, position, high, next) in stalled {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, position, high_watermark = high,
+                stored_next_offset = ?next, idle_s = STALL_AFTER.as_secs(),
+                "owned partition with lag fetched nothing: restarting its fetcher");
+            self.metrics.stall_restarts.inc();
+            let mut out = TopicPartitionList::new();
+            out.add_partition(&tp.topic, tp.partition);
+            let mut back = TopicPartitionList::new();
+            let start = next.map(Offset::Offset).unwrap_or(Offset::Stored);
+            if back
+                .add_partition_offset(&tp.topic, tp.partition, start)
+                .is_err()
+            {
+                continue;
+            }
+            match self.consumer.incremental_unassign(&out) {
+                Ok(()) => {
+                    if let Err(e) = self.consumer.incremental_assign(&back) {
+                        tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
+                            "cannot re-assign the stalled partition");
+                    }
+                }
+                Err(e) => tracing::error!(topic = %tp.topic, partition = tp.partition,
+                    error = %e, "cannot restart the stalled partition's fetcher"),
+            }
+            // Give the restarted fetcher a full window before judging it again.
+            self.last_fetched.insert(tp, now);
         }
     }
 
@@ -752,6 +852,14 @@ async fn close_consumer(consumer: Arc<PipelineConsumer>, ownership: &Ownership) 
     });
     if let Err(e) = closing.await {
         tracing::warn!(error = %e, "closing the consumer failed");
+    }
+}
+
+/// The partition of a fetched message.
+fn tp_key(m: &RawMessage) -> TopicPartition {
+    TopicPartition {
+        topic: m.topic.clone(),
+        partition: m.partition,
     }
 }
 

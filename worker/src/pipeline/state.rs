@@ -140,6 +140,7 @@ pub struct Health {
     outage: AtomicBool,
     kafka_down: AtomicBool,
     stopping: AtomicBool,
+    stalled: AtomicBool,
 }
 
 impl Health {
@@ -180,9 +181,20 @@ impl Health {
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
-    /// Ready: joined, database and brokers reachable, not in outage, not stopping.
+    /// Some owned partition has lag but fetched nothing for the stall window (see the poll
+    /// loop's stall check), or none any more.
+    pub fn set_stalled(&self, on: bool) {
+        self.stalled.store(on, Ordering::Relaxed);
+    }
+    /// Whether some owned partition is stalled.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+    /// Ready: joined, database and brokers reachable, not in outage, no owned partition
+    /// stalled, not stopping.
     pub fn ready(&self) -> bool {
-        self.joined()
+        !self.stalled()
+            && self.joined()
             && self.db_ok()
             && !self.outage()
             && !self.kafka_down()
@@ -200,6 +212,8 @@ impl Health {
             "kafka brokers unreachable"
         } else if self.outage() {
             "in outage backoff"
+        } else if self.stalled() {
+            "an owned partition with lag is not being fetched"
         } else {
             "ready"
         }
@@ -240,6 +254,13 @@ mod tests {
         assert!(h.ready());
         h.set_outage(true);
         assert_eq!(h.reason(), "in outage backoff");
+        assert!(!h.ready());
+        h.set_outage(false);
+        h.set_stalled(true);
+        assert_eq!(
+            h.reason(),
+            "an owned partition with lag is not being fetched"
+        );
         assert!(!h.ready());
     }
 }
