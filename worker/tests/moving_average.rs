@@ -226,12 +226,16 @@ async fn poison_messages_land_in_the_error_topic_with_their_reasons_and_valid_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_commits_the_batch_in_flight_and_exits_zero() {
-    let mut env = TestEnv::new("ma-term", HandlerKind::MovingAverage, 1).await;
-    // A batch that never fills or times out by itself: only the shutdown can commit it.
-    env.config.batch.max_messages = 100_000;
-    env.config.batch.max_wait_ms = 60_000;
+    let env = TestEnv::new("ma-term", HandlerKind::MovingAverage, 1).await;
     let mut w = env.start_worker("w-0");
     w.wait_ready().await;
+    // Batches go as soon as the writer is free, so the writer is held instead: the table it
+    // writes is locked, and the batch in flight waits on the lock until after the signal.
+    let mut blocker = env.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE price_points IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
     let spec = ProduceSpec::new(HandlerKind::MovingAverage, 400).seed(3);
     let events = env.produce(&spec).await;
     let start = std::time::Instant::now();
@@ -243,11 +247,17 @@ async fn sigterm_commits_the_batch_in_flight_and_exits_zero() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(
-        env.count("price_points").await,
+        env.applied_offsets().await,
         0,
         "nothing is committed before the signal"
     );
+    // The lock goes 2 s after the signal, while the worker is shutting down.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        blocker.rollback().await.expect("release the lock");
+    });
     let status = w.terminate_and_wait();
+    release.await.expect("the lock was released");
     assert!(status.success(), "exit status {status}");
     assert_eq!(env.count("price_points").await, 400);
     assert_eq!(env.applied_offsets().await, 400);
