@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{TestEnv, PATIENCE};
+use crate::support::{exited_after_sigterm, sigterm, TestEnv, PATIENCE};
 
 /// A worker subprocess with dynamic group membership.
 pub struct DynamicMember {
@@ -114,20 +114,11 @@ impl DynamicMember {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        sigterm(&self.child);
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = exited_after_sigterm(&mut self.child, start, &self.log) {
                 return status;
-            }
-            if start.elapsed() > PATIENCE {
-                let _ = self.child.kill();
-                panic!(
-                    "worker did not exit after SIGTERM; log: {}",
-                    self.log.display()
-                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

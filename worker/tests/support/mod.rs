@@ -18,7 +18,7 @@
 #![allow(dead_code, unused_imports)]
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -449,20 +449,11 @@ impl WorkerProcess {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate_and_wait(mut self) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        sigterm(&self.child);
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = exited_after_sigterm(&mut self.child, start, &self.log) {
                 return status;
-            }
-            if start.elapsed() > PATIENCE {
-                let _ = self.child.kill();
-                panic!(
-                    "worker did not exit after SIGTERM; log: {}",
-                    self.log.display()
-                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -495,4 +486,24 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sends SIGTERM to a worker process.
+pub fn sigterm(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+/// One look at a worker told to stop at `since`: its exit status once it has exited; past
+/// [`PATIENCE`] it is killed and the test fails, naming its log.
+pub fn exited_after_sigterm(child: &mut Child, since: Instant, log: &Path) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if since.elapsed() > PATIENCE {
+        let _ = child.kill();
+        panic!("worker did not exit after SIGTERM; log: {}", log.display());
+    }
+    None
 }
