@@ -44,9 +44,6 @@ pub struct PipelineConsumerContext {
     pub(crate) events: UnboundedSender<RebalanceEvent>,
     pub(crate) shutdown: CancellationToken,
     topics: std::sync::Mutex<Vec<Arc<str>>>,
-    /// Each owned partition's high watermark as the latest statistics reported it (for the
-    /// poll loop's stall check).
-    high_watermarks: std::sync::Mutex<HashMap<TopicPartition, i64>>,
 }
 
 impl PipelineConsumerContext {
@@ -71,7 +68,6 @@ impl PipelineConsumerContext {
             events,
             shutdown,
             topics: Default::default(),
-            high_watermarks: Default::default(),
         }
     }
 
@@ -88,11 +84,7 @@ impl PipelineConsumerContext {
 
     /// The partition's high watermark from the latest statistics, if reported while owned.
     pub(crate) fn high_watermark(&self, tp: &TopicPartition) -> Option<i64> {
-        let g = self
-            .high_watermarks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        g.get(tp).copied()
+        self.ownership.get(tp).and_then(|o| o.high_watermark)
     }
 
     fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -198,10 +190,6 @@ impl PipelineConsumerContext {
         let parts = self.partitions_of(tpl);
         for tp in &parts {
             self.ownership.revoke(tp);
-            self.high_watermarks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(tp);
             let _ = self
                 .metrics
                 .partition_lag
@@ -236,12 +224,6 @@ impl ClientContext for PipelineConsumerContext {
                     partition: *p,
                 };
                 self.ownership.set_high_watermark(&tp, part.hi_offset);
-                if self.ownership.get(&tp).is_some() && part.hi_offset >= 0 {
-                    self.high_watermarks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(tp.clone(), part.hi_offset);
-                }
                 if self.ownership.get(&tp).is_some() && part.consumer_lag >= 0 {
                     self.metrics
                         .partition_lag
