@@ -286,6 +286,10 @@ pub trait LagReader: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<GroupLag, LagError>> + Send;
 }
 
+/// The `group.id` of the lag clients: a group they never join and never commit to (see
+/// `client_config`).
+pub const LAG_CLIENT_GROUP: &str = "streamops-operator-lag-reader";
+
 /// Readings a [`KafkaLagReader`] runs at once by default (the poller's default too).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 
@@ -382,8 +386,13 @@ impl LagReader for KafkaLagReader {
 
 fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
     let mut cfg = ClientConfig::new();
-    // No group.id: the client never joins a group, and serves every group of the connection.
+    // The client never subscribes, so it never joins a group, and serves every group of the
+    // connection. It still needs a group.id of its own: librdkafka 2.12 answers an OffsetFetch
+    // error from a coordinator that is loading or has moved by asking the client's consumer
+    // group to find the coordinator again, and a client without one crashes there (a null
+    // dereference; tests/lag_coordinator.rs). This group is never joined nor committed to.
     cfg.set("bootstrap.servers", &target.bootstrap_servers)
+        .set("group.id", LAG_CLIENT_GROUP)
         .set("enable.auto.commit", "false")
         .set("security.protocol", target.security_protocol.as_str())
         .set("socket.timeout.ms", "10000")
