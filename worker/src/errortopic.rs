@@ -9,6 +9,10 @@
 //! - `streamops.consumer`: the consumer id (`namespace/name`)
 //! - `streamops.error.truncated` and `streamops.error.original.bytes`, only when the value is a
 //!   prefix of an oversized original.
+//! - `traceparent` (and `tracestate`), only when trace export is on and the source message
+//!   carried a trace context: the context of a `streamops.reject` span in the source message's
+//!   trace (see [`crate::telemetry`]). The source message's own headers are not copied to the
+//!   error record, so this is its only `traceparent`.
 
 use std::time::Duration;
 
@@ -70,6 +74,8 @@ pub struct ErrorRecord {
     pub kind: RejectKind,
     /// Detail.
     pub detail: String,
+    /// `traceparent` and `tracestate` of the record, when the source message was traced.
+    pub trace: Option<(String, Option<String>)>,
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -102,6 +108,7 @@ impl ErrorRecord {
             original_bytes: payload.len(),
             kind: rejection.kind,
             detail: truncate_utf8(&rejection.detail, MAX_DETAIL_BYTES).to_string(),
+            trace: None,
         }
     }
 
@@ -152,6 +159,18 @@ impl ErrorRecord {
                     key: headers::ORIGINAL_BYTES,
                     value: Some(original.as_str()),
                 });
+        }
+        if let Some((parent, state)) = &self.trace {
+            h = h.insert(Header {
+                key: crate::telemetry::TRACEPARENT,
+                value: Some(parent.as_str()),
+            });
+            if let Some(state) = state {
+                h = h.insert(Header {
+                    key: crate::telemetry::TRACESTATE,
+                    value: Some(state.as_str()),
+                });
+            }
         }
         h
     }

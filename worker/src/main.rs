@@ -15,7 +15,7 @@ use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::produce::{produce, ProduceOptions};
 use streamops_worker::scorer::{self, ScorerArgs};
 use streamops_worker::secrets::Secrets;
-use streamops_worker::telemetry::{init_logging, LogFormat};
+use streamops_worker::telemetry::{self, init_logging, LogFormat};
 use streamops_worker::worker::{RunOptions, WorkerRuntime};
 use streamops_worker::{admin, WorkerError};
 
@@ -53,7 +53,15 @@ fn load_config_from(
 
 async fn run(args: RunArgs) -> Result<(), WorkerError> {
     let config = load_config(&args)?;
-    init_logging(args.log_format, config.log_level.as_str());
+    // Logs, and OpenTelemetry trace export when OTEL_EXPORTER_OTLP_ENDPOINT asks for it.
+    let telemetry = telemetry::init(args.log_format, config.log_level.as_str());
+    let result = run_worker(args, config).await;
+    // Spans buffered until now are exported before the process exits (SIGTERM path included).
+    telemetry.shutdown().await;
+    result
+}
+
+async fn run_worker(args: RunArgs, config: WorkerConfig) -> Result<(), WorkerError> {
     let secrets = Secrets::from_env(&config)?;
     let handler_spec = config.handler.clone();
     let writer_lanes = args.writer_lanes;

@@ -111,7 +111,14 @@ mod tests {
                 payload: Some(b"{}".to_vec()),
                 timestamp_ms: None,
             };
-            p.push(Fetched { msg, epoch: 1 }, at);
+            p.push(
+                Fetched {
+                    msg,
+                    epoch: 1,
+                    trace: None,
+                },
+                at,
+            );
         }
         p
     }

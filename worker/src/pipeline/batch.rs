@@ -13,6 +13,9 @@ pub struct Fetched {
     pub msg: RawMessage,
     /// Assignment epoch of its partition (see `Ownership`).
     pub epoch: u64,
+    /// Its W3C trace context, when trace export is on and it carries one
+    /// ([`crate::telemetry::extract`]).
+    pub trace: Option<crate::telemetry::MessageTrace>,
 }
 
 /// A batch handed from the poll loop to the writer.
@@ -222,6 +225,7 @@ mod tests {
                 timestamp_ms: None,
             },
             epoch,
+            trace: None,
         }
     }
 

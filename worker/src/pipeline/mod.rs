@@ -461,7 +461,11 @@ impl<T> Buffers<T> {
             batch
                 .messages
                 .iter()
-                .map(|f| writer::precheck(&f.msg, self.max_bytes).and_then(|()| d(&f.msg)))
+                .map(|f| {
+                    crate::telemetry::decode(f.trace.as_deref(), &f.msg, || {
+                        writer::precheck(&f.msg, self.max_bytes).and_then(|()| d(&f.msg))
+                    })
+                })
                 .collect()
         });
         (batch, pre)
@@ -655,8 +659,16 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                     timestamp_ms: m.timestamp().to_millis(),
                 };
                 let epoch = *epoch;
+                let trace = crate::telemetry::extract(m.headers());
                 self.last_fetched.insert(tp_key(&raw), now);
-                self.buffers.pending[lane].push(Fetched { msg: raw, epoch }, now);
+                self.buffers.pending[lane].push(
+                    Fetched {
+                        msg: raw,
+                        epoch,
+                        trace,
+                    },
+                    now,
+                );
             }
             None => tracing::debug!(topic = %tp.topic, partition = tp.partition,
                 offset = m.offset(), "message of a partition not owned; dropped"),

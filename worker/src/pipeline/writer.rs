@@ -11,6 +11,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::batch::{applicable_mask, plan_offsets, retain_by_mask, Batch, Fetched, PartitionPlan};
 use super::context::PipelineConsumerContext;
@@ -509,9 +510,16 @@ impl<H: MessageHandler> Writer<H> {
         let (errors, max) = (&self.p.errors, self.p.max_message_bytes);
         deliver_rejections(errors, max, messages, &rejected, delivered).await?;
         let plan = plan_offsets(messages);
+        let span = crate::telemetry::batch_span(
+            crate::telemetry::BatchOp::DbWrite,
+            messages.len(),
+            messages.iter().filter_map(|f| f.trace.as_deref()),
+        );
         let outcome = self
             .transaction(messages, &plan, &items, &rejected, gaps_found)
-            .await?;
+            .instrument(span.clone())
+            .await
+            .inspect_err(|_| crate::telemetry::record_failure(&span, "transaction_failed"))?;
         if let Outcome::Committed = outcome {
             self.after_commit(
                 &plan,
@@ -547,7 +555,9 @@ impl<H: MessageHandler> Writer<H> {
             let m = &f.msg;
             let decoded = match pre.as_mut().and_then(Iterator::next) {
                 Some(r) => r,
-                None => precheck(m, max).and_then(|()| self.handler.decode(m)),
+                None => crate::telemetry::decode(f.trace.as_deref(), m, || {
+                    precheck(m, max).and_then(|()| self.handler.decode(m))
+                }),
             };
             let decoded = match refused.get(&(m.topic.clone(), m.partition, m.offset)) {
                 Some(r) => Err(r.clone()),
@@ -578,7 +588,11 @@ impl<H: MessageHandler> Writer<H> {
         items: Vec<Decoded<H::Item>>,
         rejected: &mut Rejected,
     ) -> Result<Vec<Decoded<H::Item>>, Failure> {
-        let prepared = self.handler.prepare(items).await?;
+        let traces = crate::telemetry::BatchTraces::collect(
+            messages.iter().map(|f| (&f.msg, f.trace.as_deref())),
+        );
+        let prepared =
+            crate::telemetry::with_batch_traces(traces, self.handler.prepare(items)).await?;
         if !prepared.rejected.is_empty() {
             let index: HashMap<(&str, i32, i64), usize> = messages
                 .iter()
@@ -760,7 +774,12 @@ async fn deliver_rejections(
             let m = &messages[*i].msg;
             !delivered.contains(&(m.topic.clone(), m.partition, m.offset))
         })
-        .map(|(i, r)| ErrorRecord::new(&messages[*i].msg, r, max))
+        .map(|(i, r)| {
+            let f = &messages[*i];
+            let mut rec = ErrorRecord::new(&f.msg, r, max);
+            rec.trace = crate::telemetry::reject_headers(f.trace.as_deref(), &f.msg, r, errors.topic());
+            rec
+        })
         .collect();
     if records.is_empty() {
         return Ok(());

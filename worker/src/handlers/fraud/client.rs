@@ -269,15 +269,20 @@ impl ScoringClient {
                 CallError::Other(e.to_string())
             }
         };
+        // The current span is the group's `streamops.score` span, if any (see telemetry).
+        let mut trace = reqwest::header::HeaderMap::new();
+        crate::telemetry::inject_current(&mut trace);
         let resp = self
             .http
             .post(&self.settings.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .headers(trace)
             .body(body.to_vec())
             .send()
             .await
             .map_err(transport)?;
         let status = resp.status();
+        crate::telemetry::record_status(status.as_u16());
         let bytes = resp.bytes().await.map_err(transport)?;
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&bytes);

@@ -80,7 +80,7 @@ use chrono::{DateTime, Utc};
 use prometheus::{IntCounter, Opts};
 use streamops_crds::v1alpha1::FraudSettings;
 use streamops_crds::HandlerKind;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use client::{backoff, CallError, ClientSettings, Scored, ScoringClient, ScoringFailure};
@@ -253,7 +253,17 @@ impl MessageHandler for FraudHandler {
                 .iter()
                 .map(|d| d.item.transaction.score_input())
                 .collect();
-            match self.client.score(&inputs).await {
+            // Continues the trace of the group's first traced transaction, linked to the others'.
+            let span = crate::telemetry::batch_span(
+                crate::telemetry::BatchOp::Score,
+                group.len(),
+                &crate::telemetry::traces_of(group.iter().map(|d| &d.pos)),
+            );
+            let result = self.client.score(&inputs).instrument(span.clone()).await;
+            if let Err(failure) = &result {
+                crate::telemetry::record_failure(&span, failure.last.label());
+            }
+            match result {
                 Ok(s) => {
                     for (d, score) in group.iter_mut().zip(s.scores) {
                         let p = Prediction {

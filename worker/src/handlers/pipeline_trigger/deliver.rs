@@ -13,6 +13,7 @@ use streamops_crds::v1alpha1::{
     default_webhook_backoff, JobTriggerSpec, RetryBackoff, WebhookSpec,
 };
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use super::trigger::{build_job, job_name, Claimed, WebhookPayload};
 
@@ -120,12 +121,30 @@ impl WebhookSink {
     /// they already processed.
     pub async fn send(&self, consumer_id: &str, t: &Claimed) -> Result<Sent, SendError> {
         let payload = WebhookPayload::new(consumer_id, t);
+        let span = crate::telemetry::webhook_span(&payload.trigger_id);
+        let result = self.post(&payload).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            crate::telemetry::record_failure(
+                &span,
+                match e {
+                    SendError::Retryable(_) => "retryable",
+                    SendError::Permanent(_) => "permanent",
+                },
+            );
+        }
+        result
+    }
+
+    async fn post(&self, payload: &WebhookPayload) -> Result<Sent, SendError> {
+        // The current span is this attempt's `streamops.webhook` span, if any (see telemetry).
+        let mut headers = self.headers.clone();
+        crate::telemetry::inject_current(&mut headers);
         let resp = self
             .http
             .post(&self.url)
-            .headers(self.headers.clone())
+            .headers(headers)
             .header(IDEMPOTENCY_KEY, payload.trigger_id.as_str())
-            .json(&payload)
+            .json(payload)
             .send()
             .await
             .map_err(|e| {
@@ -138,6 +157,7 @@ impl WebhookSink {
                 })
             })?;
         let status = resp.status();
+        crate::telemetry::record_status(status.as_u16());
         if status.is_success() || status.as_u16() == 409 {
             return Ok(Sent { job_name: None });
         }
