@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol};
 
 use crate::brokers::{BrokerPolicy, BrokerPolicyError};
-use crate::build::WorkerNetwork;
+use crate::build::{TracingSettingsError, WorkerNetwork, WorkerTracing};
 use crate::lag::{LagTarget, ENV_LAG_PASSWORD, ENV_LAG_USERNAME};
 use crate::lag_poller::PollSettings;
 use crate::policy::Policy;
@@ -172,6 +172,39 @@ pub struct RunArgs {
         default_value = "443,6443"
     )]
     pub worker_api_server_ports: Vec<u16>,
+
+    /// OTLP/HTTP endpoint the workers export their spans to (their
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`), e.g. `http://otel-collector.observability:4318`. Unset or
+    /// empty: the workers export nothing.
+    #[arg(long, env = "STREAMOPS_WORKER_OTLP_ENDPOINT")]
+    pub worker_otlp_endpoint: Option<String>,
+
+    /// OTLP protocol of the workers (they export `http/protobuf` only).
+    #[arg(long, env = "STREAMOPS_WORKER_OTLP_PROTOCOL", default_value = crate::build::OTLP_PROTOCOL)]
+    pub worker_otlp_protocol: String,
+
+    /// Resource attributes added to the workers' (`key=value,...`), after the operator's own
+    /// `k8s.namespace.name` and `streamops.consumer`.
+    #[arg(long, env = "STREAMOPS_WORKER_OTEL_RESOURCE_ATTRIBUTES")]
+    pub worker_otel_resource_attributes: Option<String>,
+
+    /// Further plain `OTEL_*` variables for the workers, `NAME=value`, `;`-separated (sampler,
+    /// timeouts...). Headers are refused here: see --worker-otlp-headers-secret-name.
+    #[arg(long, env = "STREAMOPS_WORKER_OTEL_ENV", value_delimiter = ';')]
+    pub worker_otel_env: Vec<String>,
+
+    /// Secret, in each StreamConsumer's namespace, whose key (--worker-otlp-headers-secret-key)
+    /// the workers read as `OTEL_EXPORTER_OTLP_HEADERS` (referenced, never read by the operator).
+    #[arg(long, env = "STREAMOPS_WORKER_OTLP_HEADERS_SECRET_NAME")]
+    pub worker_otlp_headers_secret_name: Option<String>,
+
+    /// Key of --worker-otlp-headers-secret-name.
+    #[arg(
+        long,
+        env = "STREAMOPS_WORKER_OTLP_HEADERS_SECRET_KEY",
+        default_value = "headers"
+    )]
+    pub worker_otlp_headers_secret_key: String,
 }
 
 impl RunArgs {
@@ -216,6 +249,18 @@ impl RunArgs {
             redis_ports: self.worker_redis_ports.clone(),
             api_server_ports: self.worker_api_server_ports.clone(),
         })
+    }
+
+    /// The workers' OpenTelemetry settings; `None` when no endpoint is set.
+    pub fn worker_tracing(&self) -> Result<Option<WorkerTracing>, TracingSettingsError> {
+        WorkerTracing::from_flags(
+            self.worker_otlp_endpoint.as_deref(),
+            &self.worker_otlp_protocol,
+            self.worker_otel_resource_attributes.as_deref(),
+            &self.worker_otel_env,
+            self.worker_otlp_headers_secret_name.as_deref(),
+            &self.worker_otlp_headers_secret_key,
+        )
     }
 
     /// Settings of the lag poller.

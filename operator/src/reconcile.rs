@@ -114,6 +114,8 @@ pub struct OperatorConfig {
     pub job_trigger_cluster_role: String,
     /// Worker NetworkPolicies; `None`: none are made (and none are watched).
     pub worker_network: Option<WorkerNetwork>,
+    /// The workers' OpenTelemetry export; `None`: none.
+    pub worker_tracing: Option<crate::build::WorkerTracing>,
 }
 
 impl OperatorConfig {
@@ -125,6 +127,7 @@ impl OperatorConfig {
             policy: Policy::strict(worker_image.clone()),
             job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
             worker_network: None,
+            worker_tracing: None,
             worker_image,
             resync_period: Duration::from_secs(300),
             cleanup_deadline: Duration::from_secs(300),

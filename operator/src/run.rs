@@ -56,6 +56,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             policy: args.policy(),
             job_trigger_cluster_role: args.job_trigger_cluster_role.clone(),
             worker_network: args.worker_network(),
+            worker_tracing: args.worker_tracing()?,
             ..OperatorConfig::new(args.worker_image.clone())
         },
         Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),
@@ -93,6 +94,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         allowed_brokers = brokers.brokers().len(),
         job_triggers = args.job_triggers,
         worker_network_policy = args.worker_network_policy,
+        // Whether workers export spans; the endpoint and headers are not logged.
+        worker_tracing = args.worker_otlp_endpoint.as_deref().is_some_and(|e| !e.trim().is_empty()),
         "starting the controller"
     );
 

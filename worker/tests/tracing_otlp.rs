@@ -357,6 +357,11 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
     let errors = env.consume_error_topic(1);
     assert_eq!(errors.len(), 1, "one record on the error topic");
     let log = w.log.clone();
+    // Logs are unchanged by the tracing layer: JSON lines, none lost.
+    let text = w.log_text();
+    for line in ["\"pipeline started\"", "\"partition assigned\"", "trace export on"] {
+        assert!(text.contains(line), "the log lacks {line}: {text}");
+    }
     // SIGTERM: the spans still buffered are flushed on the way out.
     let status = w.terminate_and_wait();
     assert!(status.success(), "worker exit: {status}; log {}", log.display());
@@ -534,6 +539,7 @@ async fn with_otel_sdk_disabled_nothing_is_exported_or_propagated_and_the_worker
     let status = w.terminate_and_wait();
     assert!(status.success(), "worker exit: {status}");
     assert!(!log.contains("trace export on"), "{log}");
+    assert!(log.contains("\"pipeline started\""), "{log}");
     let calls = scorer.traceparents.lock().unwrap().clone();
     assert!(!calls.is_empty(), "the scorer was called");
     assert!(

@@ -268,6 +268,9 @@ fn env(ctx: &BuildContext<'_>) -> Vec<EnvVar> {
             env.push(env_secret(&webhook_header_env(i), &r.name, &r.key));
         }
     }
+    if let Some(t) = &ctx.tracing {
+        env.extend(super::tracing_env(ctx, t));
+    }
     env
 }
 

@@ -11,6 +11,7 @@ mod network_policy;
 mod pdb;
 mod rbac;
 mod service;
+mod worker_tracing;
 
 pub use config_map::build_config_map;
 pub use deployment::{
@@ -21,6 +22,7 @@ pub use network_policy::{build_network_policy, egress_ports, url_port, WorkerNet
 pub use pdb::build_pdb;
 pub use rbac::{build_role_binding, build_service_account, build_worker_rbac, WorkerRbac};
 pub use service::build_service;
+pub use worker_tracing::{tracing_env, TracingSettingsError, WorkerTracing, OTLP_PROTOCOL};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -85,6 +87,8 @@ pub struct BuildContext<'a> {
     pub job_trigger_cluster_role: String,
     /// The admin's worker NetworkPolicy settings; `None`: no NetworkPolicy.
     pub network: Option<WorkerNetwork>,
+    /// The admin's worker OpenTelemetry settings; `None`: the workers export no spans.
+    pub tracing: Option<WorkerTracing>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -124,6 +128,7 @@ impl<'a> BuildContext<'a> {
             replicas,
             job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
             network: None,
+            tracing: None,
         })
     }
 
@@ -135,6 +140,12 @@ impl<'a> BuildContext<'a> {
     ) -> Self {
         self.job_trigger_cluster_role = job_trigger_cluster_role.to_string();
         self.network = network.cloned();
+        self
+    }
+
+    /// With the operator's worker OpenTelemetry settings.
+    pub fn with_tracing(mut self, tracing: Option<&WorkerTracing>) -> Self {
+        self.tracing = tracing.cloned();
         self
     }
 

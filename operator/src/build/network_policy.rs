@@ -73,6 +73,10 @@ pub fn egress_ports(ctx: &BuildContext<'_>, net: &WorkerNetwork) -> BTreeSet<u16
         }
         Handler::MovingAverage(_) | Handler::Sensor(_) => {}
     }
+    // The OTLP collector, when the admin set one.
+    if let Some(t) = &ctx.tracing {
+        ports.extend(url_port(&t.endpoint));
+    }
     ports
 }
 

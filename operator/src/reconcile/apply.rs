@@ -69,7 +69,8 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
         .with_settings(
             &ctx.config.job_trigger_cluster_role,
             ctx.config.worker_network.as_ref(),
-        );
+        )
+        .with_tracing(ctx.config.worker_tracing.as_ref());
     let children = build_children(&build);
 
     let applied = match apply_children(ctx, &id, &children).await {
