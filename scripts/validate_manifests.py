@@ -963,6 +963,13 @@ class Checks:
              {"policy.jobTriggers.enabled": "true", "policy.jobTriggers.serviceAccounts[0]": "loader",
               "policy.allowedWorkerImages[0]": "registry.local/worker:*", "workerNetworkPolicy.enabled": "true"},
              self.expect_job_triggers),
+            ("worker OpenTelemetry export on",
+             {"workerTracing.endpoint": "http://otel-collector.observability:4318",
+              "workerTracing.resourceAttributes": "deployment.environment=prod",
+              "workerTracing.sampler": "parentbased_traceidratio", "workerTracing.samplerArg": "0.25",
+              "workerTracing.env.OTEL_BSP_SCHEDULE_DELAY": "2000",
+              "workerTracing.headersSecret.name": "otlp-auth"},
+             self.expect_worker_tracing),
         ]
         for name, sets, expect in scenarios:
             def scenario(sets=sets, expect=expect, name=name):
@@ -1141,6 +1148,25 @@ class Checks:
         binds = [r for r in operator.obj["rules"] if "bind" in r["verbs"]]
         require(binds and all(r.get("resourceNames") == [role_name] for r in binds),
                 f"bind must be limited to {role_name}: {binds}")
+
+    def expect_worker_tracing(self, docs: list[Doc]) -> None:
+        _, c, env = self.expect_operator_contract(docs)
+        require(env.get("STREAMOPS_WORKER_OTLP_ENDPOINT") == "http://otel-collector.observability:4318",
+                "STREAMOPS_WORKER_OTLP_ENDPOINT")
+        require(env.get("STREAMOPS_WORKER_OTLP_PROTOCOL") == "http/protobuf", "STREAMOPS_WORKER_OTLP_PROTOCOL")
+        require(env.get("STREAMOPS_WORKER_OTEL_RESOURCE_ATTRIBUTES") == "deployment.environment=prod",
+                "STREAMOPS_WORKER_OTEL_RESOURCE_ATTRIBUTES")
+        otel_env = sorted((env.get("STREAMOPS_WORKER_OTEL_ENV") or "").split(";"))
+        require(otel_env == ["OTEL_BSP_SCHEDULE_DELAY=2000", "OTEL_TRACES_SAMPLER=parentbased_traceidratio",
+                             "OTEL_TRACES_SAMPLER_ARG=0.25"], f"STREAMOPS_WORKER_OTEL_ENV: {otel_env}")
+        require(env.get("STREAMOPS_WORKER_OTLP_HEADERS_SECRET_NAME") == "otlp-auth",
+                "STREAMOPS_WORKER_OTLP_HEADERS_SECRET_NAME")
+        require(env.get("STREAMOPS_WORKER_OTLP_HEADERS_SECRET_KEY") == "headers",
+                "STREAMOPS_WORKER_OTLP_HEADERS_SECRET_KEY")
+        src = (ROOT / "operator" / "src" / "cli.rs").read_text()
+        undeclared = [e["name"] for e in c.get("env") or []
+                      if e["name"].startswith("STREAMOPS_WORKER_OT") and f'env = "{e["name"]}"' not in src]
+        require(not undeclared, f"the chart passes what the operator does not declare: {undeclared}")
 
     def expect_all_options(self, docs: list[Doc]) -> None:
         dep, c, env = self.expect_operator_contract(docs, tag="1.2.3")
