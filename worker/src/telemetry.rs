@@ -103,7 +103,9 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
 
 /// What the environment says about exporting spans: `Ok(None)` off, `Ok(Some(endpoint
 /// variable))` on, `Err(reason)` asked for but impossible. `var` reads one variable.
-pub fn export_decision(var: impl Fn(&str) -> Option<String>) -> Result<Option<&'static str>, String> {
+pub fn export_decision(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<&'static str>, String> {
     let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return Ok(None);
@@ -240,7 +242,8 @@ fn install(format: LogFormat, default_level: &str, provider: Option<&SdkTracerPr
             .boxed(),
         LogFormat::Text => fmt.boxed(),
     };
-    let otel = provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("streamops-worker")));
+    let otel =
+        provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("streamops-worker")));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(logs)
@@ -478,7 +481,10 @@ pub fn record_status(status: u16) {
 
 /// Trace contexts of a batch's traced messages, by position.
 #[derive(Debug, Default, Clone)]
-pub struct BatchTraces(Arc<HashMap<(Arc<str>, i32, i64), SpanContext>>);
+pub struct BatchTraces(Arc<HashMap<MessageKey, SpanContext>>);
+
+/// Topic, partition and offset of a message.
+type MessageKey = (Arc<str>, i32, i64);
 
 impl BatchTraces {
     /// The contexts of `messages` (`(position, context)` pairs; untraced ones are skipped).
@@ -519,10 +525,7 @@ pub fn traces_of<'a>(positions: impl IntoIterator<Item = &'a Position>) -> Vec<S
         .try_with(|t| {
             positions
                 .into_iter()
-                .filter_map(|p| {
-                    t.0.get(&(p.topic.clone(), p.partition, p.offset))
-                        .cloned()
-                })
+                .filter_map(|p| t.0.get(&(p.topic.clone(), p.partition, p.offset)).cloned())
                 .collect()
         })
         .unwrap_or_default()

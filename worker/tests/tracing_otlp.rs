@@ -233,7 +233,10 @@ async fn produce_all(topic: &str, messages: &[Outgoing]) {
 /// in trace A, one in trace B, one untraced, one with a `traceparent` that does not parse.
 fn messages() -> (Vec<Outgoing>, usize) {
     let events = ProduceSpec::new(HandlerKind::Fraud, 6).seed(23).events();
-    assert!(events.iter().all(|g| g.event.is_some()), "valid events only");
+    assert!(
+        events.iter().all(|g| g.event.is_some()),
+        "valid events only"
+    );
     let tp = [
         Some(traceparent(TRACE_A, 0xa1)),
         Some(traceparent(TRACE_A, 0xa2)),
@@ -359,12 +362,20 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
     let log = w.log.clone();
     // Logs are unchanged by the tracing layer: JSON lines, none lost.
     let text = w.log_text();
-    for line in ["\"pipeline started\"", "\"partition assigned\"", "trace export on"] {
+    for line in [
+        "\"pipeline started\"",
+        "\"partition assigned\"",
+        "trace export on",
+    ] {
         assert!(text.contains(line), "the log lacks {line}: {text}");
     }
     // SIGTERM: the spans still buffered are flushed on the way out.
     let status = w.terminate_and_wait();
-    assert!(status.success(), "worker exit: {status}; log {}", log.display());
+    assert!(
+        status.success(),
+        "worker exit: {status}; log {}",
+        log.display()
+    );
     wait_for_spans(
         &rx,
         &[
@@ -376,7 +387,11 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
         &log,
     )
     .await;
-    assert!(rx.refused().is_empty(), "refused exports: {:?}", rx.refused());
+    assert!(
+        rx.refused().is_empty(),
+        "refused exports: {:?}",
+        rx.refused()
+    );
     let spans = rx.spans();
     for (resource, _) in &spans {
         assert_eq!(
@@ -431,7 +446,11 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
         attr(&bad_decode.attributes, "error.type").as_deref(),
         Some("invalid_json")
     );
-    assert_eq!(bad_decode.status.as_ref().map(|s| s.code), Some(2), "ERROR status");
+    assert_eq!(
+        bad_decode.status.as_ref().map(|s| s.code),
+        Some(2),
+        "ERROR status"
+    );
     assert_eq!(
         attr(&bad_decode.attributes, "messaging.destination.name").as_deref(),
         Some(env.topic.as_str())
@@ -445,7 +464,10 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
         .collect();
     let db_served: HashSet<(String, String)> = db.iter().flat_map(|s| served(s)).collect();
     for m in &traced {
-        assert!(db_served.contains(m), "no db write span serves message {m:?}");
+        assert!(
+            db_served.contains(m),
+            "no db write span serves message {m:?}"
+        );
     }
     assert!(
         db.iter().any(|s| !s.links.is_empty()),
@@ -461,7 +483,10 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
         .collect();
     let score_served: HashSet<(String, String)> = score.iter().flat_map(|s| served(s)).collect();
     for m in traced.iter().filter(|m| **m != bad_ids) {
-        assert!(score_served.contains(m), "no score span serves message {m:?}");
+        assert!(
+            score_served.contains(m),
+            "no score span serves message {m:?}"
+        );
     }
     let sent: Vec<String> = scorer
         .traceparents

@@ -188,12 +188,18 @@ mod tests {
     fn plain_otel_variables_are_accepted_but_headers_and_flag_owned_ones_are_refused() {
         let t = flags(
             "http://collector:4318",
-            &["OTEL_TRACES_SAMPLER=parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG=0.1"],
+            &[
+                "OTEL_TRACES_SAMPLER=parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG=0.1",
+            ],
         )
         .unwrap()
         .unwrap();
         assert_eq!(t.env.len(), 2);
-        assert_eq!(t.headers_secret, Some(("otlp-auth".into(), "headers".into())));
+        assert_eq!(
+            t.headers_secret,
+            Some(("otlp-auth".into(), "headers".into()))
+        );
         for bad in [
             "OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer x",
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS=a=b",
@@ -218,20 +224,14 @@ mod tests {
             Err(TracingSettingsError::Endpoint)
         );
         assert!(matches!(
-            WorkerTracing::from_flags(
-                Some("http://c:4317"),
-                "grpc",
-                None,
-                &[],
-                None,
-                "headers"
-            ),
+            WorkerTracing::from_flags(Some("http://c:4317"), "grpc", None, &[], None, "headers"),
             Err(TracingSettingsError::Protocol(_))
         ));
     }
 
     #[test]
-    fn workers_get_the_otel_environment_with_headers_only_from_a_secret_and_egress_to_the_collector() {
+    fn workers_get_the_otel_environment_with_headers_only_from_a_secret_and_egress_to_the_collector(
+    ) {
         let sc = StreamConsumer::test();
         let rendered = RenderedConfig::render(&sc).unwrap();
         let t = flags(

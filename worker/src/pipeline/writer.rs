@@ -777,7 +777,8 @@ async fn deliver_rejections(
         .map(|(i, r)| {
             let f = &messages[*i];
             let mut rec = ErrorRecord::new(&f.msg, r, max);
-            rec.trace = crate::telemetry::reject_headers(f.trace.as_deref(), &f.msg, r, errors.topic());
+            rec.trace =
+                crate::telemetry::reject_headers(f.trace.as_deref(), &f.msg, r, errors.topic());
             rec
         })
         .collect();
