@@ -600,3 +600,116 @@ fn messages_cover_traced_untraced_and_unparsable_contexts() {
     assert_eq!(by_trace.get(TRACE_A), Some(&4));
     assert_eq!(by_trace.get(TRACE_B), Some(&1));
 }
+
+// ---- pipeline-trigger: the webhook delivery.
+
+#[derive(Clone, Default)]
+struct Hook {
+    calls: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+}
+
+async fn hook_call(
+    axum::extract::State(hook): axum::extract::State<Hook>,
+    headers: HeaderMap,
+) -> StatusCode {
+    let get = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    hook.calls
+        .lock()
+        .unwrap()
+        .push((get("traceparent"), get("idempotency-key")));
+    StatusCode::OK
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
+    const REDIS: &str = "127.0.0.1:6379";
+    if std::net::TcpStream::connect_timeout(&REDIS.parse().unwrap(), Duration::from_secs(3))
+        .is_err()
+    {
+        panic!("Redis is not reachable at {REDIS}; start it (see DEVELOPERS.md, `make dev-up`)");
+    }
+    let rx = otlp_receiver().await;
+    let hook = Hook::default();
+    let app = Router::new()
+        .route("/hook", post(hook_call))
+        .with_state(hook.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("webhook") });
+
+    let mut env = TestEnv::new("otel-pt", HandlerKind::PipelineTrigger, 1).await;
+    env.config.handler =
+        HandlerConfig::PipelineTrigger(streamops_crds::v1alpha1::PipelineTriggerSettings {
+            pipeline_name: "traced-load".into(),
+            max_events: 3,
+            max_time_seconds: 3600,
+            trigger_on_empty_window: false,
+            consumer_id: None,
+            webhook: Some(streamops_crds::v1alpha1::WebhookSpec {
+                url: url.clone(),
+                timeout_ms: 2000,
+                max_retries: 3,
+                headers: Default::default(),
+                retry_backoff: streamops_crds::v1alpha1::default_webhook_backoff(),
+                secret_headers: Vec::new(),
+            }),
+            job: None,
+        });
+    let msgs: Vec<Outgoing> = (0..3)
+        .map(|i| Outgoing {
+            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            key: format!("k{i}"),
+            traceparent: Some(traceparent(TRACE_B, 0xc0 + i)),
+        })
+        .collect();
+    produce_all(&env.topic, &msgs).await;
+    let mut w = env.start_worker_with_env(
+        "w-0",
+        &[
+            ("STREAMOPS_REDIS_URL", "redis://127.0.0.1:6379/"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    );
+    w.wait_ready().await;
+    env.wait_for_offsets(3).await;
+    let start = Instant::now();
+    while hook.calls.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the webhook was never called; log {}",
+            w.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = w.log.clone();
+    let status = w.terminate_and_wait();
+    assert!(status.success(), "worker exit: {status}");
+    wait_for_spans(&rx, &["streamops.webhook", "streamops.decode"], &log).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    let spans = rx.spans();
+    for (tp, key) in &calls {
+        let tp = tp
+            .as_deref()
+            .expect("the webhook request carries a traceparent");
+        let (trace, span) = ids_of(tp);
+        let s = spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| hex(&s.trace_id) == trace && hex(&s.span_id) == span)
+            .unwrap_or_else(|| panic!("{tp} is no exported span; spans: {}", dump(&spans)));
+        assert_eq!(s.name, "streamops.webhook");
+        assert!(s.parent_span_id.is_empty(), "a delivery is a root span");
+        assert_eq!(attr(&s.attributes, "streamops.trigger.id"), key.clone());
+        assert_eq!(
+            attr(&s.attributes, "http.response.status_code").as_deref(),
+            Some("200")
+        );
+    }
+    env.cleanup().await;
+}
