@@ -603,9 +603,12 @@ fn messages_cover_traced_untraced_and_unparsable_contexts() {
 
 // ---- pipeline-trigger: the webhook delivery.
 
+/// `traceparent` and `Idempotency-Key` of one webhook request.
+type HookCall = (Option<String>, Option<String>);
+
 #[derive(Clone, Default)]
 struct Hook {
-    calls: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    calls: Arc<Mutex<Vec<HookCall>>>,
 }
 
 async fn hook_call(
