@@ -14,7 +14,8 @@
 //! protocol. Without export nothing below happens: no header is read, no span is created
 //! ([`enabled`] is false), so the cost is one relaxed atomic load per message.
 //!
-//! Spans are flushed when the worker stops ([`Telemetry::shutdown`], on the SIGTERM path too).
+//! Spans are flushed when the worker stops ([`Telemetry::shutdown`], on the SIGTERM path too),
+//! waiting at most [`SHUTDOWN_FLUSH_TIMEOUT`] (5 s) for the collector.
 //!
 //! # The trace model
 //! A Kafka message carrying a W3C `traceparent` (and `tracestate`) header continues that trace
@@ -78,6 +79,9 @@ pub enum LogFormat {
 /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES` names one.
 pub const DEFAULT_SERVICE_NAME: &str = "streamops-worker";
 
+/// Longest wait for the exporter's flush when the worker stops.
+pub const SHUTDOWN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most span links a batch span carries (the SDK's default limit per span is 128).
 pub const MAX_LINKS: usize = 128;
 
@@ -140,17 +144,32 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports what is buffered and stops the exporter (blocking work, done on a blocking
-    /// thread). Bounded by `OTEL_BSP_EXPORT_TIMEOUT` / `OTEL_EXPORTER_OTLP_TIMEOUT`.
+    /// Exports what is buffered and stops the exporter, waiting at most
+    /// [`SHUTDOWN_FLUSH_TIMEOUT`]: an unreachable collector must not eat the pod's termination
+    /// grace period (the flush runs on a thread of its own, left behind when it takes longer).
     pub async fn shutdown(self) {
         let Some(provider) = self.provider else {
             return;
         };
         EXPORTING.store(false, Ordering::Relaxed);
-        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
-            Ok(Ok(())) => tracing::debug!("trace exporter flushed and stopped"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "flushing spans at shutdown failed"),
-            Err(e) => tracing::warn!(error = %e, "flushing spans at shutdown failed"),
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("otel-shutdown".into())
+            .spawn(move || {
+                let _ = done.send(provider.shutdown());
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot flush spans at shutdown");
+            return;
+        }
+        match tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, flushed).await {
+            Ok(Ok(Ok(()))) => tracing::debug!("trace exporter flushed and stopped"),
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "flushing spans at shutdown failed"),
+            Ok(Err(_)) => tracing::warn!("flushing spans at shutdown failed"),
+            Err(_) => tracing::warn!(
+                timeout_s = SHUTDOWN_FLUSH_TIMEOUT.as_secs(),
+                "flushing spans at shutdown timed out; the rest are dropped"
+            ),
         }
     }
 }

@@ -538,22 +538,15 @@ async fn a_kafka_traceparent_continues_into_decode_scoring_db_write_and_the_erro
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_otel_sdk_disabled_nothing_is_exported_or_propagated_and_the_worker_runs() {
-    let rx = otlp_receiver().await;
+/// Runs the fixture through a worker with `vars` and checks that no trace context leaves it:
+/// none to the scorer, none on the error record, no export to `rx`, logs as usual.
+async fn run_untraced(rx: &OtlpReceiver, prefix: &str, vars: &[(&str, &str)]) {
     let scorer = recording_scorer().await;
-    let mut env = TestEnv::new("otel-off", HandlerKind::Fraud, 1).await;
+    let mut env = TestEnv::new(prefix, HandlerKind::Fraud, 1).await;
     env.config.handler = HandlerConfig::Fraud(fraud_settings(&scorer.url));
     let (msgs, valid) = messages();
     produce_all(&env.topic, &msgs).await;
-    let mut w = env.start_worker_with_env(
-        "w-0",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint.as_str()),
-            ("OTEL_SDK_DISABLED", "true"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
-        ],
-    );
+    let mut w = env.start_worker_with_env("w-0", vars);
     w.wait_ready().await;
     env.wait_for_offsets(msgs.len() as i64).await;
     assert_eq!(env.count("transactions").await, valid as i64);
@@ -575,6 +568,31 @@ async fn with_otel_sdk_disabled_nothing_is_exported_or_propagated_and_the_worker
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(rx.spans().is_empty() && rx.refused().is_empty());
     env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_otlp_endpoint_or_with_otel_sdk_disabled_nothing_is_exported_or_propagated() {
+    for (k, _) in std::env::vars() {
+        assert!(
+            !k.starts_with("OTEL_"),
+            "{k} is set in the test's environment, which the worker inherits; unset it"
+        );
+    }
+    let rx = otlp_receiver().await;
+    // No OTEL_* variable at all (the receiver gets nothing, since nothing names it; what is
+    // checked is that no context is propagated and the worker runs as before).
+    run_untraced(&rx, "otel-unset", &[]).await;
+    // An endpoint, but the SDK disabled.
+    run_untraced(
+        &rx,
+        "otel-off",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint.as_str()),
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ],
+    )
+    .await;
 }
 
 #[test]
