@@ -734,3 +734,64 @@ async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_does_not_hold_up_a_sigterm_beyond_the_flush_bound() {
+    // Accepts connections and never answers (a collector behind a dropped route looks alike).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            keep.lock().unwrap().push(socket);
+        }
+    });
+    let scorer = recording_scorer().await;
+    let mut env = TestEnv::new("otel-hung", HandlerKind::Fraud, 1).await;
+    env.config.handler = HandlerConfig::Fraud(fraud_settings(&scorer.url));
+    let (msgs, _) = messages();
+    produce_all(&env.topic, &msgs).await;
+    let mut w = env.start_worker_with_env(
+        "w-0",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            // Without the worker's own bound, the flush would wait minutes for this collector.
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "120000"),
+            ("OTEL_BSP_EXPORT_TIMEOUT", "120000"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    w.wait_ready().await;
+    env.wait_for_offsets(msgs.len() as i64).await;
+    let start = Instant::now();
+    while held.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the exporter never connected; log {}",
+            w.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = w.log.clone();
+    let stopping = Instant::now();
+    let status = w.terminate_and_wait();
+    let took = stopping.elapsed();
+    assert!(status.success(), "worker exit: {status}");
+    // The bound is 5 s; 60 s leaves room for a loaded machine and is still far below the
+    // exporter's 120 s.
+    assert!(
+        took < Duration::from_secs(60),
+        "the worker took {took:?} to stop; log {}",
+        log.display()
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // Cut short by the worker's bound or the SDK's own shutdown timeout (also 5 s), whichever
+    // comes first: either way it says so.
+    assert!(
+        text.contains("flushing spans at shutdown timed out")
+            || text.contains("flushing spans at shutdown failed"),
+        "the log does not say the flush was cut short: {text}"
+    );
+    env.cleanup().await;
+}
