@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -243,6 +243,40 @@ impl ClientContext for PipelineConsumerContext {
 }
 
 impl ConsumerContext for PipelineConsumerContext {
+    /// The outcome of an advisory Kafka commit (sent by the writer, the poll loop's commit check,
+    /// or at close): each partition Kafka acknowledged is recorded in the ownership, so the commit
+    /// check re-sends only what Kafka has not acknowledged. A commit refused during a rebalance
+    /// (REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID) is counted and logged; the
+    /// commit check sends it again.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let mut failed = Vec::new();
+        for e in offsets.elements() {
+            let tp = TopicPartition {
+                topic: self.intern(e.topic()),
+                partition: e.partition(),
+            };
+            match (&result, e.error(), e.offset()) {
+                (Ok(()), Ok(()), Offset::Offset(o)) => self.ownership.set_kafka_committed(&tp, o),
+                (_, Err(err), _) => failed.push(format!("{}/{}: {err}", tp.topic, tp.partition)),
+                _ => {}
+            }
+        }
+        if let Err(err) = &result {
+            self.metrics.kafka_commit_failures.inc();
+            tracing::info!(error = %err, partitions = offsets.count(), failed = ?failed,
+                "advisory Kafka commit refused (offsets are in PostgreSQL); it is sent again");
+        } else if !failed.is_empty() {
+            self.metrics.kafka_commit_failures.inc();
+            tracing::info!(failed = ?failed,
+                "advisory Kafka commit refused for some partitions; they are sent again");
+        } else {
+            tracing::trace!(
+                partitions = offsets.count(),
+                "advisory Kafka commit acknowledged"
+            );
+        }
+    }
+
     fn rebalance(
         &self,
         base_consumer: &BaseConsumer<Self>,
