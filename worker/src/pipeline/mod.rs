@@ -21,11 +21,12 @@
 //!    Any other failure rolls back, resets the handler, pauses consumption (the poll loop keeps
 //!    polling, so the member stays in the group) and retries with capped backoff.
 //! 4. After the commit, the same offsets are committed to Kafka asynchronously, for lag tools.
-//!    Kafka's answer is recorded per owned partition ([`Owned::kafka_committed`], by the
-//!    consumer context's commit callback). Every [`COMMIT_CHECK_EVERY`] the poll loop commits
-//!    again the applied offset of each owned partition that Kafka has not acknowledged for a
-//!    whole check period: a commit refused during a rebalance, or a partition assigned with
-//!    nothing left to apply, would otherwise leave the group's committed offset (the operator's
+//!    librdkafka's view of each owned partition's committed offset (statistics, every
+//!    [`STATISTICS_INTERVAL_MS`]) is kept in [`Owned::kafka_committed`]. Every
+//!    [`COMMIT_CHECK_EVERY`] the poll loop commits again the applied offset of each owned
+//!    partition that Kafka has not acknowledged since the previous check: a commit refused or
+//!    deferred during a rebalance, or a partition assigned with nothing left to apply, would
+//!    otherwise leave the group's committed offset (the operator's
 //!    lag) behind PostgreSQL for good once no message arrives.
 //!
 //! On shutdown the poll loop stops fetching, the writer commits what was already fetched, and the
@@ -142,7 +143,8 @@ pub const STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// How often the poll loop checks that Kafka acknowledged the advisory commit of every owned
 /// partition's applied offset; one left unacknowledged for a whole period is committed again.
-pub const COMMIT_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Not shorter than [`STATISTICS_INTERVAL_MS`], which is how often the acknowledgements are seen.
+pub const COMMIT_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How often librdkafka reports statistics (lag gauge).
 pub const STATISTICS_INTERVAL_MS: u32 = 5_000;
@@ -810,7 +812,8 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
     }
 
     /// The commit check: commits again, to Kafka, the applied offset of every owned partition
-    /// that Kafka has not acknowledged since the previous check (same epoch, same offset), with
+    /// whose committed offset (librdkafka statistics) has not matched it since the previous check
+    /// (same epoch, same offset), with
     /// its gap note. A commit refused during a rebalance, or a partition assigned with nothing
     /// left to apply, is thus caught up once the group is stable, without any new message. Only
     /// partitions owned now are committed (a revoked partition leaves the ownership in the

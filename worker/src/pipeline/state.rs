@@ -20,9 +20,10 @@ pub struct Owned {
     /// The partition's high watermark as the consumer last saw it (librdkafka statistics, from
     /// fetch answers); for the lag report.
     pub high_watermark: Option<i64>,
-    /// The offset Kafka last acknowledged committing for this partition while owned under this
-    /// epoch (None: none yet). The advisory commits are re-sent until it equals `next_offset`
-    /// (see the poll loop's commit check).
+    /// The partition's committed offset in Kafka as the consumer last saw it (librdkafka
+    /// statistics: moved by each commit the coordinator acknowledged; None: unknown, e.g. just
+    /// assigned). The advisory commits are sent again until it equals `next_offset` (see the poll
+    /// loop's commit check).
     pub kafka_committed: Option<i64>,
 }
 
@@ -101,14 +102,10 @@ impl Ownership {
         }
     }
 
-    /// Records that Kafka acknowledged the commit of `offset` for `tp`, if owned. The commit
-    /// callback does not know the epoch; the group's committed offset is the same whoever
-    /// committed it, so an acknowledgement that arrives after a reassignment is still true of
-    /// Kafka (a wrong value only costs one more commit, or one fewer of an offset that is
-    /// already committed).
-    pub fn set_kafka_committed(&self, tp: &TopicPartition, offset: i64) {
+    /// Records the committed offset in Kafka last seen for `tp`, if owned (None: unknown).
+    pub fn set_kafka_committed(&self, tp: &TopicPartition, offset: Option<i64>) {
         if let Some(o) = self.lock().parts.get_mut(tp) {
-            o.kafka_committed = Some(offset);
+            o.kafka_committed = offset;
         }
     }
 
@@ -290,19 +287,19 @@ mod tests {
         o.assign(tp(1), None);
         // Just assigned: Kafka's committed offset is unknown, the stored one must be committed.
         assert_eq!(o.unacknowledged().len(), 1);
-        o.set_kafka_committed(&tp(0), 10);
+        o.set_kafka_committed(&tp(0), Some(10));
         assert!(o.unacknowledged().is_empty());
         assert!(o.set_next_offset(&tp(0), e, 20));
         assert_eq!(o.unacknowledged()[0].1.unacknowledged(), Some(20));
-        // An acknowledgement of an older commit does not count for the newer offset.
-        o.set_kafka_committed(&tp(0), 15);
+        // An older committed offset does not count for the newer applied one.
+        o.set_kafka_committed(&tp(0), Some(15));
         assert_eq!(o.unacknowledged().len(), 1);
-        o.set_kafka_committed(&tp(0), 20);
+        o.set_kafka_committed(&tp(0), Some(20));
         assert!(o.unacknowledged().is_empty());
         // Revoked partitions are never reported (never committed again).
         assert!(o.set_next_offset(&tp(0), e, 30));
         o.revoke(&tp(0));
-        o.set_kafka_committed(&tp(0), 30);
+        o.set_kafka_committed(&tp(0), Some(30));
         assert!(o.unacknowledged().is_empty());
         assert!(o.get(&tp(0)).is_none());
     }
