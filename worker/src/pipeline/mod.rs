@@ -26,8 +26,8 @@
 //!    [`COMMIT_CHECK_EVERY`] the poll loop commits again the applied offset of each owned
 //!    partition that Kafka has not acknowledged since the previous check: a commit refused or
 //!    deferred during a rebalance, or a partition assigned with nothing left to apply, would
-//!    otherwise leave the group's committed offset (the operator's
-//!    lag) behind PostgreSQL for good once no message arrives.
+//!    otherwise leave the group's committed offset (the operator's lag) behind PostgreSQL for
+//!    good once no message arrives.
 //!
 //! On shutdown the poll loop stops fetching, the writer commits what was already fetched, and the
 //! consumer is closed.
@@ -813,12 +813,11 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
 
     /// The commit check: commits again, to Kafka, the applied offset of every owned partition
     /// whose committed offset (librdkafka statistics) has not matched it since the previous check
-    /// (same epoch, same offset), with
-    /// its gap note. A commit refused during a rebalance, or a partition assigned with nothing
-    /// left to apply, is thus caught up once the group is stable, without any new message. Only
-    /// partitions owned now are committed (a revoked partition leaves the ownership in the
-    /// rebalance callback, on this task), and a partition whose offset is still moving is left to
-    /// the writer's own commits.
+    /// (same epoch, same offset), with its gap note. A commit refused during a rebalance, or a
+    /// partition assigned with nothing left to apply, is thus caught up once the group is
+    /// stable, without any new message. Only partitions owned now are committed (a revoked
+    /// partition leaves the ownership in the rebalance callback, on this task), and a partition
+    /// whose offset is still moving is left to the writer's own commits.
     fn check_commits(&mut self) {
         let ownership = &self.consumer.context().ownership;
         let mut seen = HashMap::new();
