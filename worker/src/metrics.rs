@@ -43,6 +43,9 @@ pub struct Metrics {
     pub stall_restarts: IntCounter,
     /// Failed advisory Kafka commits.
     pub kafka_commit_failures: IntCounter,
+    /// Partitions whose applied offset was committed to Kafka again because Kafka had not
+    /// acknowledged it (a failed commit, a new assignment).
+    pub kafka_commit_retries: IntCounter,
     /// 1 when `/readyz` answers 200 (set at every scrape).
     pub ready: IntGauge,
     /// Gaps found in partitions' offsets (messages Kafka no longer had), by topic and kind
@@ -190,6 +193,12 @@ impl Metrics {
                 &r,
                 "streamops_kafka_commit_failures_total",
                 "Failed advisory offset commits to Kafka",
+            ),
+            kafka_commit_retries: counter(
+                &r,
+                "streamops_kafka_commit_retries_total",
+                "Owned partitions whose applied offset was committed to Kafka again because Kafka \
+                 had not acknowledged it (failed commit during a rebalance, new assignment)",
             ),
             offset_gaps: counter_vec(
                 &r,

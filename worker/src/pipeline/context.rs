@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
@@ -224,12 +225,45 @@ impl ClientContext for PipelineConsumerContext {
                     partition: *p,
                 };
                 self.ownership.set_high_watermark(&tp, part.hi_offset);
+                // librdkafka's committed offset of the partition: moved by every commit the
+                // coordinator acknowledged (the outcome of a manual asynchronous commit reaches
+                // no callback under the event API rdkafka uses, so this is how the worker learns
+                // it); the poll loop's commit check compares it with the applied offset.
+                self.ownership
+                    .set_kafka_committed(&tp, Some(part.committed_offset).filter(|o| *o >= 0));
                 if self.ownership.get(&tp).is_some() && part.consumer_lag >= 0 {
                     self.metrics
                         .partition_lag
                         .with_label_values(&[name.as_str(), &p.to_string()])
                         .set(part.consumer_lag);
                 }
+            }
+        }
+    }
+
+    /// librdkafka's log lines, to tracing (target `librdkafka`, as rdkafka's default does).
+    /// COMMITFAIL, an advisory commit the coordinator refused (during a rebalance:
+    /// REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID), is counted in
+    /// `streamops_kafka_commit_failures_total`; the poll loop's commit check sends it again.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "COMMITFAIL" {
+            self.metrics.kafka_commit_failures.inc();
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}")
             }
         }
     }

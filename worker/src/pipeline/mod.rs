@@ -21,6 +21,13 @@
 //!    Any other failure rolls back, resets the handler, pauses consumption (the poll loop keeps
 //!    polling, so the member stays in the group) and retries with capped backoff.
 //! 4. After the commit, the same offsets are committed to Kafka asynchronously, for lag tools.
+//!    librdkafka's view of each owned partition's committed offset (statistics, every
+//!    [`STATISTICS_INTERVAL_MS`]) is kept in [`Owned::kafka_committed`]. Every
+//!    [`COMMIT_CHECK_EVERY`] the poll loop commits again the applied offset of each owned
+//!    partition that Kafka has not acknowledged since the previous check: a commit refused or
+//!    deferred during a rebalance, or a partition assigned with nothing left to apply, would
+//!    otherwise leave the group's committed offset (the operator's lag) behind PostgreSQL for
+//!    good once no message arrives.
 //!
 //! On shutdown the poll loop stops fetching, the writer commits what was already fetched, and the
 //! consumer is closed.
@@ -37,7 +44,9 @@
 //!   writer's compare-and-set expects this value.
 //! - **the Kafka position**: where librdkafka fetches from. It starts at the row and runs ahead of
 //!   it by whatever is buffered or in flight. (The offsets committed *to* Kafka are advisory:
-//!   they follow the row after each commit, for lag tools, and are never read back.)
+//!   they follow the row after each commit, for lag tools, and are never read back. They are
+//!   committed only for partitions owned when the commit is sent, at the ownership's next
+//!   offset, and sent again until Kafka acknowledges them; see step 4.)
 //!
 //! ```text
 //!                 rebalance callback             poll loop                 writer
@@ -122,7 +131,7 @@ use crate::metrics::Metrics;
 use adaptive::AdaptiveBatch;
 use batch::{Batch, Fetched, Pending};
 use context::{PipelineConsumerContext, RebalanceEvent};
-pub use state::{Health, Ownership};
+pub use state::{Health, Owned, Ownership};
 pub use writer::WriterTotals;
 
 /// Batches a writer lane may have buffered in the poll loop before fetching stops.
@@ -131,6 +140,11 @@ pub const LANE_BUFFER_BATCHES: usize = 3;
 /// An owned partition with lag (statistics' high watermark above its fetch position) that
 /// fetched nothing for this long, while the poll loop was able to fetch, is stalled.
 pub const STALL_AFTER: Duration = Duration::from_secs(30);
+
+/// How often the poll loop checks that Kafka acknowledged the advisory commit of every owned
+/// partition's applied offset; one left unacknowledged for a whole period is committed again.
+/// Not shorter than [`STATISTICS_INTERVAL_MS`], which is how often the acknowledgements are seen.
+pub const COMMIT_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How often librdkafka reports statistics (lag gauge).
 pub const STATISTICS_INTERVAL_MS: u32 = 5_000;
@@ -401,6 +415,11 @@ struct PollLoop<T> {
     fetch_blocked_at: Instant,
     /// When the stall check runs next.
     next_stall_check: Instant,
+    /// When the commit check runs next.
+    next_commit_check: Instant,
+    /// The owned partitions Kafka had not acknowledged at the last commit check, with the
+    /// epoch and applied offset they had then.
+    unacknowledged: HashMap<TopicPartition, (u64, i64)>,
 }
 
 impl<T> Buffers<T> {
@@ -521,6 +540,8 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
             last_fetched: HashMap::new(),
             fetch_blocked_at: Instant::now(),
             next_stall_check: Instant::now() + STALL_AFTER,
+            next_commit_check: Instant::now() + COMMIT_CHECK_EVERY,
+            unacknowledged: HashMap::new(),
         }
     }
 
@@ -546,6 +567,14 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 self.next_stall_check = now + STALL_AFTER / 6;
                 self.check_stalls(now);
             }
+            if now >= self.next_commit_check {
+                self.next_commit_check = now + COMMIT_CHECK_EVERY;
+                if !self.stopping {
+                    self.check_commits();
+                }
+            }
+            // The periodic checks must run while nothing arrives, too.
+            let checks = self.next_stall_check.min(self.next_commit_check);
             let deadline = self.buffers.deadline(now);
             let waiting = !self.buffers.is_empty();
             let woke = tokio::select! {
@@ -574,6 +603,7 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 _ = tokio::time::sleep_until(deadline.into()), if waiting && due.is_empty() => {
                     Woke::Nothing
                 }
+                _ = tokio::time::sleep_until(checks.into()), if !self.stopping => Woke::Nothing,
             };
             match woke {
                 Woke::Shutdown => self.begin_stop(),
@@ -793,6 +823,41 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
         }
     }
 
+    /// The commit check: commits again, to Kafka, the applied offset of every owned partition
+    /// whose committed offset (librdkafka statistics) has not matched it since the previous check
+    /// (same epoch, same offset), with its gap note. A commit refused during a rebalance, or a
+    /// partition assigned with nothing left to apply, is thus caught up once the group is
+    /// stable, without any new message. Only partitions owned now are committed (a revoked
+    /// partition leaves the ownership in the rebalance callback, on this task), and a partition
+    /// whose offset is still moving is left to the writer's own commits.
+    fn check_commits(&mut self) {
+        let ownership = &self.consumer.context().ownership;
+        let mut seen = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
+        for (tp, owned) in ownership.unacknowledged() {
+            let Some(next) = owned.unacknowledged() else {
+                continue;
+            };
+            if self.unacknowledged.get(&tp) == Some(&(owned.epoch, next)) {
+                add_advisory(&mut tpl, &tp, next, owned.gap);
+            }
+            seen.insert(tp, (owned.epoch, next));
+        }
+        self.unacknowledged = seen;
+        if tpl.count() == 0 {
+            return;
+        }
+        self.metrics.kafka_commit_retries.inc_by(tpl.count() as u64);
+        tracing::debug!(
+            partitions = tpl.count(),
+            "committing unacknowledged applied offsets to Kafka again"
+        );
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            self.metrics.kafka_commit_failures.inc();
+            tracing::info!(error = %e, "advisory Kafka commit failed (offsets are in PostgreSQL)");
+        }
+    }
+
     /// Step 4: closes the lanes and waits for every writer to commit what it was handed; sums
     /// their totals, or returns the first failure (`writer_failure`, a writer that ended early,
     /// comes first; the other lanes stop too, since their channels are closed).
@@ -844,13 +909,7 @@ async fn close_consumer(consumer: Arc<PipelineConsumer>, ownership: &Ownership) 
     for tp in ownership.partitions() {
         if let Some(o) = ownership.get(&tp) {
             if let Some(next) = o.next_offset {
-                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
-                // The partition's latest gap rides on the commit, for the operator.
-                if let (Some(note), Some(mut e)) =
-                    (o.gap, tpl.find_partition(&tp.topic, tp.partition))
-                {
-                    e.set_metadata(note.to_string());
-                }
+                add_advisory(&mut tpl, &tp, next, o.gap);
             }
         }
     }
@@ -864,6 +923,25 @@ async fn close_consumer(consumer: Arc<PipelineConsumer>, ownership: &Ownership) 
     });
     if let Err(e) = closing.await {
         tracing::warn!(error = %e, "closing the consumer failed");
+    }
+}
+
+/// Adds `tp` at `next` to an advisory commit; the partition's latest gap note rides on it as the
+/// offset's metadata, for the operator.
+fn add_advisory(
+    tpl: &mut TopicPartitionList,
+    tp: &TopicPartition,
+    next: i64,
+    gap: Option<streamops_crds::gap::GapNote>,
+) {
+    if tpl
+        .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
+        .is_err()
+    {
+        return;
+    }
+    if let (Some(note), Some(mut e)) = (gap, tpl.find_partition(&tp.topic, tp.partition)) {
+        e.set_metadata(note.to_string());
     }
 }
 

@@ -20,6 +20,20 @@ pub struct Owned {
     /// The partition's high watermark as the consumer last saw it (librdkafka statistics, from
     /// fetch answers); for the lag report.
     pub high_watermark: Option<i64>,
+    /// The partition's committed offset in Kafka as the consumer last saw it (librdkafka
+    /// statistics: moved by each commit the coordinator acknowledged; None: unknown, e.g. just
+    /// assigned). The advisory commits are sent again until it equals `next_offset` (see the poll
+    /// loop's commit check).
+    pub kafka_committed: Option<i64>,
+}
+
+impl Owned {
+    /// The applied offset Kafka has not acknowledged yet, if any: what the group's committed
+    /// offset must still be moved to.
+    pub fn unacknowledged(&self) -> Option<i64> {
+        self.next_offset
+            .filter(|next| self.kafka_committed != Some(*next))
+    }
 }
 
 /// The partitions this worker owns, with the offset each resumes from.
@@ -52,6 +66,7 @@ impl Ownership {
                 next_offset: stored,
                 gap: None,
                 high_watermark: None,
+                kafka_committed: None,
             },
         );
         epoch
@@ -85,6 +100,26 @@ impl Ownership {
                 o.gap = Some(gap);
             }
         }
+    }
+
+    /// Records the committed offset in Kafka last seen for `tp`, if owned (None: unknown).
+    pub fn set_kafka_committed(&self, tp: &TopicPartition, offset: Option<i64>) {
+        if let Some(o) = self.lock().parts.get_mut(tp) {
+            o.kafka_committed = offset;
+        }
+    }
+
+    /// Owned partitions whose applied offset Kafka has not acknowledged: each with its state.
+    pub fn unacknowledged(&self) -> Vec<(TopicPartition, Owned)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .parts
+            .iter()
+            .filter(|(_, o)| o.unacknowledged().is_some())
+            .map(|(tp, o)| (tp.clone(), *o))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Sets the high watermark last seen for `tp`, if owned (a negative value means unknown).
@@ -243,6 +278,30 @@ mod tests {
         assert_eq!(o.get(&tp(0)).unwrap().next_offset, Some(20));
         assert!(o.set_next_offset(&tp(0), e2, 25));
         assert_eq!(o.get(&tp(0)).unwrap().next_offset, Some(25));
+    }
+
+    #[test]
+    fn a_partition_is_unacknowledged_until_kafka_acknowledges_its_applied_offset() {
+        let o = Ownership::default();
+        let e = o.assign(tp(0), Some(10));
+        o.assign(tp(1), None);
+        // Just assigned: Kafka's committed offset is unknown, the stored one must be committed.
+        assert_eq!(o.unacknowledged().len(), 1);
+        o.set_kafka_committed(&tp(0), Some(10));
+        assert!(o.unacknowledged().is_empty());
+        assert!(o.set_next_offset(&tp(0), e, 20));
+        assert_eq!(o.unacknowledged()[0].1.unacknowledged(), Some(20));
+        // An older committed offset does not count for the newer applied one.
+        o.set_kafka_committed(&tp(0), Some(15));
+        assert_eq!(o.unacknowledged().len(), 1);
+        o.set_kafka_committed(&tp(0), Some(20));
+        assert!(o.unacknowledged().is_empty());
+        // Revoked partitions are never reported (never committed again).
+        assert!(o.set_next_offset(&tp(0), e, 30));
+        o.revoke(&tp(0));
+        o.set_kafka_committed(&tp(0), Some(30));
+        assert!(o.unacknowledged().is_empty());
+        assert!(o.get(&tp(0)).is_none());
     }
 
     #[test]
