@@ -626,6 +626,7 @@ fn claimed(seq: u64) -> Claimed {
         window_end_ms: 1_710_930_660_000,
         pipeline: "nightly-load".into(),
         offsets: Vec::new(),
+        traces: Vec::new(),
     }
 }
 

@@ -213,7 +213,8 @@ async fn fraud(
 }
 
 /// Rewinds the Redis counter of a consumer. KEYS: events, state, offsets, pending, last_trigger,
-/// window. ARGV: seq, window events, events total, last trigger JSON ('' for none), lease key
+/// window, window_traces (emptied: the open window's trace contexts are not kept in PostgreSQL,
+/// and those of the events counted again join it again). ARGV: seq, window events, events total, last trigger JSON ('' for none), lease key
 /// prefix, the number k of the window's partitions, k pairs (`topic:partition`,
 /// `first:last:events`), then pairs of (`topic:partition`, last counted offset, -1 for none).
 const REWIND_LUA: &str = r#"
@@ -234,6 +235,7 @@ for s = seq + 1, old do
   redis.call('DEL', ARGV[5] .. s)
 end
 redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[7])
 local k = tonumber(ARGV[6])
 local i = 7
 for _ = 1, k do
@@ -323,6 +325,7 @@ async fn pipeline_trigger(
             window_end_ms: end.timestamp_millis(),
             pipeline: r.try_get("pipeline_name")?,
             offsets: crate::handlers::pipeline_trigger::runs::offsets_of(r)?,
+            traces: Vec::new(),
         });
         for range in kept.iter().flat_map(|k| &k.offsets) {
             let done = windowed
@@ -392,7 +395,8 @@ async fn pipeline_trigger(
         .arg(last_json)
         .arg(keys.lease(0).trim_end_matches('0'))
         .arg(window.len())
-        .key(&keys.window);
+        .key(&keys.window)
+        .key(&keys.window_traces);
     for r in &window {
         let topic: String = r.try_get("topic")?;
         let partition: i32 = r.try_get("partition")?;

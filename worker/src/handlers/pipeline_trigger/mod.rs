@@ -76,7 +76,7 @@ pub use counter::{Counter, Keys};
 pub use deliver::{JobSink, Sink, WebhookSink, IDEMPOTENCY_KEY};
 pub use engine::{Engine, TriggerMetrics};
 pub use trigger::{
-    build_job, job_name, trigger_id, Claimed, PartitionRange, Reason, WebhookPayload,
+    build_job, job_name, trigger_id, Claimed, PartitionRange, Reason, TraceContext, WebhookPayload,
 };
 
 use super::json_fields::parse_object;
@@ -199,6 +199,14 @@ impl MessageHandler for PipelineTriggerHandler {
                     e.settings.max_events,
                     e.max_time_ms(),
                     &e.settings.pipeline_name,
+                    |d| {
+                        let (traceparent, tracestate) =
+                            crate::telemetry::header_values(&crate::telemetry::trace_of(&d.pos)?)?;
+                        Some(TraceContext {
+                            traceparent,
+                            tracestate,
+                        })
+                    },
                 )
                 .await
                 .map_err(engine::EngineError::from)?;
