@@ -1066,8 +1066,11 @@ fn window_of(ranges: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Per recorded trigger: sequence, event count and its `(partition, first, last, events)`.
-async fn recorded_ranges(d: &Direct) -> Vec<(i64, i64, Vec<(i64, i64, i64, i64)>)> {
+/// A recorded trigger: sequence, event count and its `(partition, first, last, events)`.
+type RecordedRun = (i64, i64, Vec<(i64, i64, i64, i64)>);
+
+/// The recorded triggers, by sequence.
+async fn recorded_ranges(d: &Direct) -> Vec<RecordedRun> {
     let rows: Vec<(i64, i64, sqlx::types::Json<Value>)> = sqlx::query_as(
         "SELECT seq, event_count, offsets FROM pipeline_runs WHERE consumer_id = $1 ORDER BY seq",
     )
@@ -1140,9 +1143,7 @@ async fn replay_to(d: &Direct, config: &WorkerConfig, id: &str, to: &[(i32, i64)
 }
 
 /// Every offset of every recorded trigger, with how many triggers hold it.
-fn offsets_in_triggers(
-    runs: &[(i64, i64, Vec<(i64, i64, i64, i64)>)],
-) -> BTreeMap<(i64, i64), u32> {
+fn offsets_in_triggers(runs: &[RecordedRun]) -> BTreeMap<(i64, i64), u32> {
     let mut seen = BTreeMap::new();
     for (_, n, ranges) in runs {
         assert_eq!(
