@@ -9,7 +9,7 @@
 //! | `consumer:{C}:state` | hash | `window_start_ms`, `seq` (last claimed trigger), `events_total`, `last_trigger_ms` |
 //! | `consumer:{C}:offsets` | hash | `topic:partition` -> last counted offset |
 //! | `consumer:{C}:window` | hash | `topic:partition` -> `first:last:events` counted in the current window |
-//! | `consumer:{C}:window_traces` | list | JSON `{"traceparent", "tracestate"}` of the current window's first traced events (at most [`MAX_TRIGGER_TRACES`](crate::telemetry::MAX_TRIGGER_TRACES)) |
+//! | `consumer:{C}:window_traces` | list | JSON `{"traceparent", "tracestate"}` of the current window's first traced events (at most [`MAX_TRIGGER_TRACES`]) |
 //! | `consumer:{C}:pending` | hash | `seq` -> trigger JSON, claimed and not yet delivered |
 //! | `consumer:{C}:last_trigger` | string | JSON of the last claimed trigger |
 //! | `consumer:{C}:lease:<seq>` | string, with TTL | the worker delivering that trigger |

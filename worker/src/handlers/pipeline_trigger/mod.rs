@@ -22,7 +22,8 @@
 //! The same script that counts claims triggers: each time the window reaches `maxEvents` it
 //! increments the consumer's trigger sequence and records the trigger (`reason: count`,
 //! `event_count: maxEvents`, window start and end, and per partition the offsets of the window's
-//! first and last event with their count) in the consumer's pending set, then opens a new window;
+//! first and last event with their count, and the trace contexts of the window's first traced
+//! events, see [`crate::telemetry`]) in the consumer's pending set, then opens a new window;
 //! events beyond `maxEvents` carry over. Events join windows in offset order, one by one, so a
 //! window boundary can fall inside a batch and consecutive windows never share an offset: a
 //! pipeline that reads each partition's `[first_offset, last_offset]` reads exactly its window. A window at least `maxTimeSeconds` old
