@@ -38,11 +38,22 @@
 //! Messages without a (valid) `traceparent` start no trace: they get no per-message span, and a
 //! batch operation none of whose messages is traced gets no span either. The sampler therefore
 //! only decides over spans whose parent is a message's context (the default,
-//! `parentbased_always_on`, follows the sampled flag the producer set). The one exception is the
-//! pipeline-trigger webhook: a trigger is claimed from counts kept in Redis and delivered later,
-//! possibly by another replica, with no message context at hand, so each delivery attempt is a
-//! root span `streamops.webhook`, sampled by the configured sampler, whose context the webhook
-//! request carries as its `traceparent`.
+//! `parentbased_always_on`, follows the sampled flag the producer set).
+//!
+//! The pipeline-trigger webhook is delivered later than its messages are processed, possibly by
+//! another replica, so the contexts travel with the window: when an event with a context is
+//! counted into the window (one Redis script), its `traceparent` / `tracestate` join the
+//! window's list while it holds fewer than [`MAX_TRIGGER_TRACES`]; the claimed trigger takes the
+//! list (Redis pending hash, and `pipeline_runs.traces`, so a trigger restored after Redis lost
+//! its data keeps it). Each delivery attempt is a span `streamops.webhook`, a child of the
+//! window's *first* traced message (the one that opened the window's trace, the same whichever
+//! replica counted it and however often a batch is replayed) and linked to the next distinct
+//! ones; the request carries that span's context as its `traceparent`, so the receiver's work
+//! belongs to the message's trace. Bounded rather than one link per event because a window may
+//! hold millions of events and the list travels in every copy of the trigger. A window with no
+//! traced message stores nothing, and its delivery is a root span sampled by the configured
+//! sampler, as before. A replay rebuilds an open window from PostgreSQL, which does not keep
+//! the open window's contexts: the list restarts with the events counted again.
 //!
 //! A `traceparent` that does not parse is ignored (the message itself is processed as usual).
 
@@ -453,20 +464,63 @@ pub fn record_failure(span: &tracing::Span, error_type: &str) {
     }
 }
 
-/// A root span for one pipeline-trigger webhook delivery attempt (see the module docs).
-pub fn webhook_span(trigger_id: &str) -> tracing::Span {
+/// Most message contexts a pipeline-trigger window keeps for its webhook delivery span: the
+/// first traced message of the window becomes the span's parent, the next ones (distinct) its
+/// links. Bounded because the contexts travel in the trigger's JSON (Redis pending hash,
+/// `pipeline_runs.traces`), and a window may hold millions of events.
+pub const MAX_TRIGGER_TRACES: usize = 16;
+
+/// The W3C header values of a message's context, as a pipeline-trigger window stores them:
+/// `(traceparent, tracestate)`, the latter `None` when empty.
+pub fn header_values(sc: &SpanContext) -> Option<(String, Option<String>)> {
+    if !sc.is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&remote(sc), &mut carrier);
+    let parent = carrier.remove(TRACEPARENT)?;
+    Some((parent, carrier.remove(TRACESTATE).filter(|s| !s.is_empty())))
+}
+
+/// The span of one pipeline-trigger webhook delivery attempt (see the module docs): a child of
+/// the first of `traces` (the contexts of the window's first traced messages), linked to the
+/// other distinct ones; a root span when the window held no traced message.
+pub fn webhook_span<'a>(
+    trigger_id: &str,
+    traces: impl IntoIterator<Item = &'a SpanContext>,
+) -> tracing::Span {
     if !enabled() {
         return tracing::Span::none();
     }
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "streamops.webhook",
         otel.kind = "client",
         http.request.method = "POST",
         streamops.trigger.id = trigger_id,
+        streamops.linked_messages = Empty,
         http.response.status_code = Empty,
         error.type = Empty,
         otel.status_code = Empty,
-    )
+    );
+    let mut traces = traces.into_iter();
+    if let Some(first) = traces.next() {
+        let _ = span.set_parent(remote(first));
+        let mut seen: HashSet<(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId)> =
+            HashSet::new();
+        seen.insert((first.trace_id(), first.span_id()));
+        let mut links = 0usize;
+        for sc in traces {
+            if links + 1 >= MAX_TRIGGER_TRACES {
+                break;
+            }
+            if seen.insert((sc.trace_id(), sc.span_id())) {
+                span.add_link(sc.clone());
+                links += 1;
+            }
+        }
+        span.record("streamops.linked_messages", links);
+    }
+    span
 }
 
 /// Adds the current span's `traceparent` (and `tracestate`) to an outgoing request's headers.
@@ -532,6 +586,21 @@ pub async fn with_batch_traces<F: Future>(traces: Option<BatchTraces>, fut: F) -
         Some(t) => BATCH_TRACES.scope(t, fut).await,
         None => fut.await,
     }
+}
+
+/// The trace context of the message at `position`, as far as the running
+/// [`with_batch_traces`] knows it.
+pub fn trace_of(position: &Position) -> Option<SpanContext> {
+    if !enabled() {
+        return None;
+    }
+    BATCH_TRACES
+        .try_with(|t| {
+            t.0.get(&(position.topic.clone(), position.partition, position.offset))
+                .cloned()
+        })
+        .ok()
+        .flatten()
 }
 
 /// The trace contexts of the messages at `positions`, in order, as far as the running

@@ -626,6 +626,7 @@ fn claimed(seq: u64) -> Claimed {
         window_end_ms: 1_710_930_660_000,
         pipeline: "nightly-load".into(),
         offsets: Vec::new(),
+        traces: Vec::new(),
     }
 }
 
@@ -1042,4 +1043,260 @@ async fn poison_events_go_to_the_error_topic_and_are_not_counted() {
     assert_eq!(hook.distinct_keys().len(), valid / 100);
     forget(&id).await;
     env.cleanup().await;
+}
+
+// ---- Open windows across a replay and a restart.
+
+/// The open window as Redis holds it: events counted into it, and per `topic:partition` its
+/// `first:last:events`.
+async fn open_window(consumer_id: &str) -> (u64, BTreeMap<String, String>) {
+    let (events, _) = redis_state(consumer_id).await;
+    let ranges: HashMap<String, String> = redis()
+        .await
+        .hgetall(format!("consumer:{{{consumer_id}}}:window"))
+        .await
+        .unwrap();
+    (events, ranges.into_iter().collect())
+}
+
+fn window_of(ranges: &[(&str, &str)]) -> BTreeMap<String, String> {
+    ranges
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A recorded trigger: sequence, event count and its `(partition, first, last, events)`.
+type RecordedRun = (i64, i64, Vec<(i64, i64, i64, i64)>);
+
+/// The recorded triggers, by sequence.
+async fn recorded_ranges(d: &Direct) -> Vec<RecordedRun> {
+    let rows: Vec<(i64, i64, sqlx::types::Json<Value>)> = sqlx::query_as(
+        "SELECT seq, event_count, offsets FROM pipeline_runs WHERE consumer_id = $1 ORDER BY seq",
+    )
+    .bind(&d.consumer_id)
+    .fetch_all(&d.pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(seq, n, offsets)| {
+            let mut ranges: Vec<(i64, i64, i64, i64)> = offsets
+                .0
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    assert_eq!(r["topic"], "events");
+                    (
+                        r["partition"].as_i64().unwrap(),
+                        r["first_offset"].as_i64().unwrap(),
+                        r["last_offset"].as_i64().unwrap(),
+                        r["events"].as_i64().unwrap(),
+                    )
+                })
+                .collect();
+            ranges.sort();
+            (seq, n, ranges)
+        })
+        .collect()
+}
+
+/// Sets the offsets of record of `config`'s group, as the pipeline's transactions would have.
+async fn offsets_of_record(d: &Direct, config: &WorkerConfig, next: &[(i32, i64)]) {
+    for (partition, offset) in next {
+        sqlx::query(
+            "INSERT INTO streamops_offsets (consumer_group, topic, partition, next_offset)
+             VALUES ($1, 'events', $2, $3)
+             ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET next_offset = $3",
+        )
+        .bind(&config.kafka.group_id)
+        .bind(partition)
+        .bind(offset)
+        .execute(&d.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// `replay --to-offsets` for the named partitions (the others keep their offsets of record).
+async fn replay_to(d: &Direct, config: &WorkerConfig, id: &str, to: &[(i32, i64)]) {
+    use streamops_worker::replay::{apply, PartitionOffset, ReplayTarget};
+    let positions: Vec<PartitionOffset> = to
+        .iter()
+        .map(|(partition, offset)| PartitionOffset {
+            topic: "events".into(),
+            partition: *partition,
+            offset: *offset,
+        })
+        .collect();
+    let outcome = apply(
+        &d.pool,
+        config,
+        Some(REDIS_URL),
+        id,
+        &ReplayTarget::Offsets(positions.clone()),
+        &positions,
+    )
+    .await
+    .unwrap();
+    assert!(outcome.applied_now);
+}
+
+/// Every offset of every recorded trigger, with how many triggers hold it.
+fn offsets_in_triggers(runs: &[RecordedRun]) -> BTreeMap<(i64, i64), u32> {
+    let mut seen = BTreeMap::new();
+    for (_, n, ranges) in runs {
+        assert_eq!(
+            *n,
+            ranges.iter().map(|r| r.3).sum::<i64>(),
+            "a trigger's count is its ranges' events: {runs:?}"
+        );
+        for &(p, first, last, _) in ranges {
+            for o in first..=last {
+                *seen.entry((p, o)).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_windows_ranges_and_count_come_back_exact_after_a_restart_and_a_replay_into_it() {
+    let d = Direct::new("pt-open-window").await;
+    let hook = Receiver::start().await;
+    let s = settings(&hook.url(), 10, 3600, false);
+    let mut config = (*d.context().config).clone();
+    config.handler = HandlerConfig::PipelineTrigger(s.clone());
+    let mut h = d.handler(&s);
+    // Trigger 1: partitions 0 and 1, offsets 0-4 each. Then an open window of 7.
+    run_batch(&mut h, &d.pool, events(0, 0..5)).await;
+    run_batch(&mut h, &d.pool, events(1, 0..5)).await;
+    run_batch(&mut h, &d.pool, events(0, 5..9)).await;
+    run_batch(&mut h, &d.pool, events(1, 5..8)).await;
+    offsets_of_record(&d, &config, &[(0, 9), (1, 8)]).await;
+    let before = window_of(&[("events:0", "5:8:4"), ("events:1", "5:7:3")]);
+    assert_eq!(open_window(&d.consumer_id).await, (7, before.clone()));
+
+    // A restart mid-window: a new handler, and the last batch delivered again.
+    drop(h);
+    let mut h = d.handler(&s);
+    run_batch(&mut h, &d.pool, events(1, 5..8)).await;
+    assert_eq!(
+        open_window(&d.consumer_id).await,
+        (7, before),
+        "a restart neither loses nor doubles the open window"
+    );
+
+    // A replay into the open window: partition 0 from offset 7, partition 1 from 6.
+    drop(h);
+    replay_to(&d, &config, "into-the-window", &[(0, 7), (1, 6)]).await;
+    assert_eq!(
+        open_window(&d.consumer_id).await,
+        (
+            3,
+            window_of(&[("events:0", "5:6:2"), ("events:1", "5:5:1")])
+        ),
+        "the open window holds exactly the counted events before the reset points"
+    );
+    assert_eq!(recorded_ranges(&d).await.len(), 1, "trigger 1 lies before");
+
+    // Processing again from there, then on to offset 9 in both partitions.
+    let mut h = d.handler(&s);
+    run_batch(&mut h, &d.pool, events(0, 7..10)).await;
+    run_batch(&mut h, &d.pool, events(1, 6..10)).await;
+    let runs = recorded_ranges(&d).await;
+    assert_eq!(
+        runs,
+        vec![
+            (1, 10, vec![(0, 0, 4, 5), (1, 0, 4, 5)]),
+            (2, 10, vec![(0, 5, 9, 5), (1, 5, 9, 5)]),
+        ],
+        "the trigger that closes the window carries exactly its ranges"
+    );
+    assert!(offsets_in_triggers(&runs).values().all(|&n| n == 1));
+    assert_eq!(open_window(&d.consumer_id).await, (0, BTreeMap::new()));
+    drop(h);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_into_one_partition_of_a_claimed_trigger_reopens_its_window_and_counts_no_event_twice(
+) {
+    let d = Direct::new("pt-cut-trigger").await;
+    let hook = Receiver::start().await;
+    let s = settings(&hook.url(), 10, 3600, false);
+    let mut config = (*d.context().config).clone();
+    config.handler = HandlerConfig::PipelineTrigger(s.clone());
+    let mut h = d.handler(&s);
+    run_batch(&mut h, &d.pool, events(0, 0..5)).await;
+    run_batch(&mut h, &d.pool, events(1, 0..5)).await;
+    run_batch(&mut h, &d.pool, events(1, 5..8)).await;
+    offsets_of_record(&d, &config, &[(0, 5), (1, 8)]).await;
+    assert_eq!(
+        recorded_ranges(&d).await,
+        vec![(1, 10, vec![(0, 0, 4, 5), (1, 0, 4, 5)])]
+    );
+    drop(h);
+    // Partition 0 only, into trigger 1's window: 11 events lie before the reset points, more
+    // than one window, but trigger 1 needs offsets 3 and 4 of partition 0, which are counted
+    // again: it cannot stand.
+    replay_to(&d, &config, "into-trigger-1", &[(0, 3)]).await;
+    assert_eq!(recorded_ranges(&d).await, vec![], "trigger 1 is undone");
+    assert_eq!(
+        open_window(&d.consumer_id).await,
+        (
+            11,
+            window_of(&[("events:0", "0:2:3"), ("events:1", "0:7:8")])
+        ),
+        "the window holds every counted event before the reset points"
+    );
+    let mut h = d.handler(&s);
+    run_batch(&mut h, &d.pool, events(0, 3..5)).await;
+    let runs = recorded_ranges(&d).await;
+    assert_eq!(
+        runs,
+        vec![(1, 12, vec![(0, 0, 3, 4), (1, 0, 7, 8)])],
+        "the next event closes the overfull window, with every event it holds"
+    );
+    let seen = offsets_in_triggers(&runs);
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    assert_eq!(
+        open_window(&d.consumer_id).await,
+        (1, window_of(&[("events:0", "4:4:1")]))
+    );
+    drop(h);
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_triggers_restored_from_postgresql_keep_their_messages_trace_contexts() {
+    use streamops_worker::handlers::pipeline_trigger::{runs, TraceContext};
+    let d = Direct::new("pt-traces-kept").await;
+    let mut traced = claimed(1);
+    traced.traces = vec![
+        TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-00000000000000c0-01".into(),
+            tracestate: Some("vendor=1".into()),
+        },
+        TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-00000000000000c1-01".into(),
+            tracestate: None,
+        },
+    ];
+    let untraced = claimed(2);
+    let mut conn = d.pool.acquire().await.unwrap();
+    runs::record_claimed(
+        &mut conn,
+        &d.consumer_id,
+        "webhook",
+        &[traced.clone(), untraced.clone()],
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    assert_eq!(
+        runs::pending(&d.pool, &d.consumer_id).await.unwrap(),
+        vec![traced, untraced]
+    );
+    d.finish().await;
 }

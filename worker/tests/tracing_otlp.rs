@@ -647,7 +647,11 @@ async fn hook_call(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
+/// Two windows of three events: the first all traced (trace B, spans c0, c1, c2), the second
+/// untraced. The first trigger's delivery continues the window's first traced message (child of
+/// c0, links to c1 and c2) and its request carries that trace; the second is a root span as
+/// before, whose context its request carries.
+async fn a_webhook_delivery_continues_the_trace_of_its_windows_first_traced_message() {
     const REDIS: &str = "127.0.0.1:6379";
     if std::net::TcpStream::connect_timeout(&REDIS.parse().unwrap(), Duration::from_secs(3))
         .is_err()
@@ -681,11 +685,11 @@ async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
             }),
             job: None,
         });
-    let msgs: Vec<Outgoing> = (0..3)
+    let msgs: Vec<Outgoing> = (0..6)
         .map(|i| Outgoing {
             payload: format!("{{\"n\":{i}}}").into_bytes(),
             key: format!("k{i}"),
-            traceparent: Some(traceparent(TRACE_B, 0xc0 + i)),
+            traceparent: (i < 3).then(|| traceparent(TRACE_B, 0xc0 + i)),
         })
         .collect();
     produce_all(&env.topic, &msgs).await;
@@ -698,9 +702,18 @@ async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
         ],
     );
     w.wait_ready().await;
-    env.wait_for_offsets(3).await;
+    env.wait_for_offsets(6).await;
     let start = Instant::now();
-    while hook.calls.lock().unwrap().is_empty() {
+    let first = format!("{}:1", env.config.consumer_id);
+    let second = format!("{}:2", env.config.consumer_id);
+    let called = |key: &str| {
+        hook.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, k)| k.as_deref() == Some(key))
+    };
+    while !(called(&first) && called(&second)) {
         assert!(
             start.elapsed() < PATIENCE,
             "the webhook was never called; log {}",
@@ -725,8 +738,41 @@ async fn each_webhook_delivery_is_a_span_whose_context_the_request_carries() {
             .find(|s| hex(&s.trace_id) == trace && hex(&s.span_id) == span)
             .unwrap_or_else(|| panic!("{tp} is no exported span; spans: {}", dump(&spans)));
         assert_eq!(s.name, "streamops.webhook");
-        assert!(s.parent_span_id.is_empty(), "a delivery is a root span");
         assert_eq!(attr(&s.attributes, "streamops.trigger.id"), key.clone());
+        if key.as_deref() == Some(first.as_str()) {
+            assert_eq!(
+                trace,
+                TRACE_B,
+                "the first window's delivery continues its messages' trace; spans: {}",
+                dump(&spans)
+            );
+            assert_eq!(
+                hex(&s.parent_span_id),
+                format!("{:016x}", 0xc0),
+                "child of the window's first traced message"
+            );
+            let links: HashSet<(String, String)> = s
+                .links
+                .iter()
+                .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                .collect();
+            let expected: HashSet<(String, String)> = [0xc1u64, 0xc2]
+                .iter()
+                .map(|sp| (TRACE_B.to_string(), format!("{sp:016x}")))
+                .collect();
+            assert_eq!(
+                links, expected,
+                "linked to the window's other traced messages"
+            );
+        } else {
+            assert_eq!(key.as_deref(), Some(second.as_str()));
+            assert_ne!(trace, TRACE_B, "an untraced window continues no trace");
+            assert!(
+                s.parent_span_id.is_empty(),
+                "an untraced window's delivery is a root span"
+            );
+            assert!(s.links.is_empty());
+        }
         assert_eq!(
             attr(&s.attributes, "http.response.status_code").as_deref(),
             Some("200")

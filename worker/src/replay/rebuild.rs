@@ -7,13 +7,19 @@
 //! | moving-average | `price_points` and `moving_averages` rows deleted | windows reload from the remaining `price_points` (the handler does that itself) |
 //! | sensor | `sensor_readings` deleted; episodes opened there deleted | episodes closed there reopened; each touched machine's `first_seen`, `last_seen` and last applied reading recomputed from its remaining readings (a machine left without readings is deleted) |
 //! | fraud | `transactions` first stored there deleted, with their `predictions` | nothing else: the transactions are scored again (the reference scorer is deterministic; a different model version gives that version's scores, as an uninterrupted run with it would) |
-//! | pipeline-trigger | the recorded counted offsets there deleted; triggers whose window needs events there deleted from `pipeline_runs` and from Redis | the Redis counter (offsets per partition, events total, events in the window, sequence, last trigger) as it stood after the last kept trigger; triggers claimed again get the same sequence numbers, so the same trigger ids and webhook `Idempotency-Key`s (Job targets: the same Job names) |
+//! | pipeline-trigger | the recorded counted offsets there deleted; triggers whose window needs events there (by count, or by a range reaching a reset point), and all later ones, deleted from `pipeline_runs` and from Redis | the Redis counter (offsets per partition, events total, events in the window, sequence, last trigger) as it stood after the last kept trigger; triggers claimed again get the same sequence numbers, so the same trigger ids and webhook `Idempotency-Key`s (Job targets: the same Job names) |
 //!
 //! Limits, stated rather than hidden: timestamps set from the wall clock (`created_at`,
 //! `claimed_at`, `delivered_at`, and pipeline-trigger's window times, which are Redis server
 //! time) are those of the replay. A pipeline-trigger time trigger depends on when events arrive,
-//! so it is only reproduced by the count that caused it, not by its time. Rejected messages are
-//! sent to the error topic again (the headers carry their source position).
+//! so it is only reproduced by the count that caused it, not by its time. The open
+//! pipeline-trigger window comes back with exactly the counted events before the reset points
+//! that no kept trigger holds (per partition, first and last offset and count); when a replay
+//! moves only some partitions back into a claimed trigger, that window can hold more than
+//! `maxEvents`, and the next counted event triggers it with all of them (the payload's count and
+//! ranges still agree; no event is in two triggers). Its trace contexts are not restored.
+//! Rejected messages are sent to the error topic again (the headers carry their source
+//! position).
 
 use std::collections::BTreeMap;
 
@@ -213,9 +219,11 @@ async fn fraud(
 }
 
 /// Rewinds the Redis counter of a consumer. KEYS: events, state, offsets, pending, last_trigger,
-/// window. ARGV: seq, window events, events total, last trigger JSON ('' for none), lease key
-/// prefix, the number k of the window's partitions, k pairs (`topic:partition`,
-/// `first:last:events`), then pairs of (`topic:partition`, last counted offset, -1 for none).
+/// window, window_traces (emptied: the open window's trace contexts are not kept in PostgreSQL,
+/// and those of the events counted again join it again). ARGV: seq, window events, events total,
+/// last trigger JSON ('' for none), lease key prefix, the number k of the window's partitions, k
+/// pairs (`topic:partition`, `first:last:events`), then pairs of (`topic:partition`, last counted
+/// offset, -1 for none).
 const REWIND_LUA: &str = r#"
 local seq = tonumber(ARGV[1])
 local old = tonumber(redis.call('HGET', KEYS[2], 'seq') or '0')
@@ -234,6 +242,7 @@ for s = seq + 1, old do
   redis.call('DEL', ARGV[5] .. s)
 end
 redis.call('DEL', KEYS[6])
+redis.call('DEL', KEYS[7])
 local k = tonumber(ARGV[6])
 local i = 7
 for _ = 1, k do
@@ -304,9 +313,25 @@ async fn pipeline_trigger(
     let mut kept: Option<Claimed> = None;
     // Per partition, the last offset that a kept trigger's window holds.
     let mut windowed: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    // Where each partition named by the replay starts again.
+    let reset: BTreeMap<(&str, i32), i64> = positions
+        .iter()
+        .map(|p| ((p.topic.as_str(), p.partition), p.offset))
+        .collect();
     for r in &runs {
         let count: i64 = r.try_get("event_count")?;
         if consumed + count > events {
+            break;
+        }
+        // A trigger whose window holds an event at or after a reset point cannot stand, even
+        // when enough events lie before the reset points overall (they need not be a prefix of
+        // the counting order when only some partitions go back): that event is counted again.
+        let ranges = crate::handlers::pipeline_trigger::runs::offsets_of(r)?;
+        if ranges.iter().any(|g| {
+            reset
+                .get(&(g.topic.as_str(), g.partition))
+                .is_some_and(|&at| g.last_offset >= at)
+        }) {
             break;
         }
         consumed += count;
@@ -322,7 +347,8 @@ async fn pipeline_trigger(
             window_start_ms: start.timestamp_millis(),
             window_end_ms: end.timestamp_millis(),
             pipeline: r.try_get("pipeline_name")?,
-            offsets: crate::handlers::pipeline_trigger::runs::offsets_of(r)?,
+            offsets: ranges,
+            traces: Vec::new(),
         });
         for range in kept.iter().flat_map(|k| &k.offsets) {
             let done = windowed
@@ -392,7 +418,8 @@ async fn pipeline_trigger(
         .arg(last_json)
         .arg(keys.lease(0).trim_end_matches('0'))
         .arg(window.len())
-        .key(&keys.window);
+        .key(&keys.window)
+        .key(&keys.window_traces);
     for r in &window {
         let topic: String = r.try_get("topic")?;
         let partition: i32 = r.try_get("partition")?;

@@ -9,6 +9,7 @@
 //! | `consumer:{C}:state` | hash | `window_start_ms`, `seq` (last claimed trigger), `events_total`, `last_trigger_ms` |
 //! | `consumer:{C}:offsets` | hash | `topic:partition` -> last counted offset |
 //! | `consumer:{C}:window` | hash | `topic:partition` -> `first:last:events` counted in the current window |
+//! | `consumer:{C}:window_traces` | list | JSON `{"traceparent", "tracestate"}` of the current window's first traced events (at most [`MAX_TRIGGER_TRACES`]) |
 //! | `consumer:{C}:pending` | hash | `seq` -> trigger JSON, claimed and not yet delivered |
 //! | `consumer:{C}:last_trigger` | string | JSON of the last claimed trigger |
 //! | `consumer:{C}:lease:<seq>` | string, with TTL | the worker delivering that trigger |
@@ -22,8 +23,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, RedisError, Script};
 use tokio::sync::OnceCell;
 
-use super::trigger::Claimed;
+use super::trigger::{Claimed, TraceContext};
 use crate::handlers::Decoded;
+use crate::telemetry::MAX_TRIGGER_TRACES;
 
 /// Lua shared by the scripts that claim triggers: the current window's offset range per
 /// partition (`win`, loaded from the window hash), `note` to add an event to it, `take_ranges` to
@@ -66,11 +68,20 @@ local function save_window(key, win)
     redis.call('HSET', key, field, string.format('%d:%d:%d', r[1], r[2], r[3]))
   end
 end
-local function encode_trigger(seq, reason, n, start, now, pipeline, ranges)
+local function take_traces(key)
+  local list = {}
+  for _, j in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    list[#list + 1] = cjson.decode(j)
+  end
+  redis.call('DEL', key)
+  return list
+end
+local function encode_trigger(seq, reason, n, start, now, pipeline, ranges, traces)
   local trig = {seq = seq, reason = reason, event_count = n, window_start_ms = start,
     window_end_ms = now, pipeline = pipeline}
-  -- cjson writes an empty table as {}: leave the field out instead.
+  -- cjson writes an empty table as {}: leave the fields out instead.
   if #ranges > 0 then trig.offsets = ranges end
+  if #traces > 0 then trig.traces = traces end
   return cjson.encode(trig)
 end
 "#;
@@ -80,9 +91,12 @@ end
 /// window's offset range of its partition, and claims a trigger each time the window reaches
 /// `max_events` (the window's ranges go with it, so consecutive windows split a partition at the
 /// exact event), then a time trigger if the window is older than `max_time_ms` and holds events.
+/// The trace context of a counted event that has one joins the window's list while it holds
+/// fewer than `max_traces`; a claimed trigger takes the list.
 ///
-/// KEYS: events, state, offsets, pending, last_trigger, window.
-/// ARGV: max_events, max_time_ms, pipeline, then per partition: field, n, n offsets (ascending).
+/// KEYS: events, state, offsets, pending, last_trigger, window, window_traces.
+/// ARGV: max_events, max_time_ms, pipeline, max_traces, then per partition: field, n, n offsets
+/// (ascending), m, m pairs of offset and trace context JSON.
 /// Returns: {new events counted, events now in the window, claimed trigger JSON...}.
 const COUNT_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -90,7 +104,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local max_events = tonumber(ARGV[1])
 local max_time = tonumber(ARGV[2])
 local pipeline = ARGV[3]
+local max_traces = tonumber(ARGV[4])
 local win = load_window(KEYS[6])
+local ntraces = redis.call('LLEN', KEYS[7])
 local start = tonumber(redis.call('HGET', KEYS[2], 'window_start_ms') or '-1')
 if start < 0 then
   start = now
@@ -100,7 +116,9 @@ local count = tonumber(redis.call('GET', KEYS[1]) or '0')
 local out = {'', ''}
 local function claim(reason, n)
   local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-  local trig = encode_trigger(seq, reason, n, start, now, pipeline, take_ranges(win))
+  local trig = encode_trigger(seq, reason, n, start, now, pipeline, take_ranges(win),
+    take_traces(KEYS[7]))
+  ntraces = 0
   redis.call('HSET', KEYS[4], tostring(seq), trig)
   redis.call('SET', KEYS[5], trig)
   start = now
@@ -109,10 +127,15 @@ local function claim(reason, n)
   out[#out + 1] = trig
 end
 local new = 0
-local i = 4
+local i = 5
 while i <= #ARGV do
   local field = ARGV[i]
   local n = tonumber(ARGV[i + 1])
+  local m = tonumber(ARGV[i + 2 + n])
+  local traced = {}
+  for k = 0, m - 1 do
+    traced[ARGV[i + 3 + n + 2 * k]] = ARGV[i + 4 + n + 2 * k]
+  end
   local last = tonumber(redis.call('HGET', KEYS[3], field) or '-1')
   local top = last
   for j = i + 2, i + 1 + n do
@@ -122,6 +145,11 @@ while i <= #ARGV do
       new = new + 1
       count = count + 1
       note(win, field, o)
+      local tr = traced[ARGV[j]]
+      if tr and ntraces < max_traces then
+        redis.call('RPUSH', KEYS[7], tr)
+        ntraces = ntraces + 1
+      end
       if count >= max_events then
         claim('count', count)
         count = 0
@@ -131,7 +159,7 @@ while i <= #ARGV do
   if top > last then
     redis.call('HSET', KEYS[3], field, string.format('%d', top))
   end
-  i = i + 2 + n
+  i = i + 3 + n + 2 * m
 end
 if new > 0 then
   redis.call('HINCRBY', KEYS[2], 'events_total', new)
@@ -150,7 +178,8 @@ return out
 /// Claims a time trigger if the window is at least `max_time_ms` old and holds events (or
 /// `on_empty` is 1), with the window's offset ranges.
 ///
-/// KEYS: events, state, pending, last_trigger, window. ARGV: max_time_ms, on_empty, pipeline.
+/// KEYS: events, state, pending, last_trigger, window, window_traces. ARGV: max_time_ms,
+/// on_empty, pipeline.
 /// Returns: {claimed trigger JSON or '', milliseconds until the window is due (-1: due, but empty
 /// and not triggering; an event will fire it)}.
 const TICK_LUA: &str = r#"
@@ -172,7 +201,8 @@ if count == 0 and ARGV[2] ~= '1' then
 end
 local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
 local win = load_window(KEYS[5])
-local trig = encode_trigger(seq, 'time', count, start, now, ARGV[3], take_ranges(win))
+local trig = encode_trigger(seq, 'time', count, start, now, ARGV[3], take_ranges(win),
+  take_traces(KEYS[6]))
 redis.call('DEL', KEYS[5])
 redis.call('HSET', KEYS[3], tostring(seq), trig)
 redis.call('SET', KEYS[4], trig)
@@ -245,6 +275,8 @@ pub struct Keys {
     pub offsets: String,
     /// Offset ranges of the current window.
     pub window: String,
+    /// Trace contexts of the current window's first traced events.
+    pub window_traces: String,
     /// Claimed, undelivered triggers.
     pub pending: String,
     /// Last claimed trigger.
@@ -261,6 +293,7 @@ impl Keys {
             state: format!("{prefix}:state"),
             offsets: format!("{prefix}:offsets"),
             window: format!("{prefix}:window"),
+            window_traces: format!("{prefix}:window_traces"),
             pending: format!("{prefix}:pending"),
             last_trigger: format!("{prefix}:last_trigger"),
             prefix,
@@ -383,21 +416,27 @@ impl Counter {
         Ok(c.clone())
     }
 
-    /// Counts `items` (grouped by partition) and claims the triggers they cause.
+    /// Counts `items` (grouped by partition) and claims the triggers they cause. `trace_of`
+    /// gives an item's trace context (`None` for an untraced one), kept with the window.
     pub async fn count<T>(
         &self,
         items: &[Decoded<T>],
         max_events: u64,
         max_time_ms: u64,
         pipeline: &str,
+        trace_of: impl Fn(&Decoded<T>) -> Option<TraceContext>,
     ) -> Result<Counted, CounterError> {
-        let mut by_partition: std::collections::BTreeMap<(&str, i32), Vec<i64>> =
+        type Partition = (Vec<i64>, Vec<(i64, String)>);
+        let mut by_partition: std::collections::BTreeMap<(&str, i32), Partition> =
             std::collections::BTreeMap::new();
         for d in items {
-            by_partition
+            let entry = by_partition
                 .entry((&d.pos.topic, d.pos.partition))
-                .or_default()
-                .push(d.pos.offset);
+                .or_default();
+            entry.0.push(d.pos.offset);
+            if let Some(json) = trace_of(d).and_then(|t| serde_json::to_string(&t).ok()) {
+                entry.1.push((d.pos.offset, json));
+            }
         }
         let mut inv = self.count.prepare_invoke();
         inv.key(&self.keys.events)
@@ -406,15 +445,21 @@ impl Counter {
             .key(&self.keys.pending)
             .key(&self.keys.last_trigger)
             .key(&self.keys.window)
+            .key(&self.keys.window_traces)
             .arg(max_events.max(1))
             .arg(max_time_ms.max(1))
-            .arg(pipeline);
-        for ((topic, partition), offsets) in by_partition.iter_mut() {
+            .arg(pipeline)
+            .arg(MAX_TRIGGER_TRACES);
+        for ((topic, partition), (offsets, traced)) in by_partition.iter_mut() {
             // The script assigns events to windows in offset order.
             offsets.sort_unstable();
             inv.arg(format!("{topic}:{partition}"))
                 .arg(offsets.len())
-                .arg(offsets.as_slice());
+                .arg(offsets.as_slice())
+                .arg(traced.len());
+            for (offset, json) in traced.iter() {
+                inv.arg(*offset).arg(json.as_str());
+            }
         }
         let mut conn = self.conn().await?;
         let out: Vec<String> = inv.invoke_async(&mut conn).await?;
@@ -448,6 +493,7 @@ impl Counter {
             .key(&self.keys.pending)
             .key(&self.keys.last_trigger)
             .key(&self.keys.window)
+            .key(&self.keys.window_traces)
             .arg(max_time_ms.max(1))
             .arg(if on_empty { "1" } else { "0" })
             .arg(pipeline)
@@ -613,6 +659,7 @@ mod tests {
             &k.state,
             &k.offsets,
             &k.window,
+            &k.window_traces,
             &k.pending,
             &k.last_trigger,
         ] {

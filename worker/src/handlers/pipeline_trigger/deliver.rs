@@ -121,7 +121,9 @@ impl WebhookSink {
     /// they already processed.
     pub async fn send(&self, consumer_id: &str, t: &Claimed) -> Result<Sent, SendError> {
         let payload = WebhookPayload::new(consumer_id, t);
-        let span = crate::telemetry::webhook_span(&payload.trigger_id);
+        // The window's traced messages: the delivery continues the first one's trace.
+        let traces: Vec<_> = t.traces.iter().filter_map(|c| c.span_context()).collect();
+        let span = crate::telemetry::webhook_span(&payload.trigger_id, &traces);
         let result = self.post(&payload).instrument(span.clone()).await;
         if let Err(e) = &result {
             crate::telemetry::record_failure(

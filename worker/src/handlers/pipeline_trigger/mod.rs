@@ -22,7 +22,8 @@
 //! The same script that counts claims triggers: each time the window reaches `maxEvents` it
 //! increments the consumer's trigger sequence and records the trigger (`reason: count`,
 //! `event_count: maxEvents`, window start and end, and per partition the offsets of the window's
-//! first and last event with their count) in the consumer's pending set, then opens a new window;
+//! first and last event with their count, and the trace contexts of the window's first traced
+//! events, see [`crate::telemetry`]) in the consumer's pending set, then opens a new window;
 //! events beyond `maxEvents` carry over. Events join windows in offset order, one by one, so a
 //! window boundary can fall inside a batch and consecutive windows never share an offset: a
 //! pipeline that reads each partition's `[first_offset, last_offset]` reads exactly its window. A window at least `maxTimeSeconds` old
@@ -76,7 +77,7 @@ pub use counter::{Counter, Keys};
 pub use deliver::{JobSink, Sink, WebhookSink, IDEMPOTENCY_KEY};
 pub use engine::{Engine, TriggerMetrics};
 pub use trigger::{
-    build_job, job_name, trigger_id, Claimed, PartitionRange, Reason, WebhookPayload,
+    build_job, job_name, trigger_id, Claimed, PartitionRange, Reason, TraceContext, WebhookPayload,
 };
 
 use super::json_fields::parse_object;
@@ -199,6 +200,14 @@ impl MessageHandler for PipelineTriggerHandler {
                     e.settings.max_events,
                     e.max_time_ms(),
                     &e.settings.pipeline_name,
+                    |d| {
+                        let (traceparent, tracestate) =
+                            crate::telemetry::header_values(&crate::telemetry::trace_of(&d.pos)?)?;
+                        Some(TraceContext {
+                            traceparent,
+                            tracestate,
+                        })
+                    },
                 )
                 .await
                 .map_err(engine::EngineError::from)?;

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::trigger::{ms_to_time, trigger_id, Claimed, PartitionRange, Reason};
+use super::trigger::{ms_to_time, trigger_id, Claimed, PartitionRange, Reason, TraceContext};
 
 /// `webhook` or `job`.
 pub type Target = &'static str;
@@ -40,13 +40,17 @@ pub async fn record_claimed(
         .iter()
         .map(|t| serde_json::to_string(&t.offsets).unwrap_or_else(|_| "[]".into()))
         .collect();
+    let traces: Vec<String> = triggers
+        .iter()
+        .map(|t| serde_json::to_string(&t.traces).unwrap_or_else(|_| "[]".into()))
+        .collect();
     sqlx::query(
         "INSERT INTO pipeline_runs (trigger_id, consumer_id, pipeline_name, seq, reason, event_count, \
-             window_start, window_end, target, offsets) \
-         SELECT u.id, $1, u.p, u.s, u.r, u.c, u.ws, u.we, $2, u.o::jsonb \
+             window_start, window_end, target, offsets, traces) \
+         SELECT u.id, $1, u.p, u.s, u.r, u.c, u.ws, u.we, $2, u.o::jsonb, u.tr::jsonb \
          FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], \
-                     $8::timestamptz[], $9::timestamptz[], $10::text[]) \
-              AS u(id, p, s, r, c, ws, we, o) \
+                     $8::timestamptz[], $9::timestamptz[], $10::text[], $11::text[]) \
+              AS u(id, p, s, r, c, ws, we, o, tr) \
          ON CONFLICT DO NOTHING",
     )
     .bind(consumer_id)
@@ -59,6 +63,7 @@ pub async fn record_claimed(
     .bind(&starts)
     .bind(&ends)
     .bind(&offsets)
+    .bind(&traces)
     .execute(conn)
     .await?;
     Ok(())
@@ -127,7 +132,8 @@ pub async fn max_seq(pool: &PgPool, consumer_id: &str) -> Result<u64, sqlx::Erro
 /// Triggers recorded as `pending`, by sequence number.
 pub async fn pending(pool: &PgPool, consumer_id: &str) -> Result<Vec<Claimed>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name, offsets \
+        "SELECT seq, reason, event_count, window_start, window_end, pipeline_name, offsets, \
+                traces \
          FROM pipeline_runs WHERE consumer_id = $1 AND status = 'pending' ORDER BY seq",
     )
     .bind(consumer_id)
@@ -150,6 +156,7 @@ pub async fn pending(pool: &PgPool, consumer_id: &str) -> Result<Vec<Claimed>, s
             window_end_ms: end.timestamp_millis(),
             pipeline: r.try_get("pipeline_name")?,
             offsets: offsets_of(&r)?,
+            traces: traces_of(&r)?,
         });
     }
     Ok(out)
@@ -158,6 +165,12 @@ pub async fn pending(pool: &PgPool, consumer_id: &str) -> Result<Vec<Claimed>, s
 /// The `offsets` column of a `pipeline_runs` row.
 pub fn offsets_of(r: &sqlx::postgres::PgRow) -> Result<Vec<PartitionRange>, sqlx::Error> {
     let v: sqlx::types::Json<Vec<PartitionRange>> = r.try_get("offsets")?;
+    Ok(v.0)
+}
+
+/// The `traces` column of a `pipeline_runs` row.
+pub fn traces_of(r: &sqlx::postgres::PgRow) -> Result<Vec<TraceContext>, sqlx::Error> {
+    let v: sqlx::types::Json<Vec<TraceContext>> = r.try_get("traces")?;
     Ok(v.0)
 }
 

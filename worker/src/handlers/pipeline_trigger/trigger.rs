@@ -49,6 +49,29 @@ pub struct Claimed {
     /// The window's events per partition, by topic and partition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub offsets: Vec<PartitionRange>,
+    /// The W3C trace contexts of the window's first traced messages (in the order they were
+    /// counted, at most [`MAX_TRIGGER_TRACES`](crate::telemetry::MAX_TRIGGER_TRACES)); empty when
+    /// none was traced or export is off. The webhook delivery span continues the first and links
+    /// the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traces: Vec<TraceContext>,
+}
+
+/// A message's W3C trace context, as its `traceparent` / `tracestate` headers carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The `traceparent` value.
+    pub traceparent: String,
+    /// The `tracestate` value, if not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The span context, if the values parse.
+    pub fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        crate::telemetry::parse_traceparent(&self.traceparent, self.tracestate.as_deref())
+    }
 }
 
 /// The events a window holds in one partition: those counted with offsets from `first_offset`
@@ -313,6 +336,7 @@ mod tests {
                 last_offset: 9_007_199_254_741_992,
                 events: 1000,
             }],
+            traces: Vec::new(),
         }
     }
 
