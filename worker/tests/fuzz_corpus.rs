@@ -67,6 +67,21 @@ fn corpus(target: &str, min: usize) -> Vec<(PathBuf, Vec<u8>)> {
     files
 }
 
+/// Runs `f`, one fuzz check of the file at `path`; a panic is re-raised naming the file.
+fn check<T>(path: &Path, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(e) => {
+            let text = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{} fails its fuzz check: {text}", path.display())
+        }
+    }
+}
+
 fn context(pool: &PgPool, kind: HandlerKind) -> HandlerContext {
     let spec = StreamConsumerSpec::example(kind);
     let config = WorkerConfig::from_spec("fuzz-corpus", None, &spec).expect("example spec");
@@ -142,7 +157,7 @@ async fn every_price_event_the_decoder_accepts_is_written_by_postgresql() {
     let mut accepted = Vec::new();
     let mut rejected = 0;
     for (i, (path, bytes)) in corpus("decode_price", 5).into_iter().enumerate() {
-        match oracle::price(&bytes) {
+        match check(&path, || oracle::price(&bytes)) {
             Some(p) => accepted.push((path, decoded(i as i64, p))),
             None => rejected += 1,
         }
@@ -168,7 +183,7 @@ async fn every_sensor_reading_the_decoder_accepts_is_written_by_postgresql() {
     let mut accepted = Vec::new();
     let mut rejected = 0;
     for (i, (path, bytes)) in corpus("decode_sensor", 5).into_iter().enumerate() {
-        match oracle::sensor(&bytes) {
+        match check(&path, || oracle::sensor(&bytes)) {
             Some(r) => accepted.push((path, decoded(i as i64, r))),
             None => rejected += 1,
         }
@@ -195,7 +210,7 @@ async fn every_transaction_the_decoder_accepts_is_written_by_postgresql() {
     let mut accepted = Vec::new();
     let mut rejected = 0;
     for (i, (path, bytes)) in corpus("decode_transaction", 5).into_iter().enumerate() {
-        match oracle::transaction(&bytes, oracle::reference()) {
+        match check(&path, || oracle::transaction(&bytes, oracle::reference())) {
             Some(t) => {
                 // Each file is its own transaction: make the ids unique so none is deduplicated.
                 let mut t = t;
@@ -236,8 +251,8 @@ async fn every_transaction_the_decoder_accepts_is_written_by_postgresql() {
 #[test]
 fn every_record_timestamp_in_the_corpus_decodes_or_is_rejected_with_a_reason() {
     let (mut accepted, mut rejected) = (0, 0);
-    for (_, bytes) in corpus("decode_transaction_record", 4) {
-        match oracle::transaction_record(&bytes) {
+    for (path, bytes) in corpus("decode_transaction_record", 4) {
+        match check(&path, || oracle::transaction_record(&bytes)) {
             Some(_) => accepted += 1,
             None => rejected += 1,
         }
@@ -251,8 +266,8 @@ fn every_record_timestamp_in_the_corpus_decodes_or_is_rejected_with_a_reason() {
 #[test]
 fn every_pipeline_event_in_the_corpus_is_an_object_within_the_limits_or_is_rejected() {
     let (mut accepted, mut rejected) = (0, 0);
-    for (_, bytes) in corpus("decode_pipeline_event", 5) {
-        if oracle::pipeline_event(&bytes) {
+    for (path, bytes) in corpus("decode_pipeline_event", 5) {
+        if check(&path, || oracle::pipeline_event(&bytes)) {
             accepted += 1;
         } else {
             rejected += 1;
@@ -268,7 +283,7 @@ fn every_pipeline_event_in_the_corpus_is_an_object_within_the_limits_or_is_rejec
 fn every_manifest_in_the_corpus_fails_or_derives_a_configuration_that_round_trips() {
     let derived = corpus("spec_to_config", 4)
         .into_iter()
-        .filter(|(_, bytes)| oracle::spec_to_config(bytes))
+        .filter(|(path, bytes)| check(path, || oracle::spec_to_config(bytes)))
         .count();
     assert!(
         derived >= 4,
