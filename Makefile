@@ -78,5 +78,5 @@ chaos-short: dev-up ## Short fault-injection suite (the same scenarios, fewer me
 	$(CARGO) build -p streamops-worker -p streamops-chaos
 	target/debug/streamops-chaos --profile short --worker-bin target/debug/streamops-worker
 
-fuzz: ## Run every fuzz target for FUZZ_SECONDS (default 60) each
+fuzz: ## Build (nightly) and run every cargo-fuzz target for FUZZ_SECONDS (default 60) each; crashes land in fuzz/artifacts/
 	bash scripts/fuzz.sh

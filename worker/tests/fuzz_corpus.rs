@@ -1,29 +1,46 @@
-//! The fuzz corpus written through PostgreSQL: every payload of the fuzz seeds (`fuzz/seeds/`, which
-//! hold hostile inputs: U+0000 in values and keys, lone surrogates, extreme numbers, sizes, field
-//! counts and nesting) and of the corpus `make fuzz` grew (`.dev/fuzz/corpus/`, when present) is
-//! decoded by its handler's decoder; whatever the decoder accepts is written by the handler into
-//! a real PostgreSQL database and committed, one message per transaction, and must commit. So a
-//! decoder that lets through a value PostgreSQL refuses fails here, naming the file.
+//! The fuzz corpus replayed in the normal test suite: every payload of the committed seeds
+//! (`fuzz/seeds/<target>/`, which hold hostile inputs — U+0000 in values and keys, lone
+//! surrogates, extreme numbers, sizes, field counts and nesting, and every input a fuzzer run
+//! found a bug with) and of the corpus `make fuzz` grew (`.dev/fuzz/corpus/`, when present) is
+//! checked by the fuzz targets' own assertions (`fuzz/src/oracle.rs`, included here). Whatever a
+//! handler's decoder accepts is then written by the handler into a real PostgreSQL database and
+//! committed, one message per transaction, and must commit. So a decoder that panics, or lets
+//! through a value PostgreSQL refuses, fails here, naming the file.
 //!
-//! Needs PostgreSQL (fails loudly without it).
+//! The decoders' tests need PostgreSQL (they fail loudly without it); the others do not.
 
 mod support;
+
+#[path = "../../fuzz/src/oracle.rs"]
+mod oracle;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use streamops_crds::{HandlerKind, StreamConsumerSpec, WorkerConfig};
-use streamops_worker::handlers::fraud::{decode_transaction, FraudHandler, FraudItem, Prediction};
-use streamops_worker::handlers::moving_average::{decode_price, MovingAverageHandler};
-use streamops_worker::handlers::sensor::{decode_reading, SensorHandler};
+use streamops_worker::handlers::fraud::{FraudHandler, FraudItem, Prediction};
+use streamops_worker::handlers::moving_average::MovingAverageHandler;
+use streamops_worker::handlers::sensor::SensorHandler;
 use streamops_worker::handlers::{Decoded, HandlerContext, MessageHandler, Position};
 use support::*;
 
-/// The payloads of a fuzz target: committed seeds and the grown corpus, sorted by path.
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+/// The committed seeds of all targets together stay below this many bytes (only minimized,
+/// interesting inputs are committed; the grown corpus stays in `.dev/`).
+const MAX_SEED_BYTES: u64 = 256 * 1024;
+/// No committed seed is larger than this.
+const MAX_SEED_FILE_BYTES: u64 = 64 * 1024;
+/// No target has more committed seeds than this.
+const MAX_SEEDS_PER_TARGET: usize = 64;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The payloads of a fuzz target: committed seeds and the grown corpus, sorted by path. Panics
+/// when fewer than `min` are found (the seeds are missing).
+fn corpus(target: &str, min: usize) -> Vec<(PathBuf, Vec<u8>)> {
+    let root = root();
     let mut files = Vec::new();
     for dir in [
         root.join("fuzz/seeds").join(target),
@@ -43,11 +60,26 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     }
     files.sort();
     assert!(
-        files.len() >= 5,
+        files.len() >= min,
         "the seeds of {target} are missing: found {} files",
         files.len()
     );
     files
+}
+
+/// Runs `f`, one fuzz check of the file at `path`; a panic is re-raised naming the file.
+fn check<T>(path: &Path, f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(e) => {
+            let text = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            panic!("{} fails its fuzz check: {text}", path.display())
+        }
+    }
 }
 
 fn context(pool: &PgPool, kind: HandlerKind) -> HandlerContext {
@@ -124,10 +156,10 @@ async fn every_price_event_the_decoder_accepts_is_written_by_postgresql() {
     let pool = database("fuzz-price").await;
     let mut accepted = Vec::new();
     let mut rejected = 0;
-    for (i, (path, bytes)) in corpus("decode_price").into_iter().enumerate() {
-        match decode_price(&bytes) {
-            Ok(p) => accepted.push((path, decoded(i as i64, p))),
-            Err(_) => rejected += 1,
+    for (i, (path, bytes)) in corpus("decode_price", 5).into_iter().enumerate() {
+        match check(&path, || oracle::price(&bytes)) {
+            Some(p) => accepted.push((path, decoded(i as i64, p))),
+            None => rejected += 1,
         }
     }
     assert!(
@@ -150,10 +182,10 @@ async fn every_sensor_reading_the_decoder_accepts_is_written_by_postgresql() {
     let pool = database("fuzz-sensor").await;
     let mut accepted = Vec::new();
     let mut rejected = 0;
-    for (i, (path, bytes)) in corpus("decode_sensor").into_iter().enumerate() {
-        match decode_reading(&bytes) {
-            Ok(r) => accepted.push((path, decoded(i as i64, r))),
-            Err(_) => rejected += 1,
+    for (i, (path, bytes)) in corpus("decode_sensor", 5).into_iter().enumerate() {
+        match check(&path, || oracle::sensor(&bytes)) {
+            Some(r) => accepted.push((path, decoded(i as i64, r))),
+            None => rejected += 1,
         }
     }
     assert!(
@@ -175,12 +207,11 @@ async fn every_sensor_reading_the_decoder_accepts_is_written_by_postgresql() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_transaction_the_decoder_accepts_is_written_by_postgresql() {
     let pool = database("fuzz-fraud").await;
-    let reference = DateTime::<Utc>::from_timestamp(1_710_930_600, 0).unwrap();
     let mut accepted = Vec::new();
     let mut rejected = 0;
-    for (i, (path, bytes)) in corpus("decode_transaction").into_iter().enumerate() {
-        match decode_transaction(&bytes, reference) {
-            Ok(t) => {
+    for (i, (path, bytes)) in corpus("decode_transaction", 5).into_iter().enumerate() {
+        match check(&path, || oracle::transaction(&bytes, oracle::reference())) {
+            Some(t) => {
                 // Each file is its own transaction: make the ids unique so none is deduplicated.
                 let mut t = t;
                 t.transaction_id = format!("{i}-{}", t.transaction_id);
@@ -194,7 +225,7 @@ async fn every_transaction_the_decoder_accepts_is_written_by_postgresql() {
                 };
                 accepted.push((path, decoded(i as i64, item)));
             }
-            Err(_) => rejected += 1,
+            None => rejected += 1,
         }
     }
     assert!(
@@ -215,4 +246,79 @@ async fn every_transaction_the_decoder_accepts_is_written_by_postgresql() {
         .await
         .unwrap();
     assert_eq!(rows, n as i64);
+}
+
+#[test]
+fn every_record_timestamp_in_the_corpus_decodes_or_is_rejected_with_a_reason() {
+    let (mut accepted, mut rejected) = (0, 0);
+    for (path, bytes) in corpus("decode_transaction_record", 4) {
+        match check(&path, || oracle::transaction_record(&bytes)) {
+            Some(_) => accepted += 1,
+            None => rejected += 1,
+        }
+    }
+    assert!(
+        accepted >= 1 && rejected >= 1,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+#[test]
+fn every_pipeline_event_in_the_corpus_is_an_object_within_the_limits_or_is_rejected() {
+    let (mut accepted, mut rejected) = (0, 0);
+    for (path, bytes) in corpus("decode_pipeline_event", 5) {
+        if check(&path, || oracle::pipeline_event(&bytes)) {
+            accepted += 1;
+        } else {
+            rejected += 1;
+        }
+    }
+    assert!(
+        accepted >= 1 && rejected >= 3,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+#[test]
+fn every_manifest_in_the_corpus_fails_or_derives_a_configuration_that_round_trips() {
+    let derived = corpus("spec_to_config", 4)
+        .into_iter()
+        .filter(|(path, bytes)| check(path, || oracle::spec_to_config(bytes)))
+        .count();
+    assert!(
+        derived >= 4,
+        "only {derived} manifests derived a configuration"
+    );
+}
+
+#[test]
+fn the_committed_seeds_stay_small() {
+    let seeds = root().join("fuzz/seeds");
+    let mut total = 0;
+    let targets = std::fs::read_dir(&seeds).expect("fuzz/seeds exists");
+    for dir in targets.flatten() {
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("a seed directory")
+            .flatten()
+            .collect();
+        assert!(
+            files.len() <= MAX_SEEDS_PER_TARGET,
+            "{} holds {} seeds; commit only minimized, interesting inputs (at most {MAX_SEEDS_PER_TARGET})",
+            dir.path().display(),
+            files.len()
+        );
+        for f in files {
+            let len = f.metadata().expect("seed metadata").len();
+            assert!(
+                len <= MAX_SEED_FILE_BYTES,
+                "{} is {len} bytes; minimize it (`cargo fuzz tmin`) below {MAX_SEED_FILE_BYTES}",
+                f.path().display()
+            );
+            total += len;
+        }
+    }
+    assert!(
+        total <= MAX_SEED_BYTES,
+        "the seeds hold {total} bytes; at most {MAX_SEED_BYTES}"
+    );
 }

@@ -152,7 +152,12 @@ pub fn decode_transaction(
         req_str(&obj, &["timestamp", "transaction_time"])?,
         false,
     )?;
-    if timestamp > reference + Duration::hours(MAX_FUTURE_HOURS) {
+    // The record timestamp is set by the producer: within a day of the last time chrono can
+    // represent, the bound saturates instead of overflowing (found by fuzzing).
+    let latest = reference
+        .checked_add_signed(Duration::hours(MAX_FUTURE_HOURS))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+    if timestamp > latest {
         return Err(invalid(format!(
             "field `timestamp` lies more than {MAX_FUTURE_HOURS} hours after the record's timestamp ({}): {}",
             reference.to_rfc3339(),
@@ -199,6 +204,14 @@ mod tests {
         let mut v: serde_json::Value = serde_json::from_str(VALID).unwrap();
         v.as_object_mut().unwrap().remove(field);
         v.to_string()
+    }
+
+    #[test]
+    fn a_record_stamped_within_a_day_of_the_last_representable_time_decodes_without_overflow() {
+        let end = DateTime::<Utc>::MAX_UTC;
+        assert!(decode_transaction(VALID.as_bytes(), end).is_ok());
+        let late = DateTime::<Utc>::from_timestamp_millis(end.timestamp_millis() - 50_000).unwrap();
+        assert!(decode_transaction(VALID.as_bytes(), late).is_ok());
     }
 
     #[test]

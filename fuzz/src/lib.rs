@@ -1,0 +1,2 @@
+//! The fuzz targets' shared checks (see [`oracle`]).
+pub mod oracle;
