@@ -117,6 +117,14 @@ node_down() {
     fi
     rm -f "$f"
   done
+  # A stopped node must not keep taking pods: without a node lifecycle controller its Node object
+  # would stay Ready, and the scheduler (or the scale bench's pods) would still bind to it.
+  [[ -n "${KUBECTL:-}" ]] || tools >/dev/null 2>&1 || true
+  if [[ -x "${KUBECTL:-}" && -f "$KUBECONFIG_FILE" ]] \
+    && "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz >/dev/null 2>&1; then
+    "$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" delete node "$NODE_NAME" --ignore-not-found \
+      --wait=false >/dev/null 2>&1 || true
+  fi
 }
 
 # The dev stack's database for the examples (their Secrets name postgres://streamops@.../streamops).
