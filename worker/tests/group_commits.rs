@@ -20,7 +20,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use streamops_crds::HandlerKind;
-use streamops_worker::kafka::KafkaClientSettings;
 use support::*;
 
 const PARTITIONS: i32 = 3;
@@ -33,21 +32,6 @@ const SETTLE: Duration = Duration::from_secs(12);
 
 /// One test at a time: each runs several workers on a small machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = KafkaClientSettings::plaintext(BROKER)
-        .base()
-        .create()
-        .expect("watermark client");
-    (0..PARTITIONS)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
-            (p, high)
-        })
-        .collect()
-}
 
 /// The group's committed offsets in Kafka, read by a client of the same group id that never
 /// subscribes (an OffsetFetch; it does not join the group). A partition without a commit is
@@ -141,7 +125,7 @@ async fn kafka_commits_reach_the_high_watermarks_after_a_scale_out_drains_the_ba
     let mut spec = ProduceSpec::new(HandlerKind::MovingAverage, backlog).seed(11);
     spec.gen.keys = 48;
     env.produce(&spec).await;
-    let hw = high_watermarks(&env.topic);
+    let hw = high_watermarks(&env.topic, PARTITIONS);
     assert_eq!(hw.values().sum::<i64>(), backlog as i64);
 
     let mut w0 = env.start_worker("w-0");
@@ -198,7 +182,7 @@ async fn members_commit_the_applied_offsets_of_assigned_partitions_without_new_m
     let backlog: u64 = 3_000;
     env.produce(&ProduceSpec::new(HandlerKind::MovingAverage, backlog).seed(5))
         .await;
-    let hw = high_watermarks(&env.topic);
+    let hw = high_watermarks(&env.topic, PARTITIONS);
     let w0 = env.start_worker("w-0");
     wait_applied(&env, &hw).await;
     assert!(w0.terminate_and_wait().success());

@@ -18,9 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use streamops_crds::HandlerKind;
-use streamops_worker::kafka::KafkaClientSettings;
 use support::*;
 
 const PARTITIONS: i32 = 6;
@@ -167,25 +165,9 @@ async fn wait_until_settled(env: &TestEnv, workers: &[&WorkerProcess]) {
     }
 }
 
-/// High watermark of every partition of `topic`: what was produced, exactly.
-fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = KafkaClientSettings::plaintext(BROKER)
-        .base()
-        .create()
-        .expect("watermark client");
-    (0..PARTITIONS)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
-            (p, high)
-        })
-        .collect()
-}
-
 /// Every produced offset is exactly one price point, and the stored offsets are at the end.
 async fn assert_nothing_lost_or_doubled(env: &TestEnv, produced: u64) {
-    let hw = high_watermarks(&env.topic);
+    let hw = high_watermarks(&env.topic, PARTITIONS);
     assert_eq!(
         hw.values().sum::<i64>(),
         produced as i64,

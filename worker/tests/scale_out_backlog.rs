@@ -10,9 +10,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use streamops_crds::HandlerKind;
-use streamops_worker::kafka::KafkaClientSettings;
 use support::*;
 
 const PARTITIONS: i32 = 3;
@@ -20,21 +18,6 @@ const BACKLOG: u64 = 100_000;
 /// How long a partition with lag may go without advancing before the test calls it stalled
 /// (far above a rebalance round, 1 s heartbeats).
 const STALL: Duration = Duration::from_secs(60);
-
-fn high_watermarks(topic: &str) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = KafkaClientSettings::plaintext(BROKER)
-        .base()
-        .create()
-        .expect("watermark client");
-    (0..PARTITIONS)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
-            (p, high)
-        })
-        .collect()
-}
 
 async fn stored(env: &TestEnv) -> BTreeMap<i32, i64> {
     let rows: Vec<(i32, i64)> = sqlx::query_as(
@@ -56,7 +39,7 @@ async fn members_joining_a_member_far_behind_leave_no_partition_stalled() {
     let mut spec = ProduceSpec::new(HandlerKind::MovingAverage, BACKLOG).seed(7);
     spec.gen.keys = 48;
     env.produce(&spec).await;
-    let hw = high_watermarks(&env.topic);
+    let hw = high_watermarks(&env.topic, PARTITIONS);
     assert_eq!(hw.values().sum::<i64>(), BACKLOG as i64);
     assert!(
         hw.values().all(|h| *h > 0),

@@ -269,6 +269,22 @@ impl TestEnv {
     }
 }
 
+/// High watermark of each of the first `partitions` partitions of `topic`: what was produced.
+pub fn high_watermarks(topic: &str, partitions: i32) -> std::collections::BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = KafkaClientSettings::plaintext(BROKER)
+        .base()
+        .create()
+        .expect("watermark client");
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("watermarks of {topic}/{p}: {e}"));
+            (p, high)
+        })
+        .collect()
+}
+
 /// Reads `n` records of every partition of `topic` from the beginning (panics if fewer arrive).
 pub fn consume_topic(topic: &str, n: usize) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = KafkaClientSettings::plaintext(BROKER)
