@@ -438,13 +438,25 @@ pub fn batch_span<'a>(
             otel.status_code = Empty,
         ),
     };
+    parent_and_links(&span, first, traces, MAX_LINKS);
+    span
+}
+
+/// Makes `first` the parent of `span` and links it to the distinct contexts of `rest` (other
+/// than `first`), at most `max_links` of them; records how many in `streamops.linked_messages`.
+fn parent_and_links<'a>(
+    span: &tracing::Span,
+    first: &SpanContext,
+    rest: impl IntoIterator<Item = &'a SpanContext>,
+    max_links: usize,
+) {
     let _ = span.set_parent(remote(first));
     let mut seen: HashSet<(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId)> =
         HashSet::new();
     seen.insert((first.trace_id(), first.span_id()));
     let mut links = 0usize;
-    for sc in traces {
-        if links >= MAX_LINKS {
+    for sc in rest {
+        if links >= max_links {
             break;
         }
         if seen.insert((sc.trace_id(), sc.span_id())) {
@@ -453,7 +465,6 @@ pub fn batch_span<'a>(
         }
     }
     span.record("streamops.linked_messages", links);
-    span
 }
 
 /// Marks the current span (a batch operation's) as failed with `error_type`.
@@ -504,21 +515,8 @@ pub fn webhook_span<'a>(
     );
     let mut traces = traces.into_iter();
     if let Some(first) = traces.next() {
-        let _ = span.set_parent(remote(first));
-        let mut seen: HashSet<(opentelemetry::trace::TraceId, opentelemetry::trace::SpanId)> =
-            HashSet::new();
-        seen.insert((first.trace_id(), first.span_id()));
-        let mut links = 0usize;
-        for sc in traces {
-            if links + 1 >= MAX_TRIGGER_TRACES {
-                break;
-            }
-            if seen.insert((sc.trace_id(), sc.span_id())) {
-                span.add_link(sc.clone());
-                links += 1;
-            }
-        }
-        span.record("streamops.linked_messages", links);
+        // The parent and its links together: at most MAX_TRIGGER_TRACES contexts.
+        parent_and_links(&span, first, traces, MAX_TRIGGER_TRACES.saturating_sub(1));
     }
     span
 }
