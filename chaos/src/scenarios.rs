@@ -116,8 +116,7 @@ impl Scenario {
             return n;
         }
         match (run.profile, self) {
-            (Profile::Full, Self::Kill | Self::Backlog) => 1_000_000,
-            (Profile::Full, _) => 50_000,
+            (Profile::Full, _) => 1_000_000,
             (Profile::Short, Self::Backlog) => 20_000,
             (Profile::Short, _) => 6_000,
         }
@@ -976,5 +975,13 @@ mod tests {
         };
         assert_eq!(Scenario::Backlog.messages(profile_counts), 20_000);
         assert_eq!(Scenario::Kill.messages(profile_counts), 6_000);
+        let full = RunProfile {
+            profile: Profile::Full,
+            messages: None,
+        };
+        assert!(
+            Scenario::ALL.iter().all(|s| s.messages(full) == 1_000_000),
+            "the full profile runs 1,000,000 messages per lane in every scenario"
+        );
     }
 }
