@@ -6,36 +6,19 @@ Usage: kafka_groups.py HOST:PORT
 Test tooling for the end-to-end tests (DeleteConsumerGroup): speaks the wire protocol directly, so
 that it needs nothing but Python. On a single-broker cluster this is every group.
 """
-import socket
 import struct
 import sys
 
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed by the broker")
-        buf += chunk
-    return buf
+from kafka_wire import call
 
 
 def list_groups(host: str, port: int) -> list:
-    client_id = b"streamops-e2e"
-    # Request header v1: api_key=16 (ListGroups), api_version=1, correlation_id, client_id; no body.
-    payload = struct.pack(">hhih", 16, 1, 7, len(client_id)) + client_id
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.settimeout(5)
-        sock.sendall(struct.pack(">i", len(payload)) + payload)
-        (size,) = struct.unpack(">i", read_exact(sock, 4))
-        data = read_exact(sock, size)
-    correlation_id, _throttle, error, count = struct.unpack(">iihi", data[:14])
-    if correlation_id != 7:
-        raise ValueError(f"unexpected correlation id {correlation_id}")
+    # ListGroups v1 (api key 16), no body.
+    data = call(host, port, 16, 1, b"", b"streamops-e2e", timeout=5, correlation_id=7)
+    _throttle, error, count = struct.unpack(">ihi", data[:10])
     if error != 0:
         raise ValueError(f"ListGroups error code {error}")
-    pos, groups = 14, []
+    pos, groups = 10, []
     for _ in range(count):
         (n,) = struct.unpack(">h", data[pos : pos + 2])
         groups.append(data[pos + 2 : pos + 2 + n].decode())

@@ -8,42 +8,18 @@ non-zero with the last error once the timeout has passed. It speaks the wire pro
 that the dev stack needs nothing but Python to know when Kafka is really up (an open port is not
 enough: the socket server accepts before the broker has registered with the KRaft controller).
 """
-import socket
 import struct
 import sys
 import time
 
-
-def metadata_request(correlation_id: int) -> bytes:
-    client_id = b"streamops-dev-up"
-    # Request header v1: api_key=3 (Metadata), api_version=1, correlation_id, client_id.
-    header = struct.pack(">hhih", 3, 1, correlation_id, len(client_id)) + client_id
-    # Metadata v1 body: topics = null (-1) -> no topic metadata, brokers and controller only.
-    body = struct.pack(">i", -1)
-    payload = header + body
-    return struct.pack(">i", len(payload)) + payload
-
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("connection closed by the broker")
-        buf += chunk
-    return buf
+from kafka_wire import call
 
 
 def probe(host: str, port: int) -> str:
-    with socket.create_connection((host, port), timeout=3) as sock:
-        sock.settimeout(3)
-        sock.sendall(metadata_request(1))
-        (size,) = struct.unpack(">i", read_exact(sock, 4))
-        data = read_exact(sock, size)
-    correlation_id, broker_count = struct.unpack(">ii", data[:8])
-    if correlation_id != 1:
-        raise ValueError(f"unexpected correlation id {correlation_id}")
-    pos = 8
+    # Metadata v1 (api key 3) with topics = null (-1): brokers and controller only.
+    data = call(host, port, 3, 1, struct.pack(">i", -1), b"streamops-dev-up", timeout=3)
+    (broker_count,) = struct.unpack(">i", data[:4])
+    pos = 4
     brokers = []
     for _ in range(broker_count):
         node_id, host_len = struct.unpack(">ih", data[pos : pos + 6])
