@@ -42,10 +42,16 @@ bash scripts/cluster-build.sh kwok >&2
 # The worker binary only creates the topic (make bench has built it for scripts/bench.sh already);
 # BENCH_SCALE_WORKER_BIN names another build of it.
 WORKER_BIN="${BENCH_SCALE_WORKER_BIN:-$TARGET/release/streamops-worker}"
-say "building the operator (release)"
-if [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
+# BENCH_SCALE_OPERATOR_BIN names another build of the operator (an A/B comparison); then nothing
+# is built here.
+OPERATOR_BIN="${BENCH_SCALE_OPERATOR_BIN:-$TARGET/release/streamops-operator}"
+if [[ -n "${BENCH_SCALE_OPERATOR_BIN:-}" ]]; then
+  [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]] || cargo build -q --release -p streamops-worker --bins
+elif [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
+  say "building the operator (release)"
   cargo build -q --release -p streamops-operator --bins
 else
+  say "building the operator (release)"
   cargo build -q --release -p streamops-operator -p streamops-worker --bins
 fi
 
@@ -81,7 +87,7 @@ python3 -B scripts/bench_scale.py \
   --kubectl "$KUBECTL" \
   --kwok "$KWOK" \
   --kwok-stages "$KWOK_STAGES" \
-  --operator-bin "$TARGET/release/streamops-operator" \
+  --operator-bin "$OPERATOR_BIN" \
   --work "$WORK" \
   --system-ns "$SYSTEM_NS" \
   --service-account "$RELEASE-operator" \

@@ -323,6 +323,8 @@ def run_size(api, args, n, brokers_json):
         last_report = [0.0]
 
         def all_converged():
+            if not any(o.alive() for o in ops):
+                raise RuntimeError(f"every operator exited; logs: {', '.join(o.log_path for o in ops)}")
             items = api.get(sc_path() + selector)["items"]
             done = sum(1 for sc in items if converged(sc))
             now = time.monotonic() - start
