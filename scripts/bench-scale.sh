@@ -7,6 +7,7 @@
 #
 #   scripts/bench-scale.sh                         (make bench-scale; part of make bench)
 #   BENCH_SCALE_SIZES=100,500 scripts/bench-scale.sh
+#   BENCH_SCALE_TIMEOUT=900 (seconds to wait for convergence per size; 1,000 took over 600 s)
 #
 # Needs the dev stack's Kafka on 127.0.0.1:9092 (make dev-up): the StreamConsumers point at it and
 # the operator reads their lag (every BENCH_SCALE_LAG_INTERVAL seconds, default 30 as in
@@ -42,10 +43,16 @@ bash scripts/cluster-build.sh kwok >&2
 # The worker binary only creates the topic (make bench has built it for scripts/bench.sh already);
 # BENCH_SCALE_WORKER_BIN names another build of it.
 WORKER_BIN="${BENCH_SCALE_WORKER_BIN:-$TARGET/release/streamops-worker}"
-say "building the operator (release)"
-if [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
+# BENCH_SCALE_OPERATOR_BIN names another build of the operator (an A/B comparison); then nothing
+# is built here.
+OPERATOR_BIN="${BENCH_SCALE_OPERATOR_BIN:-$TARGET/release/streamops-operator}"
+if [[ -n "${BENCH_SCALE_OPERATOR_BIN:-}" ]]; then
+  [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]] || cargo build -q --release -p streamops-worker --bins
+elif [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
+  say "building the operator (release)"
   cargo build -q --release -p streamops-operator --bins
 else
+  say "building the operator (release)"
   cargo build -q --release -p streamops-operator -p streamops-worker --bins
 fi
 
@@ -81,10 +88,11 @@ python3 -B scripts/bench_scale.py \
   --kubectl "$KUBECTL" \
   --kwok "$KWOK" \
   --kwok-stages "$KWOK_STAGES" \
-  --operator-bin "$TARGET/release/streamops-operator" \
+  --operator-bin "$OPERATOR_BIN" \
   --work "$WORK" \
   --system-ns "$SYSTEM_NS" \
   --service-account "$RELEASE-operator" \
   --lease "$RELEASE-operator" \
   --brokers "$BROKER" \
-  --lag-interval "${BENCH_SCALE_LAG_INTERVAL:-30}"
+  --lag-interval "${BENCH_SCALE_LAG_INTERVAL:-30}" \
+  --timeout "${BENCH_SCALE_TIMEOUT:-900}"

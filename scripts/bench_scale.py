@@ -323,6 +323,8 @@ def run_size(api, args, n, brokers_json):
         last_report = [0.0]
 
         def all_converged():
+            if not any(o.alive() for o in ops):
+                raise RuntimeError(f"every operator exited; logs: {', '.join(o.log_path for o in ops)}")
             items = api.get(sc_path() + selector)["items"]
             done = sum(1 for sc in items if converged(sc))
             now = time.monotonic() - start
@@ -382,6 +384,8 @@ def run_size(api, args, n, brokers_json):
         for o in ops:
             if o is not lead and not o.alive():
                 raise RuntimeError(f"operator {o.name} exited; log: {o.log_path}")
+        # Before the clean-up, which can take minutes at 1,000.
+        log(f"N={n}: figures {json.dumps(result)}")
         return result
     finally:
         # Delete with an operator still running (finalizers), then stop the operators.

@@ -85,6 +85,17 @@ pub struct RunArgs {
     #[arg(long, env = "STREAMOPS_LAG_INTERVAL", default_value_t = 30)]
     pub lag_interval: u64,
 
+    /// Reconciliations run at once (never two of the same StreamConsumer). Bounds the load the
+    /// operator puts on the API server when many StreamConsumers need work together (a start, a
+    /// fail-over, an upgrade of the worker image); at least 1.
+    #[arg(
+        long,
+        env = "STREAMOPS_MAX_CONCURRENT_RECONCILES",
+        default_value_t = crate::reconcile::DEFAULT_CONCURRENCY,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub max_concurrent_reconciles: u16,
+
     /// Least seconds between two status writes made only to refresh status.lag (a scale decision
     /// or a change of LagAvailable is written at once).
     #[arg(long, default_value_t = 15)]

@@ -6,8 +6,41 @@ use streamops_operator::cli::{Cli, Command, LagArgs};
 use streamops_operator::lag::{render, KafkaLagReader, LagReader};
 use streamops_operator::{run, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// The operator's heap is mostly short-lived: every reconciliation deserializes the objects it
+/// reads and serializes the ones it writes, on whichever runtime thread runs it. glibc gives every
+/// thread that allocates its own arena (up to 8 per core) and rarely returns their freed pages, so
+/// the same live heap costs far more resident memory; one arena, as in the worker, keeps the
+/// leader's peak RSS down (DEVELOPERS.md, "Scale bench"). An operator-set `MALLOC_ARENA_MAX`
+/// wins. Must run before any other thread exists.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's tuning; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run_cli()),
+        Err(e) => {
+            eprintln!("streamops-operator: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {

@@ -33,10 +33,11 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::core::error_boundary::DeserializeGuard;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use streamops_crds::v1alpha1::StreamConsumer;
 use tokio_util::sync::CancellationToken;
@@ -116,7 +117,14 @@ pub struct OperatorConfig {
     pub worker_network: Option<WorkerNetwork>,
     /// The workers' OpenTelemetry export; `None`: none.
     pub worker_tracing: Option<crate::build::WorkerTracing>,
+    /// Reconciliations run at once ([`DEFAULT_CONCURRENCY`]); 0: unbounded.
+    pub concurrency: u16,
 }
+
+/// Reconciliations run at once by default: enough to keep up with a thousand StreamConsumers,
+/// few enough that a start or a fail-over does not send a thousand reconciliations' requests to
+/// the API server together.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 impl OperatorConfig {
     /// The defaults, with the given worker image: the strictest policy (only that image, no
@@ -128,6 +136,7 @@ impl OperatorConfig {
             job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
             worker_network: None,
             worker_tracing: None,
+            concurrency: DEFAULT_CONCURRENCY,
             worker_image,
             resync_period: Duration::from_secs(300),
             cleanup_deadline: Duration::from_secs(300),
@@ -252,16 +261,26 @@ pub async fn run_controller(
     }
     let ns = namespace.as_deref();
     let children = watcher::Config::default().labels(&managed_selector());
-    let controller = Controller::new(
-        api::<DeserializeGuard<StreamConsumer>>(&client, ns),
-        watcher::Config::default(),
+    // The StreamConsumer store keeps every object for the life of the leader term: without what
+    // no reconciliation reads (see `trim_for_store`). Children are watched as metadata only
+    // (`owns` uses a metadata watcher) and are not stored.
+    let (store, writer) = reflector::store();
+    let consumers = reflector(
+        writer,
+        watcher(
+            api::<DeserializeGuard<StreamConsumer>>(&client, ns),
+            watcher::Config::default(),
+        )
+        .modify(trim_for_store),
     )
-    .owns(api::<Deployment>(&client, ns), children.clone())
-    .owns(api::<ConfigMap>(&client, ns), children.clone())
-    .owns(api::<Service>(&client, ns), children.clone())
-    .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-    .owns(api::<ServiceAccount>(&client, ns), children.clone())
-    .owns(api::<RoleBinding>(&client, ns), children.clone());
+    .applied_objects();
+    let controller = Controller::for_stream(consumers, store)
+        .owns(api::<Deployment>(&client, ns), children.clone())
+        .owns(api::<ConfigMap>(&client, ns), children.clone())
+        .owns(api::<Service>(&client, ns), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
+        .owns(api::<ServiceAccount>(&client, ns), children.clone())
+        .owns(api::<RoleBinding>(&client, ns), children.clone());
     // NetworkPolicies are watched (and the operator may touch them) only when the admin turned
     // them on.
     let controller = if ctx.config.worker_network.is_some() {
@@ -281,6 +300,7 @@ pub async fn run_controller(
     };
     let stopped = stop.clone();
     controller
+        .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(async move { stopped.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -295,6 +315,21 @@ pub async fn run_controller(
         if let Err(e) = task.await {
             warn!(error = %e, "the lag poller failed");
         }
+    }
+}
+
+/// Annotation `kubectl apply` keeps a copy of the whole object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from a watched object what no reconciliation reads, before the store keeps it: its
+/// `managedFields` (often larger than the object) and `kubectl apply`'s copy of it. Writes never
+/// send the stored object back whole (status and `spec.replicas` are patched, children are built
+/// from the spec), so nothing is lost on the API server.
+pub fn trim_for_store<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
     }
 }
 

@@ -57,6 +57,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             job_trigger_cluster_role: args.job_trigger_cluster_role.clone(),
             worker_network: args.worker_network(),
             worker_tracing: args.worker_tracing()?,
+            concurrency: args.max_concurrent_reconciles,
             ..OperatorConfig::new(args.worker_image.clone())
         },
         Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),
@@ -91,6 +92,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         worker_image = %args.worker_image,
         leader_election = args.leader_election(),
         lag_interval = ?poll_settings.default_interval,
+        max_concurrent_reconciles = args.max_concurrent_reconciles,
         allowed_brokers = brokers.brokers().len(),
         job_triggers = args.job_triggers,
         worker_network_policy = args.worker_network_policy,

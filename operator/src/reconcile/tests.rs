@@ -1961,3 +1961,27 @@ async fn a_replica_patch_from_a_stale_copy_is_refused_by_the_api_server_and_is_n
         .expect("a refused stale patch is not an error");
     server.await.unwrap();
 }
+
+#[test]
+fn the_store_keeps_no_managed_fields_nor_kubectls_copy_but_every_other_annotation() {
+    let mut sc = StreamConsumer::test();
+    sc.metadata.managed_fields = Some(vec![Default::default()]);
+    sc.metadata.annotations = Some(
+        [
+            (LAST_APPLIED.to_string(), "{\"spec\":{}}".to_string()),
+            ("team".to_string(), "payments".to_string()),
+        ]
+        .into(),
+    );
+    let mut guarded = DeserializeGuard(Ok(sc.clone()));
+    trim_for_store(&mut guarded);
+    let kept = guarded.0.as_ref().expect("a valid object");
+    assert_eq!(kept.metadata.managed_fields, None);
+    assert_eq!(
+        kept.metadata.annotations,
+        Some([("team".to_string(), "payments".to_string())].into())
+    );
+    assert_eq!(kept.spec, sc.spec, "the spec is kept whole");
+    assert_eq!(kept.metadata.finalizers, sc.metadata.finalizers);
+    assert_eq!(kept.metadata.resource_version, sc.metadata.resource_version);
+}
