@@ -231,9 +231,9 @@ YAML
     --group "$id" --rates "$LATENCY_RATES" --seconds "$LATENCY_SECONDS")
   kill -TERM "$WORKER_PID"; wait "$WORKER_PID" || true; WORKER_PID=""
   while read -r line; do
-    LATENCY_ROWS+=("$(printf '%10s %14s %10s %10s %10s' "$(field rate "$line")" \
+    LATENCY_ROWS+=("$(printf '%10s %14s %10s %10s %10s %12s %16s' "$(field rate "$line")" \
       "$(field achieved_rate "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
-      "$(field max_ms "$line")")")
+      "$(field max_ms "$line")" "$(field ack_p99_ms "$line")" "$(field sample_gap_max_ms "$line")")")
   done <<<"$out"
   psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >&2 || true
   "$BIN" topic delete "$topic" --bootstrap-servers "$BROKER" >&2 || true
@@ -274,9 +274,11 @@ echo "targets (moving-average): worker >= 150000 msg/s, ratio >= 0.5, peak-rss <
 if ((${#LATENCY_ROWS[@]})); then
   echo
   echo "moving-average latency, produce -> committed row (ms; offsets sampled every 2 ms), $PARTITIONS partitions, one worker"
-  printf '%10s %14s %10s %10s %10s\n' "rate" "achieved-rate" "p50" "p99" "max"
+  printf '%10s %14s %10s %10s %10s %12s %16s\n' "rate" "achieved-rate" "p50" "p99" "max" \
+    "ack-p99" "sample-gap-max"
   for r in "${LATENCY_ROWS[@]}"; do echo "$r"; done
   echo "target: p99 <= 50 ms at 10000 msg/s"
+  echo "ack-p99 = produce -> broker acknowledgement (before the worker can fetch); sample-gap-max = longest pause between two offset samples"
 fi
 if ((${#ROLLOUT_ROWS[@]})); then
   echo

@@ -3,18 +3,23 @@
 //! `batch.maxMessages` is the ceiling and `batch.maxWaitMs` the longest a message waits for its
 //! batch to fill; inside those bounds each writer lane works as a group commit:
 //!
-//! - A lane's batch goes to its writer as soon as the writer can take it. Caught up, that is
-//!   when the first message arrives, so a message waits for one transaction, not for
-//!   `maxWaitMs`. Behind, the writer is busy with the previous batch, and what arrives in the
-//!   meantime (librdkafka hands a backlog over at memory speed) forms the next batch.
-//! - The size limit of a lane grows (doubling) while messages are left behind after a batch is
-//!   taken, i.e. while there is a backlog, up to the ceiling; it shrinks (halving, down to
-//!   [`FLOOR`]) while batches go out well under it. The poll loop's buffer per lane (the fetch
-//!   budget) is a few batches of the current limit, so a caught-up worker also holds little in
-//!   memory.
+//! - A lane whose writer is idle (no batch in flight: none queued, none being written) gets its
+//!   batch at once. Caught up, that is when the first message arrives, or when the writer
+//!   finishes its previous batch: a message waits for at most the transaction in progress and
+//!   its own, never for `maxWaitMs`.
+//! - While the writer is busy, the next batch is prepared (decoded, queued for the writer) once
+//!   the lane has buffered the current size limit, or once its first message has waited
+//!   `maxWaitMs`. Behind, librdkafka hands a backlog over at memory speed, so the limit fills
+//!   while the writer works and the next batch is ready when it finishes.
+//! - A batch takes everything the lane has buffered, up to the ceiling: what waits in the buffer
+//!   would otherwise wait for one more transaction.
+//! - The size limit of a lane grows (doubling) while batches fill it, i.e. while there is a
+//!   backlog, up to the ceiling; it shrinks (halving, down to [`FLOOR`]) while batches go out
+//!   well under it with nothing left behind. The poll loop's buffer per lane (the fetch budget)
+//!   is a few batches of the current limit, so a caught-up worker also holds little in memory.
 //!
-//! Pure logic, no I/O: the poll loop (its `Buffers`) asks [`AdaptiveBatch::due`], takes up to
-//! [`AdaptiveBatch::limit`] messages from the lane's [`Pending`] buffer, and reports with
+//! Pure logic, no I/O: the poll loop (its `Buffers`) asks [`AdaptiveBatch::due`], takes
+//! [`AdaptiveBatch::batch_len`] messages from the lane's [`Pending`] buffer, and reports with
 //! [`AdaptiveBatch::taken`].
 
 use std::time::{Duration, Instant};
@@ -70,18 +75,24 @@ impl AdaptiveBatch {
     }
 
     /// Whether the lane's batch should go now: `pending` is what the lane has buffered, and
-    /// `writer_ready` tells whether its writer can take a batch right away. A full batch (at
-    /// the current limit) or one whose time is up is due even when the writer is busy (it goes
-    /// as soon as the writer can take it).
-    pub fn due(&self, pending: &Pending, writer_ready: bool, now: Instant) -> bool {
-        !pending.is_empty() && (writer_ready || pending.due(self.limit, self.max_wait, now))
+    /// `writer_idle` tells whether its writer has no batch in flight. A full batch (at the
+    /// current limit) or one whose time is up is due even when the writer is busy (it is queued
+    /// for the writer, which takes it when it finishes the batch in progress).
+    pub fn due(&self, pending: &Pending, writer_idle: bool, now: Instant) -> bool {
+        !pending.is_empty() && (writer_idle || pending.due(self.limit, self.max_wait, now))
+    }
+
+    /// How many of `buffered` messages the next batch takes: all of them, up to the ceiling.
+    pub fn batch_len(&self, buffered: usize) -> usize {
+        buffered.min(self.ceiling)
     }
 
     /// Records that a batch of `taken` messages went to the writer with `left` messages still
-    /// buffered behind it, and adapts the limit: a backlog doubles it (up to the ceiling), a
-    /// batch under a quarter of the limit with nothing left behind halves it (down to the floor).
+    /// buffered behind it, and adapts the limit: a batch that fills the limit (a backlog)
+    /// doubles it (up to the ceiling), a batch under a quarter of the limit with nothing left
+    /// behind halves it (down to the floor).
     pub fn taken(&mut self, taken: usize, left: usize) {
-        if left > 0 && taken >= self.limit {
+        if taken >= self.limit {
             self.limit = self.limit.saturating_mul(2).min(self.ceiling);
         } else if left == 0 && taken < self.limit / 4 {
             self.limit = (self.limit / 2).max(self.floor);
@@ -132,10 +143,28 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_writer_takes_whatever_is_buffered_at_once() {
+    fn an_idle_writer_takes_whatever_is_buffered_at_once() {
         let a = AdaptiveBatch::new(1000, WAIT);
         let t0 = Instant::now();
         assert!(a.due(&pending(1, t0), true, t0));
+    }
+
+    #[test]
+    fn a_batch_takes_everything_buffered_up_to_the_ceiling_not_only_the_limit() {
+        let a = AdaptiveBatch::new(1000, WAIT);
+        assert_eq!(a.limit(), FLOOR);
+        assert_eq!(a.batch_len(3 * FLOOR), 3 * FLOOR);
+        assert_eq!(a.batch_len(5000), 1000);
+        assert_eq!(a.batch_len(0), 0);
+    }
+
+    #[test]
+    fn a_batch_that_fills_the_limit_doubles_it_even_with_nothing_behind() {
+        let mut a = AdaptiveBatch::new(5000, WAIT);
+        a.taken(FLOOR, 0);
+        assert_eq!(a.limit(), 2 * FLOOR);
+        a.taken(3 * 2 * FLOOR, 0);
+        assert_eq!(a.limit(), 4 * FLOOR);
     }
 
     #[test]

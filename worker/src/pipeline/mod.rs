@@ -8,9 +8,10 @@
 //! 2. The poll loop (`PollLoop`, started by [`run_pipeline`]) batches messages per writer lane
 //!    and hands each batch to the lane's writer task through a bounded channel, so fetching the
 //!    next batch overlaps writing the previous one. Batches adapt to the backlog ([`adaptive`]):
-//!    a lane's batch goes as soon as its writer can take it (small once caught up), and its size
-//!    limit grows while messages are left behind, up to `batch.maxMessages`; `batch.maxWaitMs`
-//!    bounds how long a message waits for a busy writer's next batch. Rebalance
+//!    a lane's batch goes as soon as its writer is idle (small once caught up) and takes what the
+//!    lane buffered, up to `batch.maxMessages`; while the writer is busy, the next batch is
+//!    queued once it reaches the lane's size limit, which grows while batches fill it;
+//!    `batch.maxWaitMs` bounds how long a message waits for a busy writer's next batch. Rebalance
 //!    events are applied before each message: buffered messages of revoked partitions are dropped
 //!    (their next owner re-reads them from the stored offsets).
 //! 3. The writer ([`writer`]) skips messages below the known `next_offset` (already applied),
@@ -148,6 +149,39 @@ pub const COMMIT_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// How often librdkafka reports statistics (lag gauge).
 pub const STATISTICS_INTERVAL_MS: u32 = 5_000;
+
+/// Batches handed to each writer lane and not yet finished (committed or given up), and a wake-up
+/// for the poll loop whenever a writer finishes one: a lane with nothing in flight is idle, and
+/// its next batch goes at once ([`adaptive`]).
+pub(crate) struct InFlight {
+    counts: Vec<std::sync::atomic::AtomicUsize>,
+    finished: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn new(lanes: usize) -> Self {
+        Self {
+            counts: (0..lanes).map(|_| Default::default()).collect(),
+            finished: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A batch was handed to `lane`'s writer.
+    fn handed(&self, lane: usize) {
+        self.counts[lane].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// `lane`'s writer finished a batch.
+    pub(crate) fn finished(&self, lane: usize) {
+        self.counts[lane].fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.finished.notify_one();
+    }
+
+    /// Whether `lane`'s writer has nothing to do.
+    fn idle(&self, lane: usize) -> bool {
+        self.counts[lane].load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+}
 
 /// What the pipeline runs with. Build it with the worker's shared pieces (see
 /// `crate::worker::WorkerRuntime`) or by hand in tests.
@@ -322,7 +356,7 @@ type WriterExit = Result<Result<WriterTotals, PipelineError>, tokio::task::JoinE
 
 /// The poll loop's ends of the writer lanes.
 struct Lanes<T> {
-    /// Batches to each lane's writer (room for one batch in flight).
+    /// Batches to each lane's writer (room for one queued batch).
     batches: Vec<mpsc::Sender<writer::DecodedBatch<T>>>,
     /// Revoked partitions, to every writer (each drops its handler state of them).
     revocations: Vec<mpsc::UnboundedSender<Vec<TopicPartition>>>,
@@ -330,6 +364,8 @@ struct Lanes<T> {
     writers: tokio::task::JoinSet<Result<WriterTotals, PipelineError>>,
     /// One bit per lane in outage backoff; consumption is paused while any is set.
     outage: watch::Receiver<u64>,
+    /// Batches in flight per lane.
+    in_flight: Arc<InFlight>,
 }
 
 /// Step 2: one writer task per handler instance (lane).
@@ -348,6 +384,7 @@ fn spawn_writers<H: MessageHandler>(
         revocations: Vec::with_capacity(handlers.len()),
         writers: tokio::task::JoinSet::new(),
         outage: outage_rx,
+        in_flight: Arc::new(InFlight::new(handlers.len())),
     };
     for (lane, handler) in handlers.into_iter().enumerate() {
         let (batch_tx, batch_rx) = mpsc::channel::<writer::DecodedBatch<H::Item>>(1);
@@ -370,6 +407,7 @@ fn spawn_writers<H: MessageHandler>(
                 abort: ctx.abort.clone(),
                 shutdown: ctx.shutdown.clone(),
                 on_offset_gap: config.kafka.on_offset_gap,
+                in_flight: lanes.in_flight.clone(),
             },
         );
         lanes.writers.spawn(writer.run(batch_rx));
@@ -434,13 +472,13 @@ impl<T> Buffers<T> {
     }
 
     /// The lanes whose batch should be handed over now ([`AdaptiveBatch::due`]): anything
-    /// buffered once the lane's writer can take it (`ready`), a full batch, a batch whose time
-    /// is up, or anything at all when `stopping`.
-    fn due_lanes(&self, now: Instant, stopping: bool, ready: impl Fn(usize) -> bool) -> Vec<usize> {
+    /// buffered once the lane's writer is idle, a full batch, a batch whose time is up, or
+    /// anything at all when `stopping`.
+    fn due_lanes(&self, now: Instant, stopping: bool, idle: impl Fn(usize) -> bool) -> Vec<usize> {
         (0..self.pending.len())
             .filter(|&l| {
                 let p = &self.pending[l];
-                !p.is_empty() && (stopping || self.sizes[l].due(p, ready(l), now))
+                !p.is_empty() && (stopping || self.sizes[l].due(p, idle(l), now))
             })
             .collect()
     }
@@ -465,10 +503,11 @@ impl<T> Buffers<T> {
             .unwrap_or(now + Duration::from_secs(3600))
     }
 
-    /// Takes the next batch of `lane`, up to the lane's current limit, and adapts the limit to
-    /// what stays behind.
+    /// Takes the next batch of `lane`: everything buffered, up to the ceiling
+    /// ([`AdaptiveBatch::batch_len`]); adapts the lane's limit to it.
     fn take(&mut self, lane: usize) -> Option<Batch> {
-        let batch = self.pending[lane].take(self.sizes[lane].limit())?;
+        let n = self.sizes[lane].batch_len(self.pending[lane].len());
+        let batch = self.pending[lane].take(n)?;
         self.sizes[lane].taken(batch.messages.len(), self.pending[lane].len());
         Some(batch)
     }
@@ -555,10 +594,10 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 return None;
             }
             let now = Instant::now();
-            let batches = &self.lanes.batches;
+            let in_flight = &self.lanes.in_flight;
             let due = self
                 .buffers
-                .due_lanes(now, self.stopping, |l| batches[l].capacity() > 0);
+                .due_lanes(now, self.stopping, |l| in_flight.idle(l));
             let can_fetch = !self.stopping && (self.paused || self.buffers.has_room());
             if !can_fetch || self.paused {
                 self.fetch_blocked_at = now;
@@ -588,6 +627,7 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                 (lane, permit) = reserve_any(&self.lanes.batches, &due), if !due.is_empty() => {
                     // A closed channel means the writer is gone; `join_next` reports why.
                     if let (Ok(permit), Some(batch)) = (permit, self.buffers.take(lane)) {
+                        self.lanes.in_flight.handed(lane);
                         permit.send(self.buffers.decode(batch));
                     }
                     Woke::Nothing
@@ -604,6 +644,8 @@ impl<T: Send + Sync + 'static> PollLoop<T> {
                     Woke::Nothing
                 }
                 _ = tokio::time::sleep_until(checks.into()), if !self.stopping => Woke::Nothing,
+                // A writer finished a batch: its lane may be idle now.
+                _ = self.lanes.in_flight.finished.notified(), if waiting => Woke::Nothing,
             };
             match woke {
                 Woke::Shutdown => self.begin_stop(),
@@ -965,4 +1007,34 @@ async fn reserve_any<'a, T>(
         .iter()
         .map(|&lane| Box::pin(async move { (lane, txs[lane].reserve().await) }));
     futures::future::select_all(futures).await.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_is_idle_only_once_its_writer_finished_every_batch_handed_to_it() {
+        let f = InFlight::new(2);
+        assert!(f.idle(0) && f.idle(1));
+        f.handed(0);
+        f.handed(0);
+        assert!(!f.idle(0));
+        assert!(f.idle(1), "lanes are counted apart");
+        f.finished(0);
+        assert!(!f.idle(0), "one batch is still queued");
+        f.finished(0);
+        assert!(f.idle(0));
+    }
+
+    #[test]
+    fn a_finished_batch_wakes_the_poll_loop_even_when_it_was_not_waiting_yet() {
+        let f = InFlight::new(1);
+        f.handed(0);
+        f.finished(0);
+        // The wake-up is kept until the loop waits for it: the wait ends at once.
+        assert!(futures::FutureExt::now_or_never(f.finished.notified()).is_some());
+        // And it is used up.
+        assert!(futures::FutureExt::now_or_never(f.finished.notified()).is_none());
+    }
 }

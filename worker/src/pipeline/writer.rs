@@ -48,6 +48,8 @@ pub(crate) struct WriterParts {
     /// batch keeps failing still leaves the group when asked to stop.
     pub shutdown: CancellationToken,
     pub on_offset_gap: streamops_crds::v1alpha1::OnOffsetGap,
+    /// Batches handed to each lane and not yet finished; the writer reports each one it finishes.
+    pub in_flight: Arc<super::InFlight>,
 }
 
 /// Totals of a writer's run.
@@ -152,7 +154,9 @@ impl<H: MessageHandler> Writer<H> {
         mut batches: mpsc::Receiver<DecodedBatch<H::Item>>,
     ) -> Result<WriterTotals, PipelineError> {
         while let Some((batch, pre)) = batches.recv().await {
-            match self.process(batch, pre).await {
+            let result = self.process(batch, pre).await;
+            self.p.in_flight.finished(self.p.lane);
+            match result {
                 Ok(()) => {}
                 Err(PipelineError::StoppedWhileRetrying) => {
                     self.set_outage(false);

@@ -4,8 +4,11 @@
 //! Each message's clock starts when it is handed to the producer (the project's batching
 //! producer, `linger.ms=5`, acks=all). It stops when a sample of `streamops_offsets` (moved in
 //! the same transaction as the rows) shows its partition's `next_offset` past the message's
-//! offset; the offsets are sampled every `poll_ms`, so a figure is late by at most that. Each
-//! rate runs `warmup_secs` (not counted), then `seconds` measured.
+//! offset; the offsets are sampled every `poll_ms`, so a figure is late by at most that (the
+//! longest pause between two samples is printed: a slow sample makes it longer). Each rate runs
+//! `warmup_secs` (not counted), then `seconds` measured. Printed beside the figures: the
+//! broker's acknowledgement time of the same messages (produce to ack), the part of the
+//! latency that happens before the worker can fetch them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,7 +57,13 @@ fn fail(msg: String) -> ! {
 /// Per partition, the sampled advances of `next_offset`: (next_offset, seen at), increasing.
 type Advances = HashMap<i32, Vec<(i64, Instant)>>;
 
-async fn sample(pool: PgPool, group: String, poll: Duration, seen: Arc<Mutex<Advances>>) {
+async fn sample(
+    pool: PgPool,
+    group: String,
+    poll: Duration,
+    seen: Arc<Mutex<Advances>>,
+    samples: Arc<Mutex<Vec<Instant>>>,
+) {
     let mut last: HashMap<i32, i64> = HashMap::new();
     loop {
         let rows: Vec<(i32, i64)> = sqlx::query_as(
@@ -65,6 +74,9 @@ async fn sample(pool: PgPool, group: String, poll: Duration, seen: Arc<Mutex<Adv
         .await
         .unwrap_or_default();
         let now = Instant::now();
+        if let Ok(mut v) = samples.lock() {
+            v.push(now);
+        }
         if let Ok(mut s) = seen.lock() {
             for (p, next) in rows {
                 if last.get(&p).is_none_or(|l| next > *l) {
@@ -92,15 +104,16 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Produces `count` messages at `rate`; returns (partition, offset, handed-over instant) of
-/// each delivered message.
+/// Produces `count` messages at `rate`; returns (partition, offset, handed-over instant,
+/// acknowledged instant) of each delivered message. An acknowledgement is seen at the next send
+/// at the latest (within 1/`rate`).
 async fn produce(
     producer: &rdkafka::producer::FutureProducer,
     gen: &mut Generator,
     topic: &str,
     rate: u64,
     count: u64,
-) -> Vec<(i32, i64, Instant)> {
+) -> Vec<(i32, i64, Instant, Instant)> {
     use futures::StreamExt;
     let start = Instant::now();
     let mut inflight = futures::stream::FuturesUnordered::new();
@@ -114,19 +127,19 @@ async fn produce(
             .payload(g.payload.as_slice());
         let sent = Instant::now();
         match producer.send_result(record) {
-            Ok(f) => inflight.push(async move { (f.await, sent) }),
+            Ok(f) => inflight.push(async move { (f.await, sent, Instant::now()) }),
             Err((e, _)) => fail(format!("cannot enqueue: {e}")),
         }
-        while let Some(Some((r, sent))) = futures::FutureExt::now_or_never(inflight.next()) {
+        while let Some(Some((r, sent, acked))) = futures::FutureExt::now_or_never(inflight.next()) {
             match r {
-                Ok(Ok(d)) => out.push((d.partition, d.offset, sent)),
+                Ok(Ok(d)) => out.push((d.partition, d.offset, sent, acked)),
                 other => fail(format!("delivery failed: {other:?}")),
             }
         }
     }
-    while let Some((r, sent)) = inflight.next().await {
+    while let Some((r, sent, acked)) = inflight.next().await {
         match r {
-            Ok(Ok(d)) => out.push((d.partition, d.offset, sent)),
+            Ok(Ok(d)) => out.push((d.partition, d.offset, sent, acked)),
             other => fail(format!("delivery failed: {other:?}")),
         }
     }
@@ -141,11 +154,13 @@ pub async fn run(args: LatencyArgs) {
         .await
         .unwrap_or_else(|e| fail(format!("database: {e}")));
     let seen: Arc<Mutex<Advances>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let sampler = tokio::spawn(sample(
         pool.clone(),
         args.group.clone(),
         Duration::from_millis(args.poll_ms.max(1)),
         seen.clone(),
+        samples.clone(),
     ));
     let settings = KafkaClientSettings::plaintext(&args.bootstrap_servers);
     let producer = streamops_worker::produce::producer(&settings, 1 << 20)
@@ -168,6 +183,9 @@ pub async fn run(args: LatencyArgs) {
         )
         .await;
         let t0 = Instant::now();
+        if let Ok(mut v) = samples.lock() {
+            v.clear();
+        }
         let sent = produce(&producer, &mut gen, &args.topic, rate, rate * args.seconds).await;
         let produced_secs = t0.elapsed().as_secs_f64();
         // Wait until every measured message is committed.
@@ -179,7 +197,7 @@ pub async fn run(args: LatencyArgs) {
                 let s = seen.lock().unwrap_or_else(|e| e.into_inner());
                 latencies = Vec::with_capacity(sent.len());
                 let mut m = 0usize;
-                for (p, offset, at) in &sent {
+                for (p, offset, at, _) in &sent {
                     match s.get(p).and_then(|a| committed_at(a, *offset)) {
                         Some(t) => latencies.push(t.saturating_duration_since(*at)),
                         None => m += 1,
@@ -200,13 +218,34 @@ pub async fn run(args: LatencyArgs) {
         }
         latencies.sort_unstable();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // What the figure cannot blame on the worker: the broker's acknowledgement of each
+        // message (the worker cannot fetch a message before the broker appended it), and the
+        // longest pause between two samples of the offsets (a commit is seen that late).
+        let mut acks: Vec<Duration> = sent
+            .iter()
+            .map(|(_, _, at, acked)| acked.saturating_duration_since(*at))
+            .collect();
+        acks.sort_unstable();
+        let gap_max = samples
+            .lock()
+            .map(|v| {
+                v.windows(2)
+                    .map(|w| w[1].saturating_duration_since(w[0]))
+                    .max()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
         println!(
-            "rate={rate} achieved_rate={:.0} messages={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+            "rate={rate} achieved_rate={:.0} messages={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} \
+             ack_p50_ms={:.1} ack_p99_ms={:.1} sample_gap_max_ms={:.1}",
             sent.len() as f64 / produced_secs.max(1e-9),
             latencies.len(),
             ms(quantile(&latencies, 0.50)),
             ms(quantile(&latencies, 0.99)),
             ms(latencies.last().copied().unwrap_or_default()),
+            ms(quantile(&acks, 0.50)),
+            ms(quantile(&acks, 0.99)),
+            ms(gap_max),
         );
     }
     sampler.abort();
