@@ -43,17 +43,15 @@ bash scripts/cluster-build.sh kwok >&2
 # The worker binary only creates the topic (make bench has built it for scripts/bench.sh already);
 # BENCH_SCALE_WORKER_BIN names another build of it.
 WORKER_BIN="${BENCH_SCALE_WORKER_BIN:-$TARGET/release/streamops-worker}"
-# BENCH_SCALE_OPERATOR_BIN names another build of the operator (an A/B comparison); then nothing
-# is built here.
+# BENCH_SCALE_OPERATOR_BIN names another build of the operator (an A/B comparison); then the
+# operator is not built here (nor the worker when BENCH_SCALE_WORKER_BIN is given).
 OPERATOR_BIN="${BENCH_SCALE_OPERATOR_BIN:-$TARGET/release/streamops-operator}"
-if [[ -n "${BENCH_SCALE_OPERATOR_BIN:-}" ]]; then
-  [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]] || cargo build -q --release -p streamops-worker --bins
-elif [[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]]; then
-  say "building the operator (release)"
-  cargo build -q --release -p streamops-operator --bins
-else
-  say "building the operator (release)"
-  cargo build -q --release -p streamops-operator -p streamops-worker --bins
+packages=()
+[[ -n "${BENCH_SCALE_OPERATOR_BIN:-}" ]] || packages+=(-p streamops-operator)
+[[ -n "${BENCH_SCALE_WORKER_BIN:-}" ]] || packages+=(-p streamops-worker)
+if ((${#packages[@]})); then
+  say "building (release): ${packages[*]}"
+  cargo build -q --release "${packages[@]}" --bins
 fi
 
 bash scripts/cluster-up.sh >&2
