@@ -17,6 +17,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/versions.env"
 LIBS="$STREAMOPS_CACHE/kafka-$KAFKA_VERSION/libs"
 HEAP="${STREAMOPS_KAFKA_HEAP:-1g}"
+# The collector's flags (word-split); STREAMOPS_KAFKA_GC_OPTS replaces them, e.g. to log collections.
+GC_OPTS="${STREAMOPS_KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
 
 die() { printf 'kafka: error: %s\n' "$*" >&2; exit 1; }
 
@@ -97,7 +99,8 @@ LOG
 java_args() {
   local dir=$1; shift
   local libs; libs="$(classpath)"
-  JAVA_ARGS=(java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+  local gc; read -r -a gc <<<"$GC_OPTS"
+  JAVA_ARGS=(java -Xms"$HEAP" -Xmx"$HEAP" "${gc[@]}" -XX:+ExitOnOutOfMemoryError
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$libs/*" "$@")
 }
 
