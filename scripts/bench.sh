@@ -8,7 +8,7 @@
 #   4. end-to-end latency from produce to committed row (p50, p99) at fixed rates
 #      (BENCH_LATENCY_RATES, default 1000,10000,50000 msg/s; BENCH_LATENCY=0 skips it), in
 #      BENCH_LATENCY_ROUNDS rounds (default 3) of BENCH_LATENCY_SECONDS (default 10) per rate,
-#      after BENCH_LATENCY_WARMUP seconds (default 30) at 10,000 msg/s for a freshly started broker
+#      after BENCH_LATENCY_WARMUP seconds (default 120) at 10,000 msg/s for a freshly started broker
 #   5. rollout: longest processing pause of any partition while 3 workers are replaced one at a
 #      time under 5,000 msg/s, for static membership, dynamic cooperative-sticky and KIP-848
 #      (BENCH_ROLLOUT=0 skips it; it takes a few minutes, static membership alone ~3)
@@ -30,7 +30,7 @@ BATCH=${BENCH_BATCH:-}
 LATENCY_RATES=${BENCH_LATENCY_RATES:-1000,10000,50000}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-10}
 LATENCY_ROUNDS=${BENCH_LATENCY_ROUNDS:-3}
-LATENCY_WARMUP=${BENCH_LATENCY_WARMUP:-30}
+LATENCY_WARMUP=${BENCH_LATENCY_WARMUP:-120}
 WORK=$(mktemp -d /tmp/streamops-bench.XXXXXX)
 ROWS=()
 WORKER_PID=""

@@ -65,8 +65,9 @@ pub struct LatencyArgs {
     /// Unmeasured seconds before each rate but the first.
     #[arg(long, default_value_t = 2)]
     pub warmup_secs: u64,
-    /// Unmeasured seconds before the first rate (a fresh broker is slow for its first minute).
-    #[arg(long, default_value_t = 30)]
+    /// Unmeasured seconds before the first rate (a freshly started broker is slow for its first
+    /// minutes).
+    #[arg(long, default_value_t = 120)]
     pub first_warmup_secs: u64,
     /// Rate of the first warm-up, in messages per second.
     #[arg(long, default_value_t = 10000)]
