@@ -18,8 +18,11 @@ source "$ROOT/versions.env"
 LIBS="$STREAMOPS_CACHE/kafka-$KAFKA_VERSION/libs"
 HEAP="${STREAMOPS_KAFKA_HEAP:-1g}"
 # The collector's flags (word-split); STREAMOPS_KAFKA_GC_OPTS replaces them, e.g. to log collections.
+# ZGC, not Kafka's usual G1: on a 2-core machine G1's young pauses (15-200 ms every 1.5-20 s at
+# 10,000 msg/s) stopped the broker's acks and were the tail of produce -> committed row; ZGC's
+# pauses are under a millisecond (DEVELOPERS.md, "Latency bench", has the A/B).
 # STREAMOPS_KAFKA_PROPS (newline-separated key=value) is appended to the broker's properties.
-GC_OPTS="${STREAMOPS_KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
+GC_OPTS="${STREAMOPS_KAFKA_GC_OPTS:--XX:+UseZGC}"
 
 die() { printf 'kafka: error: %s\n' "$*" >&2; exit 1; }
 
