@@ -225,7 +225,11 @@ impl ErrorSink {
     }
 
     /// A sink with the producer configuration `config` (tests add debug settings).
-    pub fn with_config(config: ClientConfig, topic: &str, consumer: &str) -> Result<Self, KafkaError> {
+    pub fn with_config(
+        config: ClientConfig,
+        topic: &str,
+        consumer: &str,
+    ) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: Mutex::new(config.create()?),
             config,

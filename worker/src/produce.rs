@@ -95,7 +95,10 @@ const MAX_SENDS: u32 = 3;
 type Delivery = (
     u64,
     u32,
-    Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+    Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
 );
 
 /// Produces `opts.count` generated events to `opts.topic`.
@@ -254,7 +257,6 @@ pub async fn produce(
             resend(&producer, &m, generation, n, &mut inflight, &mut failed).await;
         }
     }
-    drop(settle);
     let _ = producer.flush(Duration::from_secs(30));
     drop(retired);
     Ok(ProduceSummary {

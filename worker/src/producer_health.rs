@@ -125,7 +125,9 @@ impl ProducerHealth {
             }
             Outcome::Fatal => {
                 self.consecutive_timeouts = 0;
-                Some(RebuildReason::Fatal("fatal error reported on delivery".into()))
+                Some(RebuildReason::Fatal(
+                    "fatal error reported on delivery".into(),
+                ))
             }
             Outcome::TimedOut => {
                 self.consecutive_timeouts += 1;
@@ -143,7 +145,9 @@ impl ProducerHealth {
 }
 
 /// `fatal_error()` of a producer's client, as text.
-pub fn fatal_error<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>) -> Option<String> {
+pub fn fatal_error<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+) -> Option<String> {
     client
         .fatal_error()
         .map(|(code, reason)| format!("{code:?}: {reason}"))

@@ -52,6 +52,11 @@ impl OwnBroker {
             .arg(&dir)
             .args([port.to_string(), ctrl.to_string()])
             .env("STREAMOPS_KAFKA_HEAP", "512m")
+            // After a freeze longer than `broker.session.timeout.ms` (9 s) the controller fences
+            // the broker until its next heartbeat; a 5 s heartbeat interval keeps it fenced long
+            // enough that the producer's metadata refresh (after `NOT_LEADER_OR_FOLLOWER`) sees
+            // the fenced broker missing from the broker list, as in the suite's stall.
+            .env("STREAMOPS_KAFKA_PROPS", "broker.heartbeat.interval.ms=5000")
             .status()
             .expect("running scripts/kafka.sh start");
         assert!(
@@ -111,7 +116,8 @@ impl Drop for OwnBroker {
 fn with_debug(mut cfg: ClientConfig) -> ClientConfig {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "librdkafka=debug,streamops_worker=info".into()),
+            std::env::var("RUST_LOG")
+                .unwrap_or_else(|_| "librdkafka=debug,streamops_worker=info".into()),
         ))
         .with_writer(std::io::stderr)
         .try_init();
@@ -259,8 +265,7 @@ async fn the_error_topic_producer_delivers_again_after_the_broker_was_frozen() {
     let resumed = Instant::now();
     *resumed_at.lock().expect("lock") = Some(resumed);
     eprintln!("broker resumed");
-    while first_after_resume.lock().expect("lock").is_none() && resumed.elapsed() < RECOVERY_BOUND
-    {
+    while first_after_resume.lock().expect("lock").is_none() && resumed.elapsed() < RECOVERY_BOUND {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let recovered = *first_after_resume.lock().expect("lock");
@@ -299,7 +304,10 @@ async fn an_error_topic_producer_with_a_fatal_error_is_replaced_and_delivers() {
     )
     .expect("an error sink")
     .with_rebuild_counter(metrics.producer_rebuilds.clone());
-    assert_eq!(deliver_until_acknowledged(&sink, vec![poison("src", 0)]).await, 1);
+    assert_eq!(
+        deliver_until_acknowledged(&sink, vec![poison("src", 0)]).await,
+        1
+    );
 
     // What a wedged idempotent producer can come to: a fatal error, after which librdkafka
     // fails every send for the producer's lifetime.
@@ -314,12 +322,16 @@ async fn an_error_topic_producer_with_a_fatal_error_is_replaced_and_delivers() {
             reason.as_ptr(),
         )
     };
-    assert_eq!(err, rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert_eq!(
+        err,
+        rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+    );
     assert!(producer.client().fatal_error().is_some());
     drop(producer);
 
     let started = Instant::now();
-    let attempts = deliver_until_acknowledged(&sink, vec![poison("src", 1), poison("src", 2)]).await;
+    let attempts =
+        deliver_until_acknowledged(&sink, vec![poison("src", 1), poison("src", 2)]).await;
     assert!(
         started.elapsed() < RECOVERY_BOUND,
         "took {:?}",
