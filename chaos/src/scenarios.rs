@@ -60,6 +60,9 @@ pub enum Scenario {
     BrokerCut,
     /// Stop the broker process (SIGTERM), start it again on its data; later the same with SIGKILL.
     BrokerRestart,
+    /// Freeze the broker process (SIGSTOP, as a long GC or controller stall does) while 1% poison
+    /// flows through the error-topic producers, then resume it (SIGCONT).
+    BrokerFreeze,
     /// Scoring service down, then slow (fraud).
     ScorerOutage,
     /// Restart Redis mid-run (pipeline-trigger).
@@ -74,12 +77,13 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Self::Poison,
         Self::Kill,
         Self::PgRestart,
         Self::BrokerCut,
         Self::BrokerRestart,
+        Self::BrokerFreeze,
         Self::Membership,
         Self::ScorerOutage,
         Self::RedisRestart,
@@ -93,6 +97,7 @@ impl Scenario {
             Self::PgRestart => "pg-restart",
             Self::BrokerCut => "broker-cut",
             Self::BrokerRestart => "broker-restart",
+            Self::BrokerFreeze => "broker-freeze",
             Self::ScorerOutage => "scorer-outage",
             Self::RedisRestart => "redis-restart",
             Self::Membership => "membership",
@@ -139,7 +144,7 @@ impl Scenario {
     }
 
     fn poison_percent(self) -> f64 {
-        if self == Self::Poison {
+        if matches!(self, Self::Poison | Self::BrokerFreeze) {
             1.0
         } else {
             0.0
@@ -614,6 +619,24 @@ pub async fn run(
                     _ => None,
                 };
             }
+            Scenario::BrokerFreeze if !faulted && elapsed >= fault_at => {
+                faulted = true;
+                // 10 s in the short profile (the stall seen in the suite was 8-10 s), 30 s in
+                // the full one (past `message.timeout.ms` of the error-topic producers).
+                let frozen = match profile {
+                    Profile::Full => outage,
+                    Profile::Short => Duration::from_secs(10),
+                };
+                stack.freeze_broker(frozen).await?;
+                recovery =
+                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                for lane in lanes.iter_mut() {
+                    lane.notes.push(format!(
+                        "broker frozen (SIGSTOP) for {:.0}s",
+                        frozen.as_secs_f64()
+                    ));
+                }
+            }
             Scenario::BrokerCut if !faulted && elapsed >= fault_at => {
                 faulted = true;
                 stack.proxy.cut();
@@ -735,6 +758,7 @@ pub async fn run(
             Scenario::PgRestart
                 | Scenario::BrokerCut
                 | Scenario::BrokerRestart
+                | Scenario::BrokerFreeze
                 | Scenario::ScorerOutage
                 | Scenario::RedisRestart
                 | Scenario::Membership

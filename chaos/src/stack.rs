@@ -224,6 +224,16 @@ impl Stack {
         wait_port_closed(BROKER_PORT, Duration::from_secs(30)).await
     }
 
+    /// Freezes the broker process (SIGSTOP) for `frozen`, then resumes it (SIGCONT). Its
+    /// connections stay open and unanswered, as under a long GC pause or a stalled controller.
+    pub async fn freeze_broker(&mut self, frozen: Duration) -> Result<()> {
+        let pid = self.broker_pid()?;
+        signal(pid, "STOP");
+        tokio::time::sleep(frozen).await;
+        signal(pid, "CONT");
+        Ok(())
+    }
+
     /// Starts the broker again on its data directory.
     pub async fn start_broker(&mut self) -> Result<()> {
         start_kafka(&self.kafka_dir).await?;
@@ -306,6 +316,9 @@ impl Stack {
 
     /// Stops every process of the stack.
     pub async fn shutdown(mut self) {
+        if let Ok(pid) = self.broker_pid() {
+            signal(pid, "CONT");
+        }
         if let Some(mut c) = self.scorer.take() {
             let _ = c.kill().await;
         }
@@ -322,6 +335,10 @@ impl Drop for Stack {
     /// even when the run ends without `shutdown`.
     fn drop(&mut self) {
         if self.broker_running {
+            // A frozen broker handles SIGTERM only once it runs again.
+            if let Ok(pid) = self.broker_pid() {
+                signal(pid, "CONT");
+            }
             let _ = std::process::Command::new("bash")
                 .arg(kafka_sh())
                 .arg("stop")

@@ -14,14 +14,18 @@
 //!   trace (see [`crate::telemetry`]). The source message's own headers are not copied to the
 //!   error record, so this is its only `traceparent`.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus::IntCounterVec;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
 
 use crate::handlers::{RawMessage, RejectKind, Rejection};
 use crate::kafka::KafkaClientSettings;
+use crate::producer_health::{self, Outcome, ProducerHealth, RebuildReason};
 
 /// Header names.
 pub mod headers {
@@ -187,9 +191,18 @@ pub struct ErrorTopicError {
     pub source: KafkaError,
 }
 
-/// Producer of the error topic.
+/// `purpose` label of the error-topic producer in `streamops_producer_rebuilds_total`.
+pub const REBUILD_PURPOSE: &str = "error_topic";
+
+/// Producer of the error topic. A producer that stays wedged (see [`crate::producer_health`]) is
+/// replaced by a fresh one built from the same configuration; the records it did not deliver
+/// are sent again by the next [`ErrorSink::deliver`] (the pipeline retries the batch, and
+/// commits nothing before every record is acknowledged).
 pub struct ErrorSink {
-    producer: FutureProducer,
+    producer: Mutex<FutureProducer>,
+    config: ClientConfig,
+    health: Mutex<ProducerHealth>,
+    rebuilds: Option<IntCounterVec>,
     topic: String,
     consumer: String,
 }
@@ -208,11 +221,65 @@ impl ErrorSink {
         let max = (max_message_bytes as usize + 64 * 1024).max(1_000_000);
         cfg.set("message.max.bytes", max.to_string())
             .set("linger.ms", "2");
+        Self::with_config(cfg, topic, consumer)
+    }
+
+    /// A sink with the producer configuration `config` (tests add debug settings).
+    pub fn with_config(
+        config: ClientConfig,
+        topic: &str,
+        consumer: &str,
+    ) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: cfg.create()?,
+            producer: Mutex::new(config.create()?),
+            config,
+            health: Mutex::new(ProducerHealth::new(
+                producer_health::ERROR_TOPIC_REBUILD_AFTER,
+            )),
+            rebuilds: None,
             topic: topic.to_string(),
             consumer: consumer.to_string(),
         })
+    }
+
+    /// Counts producer rebuilds in `counter` (`streamops_producer_rebuilds_total`).
+    pub fn with_rebuild_counter(mut self, counter: IntCounterVec) -> Self {
+        self.rebuilds = Some(counter);
+        self
+    }
+
+    /// The producer in use (a cheap handle on it).
+    pub fn producer(&self) -> FutureProducer {
+        match self.producer.lock() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the producer with a fresh one built from the same configuration. Whatever the old
+    /// one still holds is purged when it is dropped (off the async threads: dropping waits for its
+    /// queue); the caller sends again what was not acknowledged.
+    async fn rebuild(&self, reason: &RebuildReason) {
+        let fresh: FutureProducer = match self.config.create() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(topic = %self.topic, error = %e, %reason, "cannot build a new error-topic producer; keeping the old one");
+                return;
+            }
+        };
+        let old = match self.producer.lock() {
+            Ok(mut p) => std::mem::replace(&mut *p, fresh),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), fresh),
+        };
+        if let Some(c) = &self.rebuilds {
+            c.with_label_values(&[REBUILD_PURPOSE]).inc();
+        }
+        tracing::warn!(
+            topic = %self.topic,
+            %reason,
+            "error-topic producer replaced by a fresh one; undelivered records are sent again"
+        );
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
     }
 
     /// The error topic's name.
@@ -228,6 +295,8 @@ impl ErrorSink {
         records: &mut [ErrorRecord],
         delivered: &mut [bool],
     ) -> Result<(), ErrorTopicError> {
+        let producer = self.producer();
+        let mut outcomes = Vec::new();
         let mut first_err = None;
         for _round in 0..2 {
             let mut futures = Vec::new();
@@ -243,7 +312,7 @@ impl ErrorSink {
                     record = record.key(k);
                 }
                 loop {
-                    match self.producer.send_result(record) {
+                    match producer.send_result(record) {
                         Ok(f) => {
                             futures.push((i, f));
                             break;
@@ -262,8 +331,12 @@ impl ErrorSink {
             let mut retry_truncated = false;
             for (i, f) in futures {
                 match f.await {
-                    Ok(Ok(_)) => delivered[i] = true,
+                    Ok(Ok(_)) => {
+                        delivered[i] = true;
+                        outcomes.push(Outcome::Delivered);
+                    }
                     Ok(Err((e, _))) => {
+                        outcomes.push(Outcome::of_error(&e));
                         let too_large = matches!(
                             e,
                             KafkaError::MessageProduction(
@@ -286,6 +359,19 @@ impl ErrorSink {
             if !retry_truncated {
                 break;
             }
+        }
+        if first_err.is_some() {
+            let round = Outcome::of_round(outcomes);
+            let fatal = producer_health::fatal_error(producer.client());
+            let verdict = match self.health.lock() {
+                Ok(mut h) => h.observe(round, fatal),
+                Err(poisoned) => poisoned.into_inner().observe(round, fatal),
+            };
+            if let Some(reason) = verdict {
+                self.rebuild(&reason).await;
+            }
+        } else if let Ok(mut h) = self.health.lock() {
+            h.observe(Outcome::Delivered, None);
         }
         match first_err {
             None if delivered.iter().all(|d| *d) => Ok(()),

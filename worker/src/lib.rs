@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod produce;
+pub mod producer_health;
 pub mod replay;
 pub mod scorer;
 pub mod secrets;

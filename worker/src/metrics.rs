@@ -51,6 +51,9 @@ pub struct Metrics {
     /// Gaps found in partitions' offsets (messages Kafka no longer had), by topic and kind
     /// (`retention`, `reset`).
     pub offset_gaps: IntCounterVec,
+    /// Producers replaced by a fresh one because they stayed wedged (consecutive
+    /// `MessageTimedOut`) or hit a fatal error, by purpose (`error_topic`).
+    pub producer_rebuilds: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -205,6 +208,13 @@ impl Metrics {
                 "streamops_offset_gaps_total",
                 "Gaps found in partitions' offsets (messages Kafka no longer had), by kind",
                 &["topic", "kind"],
+            ),
+            producer_rebuilds: counter_vec(
+                &r,
+                "streamops_producer_rebuilds_total",
+                "Kafka producers replaced by a fresh one after consecutive delivery timeouts or a \
+                 fatal error, by purpose",
+                &["purpose"],
             ),
             registry: r,
         }

@@ -272,12 +272,15 @@ pub async fn run_pipeline_lanes<H: MessageHandler>(
     let decoder = first.shared_decoder();
     let ownership = ctx.ownership.clone();
     let (consumer, events) = subscribe(&ctx, &ownership)?;
-    let errors = Arc::new(ErrorSink::new(
-        &ctx.kafka,
-        &config.error_topic,
-        &config.consumer_id,
-        config.max_message_bytes,
-    )?);
+    let errors = Arc::new(
+        ErrorSink::new(
+            &ctx.kafka,
+            &config.error_topic,
+            &config.consumer_id,
+            config.max_message_bytes,
+        )?
+        .with_rebuild_counter(ctx.metrics.producer_rebuilds.clone()),
+    );
     tracing::info!(
         handler = %kind,
         topics = ?config.kafka.topics,
