@@ -294,6 +294,10 @@ def run_size(api, args, n, brokers_json):
         for ns in namespaces:
             api.request("POST", "/api/v1/namespaces",
                         {"metadata": {"name": ns, "labels": {RUN_LABEL: run_id}}}, ok=(201, 409))
+        # A lease left by an earlier run (the control plane keeps its etcd data) names an operator of
+        # the same name: it would be taken for this run's leader. Remove it first.
+        api.request("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/{args.system_ns}/leases/{args.lease}",
+                    ok=(200, 404))
         ops = [Operator(args, f"scale-op-{n}-{x}", kubeconfig, free_port(), brokers_json) for x in "ab"]
         # Wait for a leader before creating anything, so that the figures do not include the start.
         def leader():
