@@ -76,7 +76,7 @@ pub enum Lookup {
     /// No object holds the name.
     Absent,
     /// The object holding the name (trimmed metadata, see [`trim_child`]).
-    Present(ObjectMeta),
+    Present(Box<ObjectMeta>),
 }
 
 /// The reflector stores of every kind of child, and the memo of the operator's writes, for one
@@ -211,13 +211,20 @@ pub trait StoredChild: Resource<DynamicType = ()> + Sized {
     /// The metadata of every stored object of this kind in `namespace` labelled as a child of the
     /// StreamConsumer `instance` (`app.kubernetes.io/instance` and `managed-by`); `None` when the
     /// kind is not stored.
-    fn children_of(stores: &ChildStores, namespace: &str, instance: &str) -> Option<Vec<ObjectMeta>>;
+    fn children_of(
+        stores: &ChildStores,
+        namespace: &str,
+        instance: &str,
+    ) -> Option<Vec<ObjectMeta>>;
 }
 
 fn labelled_child_of(meta: &ObjectMeta, namespace: &str, instance: &str) -> bool {
     let labels = meta.labels.as_ref();
     meta.namespace.as_deref() == Some(namespace)
-        && labels.and_then(|l| l.get(LABEL_INSTANCE)).map(String::as_str) == Some(instance)
+        && labels
+            .and_then(|l| l.get(LABEL_INSTANCE))
+            .map(String::as_str)
+            == Some(instance)
         && labels
             .and_then(|l| l.get(LABEL_MANAGED_BY))
             .map(String::as_str)
@@ -230,14 +237,18 @@ where
 {
     match store.filter(|s| is_ready(s)) {
         Some(store) => match store.get(&ObjectRef::new(name).within(namespace)) {
-            Some(o) => Lookup::Present(o.meta().clone()),
+            Some(o) => Lookup::Present(Box::new(o.meta().clone())),
             None => Lookup::Absent,
         },
         None => Lookup::Unknown,
     }
 }
 
-fn children_in<K>(store: Option<&Store<K>>, namespace: &str, instance: &str) -> Option<Vec<ObjectMeta>>
+fn children_in<K>(
+    store: Option<&Store<K>>,
+    namespace: &str,
+    instance: &str,
+) -> Option<Vec<ObjectMeta>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
@@ -277,7 +288,11 @@ impl StoredChild for NetworkPolicy {
     fn lookup(stores: &ChildStores, namespace: &str, name: &str) -> Lookup {
         lookup_in(stores.network_policies.as_ref(), namespace, name)
     }
-    fn children_of(stores: &ChildStores, namespace: &str, instance: &str) -> Option<Vec<ObjectMeta>> {
+    fn children_of(
+        stores: &ChildStores,
+        namespace: &str,
+        instance: &str,
+    ) -> Option<Vec<ObjectMeta>> {
         children_in(stores.network_policies.as_ref(), namespace, instance)
     }
 }
@@ -506,8 +521,20 @@ mod tests {
     fn forgotten_children_and_deleted_consumers_leave_the_memo() {
         let memo = WriteMemo::default();
         memo.record(key(), "sc", &meta("u", "5"), None, 7);
-        memo.record(ChildKey::of::<Service>("ns", "c"), "sc", &meta("v", "5"), None, 7);
-        memo.record(ChildKey::of::<Service>("ns", "d"), "other", &meta("w", "5"), None, 7);
+        memo.record(
+            ChildKey::of::<Service>("ns", "c"),
+            "sc",
+            &meta("v", "5"),
+            None,
+            7,
+        );
+        memo.record(
+            ChildKey::of::<Service>("ns", "d"),
+            "other",
+            &meta("w", "5"),
+            None,
+            7,
+        );
         memo.forget(&key());
         assert!(!memo.unchanged(&key(), &meta("u", "5"), None, 7));
         assert_eq!(memo.len(), 2);
@@ -540,16 +567,20 @@ mod tests {
         };
         let memo = WriteMemo::default();
         let key = ChildKey::of::<Deployment>("ns", "d");
-        memo.record(key.clone(), "sc", &written.metadata, Some(content_hash(&written)), 3);
+        memo.record(
+            key.clone(),
+            "sc",
+            &written.metadata,
+            Some(content_hash(&written)),
+            3,
+        );
 
         // The controller reports a rollout (new resourceVersion, new status, its revision
         // annotation); the store trimmed kubectl's copy.
         let mut reported = written.clone();
         reported.metadata.resource_version = Some("6".into());
-        reported.metadata.annotations = Some(BTreeMap::from([(
-            DEPLOYMENT_REVISION.into(),
-            "1".into(),
-        )]));
+        reported.metadata.annotations =
+            Some(BTreeMap::from([(DEPLOYMENT_REVISION.into(), "1".into())]));
         reported.status = Some(DeploymentStatus {
             ready_replicas: Some(2),
             ..DeploymentStatus::default()
@@ -563,12 +594,7 @@ mod tests {
         assert!(!memo.unchanged(&key, &scaled.metadata, Some(content_hash(&scaled)), 3));
         let mut labelled = reported.clone();
         labelled.metadata.labels = Some(BTreeMap::from([("x".into(), "y".into())]));
-        assert!(!memo.unchanged(
-            &key,
-            &labelled.metadata,
-            Some(content_hash(&labelled)),
-            3
-        ));
+        assert!(!memo.unchanged(&key, &labelled.metadata, Some(content_hash(&labelled)), 3));
         // Seen as metadata only: the resourceVersion alone tells.
         assert!(!memo.unchanged(&key, &reported.metadata, None, 3));
     }
@@ -615,7 +641,10 @@ mod tests {
     #[tokio::test]
     async fn stores_answer_only_once_listed_and_select_children_by_label() {
         let (stores, mut w) = ChildStores::new(false);
-        assert_eq!(ConfigMap::lookup(&stores, "ns", "test-config"), Lookup::Unknown);
+        assert_eq!(
+            ConfigMap::lookup(&stores, "ns", "test-config"),
+            Lookup::Unknown
+        );
         assert_eq!(ConfigMap::children_of(&stores, "ns", "test"), None);
         assert_eq!(stores.deployment("ns", "test"), None);
         let mut labelled = ObjectMeta {
@@ -650,13 +679,16 @@ mod tests {
         assert_eq!(stores.deployment("ns", "test"), Some(None));
         assert_eq!(
             ConfigMap::lookup(&stores, "ns", "test-config"),
-            Lookup::Present(cm.metadata.clone())
+            Lookup::Present(Box::new(cm.metadata.clone()))
         );
         assert_eq!(ConfigMap::lookup(&stores, "ns", "gone"), Lookup::Absent);
         assert_eq!(NetworkPolicy::lookup(&stores, "ns", "x"), Lookup::Unknown);
         let children = ConfigMap::children_of(&stores, "ns", "test").unwrap();
         assert_eq!(children, vec![cm.metadata]);
-        assert_eq!(ConfigMap::children_of(&stores, "ns", "other").unwrap(), vec![]);
+        assert_eq!(
+            ConfigMap::children_of(&stores, "ns", "other").unwrap(),
+            vec![]
+        );
     }
 
     trait InitDone {
@@ -678,7 +710,10 @@ mod tests {
         }
         let started = std::time::Instant::now();
         stores.settle(Duration::from_millis(50)).await;
-        assert!(started.elapsed() >= Duration::from_millis(50), "the NetworkPolicies are not listed");
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "the NetworkPolicies are not listed"
+        );
         assert_eq!(NetworkPolicy::lookup(&stores, "ns", "x"), Lookup::Unknown);
         assert_eq!(ConfigMap::lookup(&stores, "ns", "x"), Lookup::Absent);
         let started = std::time::Instant::now();

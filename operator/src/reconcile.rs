@@ -34,20 +34,20 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::core::PartialObjectMeta;
-use serde::de::DeserializeOwned;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 use streamops_crds::v1alpha1::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::autoscale::Decision;
-use crate::children::{trim_child, ChildStores, READY_WAIT};
 use crate::build::WorkerNetwork;
+use crate::children::{trim_child, ChildStores, READY_WAIT};
 use crate::consumer_group::GroupDeleter;
 use crate::lag_book::LagView;
 use crate::lag_poller::LagPoller;
@@ -394,7 +394,13 @@ fn owned<K>(
     config: &watcher::Config,
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     // An `Api` of `PartialObjectMeta` lists and watches metadata only.
     reflector(
@@ -513,12 +519,15 @@ async fn with_finalizer(
             {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
         ])
     };
-    let patch: json_patch::Patch = serde_json::from_value(operations)
-        .map_err(|_| Error::Finalizer(Box::new(kube::runtime::finalizer::Error::InvalidFinalizer)))?;
+    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|_| {
+        Error::Finalizer(Box::new(kube::runtime::finalizer::Error::InvalidFinalizer))
+    })?;
     let stored = api
         .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await
-        .map_err(|e| Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(e))))?;
+        .map_err(|e| {
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(e)))
+        })?;
     Ok(Arc::new(stored))
 }
 

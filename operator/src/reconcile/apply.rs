@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
+use crate::children::{content_hash, ChildKey, ChildStores, Lookup, StoredChild};
 use crate::names::{
     children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
 };
-use crate::children::{content_hash, ChildKey, ChildStores, Lookup, StoredChild};
 use crate::ownership::{controlled_by, existing_child, write_child, Ours, Swept};
 use crate::status;
 use crate::validation::validate_with_policy;
@@ -365,7 +365,9 @@ where
     let seen = stores.map_or(Lookup::Unknown, |s| K::lookup(s, id.namespace, name));
     match seen {
         Lookup::Absent => Ok(None),
-        Lookup::Present(meta) if controlled_by(&meta, id.uid) => Ok(Some(Ours::stored(meta, None))),
+        Lookup::Present(meta) if controlled_by(&meta, id.uid) => {
+            Ok(Some(Ours::stored(*meta, None)))
+        }
         Lookup::Present(_) | Lookup::Unknown => Ok(existing_child::<K>(
             &Api::namespaced(ctx.client.clone(), id.namespace),
             name,
@@ -491,12 +493,15 @@ where
         if !controlled_by(&meta, id.uid) {
             if from_store {
                 // The store may be behind: report only what the API server still holds.
-                let now = api.get_metadata_opt(name).await.map_err(|source| Error::GetChild {
-                    kind: kind.clone(),
-                    name: name.to_string(),
-                    source,
-                })?;
-                if !now.is_some_and(|o| !controlled_by(&o.metadata, id.uid)) {
+                let now = api
+                    .get_metadata_opt(name)
+                    .await
+                    .map_err(|source| Error::GetChild {
+                        kind: kind.clone(),
+                        name: name.to_string(),
+                        source,
+                    })?;
+                if now.is_none_or(|o| controlled_by(&o.metadata, id.uid)) {
                     // Gone, or ours now: the next pass (its watch event) sees it.
                     continue;
                 }

@@ -481,7 +481,11 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
             drop(ctx);
             let requests = finish(mock).await;
             let err = result.expect_err("a conflict is an error (retried with backoff)");
-            assert_eq!(err.reason(), "ChildConflict", "{foreign_kind:?} stored {stored}");
+            assert_eq!(
+                err.reason(),
+                "ChildConflict",
+                "{foreign_kind:?} stored {stored}"
+            );
             assert!(
                 !requests.iter().any(|r| (r.method == Method::PATCH
                     && !r.path.ends_with("/status"))
@@ -602,7 +606,11 @@ async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_t
         let result = reconcile_once(ctx.clone(), sc).await;
         drop(ctx);
         let requests = finish(mock).await;
-        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?} stored {stored}");
+        assert_eq!(
+            result.unwrap_err().reason(),
+            "ChildConflict",
+            "{raced:?} stored {stored}"
+        );
         assert_nothing_written_to(&requests, raced, last_write);
     }
 }
@@ -656,7 +664,11 @@ async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
         let result = reconcile_once(ctx.clone(), sc).await;
         drop(ctx);
         let requests = finish(mock).await;
-        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?} stored {stored}");
+        assert_eq!(
+            result.unwrap_err().reason(),
+            "ChildConflict",
+            "{raced:?} stored {stored}"
+        );
         assert_nothing_written_to(&requests, raced, last_write);
     }
 }
@@ -1523,8 +1535,8 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
                 (Method::POST, p) if !p.ends_with("/events") => {
                     let at = format!("{p}/{}", body["metadata"]["name"].as_str().unwrap());
                     if objects.contains_key(&at) {
-                        let status = kube::core::Status::failure("exists", "AlreadyExists")
-                            .with_code(409);
+                        let status =
+                            kube::core::Status::failure("exists", "AlreadyExists").with_code(409);
                         send.send_response(
                             Response::builder()
                                 .status(409)
@@ -2152,7 +2164,10 @@ mod stores {
     }
 
     fn kind_name(kind: Kind) -> String {
-        child_object(kind, None)["kind"].as_str().unwrap().to_string()
+        child_object(kind, None)["kind"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     impl TestStores {
@@ -2196,10 +2211,7 @@ mod stores {
                 "Deployment" => {
                     applied(&mut w.deployments, serde_json::from_value(object).unwrap())
                 }
-                "ConfigMap" => applied(
-                    &mut w.config_maps,
-                    meta_of(one, Kind::ConfigMap).remove(0),
-                ),
+                "ConfigMap" => applied(&mut w.config_maps, meta_of(one, Kind::ConfigMap).remove(0)),
                 "Service" => applied(&mut w.services, meta_of(one, Kind::Service).remove(0)),
                 other => panic!("no test store for {other}"),
             }
@@ -2336,7 +2348,11 @@ async fn a_second_pass_over_an_unchanged_consumer_writes_no_child_and_drift_is_a
     rolled["status"] = rollout(1, 1, 1)["status"].clone();
     stores.put(rolled.clone());
     let (ctx, mock) = pass(vec![
-        write(Kind::ConfigMap, Some("30"), stored_answer(Kind::ConfigMap, "32")),
+        write(
+            Kind::ConfigMap,
+            Some("30"),
+            stored_answer(Kind::ConfigMap, "32"),
+        ),
         status_patch(
             &sc,
             json!({"readyReplicas": 1, "conditions": [{"type": "Ready", "status": "True"}]}),
@@ -2421,7 +2437,10 @@ async fn a_stored_child_is_read_whole_before_its_fields_are_handed_over() {
                "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {}}})
     };
     let mut cm = stored_child(Kind::ConfigMap, "7");
-    cm["metadata"]["managedFields"] = json!([entry(FIELD_MANAGER, "Update"), entry("kubectl-edit", "Update")]);
+    cm["metadata"]["managedFields"] = json!([
+        entry(FIELD_MANAGER, "Update"),
+        entry("kubectl-edit", "Update")
+    ]);
     let _stores = TestStores::install(&ctx, vec![cm.clone()]);
     let mut whole = cm.clone();
     whole["metadata"]["resourceVersion"] = json!("8");
@@ -2430,9 +2449,11 @@ async fn a_stored_child_is_read_whole_before_its_fields_are_handed_over() {
     let mock = server.run(Scenario::Steps(vec![
         get_child(Kind::ConfigMap, Some(whole)),
         Expect::new(Method::PATCH, Kind::ConfigMap.path("test-config"))
-            .body(json!({"metadata": {"resourceVersion": "8", "managedFields": [
-                entry(FIELD_MANAGER, "Apply"), entry("kubectl-edit", "Update")
-            ]}}))
+            .body(
+                json!({"metadata": {"resourceVersion": "8", "managedFields": [
+                    entry(FIELD_MANAGER, "Apply"), entry("kubectl-edit", "Update")
+                ]}}),
+            )
             .reply(Reply::Json(200, handed)),
         write(Kind::ConfigMap, Some("9"), json!({})),
         create(Kind::Deployment, rollout(1, 1, 0)),
