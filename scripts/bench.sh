@@ -6,7 +6,9 @@
 #   ratio = worker / min(2, 3); peak RSS of the worker (VmHWM)
 # then, for moving-average:
 #   4. end-to-end latency from produce to committed row (p50, p99) at fixed rates
-#      (BENCH_LATENCY_RATES, default 1000,10000,50000 msg/s; BENCH_LATENCY=0 skips it)
+#      (BENCH_LATENCY_RATES, default 1000,10000,50000 msg/s; BENCH_LATENCY=0 skips it), in
+#      BENCH_LATENCY_ROUNDS rounds (default 3) of BENCH_LATENCY_SECONDS (default 10) per rate,
+#      after BENCH_LATENCY_WARMUP seconds (default 120) at 10,000 msg/s for a freshly started broker
 #   5. rollout: longest processing pause of any partition while 3 workers are replaced one at a
 #      time under 5,000 msg/s, for static membership, dynamic cooperative-sticky and KIP-848
 #      (BENCH_ROLLOUT=0 skips it; it takes a few minutes, static membership alone ~3)
@@ -27,6 +29,8 @@ KINDS=${BENCH_KINDS:-moving-average sensor fraud pipeline-trigger}
 BATCH=${BENCH_BATCH:-}
 LATENCY_RATES=${BENCH_LATENCY_RATES:-1000,10000,50000}
 LATENCY_SECONDS=${BENCH_LATENCY_SECONDS:-10}
+LATENCY_ROUNDS=${BENCH_LATENCY_ROUNDS:-3}
+LATENCY_WARMUP=${BENCH_LATENCY_WARMUP:-120}
 WORK=$(mktemp -d /tmp/streamops-bench.XXXXXX)
 ROWS=()
 WORKER_PID=""
@@ -228,12 +232,15 @@ YAML
   done
   local out
   out=$("$BENCH" latency --bootstrap-servers "$BROKER" --topic "$topic" --database-url "$url" \
-    --group "$id" --rates "$LATENCY_RATES" --seconds "$LATENCY_SECONDS")
+    --group "$id" --rates "$LATENCY_RATES" --seconds "$LATENCY_SECONDS" \
+    --rounds "$LATENCY_ROUNDS" --first-warmup-secs "$LATENCY_WARMUP")
   kill -TERM "$WORKER_PID"; wait "$WORKER_PID" || true; WORKER_PID=""
   while read -r line; do
-    LATENCY_ROWS+=("$(printf '%10s %14s %10s %10s %10s %12s %16s' "$(field rate "$line")" \
-      "$(field achieved_rate "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
-      "$(field max_ms "$line")" "$(field ack_p99_ms "$line")" "$(field sample_gap_max_ms "$line")")")
+    LATENCY_ROWS+=("$(printf '%8s %7s %9s %8s %8s %8s %8s %11s %9s %9s' "$(field rate "$line")" \
+      "$(field round "$line")" "$(field achieved_rate "$line")" "$(field p50_ms "$line")" \
+      "$(field p99_ms "$line")" "$(field max_ms "$line")" "$(field ack_p99_ms "$line")" \
+      "$(field sample_gap_max_ms "$line")" "$(field send_lag_max_ms "$line")" \
+      "$(field tool_cpu_pct "$line")")")
   done <<<"$out"
   psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >&2 || true
   "$BIN" topic delete "$topic" --bootstrap-servers "$BROKER" >&2 || true
@@ -273,12 +280,13 @@ echo "ratio = worker / min(raw-consume, pg-copy); peak-rss = worker VmHWM"
 echo "targets (moving-average): worker >= 150000 msg/s, ratio >= 0.5, peak-rss < 64 MiB"
 if ((${#LATENCY_ROWS[@]})); then
   echo
-  echo "moving-average latency, produce -> committed row (ms; offsets sampled every 2 ms), $PARTITIONS partitions, one worker"
-  printf '%10s %14s %10s %10s %10s %12s %16s\n' "rate" "achieved-rate" "p50" "p99" "max" \
-    "ack-p99" "sample-gap-max"
+  echo "moving-average latency, produce -> committed row (ms; offsets sampled every 2 ms), $PARTITIONS partitions, one worker, $LATENCY_ROUNDS rounds of $LATENCY_SECONDS s per rate after a ${LATENCY_WARMUP} s warm-up"
+  printf '%8s %7s %9s %8s %8s %8s %8s %11s %9s %9s\n' "rate" "round" "achieved" "p50" "p99" "max" \
+    "ack-p99" "sample-gap" "send-lag" "tool-cpu%"
   for r in "${LATENCY_ROWS[@]}"; do echo "$r"; done
-  echo "target: p99 <= 50 ms at 10000 msg/s"
-  echo "ack-p99 = produce -> broker acknowledgement (before the worker can fetch); sample-gap-max = longest pause between two offset samples"
+  echo "target: p99 <= 50 ms at 10000 msg/s (the median row: median of each column over the rounds)"
+  echo "ack-p99 = produce -> broker acknowledgement (before the worker can fetch); sample-gap = longest pause between two offset samples;"
+  echo "send-lag = longest lateness of a send behind its schedule; tool-cpu% = the measuring tool's own CPU (100 = one core)"
 fi
 if ((${#ROLLOUT_ROWS[@]})); then
   echo

@@ -17,6 +17,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/versions.env"
 LIBS="$STREAMOPS_CACHE/kafka-$KAFKA_VERSION/libs"
 HEAP="${STREAMOPS_KAFKA_HEAP:-1g}"
+# The collector's flags (word-split); STREAMOPS_KAFKA_GC_OPTS replaces them, e.g. to log collections.
+# STREAMOPS_KAFKA_PROPS (newline-separated key=value) is appended to the broker's properties.
+GC_OPTS="${STREAMOPS_KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
 
 die() { printf 'kafka: error: %s\n' "$*" >&2; exit 1; }
 
@@ -71,6 +74,10 @@ log.retention.check.interval.ms=5000
 log.segment.delete.delay.ms=1000
 file.delete.delay.ms=1000
 PROPS
+  # Extra broker properties, one per line (later lines win), e.g. to try thread counts.
+  if [ -n "${STREAMOPS_KAFKA_PROPS:-}" ]; then
+    printf '# From STREAMOPS_KAFKA_PROPS:\n%s\n' "$STREAMOPS_KAFKA_PROPS" >>"$dir/server.properties"
+  fi
   cat >"$dir/log4j2.properties" <<LOG
 status = warn
 appender.file.type = RollingFile
@@ -97,7 +104,8 @@ LOG
 java_args() {
   local dir=$1; shift
   local libs; libs="$(classpath)"
-  JAVA_ARGS=(java -Xms"$HEAP" -Xmx"$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExitOnOutOfMemoryError
+  local gc; read -r -a gc <<<"$GC_OPTS"
+  JAVA_ARGS=(java -Xms"$HEAP" -Xmx"$HEAP" "${gc[@]}" -XX:+ExitOnOutOfMemoryError
     -Djava.awt.headless=true -Dlog4j2.configurationFile="$dir/log4j2.properties" -cp "$libs/*" "$@")
 }
 

@@ -2,6 +2,10 @@
 //! Service and is a label value), `validate_spec`, and the CRD's CEL rules, for objects that reached
 //! the cluster past an older CRD or with validation off.
 
+use std::sync::LazyLock;
+
+use kube::core::cel::{compile_schema, CompiledSchema, ValidationErrors, Validator};
+use kube::CustomResourceExt;
 use streamops_crds::validate::FieldError;
 use streamops_crds::{validate_spec, StreamConsumer};
 
@@ -64,7 +68,7 @@ pub fn validate_object(sc: &StreamConsumer) -> Result<(), InvalidSpec> {
     if let Err(e) = validate_spec(&sc.spec) {
         errors.extend(e.errors);
     }
-    if let Err(cel) = sc.validate_cel() {
+    if let Err(cel) = validate_cel(sc) {
         for e in cel.into_vec() {
             let field = if e.field_path.is_empty() {
                 "spec".to_string()
@@ -85,6 +89,38 @@ pub fn validate_object(sc: &StreamConsumer) -> Result<(), InvalidSpec> {
     } else {
         Err(InvalidSpec { errors })
     }
+}
+
+/// The CRD's CEL rules (`x-kubernetes-validations`), compiled once per process. The derived
+/// `StreamConsumer::validate_cel` generates the whole CRD and compiles every rule on each call;
+/// at a thousand StreamConsumers that was most of the operator's CPU.
+static CEL_RULES: LazyLock<CompiledSchema> = LazyLock::new(|| {
+    let crd = StreamConsumer::crd();
+    let schema = crd
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    compile_schema(&schema)
+});
+
+thread_local! {
+    /// A CEL evaluator with the Kubernetes functions registered (not shareable across threads).
+    static CEL: Validator = Validator::new();
+}
+
+/// The CRD's CEL rules against `sc`, as the API server checks them on create (no `oldSelf`).
+fn validate_cel(sc: &StreamConsumer) -> Result<(), ValidationErrors> {
+    let object = match serde_json::to_value(sc) {
+        Ok(object) => object,
+        // A typed StreamConsumer always serializes; if it ever did not, the rules cannot run and
+        // validate_spec still has.
+        Err(_) => return Ok(()),
+    };
+    CEL.with(|cel| cel.validate_compiled(&CEL_RULES, &object, None))
 }
 
 #[cfg(test)]
@@ -121,6 +157,50 @@ mod tests {
                 .any(|e| e.message.contains("spec.redis is required")),
             "the CEL message is reported: {e}"
         );
+    }
+
+    /// What the rules compiled once report is what the derived `validate_cel` (which generates the
+    /// CRD and compiles the rules on every call) reports, for valid specs of every kind and for
+    /// specs each rule rejects.
+    #[test]
+    fn compiled_cel_rules_report_what_the_derived_validation_reports() {
+        use streamops_crds::v1alpha1::SensorSettings;
+        let mut cases: Vec<StreamConsumer> = HandlerKind::ALL
+            .iter()
+            .map(|k| StreamConsumer::test_of(*k))
+            .collect();
+        cases.push(
+            StreamConsumer::test_of(HandlerKind::PipelineTrigger).with_spec(|s| s.redis = None),
+        );
+        cases.push(
+            StreamConsumer::test()
+                .with_spec(|s| s.handler.sensor = Some(SensorSettings::default())),
+        );
+        cases.push(
+            StreamConsumer::test_of(HandlerKind::Fraud).with_spec(|s| s.handler.fraud = None),
+        );
+        let mut rejected = 0;
+        for sc in &cases {
+            let summary = |r: Result<(), ValidationErrors>| -> Vec<(String, String)> {
+                r.err()
+                    .map(|e| {
+                        e.into_vec()
+                            .into_iter()
+                            .map(|e| (e.field_path, e.message))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let compiled = summary(validate_cel(sc));
+            assert_eq!(
+                compiled,
+                summary(sc.validate_cel()),
+                "{:?}",
+                sc.spec.handler
+            );
+            rejected += usize::from(!compiled.is_empty());
+        }
+        assert_eq!(rejected, 3, "each invalid case is rejected by a CEL rule");
     }
 
     #[test]

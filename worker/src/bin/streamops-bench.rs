@@ -434,7 +434,7 @@ async fn main() {
             };
             copy(&database_url, kind, opts, count, partitions).await
         }
-        Cmd::Latency(args) => latency::run(args).await,
+        Cmd::Latency(args) => latency::run(args),
         Cmd::Rollout(args) => rollout::run(args).await,
         Cmd::ScorerLoad(args) => {
             let r = streamops_worker::scorer::load::run(&args)
