@@ -27,6 +27,19 @@ const OBJECT_META: &[&str] = &[
     "managedFields",
 ];
 
+/// The CRD's `openAPIV3Schema` (of its one version) as JSON; `null` if the derived CRD had none.
+/// It generates the whole CRD: callers that need it often should keep what they derive from it.
+pub fn open_api_schema() -> Value {
+    StreamConsumer::crd()
+        .spec
+        .versions
+        .first()
+        .and_then(|v| v.schema.as_ref())
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or(Value::Null)
+}
+
 /// One field the schema does not declare.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownField {
@@ -49,15 +62,7 @@ impl std::fmt::Display for UnknownField {
 /// The fields of a StreamConsumer document (`apiVersion`, `kind`, `metadata`, `spec`, ...) that
 /// the CRD schema of this build does not declare, sorted by path.
 pub fn unknown_fields(doc: &Value) -> Vec<UnknownField> {
-    let crd = StreamConsumer::crd();
-    let schema = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-        .unwrap_or(Value::Null);
+    let schema = open_api_schema();
     let mut out = Vec::new();
     let Some(obj) = doc.as_object() else {
         return out;

@@ -5,7 +5,6 @@
 use std::sync::LazyLock;
 
 use kube::core::cel::{compile_schema, CompiledSchema, ValidationErrors, Validator};
-use kube::CustomResourceExt;
 use streamops_crds::validate::FieldError;
 use streamops_crds::{validate_spec, StreamConsumer};
 
@@ -94,18 +93,8 @@ pub fn validate_object(sc: &StreamConsumer) -> Result<(), InvalidSpec> {
 /// The CRD's CEL rules (`x-kubernetes-validations`), compiled once per process. The derived
 /// `StreamConsumer::validate_cel` generates the whole CRD and compiles every rule on each call;
 /// at a thousand StreamConsumers that was most of the operator's CPU.
-static CEL_RULES: LazyLock<CompiledSchema> = LazyLock::new(|| {
-    let crd = StreamConsumer::crd();
-    let schema = crd
-        .spec
-        .versions
-        .first()
-        .and_then(|v| v.schema.as_ref())
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    compile_schema(&schema)
-});
+static CEL_RULES: LazyLock<CompiledSchema> =
+    LazyLock::new(|| compile_schema(&streamops_crds::strict::open_api_schema()));
 
 thread_local! {
     /// A CEL evaluator with the Kubernetes functions registered (not shareable across threads).

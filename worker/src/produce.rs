@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -59,6 +60,12 @@ pub fn producer(
     settings: &KafkaClientSettings,
     max_message_bytes: usize,
 ) -> Result<FutureProducer, KafkaError> {
+    producer_config(settings, max_message_bytes).create()
+}
+
+/// The load generator's producer settings (also the latency bench's, which needs them with a
+/// delivery callback instead of futures).
+pub fn producer_config(settings: &KafkaClientSettings, max_message_bytes: usize) -> ClientConfig {
     let mut cfg = settings.reliable_producer();
     cfg.set(
         "message.max.bytes",
@@ -73,7 +80,7 @@ pub fn producer(
     .set("batch.num.messages", "10000")
     .set("batch.size", "1000000")
     .set("linger.ms", "5");
-    cfg.create()
+    cfg
 }
 
 /// Produces `opts.count` generated events to `opts.topic`.

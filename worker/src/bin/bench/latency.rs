@@ -3,7 +3,7 @@
 //!
 //! Each message's clock starts when it is handed to the producer (the settings of the project's
 //! producer, `streamops_worker::produce::producer`: acks=all, idempotence, snappy,
-//! `linger.ms=5`; see [`producer_config`]). It stops when a sample of `streamops_offsets` (moved in the same transaction
+//! `linger.ms=5`; see `streamops_worker::produce::producer_config`). It stops when a sample of `streamops_offsets` (moved in the same transaction
 //! as the rows) shows its partition's `next_offset` past the message's offset.
 //!
 //! The tool is built to stay out of the way of what it measures (on a small machine the old
@@ -31,7 +31,6 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sqlx::postgres::PgPoolOptions;
@@ -196,24 +195,6 @@ impl ProducerContext for DeliveryLog {
 }
 
 type LatencyProducer = ThreadedProducer<DeliveryLog>;
-
-/// The configuration of `streamops_worker::produce::producer` (that function returns a
-/// `FutureProducer`; this tool needs the same settings with a delivery callback). Keep the two
-/// in step.
-fn producer_config(settings: &KafkaClientSettings, max_message_bytes: usize) -> ClientConfig {
-    let mut cfg = settings.reliable_producer();
-    cfg.set(
-        "message.max.bytes",
-        (max_message_bytes + 64 * 1024).max(1_000_000).to_string(),
-    )
-    .set("queue.buffering.max.messages", "1000000")
-    .set("queue.buffering.max.kbytes", "1048576")
-    .set("message.timeout.ms", "300000")
-    .set("batch.num.messages", "10000")
-    .set("batch.size", "1000000")
-    .set("linger.ms", "5");
-    cfg
-}
 
 /// The generated messages of a rate, in one buffer: (start, end of key, end of payload).
 struct Messages {
@@ -555,7 +536,7 @@ pub fn run(args: LatencyArgs) {
         log: Mutex::default(),
         failed: Mutex::default(),
     };
-    let producer: LatencyProducer = producer_config(&settings, 1 << 20)
+    let producer: LatencyProducer = streamops_worker::produce::producer_config(&settings, 1 << 20)
         .create_with_context(context)
         .unwrap_or_else(|e| fail(format!("producer: {e}")));
     let base = producer.context().base;
