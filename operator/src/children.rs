@@ -21,7 +21,7 @@
 //! stores and an empty memo, so a new leader's first pass applies everything.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,8 +29,10 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, PodSpec, PodTemplateSpec, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -50,21 +52,118 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// server instead.
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 
-/// Drops from a child what no reconciliation reads before its store keeps it: `kubectl apply`'s
-/// copy of the object, and every `managedFields` entry but the operator's own, whose field sets
-/// are dropped too (only whether the operator's `Apply`/`Update` entries exist is read, to know
-/// whether a created object's fields still have to be handed to server-side apply; the handover
-/// itself reads the whole object again).
-pub fn trim_child<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
+/// Keeps of a child's metadata only what a reconciliation reads from a store, before the store
+/// keeps it: name, namespace, `uid`, `resourceVersion`, `generation`, the controller references
+/// (the ownership check), the labels that select a StreamConsumer's children
+/// (`app.kubernetes.io/instance`, `managed-by`), and which of the operator's own `managedFields`
+/// entries exist (only whether its `Apply`/`Update` entries exist is read, to know whether a
+/// created object's fields still have to be handed to server-side apply; the handover itself
+/// reads the whole object again). Every other manager's entry, every field set, the annotations
+/// (`kubectl apply`'s copy of the object among them) and the other labels are dropped: watched
+/// objects often carry more `managedFields` than content. Nothing a store keeps is ever sent back
+/// to the API server, so nothing is lost there.
+pub fn trim_child_meta(meta: &mut ObjectMeta) {
     if let Some(managed) = meta.managed_fields.as_mut() {
         managed.retain(|e| e.manager.as_deref() == Some(FIELD_MANAGER));
         for e in managed.iter_mut() {
             e.fields_v1 = None;
+            e.fields_type = None;
+            e.time = None;
+            e.api_version = None;
         }
+        managed.shrink_to_fit();
     }
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.remove(LAST_APPLIED);
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| k == LABEL_INSTANCE || k == LABEL_MANAGED_BY);
+    }
+    meta.annotations = None;
+    meta.owner_references = meta
+        .owner_references
+        .take()
+        .map(|refs| {
+            refs.into_iter()
+                .filter(|r| r.controller == Some(true))
+                .collect::<Vec<_>>()
+        })
+        .filter(|refs| !refs.is_empty());
+    meta.finalizers = None;
+    meta.generate_name = None;
+}
+
+/// Internal annotation under which a stored Deployment carries the [`content_hash`] of the whole
+/// object as watched (see [`compact_deployment`]). Only ever set on the store's copies, which are
+/// never sent to the API server; a value on a watched object is overwritten.
+pub const STORED_CONTENT_HASH: &str = "streamops.dev/stored-content-hash";
+
+/// What a Deployment's store keeps of it: its [`content_hash`] (computed from the whole object
+/// first, so the write memo tells a status report from any other change exactly as from a whole
+/// object, see [`WriteMemo::unchanged`]), the metadata a store keeps of every child
+/// ([`trim_child_meta`]), `spec.replicas`, the pod template's annotations (the configuration
+/// hash) and its containers' names and images (the events word a rollout with them), and the
+/// whole `status` (readiness). The rest of the pod template, the bulk of the object, is dropped.
+pub fn compact_deployment(deployment: &mut Deployment) {
+    let content = content_hash(deployment);
+    trim_child_meta(&mut deployment.metadata);
+    deployment.metadata.annotations = Some(BTreeMap::from([(
+        STORED_CONTENT_HASH.to_string(),
+        content.to_string(),
+    )]));
+    if let Some(spec) = deployment.spec.take() {
+        let template = spec.template;
+        deployment.spec = Some(DeploymentSpec {
+            replicas: spec.replicas,
+            template: PodTemplateSpec {
+                metadata: template.metadata.map(|m| ObjectMeta {
+                    annotations: m.annotations,
+                    ..ObjectMeta::default()
+                }),
+                spec: template.spec.map(|s| PodSpec {
+                    containers: s
+                        .containers
+                        .into_iter()
+                        .map(|c| Container {
+                            name: c.name,
+                            image: c.image,
+                            ..Container::default()
+                        })
+                        .collect(),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        });
+    }
+}
+
+/// The [`content_hash`] a stored Deployment carries (see [`compact_deployment`]); `None` for an
+/// object that was not compacted.
+pub fn stored_content_hash(deployment: &Deployment) -> Option<u64> {
+    deployment
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(STORED_CONTENT_HASH)?
+        .parse()
+        .ok()
+        .filter(|h| *h != 0)
+}
+
+/// What a store keeps of one kind of watched child.
+pub trait StoredForm {
+    /// Reduces a watched object to what its store keeps ([`compact_deployment`], or
+    /// [`trim_child_meta`] for the kinds watched as metadata).
+    fn to_stored_form(&mut self);
+}
+
+impl StoredForm for Deployment {
+    fn to_stored_form(&mut self) {
+        compact_deployment(self);
+    }
+}
+
+impl<K> StoredForm for PartialObjectMeta<K> {
+    fn to_stored_form(&mut self) {
+        trim_child_meta(&mut self.metadata);
     }
 }
 
@@ -75,14 +174,15 @@ pub enum Lookup {
     Unknown,
     /// No object holds the name.
     Absent,
-    /// The object holding the name (trimmed metadata, see [`trim_child`]).
+    /// The object holding the name (trimmed metadata, see [`trim_child_meta`]).
     Present(Box<ObjectMeta>),
 }
 
 /// The reflector stores of every kind of child, and the memo of the operator's writes, for one
 /// leader term.
 pub struct ChildStores {
-    /// Worker Deployments, whole (trimmed): their status feeds the StreamConsumer's status.
+    /// Worker Deployments, compacted ([`compact_deployment`]): their status feeds the
+    /// StreamConsumer's status.
     pub deployments: Store<Deployment>,
     /// ConfigMaps (metadata).
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
@@ -612,7 +712,8 @@ mod tests {
     }
 
     #[test]
-    fn trimming_keeps_only_whether_the_operator_manages_fields() {
+    fn a_stored_child_keeps_only_its_identity_its_controller_and_the_operators_field_entries() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
         let entry = |manager: &str| ManagedFieldsEntry {
             manager: Some(manager.into()),
             operation: Some("Update".into()),
@@ -621,21 +722,229 @@ mod tests {
             )),
             ..ManagedFieldsEntry::default()
         };
-        let mut cm = ConfigMap::default();
-        cm.metadata.managed_fields = Some(vec![entry(FIELD_MANAGER), entry("kubectl")]);
-        cm.metadata.annotations = Some(BTreeMap::from([
-            (LAST_APPLIED.to_string(), "{...}".to_string()),
-            ("keep".to_string(), "me".to_string()),
-        ]));
-        trim_child(&mut cm);
-        let managed = cm.metadata.managed_fields.unwrap();
+        let owner = |uid: &str, controller: bool| OwnerReference {
+            uid: uid.into(),
+            controller: Some(controller),
+            ..OwnerReference::default()
+        };
+        let mut cm = PartialObjectMeta::<ConfigMap> {
+            metadata: ObjectMeta {
+                name: Some("test-config".into()),
+                namespace: Some("ns".into()),
+                managed_fields: Some(vec![entry(FIELD_MANAGER), entry("kubectl")]),
+                annotations: Some(BTreeMap::from([
+                    (LAST_APPLIED.to_string(), "{...}".to_string()),
+                    ("other".to_string(), "x".to_string()),
+                ])),
+                labels: Some(BTreeMap::from([
+                    (LABEL_INSTANCE.to_string(), "test".to_string()),
+                    (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+                    ("app.kubernetes.io/component".to_string(), "config".to_string()),
+                ])),
+                owner_references: Some(vec![owner("sc", true), owner("gc-only", false)]),
+                ..meta("u", "5")
+            },
+            ..Default::default()
+        };
+        cm.to_stored_form();
+        let m = &cm.metadata;
+        let managed = m.managed_fields.as_ref().unwrap();
         assert_eq!(managed.len(), 1);
         assert_eq!(managed[0].manager.as_deref(), Some(FIELD_MANAGER));
+        assert_eq!(managed[0].operation.as_deref(), Some("Update"));
         assert_eq!(managed[0].fields_v1, None);
+        assert_eq!(m.annotations, None);
         assert_eq!(
-            cm.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
-            vec!["keep"]
+            m.labels.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            vec![LABEL_INSTANCE, LABEL_MANAGED_BY]
         );
+        assert_eq!(
+            (m.uid.as_deref(), m.resource_version.as_deref()),
+            (Some("u"), Some("5"))
+        );
+        // What the reconciler reads of it still answers as before.
+        assert!(crate::ownership::controlled_by(m, "sc"));
+        assert!(!crate::ownership::controlled_by(m, "gc-only"));
+        assert!(labelled_child_of(m, "ns", "test"));
+        assert!(crate::ownership::handed_to_apply(managed).is_some());
+    }
+
+    /// A worker Deployment as the API server returns it: a pod template with what a real one
+    /// carries, another manager's field entries, the controller's status.
+    fn watched_deployment() -> Deployment {
+        use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+        use k8s_openapi::api::core::v1::{EnvVar, Volume};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let template_annotations = BTreeMap::from([(
+            crate::names::CONFIG_HASH_ANNOTATION.to_string(),
+            "abc".to_string(),
+        )]);
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some("test".into()),
+                namespace: Some("ns".into()),
+                generation: Some(3),
+                labels: Some(BTreeMap::from([
+                    (LABEL_INSTANCE.to_string(), "test".to_string()),
+                    (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+                ])),
+                annotations: Some(BTreeMap::from([(
+                    DEPLOYMENT_REVISION.to_string(),
+                    "2".to_string(),
+                )])),
+                owner_references: Some(vec![OwnerReference {
+                    uid: "sc".into(),
+                    controller: Some(true),
+                    ..OwnerReference::default()
+                }]),
+                managed_fields: Some(vec![
+                    ManagedFieldsEntry {
+                        manager: Some(FIELD_MANAGER.into()),
+                        operation: Some("Apply".into()),
+                        ..ManagedFieldsEntry::default()
+                    },
+                    ManagedFieldsEntry {
+                        manager: Some("kube-controller-manager".into()),
+                        operation: Some("Update".into()),
+                        subresource: Some("status".into()),
+                        ..ManagedFieldsEntry::default()
+                    },
+                ]),
+                ..meta("u", "7")
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(2),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        annotations: Some(template_annotations),
+                        labels: Some(BTreeMap::from([("a".into(), "b".into())])),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(PodSpec {
+                        containers: vec![Container {
+                            name: "worker".into(),
+                            image: Some("streamops/worker:1".into()),
+                            env: Some(vec![EnvVar {
+                                name: "X".into(),
+                                value: Some("y".repeat(512)),
+                                ..EnvVar::default()
+                            }]),
+                            ..Container::default()
+                        }],
+                        volumes: Some(vec![Volume {
+                            name: "config".into(),
+                            ..Volume::default()
+                        }]),
+                        ..PodSpec::default()
+                    }),
+                },
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(3),
+                replicas: Some(2),
+                ready_replicas: Some(1),
+                updated_replicas: Some(2),
+                conditions: Some(vec![DeploymentCondition {
+                    type_: "Progressing".into(),
+                    status: "False".into(),
+                    reason: Some("ProgressDeadlineExceeded".into()),
+                    message: Some("too slow".into()),
+                    ..DeploymentCondition::default()
+                }]),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_stored_deployment_still_answers_ownership_readiness_and_the_events_questions() {
+        let whole = watched_deployment();
+        let mut stored = whole.clone();
+        stored.to_stored_form();
+        let pod = stored.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.volumes, None, "the rest of the pod template is dropped");
+        assert_eq!(pod.containers[0].env, None);
+        // Ownership and the handover check.
+        assert!(crate::ownership::controlled_by(&stored.metadata, "sc"));
+        assert!(labelled_child_of(&stored.metadata, "ns", "test"));
+        let managed = stored.metadata.managed_fields.as_ref().unwrap();
+        assert_eq!(managed.len(), 1, "only the operator's own entry");
+        assert_eq!(crate::ownership::handed_to_apply(managed), None);
+        // Readiness: the status and the generation it is compared with.
+        assert_eq!(stored.status, whole.status);
+        assert_eq!(stored.metadata.generation, Some(3));
+        assert_eq!(
+            crate::status::Rollout::of(&stored, 2),
+            crate::status::Rollout::of(&whole, 2)
+        );
+        // What the events compare: replicas, configuration hash, image.
+        let spec = stored.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(2));
+        let template = &spec.template;
+        assert_eq!(
+            template.metadata.as_ref().unwrap().annotations,
+            whole.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations
+        );
+        let container = &template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(
+            (container.name.as_str(), container.image.as_deref()),
+            ("worker", Some("streamops/worker:1"))
+        );
+        assert_eq!(container.env, None);
+        // The write memo: the stored copy carries the content hash of the whole object.
+        assert_eq!(stored_content_hash(&stored), Some(content_hash(&whole)));
+        assert_eq!(stored_content_hash(&whole), None, "a whole object carries none");
+    }
+
+    #[test]
+    fn the_memo_tells_a_status_report_from_a_change_of_the_dropped_pod_template() {
+        let written = watched_deployment();
+        let memo = WriteMemo::default();
+        let key = ChildKey::of::<Deployment>("ns", "test");
+        memo.record(
+            key.clone(),
+            "sc",
+            &written.metadata,
+            Some(content_hash(&written)),
+            3,
+        );
+        let stored_from = |d: &Deployment| {
+            let mut s = d.clone();
+            s.to_stored_form();
+            s
+        };
+
+        // The controller reports progress: only the status and resourceVersion moved.
+        let mut reported = written.clone();
+        reported.metadata.resource_version = Some("8".into());
+        reported.status.as_mut().unwrap().ready_replicas = Some(2);
+        let s = stored_from(&reported);
+        assert!(memo.unchanged(&key, &s.metadata, stored_content_hash(&s), 3));
+
+        // Someone edits a part of the pod template the store does not keep (an env value):
+        // the stored copies look alike, the content hash does not, so it is written again.
+        let mut edited = written.clone();
+        edited.metadata.resource_version = Some("9".into());
+        edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].env = None;
+        let s = stored_from(&edited);
+        let mut without_hash = s.clone();
+        without_hash.metadata.annotations = None;
+        let mut reported_without_hash = stored_from(&reported);
+        reported_without_hash.metadata.annotations = None;
+        reported_without_hash.metadata.resource_version = Some("9".into());
+        reported_without_hash.status = without_hash.status.clone();
+        assert_eq!(without_hash, reported_without_hash, "the stored copies alike");
+        assert!(!memo.unchanged(&key, &s.metadata, stored_content_hash(&s), 3));
+
+        // A hash planted on the watched object by someone else is overwritten.
+        let mut planted = edited.clone();
+        planted.metadata.annotations = Some(BTreeMap::from([(
+            STORED_CONTENT_HASH.to_string(),
+            content_hash(&written).to_string(),
+        )]));
+        let s = stored_from(&planted);
+        assert!(!memo.unchanged(&key, &s.metadata, stored_content_hash(&s), 3));
     }
 
     #[tokio::test]

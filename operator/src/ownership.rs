@@ -118,8 +118,9 @@ impl Ours {
         }
     }
 
-    /// An object as a store keeps it (see [`crate::children::trim_child`]), with its
-    /// [`content_hash`] when the store keeps whole objects.
+    /// An object as a store keeps it (see [`crate::children::trim_child_meta`]), with the
+    /// [`content_hash`] of the whole object when the store keeps one (a Deployment's, see
+    /// [`crate::children::compact_deployment`]).
     pub fn stored(meta: ObjectMeta, content: Option<u64>) -> Self {
         Self {
             meta,

@@ -47,7 +47,7 @@ use tracing::{debug, warn};
 
 use crate::autoscale::Decision;
 use crate::build::WorkerNetwork;
-use crate::children::{trim_child, ChildStores, READY_WAIT};
+use crate::children::{ChildStores, StoredForm, READY_WAIT};
 use crate::consumer_group::GroupDeleter;
 use crate::lag_book::LagView;
 use crate::lag_poller::LagPoller;
@@ -290,7 +290,13 @@ pub async fn run_controller(
         }
     }
     let ns = namespace.as_deref();
-    let children = watcher::Config::default().labels(&managed_selector());
+    // Only the operator's own children (labelled `managed-by`) enter the watches and stores, and
+    // their first lists come in pages of `LIST_PAGE_SIZE`: a page is held whole (the response
+    // and every object in it, before `to_stored_form` reduces them) while it is read, and a new
+    // leader reads every kind at once.
+    let children = watcher::Config::default()
+        .labels(&managed_selector())
+        .page_size(LIST_PAGE_SIZE);
     // The StreamConsumer store keeps every object for the life of the leader term: without what
     // no reconciliation reads (see `trim_for_store`).
     let (store, writer) = reflector::store();
@@ -298,14 +304,15 @@ pub async fn run_controller(
         writer,
         watcher(
             api::<DeserializeGuard<StreamConsumer>>(&client, ns),
-            watcher::Config::default(),
+            watcher::Config::default().page_size(LIST_PAGE_SIZE),
         )
         .modify(trim_for_store),
     )
     .applied_objects();
     // The children are watched to be told of their changes (drift, a Deployment's rollout), and
     // the same watches fill this term's child stores, which reconciliations read instead of the
-    // API server (see `crate::children`): Deployments whole, the rest as metadata, all trimmed.
+    // API server (see `crate::children`): Deployments compacted to what is read of them and a
+    // hash of the rest, the other kinds as metadata, trimmed.
     let network = ctx.config.worker_network.is_some();
     let (child_stores, writers) = ChildStores::new(network);
     ctx.install_child_stores(Some(child_stores));
@@ -313,7 +320,7 @@ pub async fn run_controller(
         writers.deployments,
         watcher(api::<Deployment>(&client, ns), children.clone())
             .default_backoff()
-            .modify(trim_child),
+            .modify(Deployment::to_stored_form),
     )
     .touched_objects();
     let controller = Controller::for_stream(consumers, store)
@@ -386,6 +393,9 @@ pub async fn run_controller(
     }
 }
 
+/// Objects per page of the watches' first lists (kube's default: 500). See [`run_controller`].
+pub const LIST_PAGE_SIZE: u32 = 100;
+
 /// A metadata watch of one kind of child, filling its store (trimmed) on the way to the
 /// controller.
 fn owned<K>(
@@ -407,7 +417,7 @@ where
         writer,
         watcher(api, config.clone())
             .default_backoff()
-            .modify(trim_child),
+            .modify(PartialObjectMeta::<K>::to_stored_form),
     )
     .touched_objects()
 }

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
-use crate::children::{content_hash, ChildKey, ChildStores, Lookup, StoredChild};
+use crate::children::{stored_content_hash, ChildKey, ChildStores, Lookup, StoredChild};
 use crate::names::{
     children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
 };
@@ -240,7 +240,7 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         Some(None) => (None, None),
         Some(Some(d)) if controlled_by(d.meta(), id.uid) => (
             Some(Deployment::clone(&d)),
-            Some(Ours::stored(d.meta().clone(), Some(content_hash(&*d)))),
+            Some(Ours::stored(d.meta().clone(), stored_content_hash(&d))),
         ),
         // Someone else's as far as the store knows, or no store: read it.
         _ => {

@@ -2128,7 +2128,7 @@ mod stores {
     use kube::runtime::watcher;
 
     use super::*;
-    use crate::children::{trim_child, ChildStores, ChildWriters};
+    use crate::children::{ChildStores, ChildWriters, StoredForm};
 
     /// The child stores of a test context, filled as the watches would fill them.
     pub struct TestStores {
@@ -2138,11 +2138,11 @@ mod stores {
 
     fn listed<K>(w: &mut Writer<K>, objects: Vec<K>)
     where
-        K: Resource<DynamicType = ()> + Clone + 'static,
+        K: Resource<DynamicType = ()> + StoredForm + Clone + 'static,
     {
         w.apply_watcher_event(&watcher::Event::Init);
         for mut o in objects {
-            trim_child(&mut o);
+            o.to_stored_form();
             w.apply_watcher_event(&watcher::Event::InitApply(o));
         }
         w.apply_watcher_event(&watcher::Event::InitDone);
@@ -2200,9 +2200,9 @@ mod stores {
         pub fn put(&mut self, object: Value) {
             fn applied<K>(w: &mut Writer<K>, mut o: K)
             where
-                K: Resource<DynamicType = ()> + Clone + 'static,
+                K: Resource<DynamicType = ()> + StoredForm + Clone + 'static,
             {
-                trim_child(&mut o);
+                o.to_stored_form();
                 w.apply_watcher_event(&watcher::Event::Apply(o));
             }
             let w = &mut self.writers;
