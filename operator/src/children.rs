@@ -739,7 +739,10 @@ mod tests {
                 labels: Some(BTreeMap::from([
                     (LABEL_INSTANCE.to_string(), "test".to_string()),
                     (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
-                    ("app.kubernetes.io/component".to_string(), "config".to_string()),
+                    (
+                        "app.kubernetes.io/component".to_string(),
+                        "config".to_string(),
+                    ),
                 ])),
                 owner_references: Some(vec![owner("sc", true), owner("gc-only", false)]),
                 ..meta("u", "5")
@@ -862,7 +865,14 @@ mod tests {
         let whole = watched_deployment();
         let mut stored = whole.clone();
         stored.to_stored_form();
-        let pod = stored.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let pod = stored
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
         assert_eq!(pod.volumes, None, "the rest of the pod template is dropped");
         assert_eq!(pod.containers[0].env, None);
         // Ownership and the handover check.
@@ -884,7 +894,15 @@ mod tests {
         let template = &spec.template;
         assert_eq!(
             template.metadata.as_ref().unwrap().annotations,
-            whole.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations
+            whole
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
         );
         let container = &template.spec.as_ref().unwrap().containers[0];
         assert_eq!(
@@ -894,7 +912,11 @@ mod tests {
         assert_eq!(container.env, None);
         // The write memo: the stored copy carries the content hash of the whole object.
         assert_eq!(stored_content_hash(&stored), Some(content_hash(&whole)));
-        assert_eq!(stored_content_hash(&whole), None, "a whole object carries none");
+        assert_eq!(
+            stored_content_hash(&whole),
+            None,
+            "a whole object carries none"
+        );
     }
 
     #[test]
@@ -926,7 +948,16 @@ mod tests {
         // the stored copies look alike, the content hash does not, so it is written again.
         let mut edited = written.clone();
         edited.metadata.resource_version = Some("9".into());
-        edited.spec.as_mut().unwrap().template.spec.as_mut().unwrap().containers[0].env = None;
+        edited
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .env = None;
         let s = stored_from(&edited);
         let mut without_hash = s.clone();
         without_hash.metadata.annotations = None;
@@ -934,7 +965,10 @@ mod tests {
         reported_without_hash.metadata.annotations = None;
         reported_without_hash.metadata.resource_version = Some("9".into());
         reported_without_hash.status = without_hash.status.clone();
-        assert_eq!(without_hash, reported_without_hash, "the stored copies alike");
+        assert_eq!(
+            without_hash, reported_without_hash,
+            "the stored copies alike"
+        );
         assert!(!memo.unchanged(&key, &s.metadata, stored_content_hash(&s), 3));
 
         // A hash planted on the watched object by someone else is overwritten.
