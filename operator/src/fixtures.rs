@@ -931,7 +931,8 @@ impl ApplyPass {
 /// What the mock API server expects from one reconciliation.
 #[derive(Debug, Clone)]
 pub enum Scenario {
-    /// An object without the finalizer: the finalizer is added, nothing else.
+    /// An object without the finalizer: the finalizer is added, then (in the same pass) a first
+    /// [`ApplyPass`] over the object the patch returned.
     FinalizerCreation(StreamConsumer),
     /// A pass that applies the children.
     Apply(Box<ApplyPass>),
@@ -981,6 +982,16 @@ fn sc_path(suffix: &str) -> String {
     )
 }
 
+/// The JSON patch that adds the finalizer to `test` (which has none), answered with `finalized`.
+pub fn finalizer_addition(finalized: &StreamConsumer) -> Expect {
+    Expect::new(Method::PATCH, sc_path(""))
+        .body(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+        ]))
+        .reply(Reply::Json(200, serde_json::to_value(finalized).unwrap()))
+}
+
 fn finalizer_removal(sc: &StreamConsumer) -> Expect {
     Expect::new(Method::PATCH, sc_path(""))
         .body(json!([
@@ -994,15 +1005,12 @@ impl Scenario {
     /// The requests, in order.
     pub fn steps(self) -> Vec<Expect> {
         match self {
-            Scenario::FinalizerCreation(sc) => vec![Expect::new(Method::PATCH, sc_path(""))
-                .body(json!([
-                    {"op": "test", "path": "/metadata/finalizers", "value": null},
-                    {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
-                ]))
-                .reply(Reply::Json(
-                    200,
-                    serde_json::to_value(sc.finalized()).unwrap(),
-                ))],
+            Scenario::FinalizerCreation(sc) => {
+                let finalized = sc.finalized();
+                let mut steps = vec![finalizer_addition(&finalized)];
+                steps.extend(ApplyPass::new(finalized).steps());
+                steps
+            }
             Scenario::Apply(pass) => pass.steps(),
             Scenario::InvalidSpec { sc, field } => vec![
                 event("Warning", "InvalidSpec"),

@@ -41,6 +41,7 @@
 pub mod autoscale;
 pub mod brokers;
 pub mod build;
+pub mod children;
 pub mod cli;
 pub mod consumer_group;
 pub mod error;

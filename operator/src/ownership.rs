@@ -19,6 +19,13 @@
 //!
 //! Either refusal stops the pass with nothing written ([`Error::ChildChanged`], or
 //! [`Error::ChildConflict`] when the object now there is someone else's).
+//!
+//! The read may come from the operator's child stores ([`crate::children`]) instead of a `GET`:
+//! a store may be behind, which the write's own check makes harmless. A name the store shows as
+//! free is created (`AlreadyExists`: read again with a `GET`); an object it shows as ours is
+//! applied over the `resourceVersion` it shows (409 or 404: read again with a `GET` and retried,
+//! as above); an object it shows as someone else's is read again with a `GET` before it is
+//! reported. A write that cannot change anything is skipped ([`WriteMemo`]); so is nothing else.
 
 use std::fmt::Debug;
 
@@ -31,6 +38,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::debug;
 
+use crate::children::{content_hash, desired_hash, ChildKey, WriteMemo};
 use crate::names::FIELD_MANAGER;
 use crate::{Error, Result};
 
@@ -88,39 +96,109 @@ impl Swept {
 /// status of a Deployment moves its `resourceVersion`).
 pub const WRITE_ATTEMPTS: usize = 3;
 
-/// Writes the child `desired`, whose name was read as `live` (`None`: free; `Some`: an object
+/// An object seen holding a child's name and controlled by the StreamConsumer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ours {
+    /// Its metadata as seen.
+    pub meta: ObjectMeta,
+    /// Whether `meta` was read whole from the API server; a store keeps only the operator's own
+    /// `managedFields` entries, so a handover (which rewrites every entry) reads the object first.
+    pub whole: bool,
+    /// [`content_hash`] of the object, when it was seen whole (not as metadata only).
+    pub content: Option<u64>,
+}
+
+impl Ours {
+    /// An object read from the API server.
+    pub fn read<K: Resource + Serialize>(object: &K) -> Self {
+        Self {
+            meta: object.meta().clone(),
+            whole: true,
+            content: Some(content_hash(object)),
+        }
+    }
+
+    /// An object as a store keeps it (see [`crate::children::trim_child_meta`]), with the
+    /// [`content_hash`] of the whole object when the store keeps one (a Deployment's, see
+    /// [`crate::children::compact_deployment`]).
+    pub fn stored(meta: ObjectMeta, content: Option<u64>) -> Self {
+        Self {
+            meta,
+            whole: false,
+            content,
+        }
+    }
+}
+
+/// Writes the child `desired`, whose name was seen as `live` (`None`: free; `Some`: an object
 /// this StreamConsumer `uid` controls), without racing another writer (see the module notes).
-/// When the object changed since it was read, it is read (and its ownership checked) again, up
-/// to [`WRITE_ATTEMPTS`] times. Returns the object as the API server stored it.
-pub async fn write_child<K>(api: &Api<K>, desired: &K, live: Option<K>, uid: &str) -> Result<K>
+/// When the object changed since it was seen, it is read (and its ownership checked) again, up
+/// to [`WRITE_ATTEMPTS`] times.
+///
+/// With a `memo`, a write that cannot change anything is skipped (see
+/// [`WriteMemo::unchanged`]) and every write is recorded. Returns the object as the API server
+/// stored it, or `None` when the write was skipped over `live` itself.
+pub async fn write_child<K>(
+    api: &Api<K>,
+    desired: &K,
+    live: Option<Ours>,
+    uid: &str,
+    memo: Option<&WriteMemo>,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
     let name = name_of(desired);
+    let key = ChildKey::of::<K>(
+        desired.meta().namespace.as_deref().unwrap_or_default(),
+        &name,
+    );
+    let hash = memo.map(|_| desired_hash(desired)).unwrap_or_default();
+    let unchanged = |seen: &ObjectMeta, content: Option<u64>| {
+        memo.is_some_and(|m| m.unchanged(&key, seen, content, hash))
+    };
+    if live.as_ref().is_some_and(|l| unchanged(&l.meta, l.content)) {
+        debug!(kind = %K::kind(&()), name, "unchanged since the operator wrote it; not written");
+        return Ok(None);
+    }
     let mut live = live;
     let mut attempt = 1;
     loop {
         let result = match live {
             Some(live) => {
-                let live = hand_to_apply(api, live, uid).await?;
+                let rv = hand_to_apply(api, live, uid).await?;
                 let mut body = desired.clone();
-                body.meta_mut().resource_version = live.meta().resource_version.clone();
+                body.meta_mut().resource_version = rv;
                 apply_with_precondition(api, &body).await
             }
             None => create_child(api, desired, uid).await,
         };
         match result {
+            Ok(stored) => {
+                if let Some(memo) = memo {
+                    memo.record(key, uid, stored.meta(), Some(content_hash(&stored)), hash);
+                }
+                return Ok(Some(stored));
+            }
             Err(Error::ChildChanged { .. }) if attempt < WRITE_ATTEMPTS => {
                 debug!(kind = %K::kind(&()), name, attempt, "changed since it was read; reading it again");
                 attempt += 1;
-                live = existing_child(api, &name, uid).await?;
+                let fresh = existing_child(api, &name, uid).await?;
+                if let Some(fresh) = fresh
+                    .as_ref()
+                    .filter(|f| unchanged(f.meta(), Some(content_hash(*f))))
+                {
+                    // The store was behind the operator's own last write.
+                    return Ok(Some(fresh.clone()));
+                }
+                live = fresh.as_ref().map(Ours::read);
             }
             Err(Error::ChildChanged { .. }) => {
                 // Whoever holds the name now: someone else's object is a conflict.
                 existing_child(api, &name, uid).await?;
                 return Err(changed::<K>(name));
             }
-            other => return other,
+            Err(other) => return Err(other),
         }
     }
 }
@@ -175,7 +253,10 @@ where
         field_manager: Some(FIELD_MANAGER.to_string()),
     };
     match api.create(&params, desired).await {
-        Ok(created) => hand_to_apply(api, created, uid).await,
+        Ok(created) => {
+            let ours = Ours::read(&created);
+            Ok(hand_over(api, ours, uid).await?.unwrap_or(created))
+        }
         Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => Err(changed::<K>(name)),
         Err(source) => Err(Error::ApplyChild {
             kind: K::kind(&()).into_owned(),
@@ -211,40 +292,79 @@ pub fn handed_to_apply(managed: &[ManagedFieldsEntry]) -> Option<Vec<ManagedFiel
     )
 }
 
+/// Hands over the fields of `live` if `create` left them to an `Update` entry (see
+/// [`hand_over`]); returns the `resourceVersion` to apply over.
+async fn hand_to_apply<K>(api: &Api<K>, live: Ours, uid: &str) -> Result<Option<String>>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
+{
+    let rv = live.meta.resource_version.clone();
+    Ok(match hand_over(api, live, uid).await? {
+        Some(o) => o.meta().resource_version.clone(),
+        None => rv,
+    })
+}
+
 /// Hands the fields `create` gave the operator's manager to server-side apply (see
 /// [`handed_to_apply`]), under a `resourceVersion` precondition. A controller writing the status
 /// meanwhile (a new Deployment's) moves the `resourceVersion`: the object is read again and the
 /// handover retried, up to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still
-/// controls it; otherwise the next pass hands it over. Returns the object as stored.
-async fn hand_to_apply<K>(api: &Api<K>, object: K, uid: &str) -> Result<K>
+/// controls it; otherwise the next pass hands it over. An object seen in a store is read whole
+/// first (the patch rewrites every entry); if it is no longer ours, [`Error::ChildChanged`].
+/// Returns the object as last read or stored, `None` when there was nothing to hand over.
+async fn hand_over<K>(api: &Api<K>, live: Ours, uid: &str) -> Result<Option<K>>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
-    let name = name_of(&object);
-    let mut object = object;
+    let name = live.meta.name.clone().unwrap_or_default();
+    let needed = live
+        .meta
+        .managed_fields
+        .as_deref()
+        .and_then(handed_to_apply)
+        .is_some();
+    if !needed {
+        return Ok(None);
+    }
+    let mut meta = live.meta;
+    let mut latest: Option<K> = None;
+    if !live.whole {
+        match api.get_opt(&name).await {
+            Ok(Some(fresh)) if controlled_by(fresh.meta(), uid) => {
+                meta = fresh.meta().clone();
+                latest = Some(fresh);
+            }
+            Ok(_) => return Err(changed::<K>(name)),
+            Err(source) => {
+                return Err(Error::GetChild {
+                    kind: K::kind(&()).into_owned(),
+                    name,
+                    source,
+                })
+            }
+        }
+    }
     for _ in 0..WRITE_ATTEMPTS {
-        let Some(managed) = object
-            .meta()
-            .managed_fields
-            .as_deref()
-            .and_then(handed_to_apply)
-        else {
-            return Ok(object);
+        let Some(managed) = meta.managed_fields.as_deref().and_then(handed_to_apply) else {
+            return Ok(latest);
         };
         let body = json!({"metadata": {
-            "resourceVersion": object.meta().resource_version,
+            "resourceVersion": meta.resource_version,
             "managedFields": managed,
         }});
         match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
             .await
         {
-            Ok(o) => return Ok(o),
+            Ok(o) => return Ok(Some(o)),
             Err(kube::Error::Api(s)) if s.is_conflict() => {
                 debug!(kind = %K::kind(&()), name, "changed before its fields were handed over; reading it again");
                 match api.get_opt(&name).await {
-                    Ok(Some(fresh)) if controlled_by(fresh.meta(), uid) => object = fresh,
-                    _ => return Ok(object),
+                    Ok(Some(fresh)) if controlled_by(fresh.meta(), uid) => {
+                        meta = fresh.meta().clone();
+                        latest = Some(fresh);
+                    }
+                    _ => return Ok(latest),
                 }
             }
             Err(source) => {
@@ -256,7 +376,7 @@ where
             }
         }
     }
-    Ok(object)
+    Ok(latest)
 }
 
 #[cfg(test)]

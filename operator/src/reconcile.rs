@@ -21,7 +21,7 @@
 //!   worded.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,20 +31,23 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 use streamops_crds::v1alpha1::StreamConsumer;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::autoscale::Decision;
 use crate::build::WorkerNetwork;
+use crate::children::{ChildStores, StoredForm, READY_WAIT};
 use crate::consumer_group::GroupDeleter;
 use crate::lag_book::LagView;
 use crate::lag_poller::LagPoller;
@@ -204,6 +207,9 @@ pub struct Context {
     /// Decides the worker replicas.
     pub replicas: Arc<dyn ReplicaDecider>,
     backoff: ErrorBackoff,
+    /// The child stores and write memo of the current leader term (see [`crate::children`]);
+    /// `None` outside a term (and in tests that read every child from the API server).
+    children: RwLock<Option<Arc<ChildStores>>>,
 }
 
 impl Context {
@@ -225,7 +231,31 @@ impl Context {
             group_deleter,
             replicas,
             backoff,
+            children: RwLock::new(None),
         }
+    }
+
+    /// Installs the child stores of a new leader term (`None`: the term ended).
+    pub fn install_child_stores(&self, stores: Option<Arc<ChildStores>>) {
+        *self.children.write().unwrap_or_else(|p| p.into_inner()) = stores;
+    }
+
+    /// The child stores of this term, whether or not they are ready.
+    pub fn installed_child_stores(&self) -> Option<Arc<ChildStores>> {
+        self.children
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The child stores of this term, once they hold their first lists (at the start of a term,
+    /// waiting at most [`READY_WAIT`] for them; a store without its list answers
+    /// [`Lookup::Unknown`](crate::children::Lookup), and that kind is read from the API server);
+    /// `None` when there are none.
+    pub async fn child_stores(&self) -> Option<Arc<ChildStores>> {
+        let stores = self.installed_child_stores()?;
+        stores.settle(READY_WAIT).await;
+        Some(stores)
     }
 }
 
@@ -260,33 +290,75 @@ pub async fn run_controller(
         }
     }
     let ns = namespace.as_deref();
-    let children = watcher::Config::default().labels(&managed_selector());
+    // Only the operator's own children (labelled `managed-by`) enter the watches and stores, and
+    // their first lists come in pages of `LIST_PAGE_SIZE`: a page is held whole (the response
+    // and every object in it, before `to_stored_form` reduces them) while it is read, and a new
+    // leader reads every kind at once.
+    let children = watcher::Config::default()
+        .labels(&managed_selector())
+        .page_size(LIST_PAGE_SIZE);
     // The StreamConsumer store keeps every object for the life of the leader term: without what
-    // no reconciliation reads (see `trim_for_store`). Children are watched as metadata only
-    // (`owns` uses a metadata watcher) and are not stored.
+    // no reconciliation reads (see `trim_for_store`).
     let (store, writer) = reflector::store();
     let consumers = reflector(
         writer,
         watcher(
             api::<DeserializeGuard<StreamConsumer>>(&client, ns),
-            watcher::Config::default(),
+            watcher::Config::default().page_size(LIST_PAGE_SIZE),
         )
         .modify(trim_for_store),
     )
     .applied_objects();
+    // The children are watched to be told of their changes (drift, a Deployment's rollout), and
+    // the same watches fill this term's child stores, which reconciliations read instead of the
+    // API server (see `crate::children`): Deployments compacted to what is read of them and a
+    // hash of the rest, the other kinds as metadata, trimmed.
+    let network = ctx.config.worker_network.is_some();
+    let (child_stores, writers) = ChildStores::new(network);
+    ctx.install_child_stores(Some(child_stores));
+    let deployments = reflector(
+        writers.deployments,
+        watcher(api::<Deployment>(&client, ns), children.clone())
+            .default_backoff()
+            .modify(Deployment::to_stored_form),
+    )
+    .touched_objects();
     let controller = Controller::for_stream(consumers, store)
-        .owns(api::<Deployment>(&client, ns), children.clone())
-        .owns(api::<ConfigMap>(&client, ns), children.clone())
-        .owns(api::<Service>(&client, ns), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns), children.clone())
-        .owns(api::<ServiceAccount>(&client, ns), children.clone())
-        .owns(api::<RoleBinding>(&client, ns), children.clone());
+        .owns_stream(deployments)
+        .owns_stream(owned(
+            writers.config_maps,
+            api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+            &children,
+        ))
+        .owns_stream(owned(
+            writers.services,
+            api::<PartialObjectMeta<Service>>(&client, ns),
+            &children,
+        ))
+        .owns_stream(owned(
+            writers.pdbs,
+            api::<PartialObjectMeta<PodDisruptionBudget>>(&client, ns),
+            &children,
+        ))
+        .owns_stream(owned(
+            writers.service_accounts,
+            api::<PartialObjectMeta<ServiceAccount>>(&client, ns),
+            &children,
+        ))
+        .owns_stream(owned(
+            writers.role_bindings,
+            api::<PartialObjectMeta<RoleBinding>>(&client, ns),
+            &children,
+        ));
     // NetworkPolicies are watched (and the operator may touch them) only when the admin turned
     // them on.
-    let controller = if ctx.config.worker_network.is_some() {
-        controller.owns(api::<NetworkPolicy>(&client, ns), children)
-    } else {
-        controller
+    let controller = match writers.network_policies {
+        Some(writer) => controller.owns_stream(owned(
+            writer,
+            api::<PartialObjectMeta<NetworkPolicy>>(&client, ns),
+            &children,
+        )),
+        None => controller,
     };
     let poller_stop = stop.child_token();
     let (controller, poller) = match lag {
@@ -299,6 +371,7 @@ pub async fn run_controller(
         None => (controller, None),
     };
     let stopped = stop.clone();
+    let term = ctx.clone();
     controller
         .with_config(controller::Config::default().concurrency(ctx.config.concurrency))
         .graceful_shutdown_on(async move { stopped.cancelled().await })
@@ -310,12 +383,43 @@ pub async fn run_controller(
             }
         })
         .await;
+    // The stores stop with the term; the next one starts with new stores and an empty memo.
+    term.install_child_stores(None);
     if let Some(task) = poller {
         poller_stop.cancel();
         if let Err(e) = task.await {
             warn!(error = %e, "the lag poller failed");
         }
     }
+}
+
+/// Objects per page of the watches' first lists (kube's default: 500). See [`run_controller`].
+pub const LIST_PAGE_SIZE: u32 = 100;
+
+/// A metadata watch of one kind of child, filling its store (trimmed) on the way to the
+/// controller.
+fn owned<K>(
+    writer: reflector::store::Writer<PartialObjectMeta<K>>,
+    api: Api<PartialObjectMeta<K>>,
+    config: &watcher::Config,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    // An `Api` of `PartialObjectMeta` lists and watches metadata only.
+    reflector(
+        writer,
+        watcher(api, config.clone())
+            .default_backoff()
+            .modify(PartialObjectMeta::<K>::to_stored_form),
+    )
+    .touched_objects()
 }
 
 /// Annotation `kubectl apply` keeps a copy of the whole object in.
@@ -384,6 +488,7 @@ async fn reconcile_consumer(sc: Arc<StreamConsumer>, ctx: &Context) -> Result<Ac
         .clone()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), &ns);
+    let sc = with_finalizer(&api, sc).await?;
     finalizer(&api, FINALIZER, sc, |event| async move {
         match event {
             FinalizerEvent::Apply(sc) => apply(&sc, ctx).await,
@@ -392,6 +497,48 @@ async fn reconcile_consumer(sc: Arc<StreamConsumer>, ctx: &Context) -> Result<Ac
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Adds the finalizer to a StreamConsumer that lacks it (and is not being deleted), and returns
+/// the object as stored, with it: the pass goes on to apply the children at once instead of
+/// waiting for the watch to bring the object back (kube-runtime's `finalizer` stops after adding
+/// it). The finalizer is stored before any child is written, as there. The patch is the one
+/// `finalizer` sends: it `test`s the finalizers this copy holds, so a copy behind the API server
+/// fails instead of dropping or doubling a finalizer.
+async fn with_finalizer(
+    api: &Api<StreamConsumer>,
+    sc: Arc<StreamConsumer>,
+) -> Result<Arc<StreamConsumer>> {
+    let finalizers = sc.metadata.finalizers.as_deref().unwrap_or_default();
+    if sc.metadata.deletion_timestamp.is_some() || finalizers.iter().any(|f| f == FINALIZER) {
+        return Ok(sc);
+    }
+    let name = sc
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::MissingMetadata("name"))?;
+    let operations = if finalizers.is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(operations).map_err(|_| {
+        Error::Finalizer(Box::new(kube::runtime::finalizer::Error::InvalidFinalizer))
+    })?;
+    let stored = api
+        .patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(|e| {
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(e)))
+        })?;
+    Ok(Arc::new(stored))
 }
 
 struct Identity<'a> {

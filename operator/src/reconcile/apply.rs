@@ -22,10 +22,11 @@ use tracing::{debug, info, warn};
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
+use crate::children::{stored_content_hash, ChildKey, ChildStores, Lookup, StoredChild};
 use crate::names::{
     children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
 };
-use crate::ownership::{controlled_by, existing_child, write_child, Swept};
+use crate::ownership::{controlled_by, existing_child, write_child, Ours, Swept};
 use crate::status;
 use crate::validation::validate_with_policy;
 use crate::{Error, Result};
@@ -216,34 +217,53 @@ pub(super) async fn patch_spec_replicas(
 struct Applied {
     /// The Deployment before this reconciliation, if any.
     previous: Option<Deployment>,
-    /// The Deployment as the API server returned it from the apply, with its current status.
+    /// The Deployment as the API server returned it from the apply, with its current status (or
+    /// as seen before, when the apply was skipped: nothing changed it since the last one).
     deployment: Deployment,
 }
 
 /// Applies the children in dependency order (configuration and RBAC before the pods that use
-/// them), then deletes the ones no longer wanted. First every child's name is read: if any object
-/// there is not controlled by this StreamConsumer, nothing at all is written
-/// ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and an event says so).
+/// them), then deletes the ones no longer wanted. First every child's name is looked up (in the
+/// child stores, or read when they are not ready): if any object there is not controlled by this
+/// StreamConsumer, nothing at all is written ([`Error::ChildConflict`], which names it; the status
+/// becomes `Degraded` and an event says so). A write that cannot change anything is skipped (see
+/// [`crate::children`]).
 async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<Applied> {
     let client = &ctx.client;
     let ns = id.namespace;
+    let stores = ctx.child_stores().await;
+    let stores = stores.as_deref();
+    let memo = stores.map(|s| &s.memo);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let previous = existing_child(&deployments, &workload_name(id.name), id.uid).await?;
-    let config_map = check_name::<ConfigMap>(ctx, id, &children.config_map).await?;
+    let workload = workload_name(id.name);
+    let (previous, previous_seen) = match stores.and_then(|s| s.deployment(ns, &workload)) {
+        Some(None) => (None, None),
+        Some(Some(d)) if controlled_by(d.meta(), id.uid) => (
+            Some(Deployment::clone(&d)),
+            Some(Ours::stored(d.meta().clone(), stored_content_hash(&d))),
+        ),
+        // Someone else's as far as the store knows, or no store: read it.
+        _ => {
+            let read = existing_child(&deployments, &workload, id.uid).await?;
+            let seen = read.as_ref().map(Ours::read);
+            (read, seen)
+        }
+    };
+    let config_map = check_name::<ConfigMap>(ctx, stores, id, &children.config_map).await?;
     let rbac = match &children.worker_rbac {
         Some(rbac) => Some((
-            check_name::<ServiceAccount>(ctx, id, &rbac.service_account).await?,
-            check_name::<RoleBinding>(ctx, id, &rbac.role_binding).await?,
+            check_name::<ServiceAccount>(ctx, stores, id, &rbac.service_account).await?,
+            check_name::<RoleBinding>(ctx, stores, id, &rbac.role_binding).await?,
         )),
         None => None,
     };
-    let service = check_name::<Service>(ctx, id, &children.service).await?;
+    let service = check_name::<Service>(ctx, stores, id, &children.service).await?;
     let pdb = match &children.pdb {
-        Some(pdb) => Some(check_name::<PodDisruptionBudget>(ctx, id, pdb).await?),
+        Some(pdb) => Some(check_name::<PodDisruptionBudget>(ctx, stores, id, pdb).await?),
         None => None,
     };
     let network_policy = match &children.network_policy {
-        Some(np) => Some(check_name::<NetworkPolicy>(ctx, id, np).await?),
+        Some(np) => Some(check_name::<NetworkPolicy>(ctx, stores, id, np).await?),
         None => None,
     };
 
@@ -253,6 +273,7 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         &children.config_map,
         config_map,
         id.uid,
+        memo,
     )
     .await?;
     if let (Some(desired), Some((sa, rb))) = (&children.worker_rbac, rbac) {
@@ -261,6 +282,7 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
             &desired.service_account,
             sa,
             id.uid,
+            memo,
         )
         .await?;
         write_child(
@@ -268,25 +290,53 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
             &desired.role_binding,
             rb,
             id.uid,
+            memo,
         )
         .await?;
     }
-    let deployment =
-        write_child(&deployments, &children.deployment, previous.clone(), id.uid).await?;
+    let deployment = write_child(
+        &deployments,
+        &children.deployment,
+        previous_seen,
+        id.uid,
+        memo,
+    )
+    .await?;
+    // Skipped only over `previous` itself.
+    let deployment = match (deployment, &previous) {
+        (Some(d), _) => d,
+        (None, Some(previous)) => previous.clone(),
+        (None, None) => return Err(Error::MissingMetadata("deployment")),
+    };
     write_child(
         &Api::namespaced(client.clone(), ns),
         &children.service,
         service,
         id.uid,
+        memo,
     )
     .await?;
     if let (Some(desired), Some(live)) = (&children.pdb, pdb) {
-        write_child(&Api::namespaced(client.clone(), ns), desired, live, id.uid).await?;
+        write_child(
+            &Api::namespaced(client.clone(), ns),
+            desired,
+            live,
+            id.uid,
+            memo,
+        )
+        .await?;
     }
     if let (Some(desired), Some(live)) = (&children.network_policy, network_policy) {
-        write_child(&Api::namespaced(client.clone(), ns), desired, live, id.uid).await?;
+        write_child(
+            &Api::namespaced(client.clone(), ns),
+            desired,
+            live,
+            id.uid,
+            memo,
+        )
+        .await?;
     }
-    delete_orphans(ctx, id, children).await?;
+    delete_orphans(ctx, stores, id, children).await?;
     Ok(Applied {
         previous,
         deployment,
@@ -294,28 +344,51 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
 }
 
 /// Fails with [`Error::ChildConflict`] when the name of `desired` is held by an object this
-/// StreamConsumer does not control; otherwise returns what holds it (ours), if anything.
-async fn check_name<K>(ctx: &Context, id: &Identity<'_>, desired: &K) -> Result<Option<K>>
+/// StreamConsumer does not control; otherwise returns what holds it (ours), if anything. Looks
+/// in the store when there is one; an object the store shows as someone else's is read again
+/// first (the store may be behind), so a conflict is only reported as the API server has it.
+async fn check_name<K>(
+    ctx: &Context,
+    stores: Option<&ChildStores>,
+    id: &Identity<'_>,
+    desired: &K,
+) -> Result<Option<Ours>>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    K: StoredChild
+        + Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + Debug
-        + DeserializeOwned,
+        + DeserializeOwned
+        + serde::Serialize,
 {
     let name = desired.meta().name.as_deref().unwrap_or_default();
-    existing_child::<K>(
-        &Api::namespaced(ctx.client.clone(), id.namespace),
-        name,
-        id.uid,
-    )
-    .await
+    let seen = stores.map_or(Lookup::Unknown, |s| K::lookup(s, id.namespace, name));
+    match seen {
+        Lookup::Absent => Ok(None),
+        Lookup::Present(meta) if controlled_by(&meta, id.uid) => {
+            Ok(Some(Ours::stored(*meta, None)))
+        }
+        Lookup::Present(_) | Lookup::Unknown => Ok(existing_child::<K>(
+            &Api::namespaced(ctx.client.clone(), id.namespace),
+            name,
+            id.uid,
+        )
+        .await?
+        .as_ref()
+        .map(Ours::read)),
+    }
 }
 
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
 /// to one replica, the RBAC after leaving the job trigger. Candidates are selected by label and
 /// must be controlled by this StreamConsumer; one under a child's name that is not is left alone
 /// and reported ([`Error::ChildConflict`]).
-async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<()> {
+async fn delete_orphans(
+    ctx: &Context,
+    stores: Option<&ChildStores>,
+    id: &Identity<'_>,
+    children: &Children,
+) -> Result<()> {
     let client = &ctx.client;
     let selector = children_selector(id.name);
     let keep = |meta: Option<&ObjectMeta>| meta.and_then(|m| m.name.clone());
@@ -323,6 +396,7 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
     let mut foreign = Vec::new();
     let pdb = delete_owned::<PodDisruptionBudget>(
         client,
+        stores,
         id,
         &selector,
         keep(children.pdb.as_ref().map(|p| &p.metadata)).as_deref(),
@@ -331,6 +405,7 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
     foreign.extend(pdb.conflicts("PodDisruptionBudget", &[&workload_name(id.name)]));
     let sa = delete_owned::<ServiceAccount>(
         client,
+        stores,
         id,
         &selector,
         keep(rbac.map(|r| &r.service_account.metadata)).as_deref(),
@@ -340,6 +415,7 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
     // The RoleBinding of earlier versions was named like the ServiceAccount.
     let rb = delete_owned::<RoleBinding>(
         client,
+        stores,
         id,
         &selector,
         keep(rbac.map(|r| &r.role_binding.metadata)).as_deref(),
@@ -355,6 +431,7 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
     if ctx.config.worker_network.is_some() {
         let np = delete_owned::<NetworkPolicy>(
             client,
+            stores,
             id,
             &selector,
             keep(children.network_policy.as_ref().map(|n| &n.metadata)).as_deref(),
@@ -369,52 +446,88 @@ async fn delete_orphans(ctx: &Context, id: &Identity<'_>, children: &Children) -
 }
 
 /// Deletes every `K` matching `selector` and controlled by the StreamConsumer, except `keep`.
-/// Objects controlled by anything else are never touched; they are returned in [`Swept`].
+/// The candidates come from the store when there is one (an object it shows as someone else's is
+/// read again before it is reported), else from a list. Objects controlled by anything else are
+/// never touched; they are returned in [`Swept`]. Every delete carries the `uid` seen as a
+/// precondition, so an object replaced meanwhile is not deleted.
 pub(super) async fn delete_owned<K>(
     client: &Client,
+    stores: Option<&ChildStores>,
     id: &Identity<'_>,
     selector: &str,
     keep: Option<&str>,
 ) -> Result<Swept>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    K: StoredChild
+        + Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + Debug
         + DeserializeOwned,
 {
     let api: Api<K> = Api::namespaced(client.clone(), id.namespace);
     let kind = K::kind(&()).into_owned();
-    let list = api
-        .list_metadata(&ListParams::default().labels(selector))
-        .await
-        .map_err(|source| Error::ListChildren {
-            kind: kind.clone(),
-            source,
-        })?;
+    let stored = stores.and_then(|s| K::children_of(s, id.namespace, id.name));
+    let from_store = stored.is_some();
+    let candidates = match stored {
+        Some(candidates) => candidates,
+        None => api
+            .list_metadata(&ListParams::default().labels(selector))
+            .await
+            .map_err(|source| Error::ListChildren {
+                kind: kind.clone(),
+                source,
+            })?
+            .items
+            .into_iter()
+            .map(|i| i.metadata)
+            .collect(),
+    };
     let mut swept = Swept::default();
-    for item in list.items {
-        let Some(name) = item.metadata.name.as_deref() else {
+    for meta in candidates {
+        let Some(name) = meta.name.as_deref() else {
             continue;
         };
         if Some(name) == keep {
             continue;
         }
-        if !controlled_by(&item.metadata, id.uid) {
+        if !controlled_by(&meta, id.uid) {
+            if from_store {
+                // The store may be behind: report only what the API server still holds.
+                let now = api
+                    .get_metadata_opt(name)
+                    .await
+                    .map_err(|source| Error::GetChild {
+                        kind: kind.clone(),
+                        name: name.to_string(),
+                        source,
+                    })?;
+                if now.is_none_or(|o| controlled_by(&o.metadata, id.uid)) {
+                    // Gone, or ours now: the next pass (its watch event) sees it.
+                    continue;
+                }
+            }
             warn!(%kind, name, namespace = id.namespace, "labelled like a child but not controlled by this StreamConsumer; left alone");
             swept.foreign.push(name.to_string());
             continue;
         }
         let params = DeleteParams::background().preconditions(Preconditions {
-            uid: item.metadata.uid.clone(),
+            uid: meta.uid.clone(),
             resource_version: None,
         });
+        let forget = || {
+            if let Some(s) = stores {
+                s.memo.forget(&ChildKey::of::<K>(id.namespace, name));
+            }
+        };
         match api.delete(name, &params).await {
             Ok(_) => {
                 info!(%kind, name, namespace = id.namespace, "deleted a child that is no longer wanted");
+                forget();
                 swept.deleted += 1;
             }
             // Already gone, or replaced by another object since the list.
-            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => forget(),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {}
             Err(source) => {
                 return Err(Error::DeleteChild {
                     kind,

@@ -27,6 +27,10 @@ use crate::{Error, Result};
 /// references; sink data is never touched.
 pub(super) async fn cleanup(sc: &StreamConsumer, ctx: &Context) -> Result<Action> {
     let reference = sc.object_ref(&());
+    // Its children go with it: the memo of their writes too.
+    if let (Some(stores), Some(uid)) = (ctx.installed_child_stores(), sc.metadata.uid.as_deref()) {
+        stores.memo.forget_owner(uid);
+    }
     let group = &sc.spec.kafka.group_id;
     match sc.spec.cleanup_policy {
         CleanupPolicy::Retain => {
@@ -72,8 +76,15 @@ async fn delete_consumer_group(
         }
     };
     let id = identity(sc)?;
-    let stopped =
-        delete_owned::<Deployment>(&ctx.client, &id, &children_selector(id.name), None).await?;
+    let stores = ctx.child_stores().await;
+    let stopped = delete_owned::<Deployment>(
+        &ctx.client,
+        stores.as_deref(),
+        &id,
+        &children_selector(id.name),
+        None,
+    )
+    .await?;
     for name in &stopped.foreign {
         publish(
             ctx,

@@ -44,15 +44,38 @@ async fn reconcile_once(ctx: Arc<Context>, sc: StreamConsumer) -> Result<Action>
     reconcile(guard(sc), ctx).await
 }
 
+/// A new object gets the finalizer before anything else is written, and the same pass goes on to
+/// its children (over the object the patch returned) instead of waiting for the watch to bring
+/// the object back.
 #[tokio::test]
-async fn new_object_gets_the_finalizer_and_nothing_else() {
+async fn a_new_object_gets_the_finalizer_then_its_children_in_the_same_pass() {
     let (ctx, server, _) = Context::test();
     let sc = StreamConsumer::test();
     let mock = server.run(Scenario::FinalizerCreation(sc.clone()));
     let result = reconcile_once(ctx.clone(), sc).await;
     drop(ctx);
+    let requests = finish(mock).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    assert_eq!(
+        requests[0].body[1]["path"], "/metadata/finalizers",
+        "the finalizer comes first"
+    );
+}
+
+/// When the finalizer cannot be added (a copy behind the API server fails the patch's `test`),
+/// nothing is written: the failure is reported and retried.
+#[tokio::test]
+async fn no_child_is_written_before_the_finalizer_is_stored() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test();
+    let mock = server.run(Scenario::Steps(vec![
+        finalizer_addition(&sc.clone().finalized()).reply(Reply::Error(422, "Invalid")),
+        event("Warning", "AddFinalizerFailed"),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
     finish(mock).await;
-    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(result.unwrap_err().reason(), "AddFinalizerFailed");
 }
 
 #[tokio::test]
@@ -403,21 +426,33 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
         .into_iter()
         .chain(probe.wanted())
         .collect();
-    for foreign_kind in kinds {
-        for owner in [Some("someone-else"), None] {
+    for (foreign_kind, owner, stored) in kinds.into_iter().flat_map(|k| {
+        [Some("someone-else"), None]
+            .into_iter()
+            .flat_map(move |o| [(k, o, false), (k, o, true)])
+    }) {
+        {
             let (ctx, server) = network_context();
             let (sc, pass) = every_child();
             let mut steps = Vec::new();
+            // From the stores, the other names are free without a read; the object the store
+            // shows as someone else's is read again before it is reported.
+            let _stores =
+                stored.then(|| TestStores::install(&ctx, vec![child_object(foreign_kind, owner)]));
             if foreign_kind == Kind::Deployment {
                 steps.push(
                     Expect::new(Method::GET, Kind::Deployment.path("test"))
                         .reply(Reply::Json(200, child_object(Kind::Deployment, owner))),
                 );
             } else {
-                steps.push(get_deployment(None));
+                if !stored {
+                    steps.push(get_deployment(None));
+                }
                 for kind in pass.wanted() {
                     let foreign = kind == foreign_kind;
-                    steps.push(get_child(kind, foreign.then(|| child_object(kind, owner))));
+                    if foreign || !stored {
+                        steps.push(get_child(kind, foreign.then(|| child_object(kind, owner))));
+                    }
                     if foreign {
                         break;
                     }
@@ -446,7 +481,11 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
             drop(ctx);
             let requests = finish(mock).await;
             let err = result.expect_err("a conflict is an error (retried with backoff)");
-            assert_eq!(err.reason(), "ChildConflict", "{foreign_kind:?}");
+            assert_eq!(
+                err.reason(),
+                "ChildConflict",
+                "{foreign_kind:?} stored {stored}"
+            );
             assert!(
                 !requests.iter().any(|r| (r.method == Method::PATCH
                     && !r.path.ends_with("/status"))
@@ -530,12 +569,20 @@ fn assert_nothing_written_to(requests: &[Recorded], kind: Kind, last_write: usiz
 /// written to it, nothing deleted, Degraded and an event naming it.
 #[tokio::test]
 async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_taken_over() {
-    for raced in WRITE_ORDER {
+    for (raced, stored) in WRITE_ORDER
+        .into_iter()
+        .flat_map(|k| [(k, false), (k, true)])
+    {
         let (ctx, server) = network_context();
         let (sc, pass) = every_child();
-        let mut steps = vec![get_deployment(None)];
-        for kind in pass.wanted() {
-            steps.push(get_child(kind, None));
+        // The names are read as free, or seen free in the stores.
+        let _stores = stored.then(|| TestStores::install(&ctx, vec![]));
+        let mut steps = vec![];
+        if !stored {
+            steps.push(get_deployment(None));
+            for kind in pass.wanted() {
+                steps.push(get_child(kind, None));
+            }
         }
         for kind in WRITE_ORDER {
             if kind == raced {
@@ -559,7 +606,11 @@ async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_t
         let result = reconcile_once(ctx.clone(), sc).await;
         drop(ctx);
         let requests = finish(mock).await;
-        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?}");
+        assert_eq!(
+            result.unwrap_err().reason(),
+            "ChildConflict",
+            "{raced:?} stored {stored}"
+        );
         assert_nothing_written_to(&requests, raced, last_write);
     }
 }
@@ -570,15 +621,26 @@ async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_t
 /// reads the name again, finds someone else's object, and stops without writing to it.
 #[tokio::test]
 async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
-    for raced in WRITE_ORDER {
+    for (raced, stored) in WRITE_ORDER
+        .into_iter()
+        .flat_map(|k| [(k, false), (k, true)])
+    {
         let (ctx, server) = network_context();
         let (sc, pass) = every_child();
-        let mut steps = vec![get_child(
-            Kind::Deployment,
-            Some(child_object(Kind::Deployment, Some(SC_UID))),
-        )];
-        for kind in pass.wanted() {
-            steps.push(get_child(kind, Some(child_object(kind, Some(SC_UID)))));
+        let mut steps = vec![];
+        let ours: Vec<Value> = [Kind::Deployment]
+            .into_iter()
+            .chain(pass.wanted())
+            .map(|kind| child_object(kind, Some(SC_UID)))
+            .collect();
+        // Read as ours, or seen as ours in the stores (which are behind: the object was
+        // replaced since).
+        let _stores = stored.then(|| TestStores::install(&ctx, ours.clone()));
+        if !stored {
+            steps.push(get_child(Kind::Deployment, Some(ours[0].clone())));
+            for (kind, o) in pass.wanted().into_iter().zip(&ours[1..]) {
+                steps.push(get_child(kind, Some(o.clone())));
+            }
         }
         for kind in WRITE_ORDER {
             if kind == raced {
@@ -602,7 +664,11 @@ async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
         let result = reconcile_once(ctx.clone(), sc).await;
         drop(ctx);
         let requests = finish(mock).await;
-        assert_eq!(result.unwrap_err().reason(), "ChildConflict", "{raced:?}");
+        assert_eq!(
+            result.unwrap_err().reason(),
+            "ChildConflict",
+            "{raced:?} stored {stored}"
+        );
         assert_nothing_written_to(&requests, raced, last_write);
     }
 }
@@ -1337,6 +1403,8 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
                     }
                     body
                 }
+                // The good object's pass goes on to its children once the finalizer is stored.
+                (Method::POST, _) | (Method::PATCH, _) => body,
                 (m, p) => panic!("unexpected request {m} {p}: {body}"),
             };
             send.send_response(
@@ -1350,15 +1418,44 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
     stop.cancel();
     drop(open_watches);
     served.expect("both objects were handled");
+    // Let the pass in flight finish (it is graceful shutdown's to wait for), then stop.
+    let drain = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            if request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .contains("watch=true")
+            {
+                held.push(send);
+                continue;
+            }
+            let answer = if request.method() == Method::GET {
+                list(vec![])
+            } else {
+                serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
+                    .unwrap_or(Value::Null)
+            };
+            send.send_response(
+                Response::builder()
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
     tokio::time::timeout(Duration::from_secs(10), controller)
         .await
         .expect("the controller stops when asked")
         .unwrap();
+    drain.abort();
     assert_eq!(ctx.metrics.malformed_objects.get(), 1);
 }
 
-/// Drift end to end: after a first reconciliation, the watch on owned Deployments reports a
-/// Deployment scaled by hand; the controller reconciles again and applies the desired replicas.
+/// Drift end to end, through the child stores: a first reconciliation reads no child from the
+/// API server (the stores, filled by the watches, know the names are free); then the watch on
+/// owned Deployments reports a Deployment scaled by hand; the store takes it, the controller
+/// reconciles again and applies the desired replicas over the version the watch reported.
 #[tokio::test]
 async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
     use crate::metrics::Metrics;
@@ -1393,10 +1490,20 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
     let consumers = path("streamops.dev/v1alpha1", "streamconsumers", "");
     let deployments = Kind::Deployment.path("");
     let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "10"}, "items": items});
+    let not_found = || {
+        let status = kube::core::Status::failure("not found", "NotFound").with_code(404);
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+            .unwrap()
+    };
 
     let mut watches: HashMap<String, Vec<_>> = HashMap::new();
+    // The children on the mock API server, by path.
+    let mut objects: HashMap<String, Value> = HashMap::new();
     let mut deployment_applies = Vec::new();
     let mut drift_reported = false;
+    let mut reads_before_drift = Vec::new();
     let served = tokio::time::timeout(Duration::from_secs(20), async {
         while deployment_applies.len() < 2 {
             let (request, send) = handle.next_request().await.expect("the controller stopped");
@@ -1412,53 +1519,58 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
                 (Method::GET, p) if p == consumers => {
                     list(vec![serde_json::to_value(&sc).unwrap()])
                 }
-                (Method::GET, p) if p == Kind::Deployment.path("test") => {
-                    if drift_reported {
-                        serde_json::to_value(&drifted).unwrap()
-                    } else {
+                (Method::GET, p) if p == Kind::Deployment.path("test") || is_child_object(p) => {
+                    if !drift_reported {
+                        reads_before_drift.push(p.to_string());
+                    }
+                    match objects.get(p) {
+                        Some(o) => o.clone(),
+                        None => {
+                            send.send_response(not_found());
+                            continue;
+                        }
+                    }
+                }
+                (Method::GET, _) => list(vec![]),
+                (Method::POST, p) if !p.ends_with("/events") => {
+                    let at = format!("{p}/{}", body["metadata"]["name"].as_str().unwrap());
+                    if objects.contains_key(&at) {
                         let status =
-                            kube::core::Status::failure("not found", "NotFound").with_code(404);
+                            kube::core::Status::failure("exists", "AlreadyExists").with_code(409);
                         send.send_response(
                             Response::builder()
-                                .status(404)
+                                .status(409)
                                 .body(Body::from(serde_json::to_vec(&status).unwrap()))
                                 .unwrap(),
                         );
                         continue;
                     }
+                    let mut answer = body.clone();
+                    answer["metadata"]["uid"] = json!(format!("uid-{at}"));
+                    answer["metadata"]["resourceVersion"] = json!("11");
+                    if p == deployments {
+                        deployment_applies.push(body);
+                        answer["metadata"]["generation"] = json!(1);
+                    }
+                    objects.insert(at, answer.clone());
+                    answer
                 }
-                (Method::GET, p) if is_child_object(p) => {
-                    // The ownership check before writing: nothing holds the name yet.
-                    let status =
-                        kube::core::Status::failure("not found", "NotFound").with_code(404);
-                    send.send_response(
-                        Response::builder()
-                            .status(404)
-                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
-                            .unwrap(),
-                    );
-                    continue;
-                }
-                (Method::GET, _) => list(vec![]),
-                // Created on the first pass (the name was free), applied on the second.
-                (Method::POST, p) | (Method::PATCH, p)
-                    if p == Kind::Deployment.path("") || p == Kind::Deployment.path("test") =>
-                {
+                (Method::PATCH, p) if p == Kind::Deployment.path("test") => {
                     deployment_applies.push(body.clone());
                     let mut answer = body;
-                    answer["metadata"]["generation"] = json!(1);
+                    answer["metadata"]["generation"] = json!(3);
                     answer
                 }
                 (Method::PATCH, p) if p.ends_with("/status") => {
                     let mut answer = serde_json::to_value(&sc).unwrap();
                     answer["status"] = body["status"].clone();
-                    // After the first pass, someone scales the Deployment by hand.
+                    // After the first pass, someone scales the Deployment by hand; the watch
+                    // reports the whole object.
                     if !drift_reported {
                         drift_reported = true;
-                        let event = json!({"type": "MODIFIED", "object": {
-                            "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                            "metadata": serde_json::to_value(&drifted.metadata).unwrap()
-                        }});
+                        let drifted = serde_json::to_value(&drifted).unwrap();
+                        objects.insert(Kind::Deployment.path("test"), drifted.clone());
+                        let event = json!({"type": "MODIFIED", "object": drifted});
                         let mut line = serde_json::to_vec(&event).unwrap();
                         line.push(b'\n');
                         let watch = watches
@@ -1482,8 +1594,17 @@ async fn a_changed_child_reported_by_its_watch_is_reconciled_back() {
     .await;
     served.expect("the drift was reconciled");
     assert_eq!(
+        reads_before_drift,
+        Vec::<String>::new(),
+        "the first pass read its children from the stores"
+    );
+    assert_eq!(
         deployment_applies[1]["spec"]["replicas"], 1,
         "the hand-made scale is undone"
+    );
+    assert_eq!(
+        deployment_applies[1]["metadata"]["resourceVersion"], "100",
+        "applied over the version the watch reported"
     );
 
     // Let the second pass finish (it is graceful shutdown's to wait for), then stop.
@@ -1629,6 +1750,19 @@ async fn a_lag_reading_over_the_threshold_triggers_a_scale_up_through_the_contro
                     continue;
                 }
                 (Method::GET, _) => list(vec![]),
+                // The store of Deployments hears of nothing here (no watch event is sent): a
+                // second creation is refused like the API server would, and the name read again.
+                (Method::POST, p) if p == Kind::Deployment.path("") && applied.is_some() => {
+                    let status =
+                        kube::core::Status::failure("exists", "AlreadyExists").with_code(409);
+                    send.send_response(
+                        Response::builder()
+                            .status(409)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap(),
+                    );
+                    continue;
+                }
                 (Method::POST, p) | (Method::PATCH, p)
                     if p == Kind::Deployment.path("") || p == Kind::Deployment.path("test") =>
                 {
@@ -1984,4 +2118,483 @@ fn the_store_keeps_no_managed_fields_nor_kubectls_copy_but_every_other_annotatio
     assert_eq!(kept.spec, sc.spec, "the spec is kept whole");
     assert_eq!(kept.metadata.finalizers, sc.metadata.finalizers);
     assert_eq!(kept.metadata.resource_version, sc.metadata.resource_version);
+}
+
+// ---- the child stores ------------------------------------------------------------------------
+
+mod stores {
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    use super::*;
+    use crate::children::{ChildStores, ChildWriters, StoredForm};
+
+    /// The child stores of a test context, filled as the watches would fill them.
+    pub struct TestStores {
+        pub stores: Arc<ChildStores>,
+        writers: ChildWriters,
+    }
+
+    fn listed<K>(w: &mut Writer<K>, objects: Vec<K>)
+    where
+        K: Resource<DynamicType = ()> + StoredForm + Clone + 'static,
+    {
+        w.apply_watcher_event(&watcher::Event::Init);
+        for mut o in objects {
+            o.to_stored_form();
+            w.apply_watcher_event(&watcher::Event::InitApply(o));
+        }
+        w.apply_watcher_event(&watcher::Event::InitDone);
+    }
+
+    fn meta_of<K>(objects: &[Value], kind: Kind) -> Vec<PartialObjectMeta<K>>
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind_name(kind))
+            .map(|o| PartialObjectMeta::<K> {
+                metadata: serde_json::from_value(o["metadata"].clone()).unwrap(),
+                types: None,
+                _phantom: Default::default(),
+            })
+            .collect()
+    }
+
+    fn kind_name(kind: Kind) -> String {
+        child_object(kind, None)["kind"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    impl TestStores {
+        /// Stores that listed `objects` (children as the API server returns them), installed in
+        /// `ctx`.
+        pub fn install(ctx: &Context, objects: Vec<Value>) -> Self {
+            let (stores, mut w) = ChildStores::new(ctx.config.worker_network.is_some());
+            let deployments = objects
+                .iter()
+                .filter(|o| o["kind"] == "Deployment")
+                .map(|o| serde_json::from_value::<Deployment>(o.clone()).unwrap())
+                .collect();
+            listed(&mut w.deployments, deployments);
+            listed(&mut w.config_maps, meta_of(&objects, Kind::ConfigMap));
+            listed(&mut w.services, meta_of(&objects, Kind::Service));
+            listed(&mut w.pdbs, meta_of(&objects, Kind::Pdb));
+            listed(
+                &mut w.service_accounts,
+                meta_of(&objects, Kind::ServiceAccount),
+            );
+            listed(&mut w.role_bindings, meta_of(&objects, Kind::RoleBinding));
+            if let Some(np) = w.network_policies.as_mut() {
+                listed(np, meta_of(&objects, Kind::NetworkPolicy));
+            }
+            ctx.install_child_stores(Some(stores.clone()));
+            Self { stores, writers: w }
+        }
+
+        /// A watch event: `object` (a child as the API server returns it) was created or changed.
+        pub fn put(&mut self, object: Value) {
+            fn applied<K>(w: &mut Writer<K>, mut o: K)
+            where
+                K: Resource<DynamicType = ()> + StoredForm + Clone + 'static,
+            {
+                o.to_stored_form();
+                w.apply_watcher_event(&watcher::Event::Apply(o));
+            }
+            let w = &mut self.writers;
+            let one = std::slice::from_ref(&object);
+            match object["kind"].as_str().unwrap() {
+                "Deployment" => {
+                    applied(&mut w.deployments, serde_json::from_value(object).unwrap())
+                }
+                "ConfigMap" => applied(&mut w.config_maps, meta_of(one, Kind::ConfigMap).remove(0)),
+                "Service" => applied(&mut w.services, meta_of(one, Kind::Service).remove(0)),
+                other => panic!("no test store for {other}"),
+            }
+        }
+    }
+}
+
+use stores::TestStores;
+
+/// A child of `test` as the API server returns it: ours, labelled, with this `resourceVersion`.
+fn stored_child(kind: Kind, rv: &str) -> Value {
+    let mut o = child_object(kind, Some(SC_UID));
+    o["metadata"]["resourceVersion"] = json!(rv);
+    o["metadata"]["labels"] = json!({
+        "app.kubernetes.io/instance": "test",
+        "app.kubernetes.io/managed-by": "streamops-operator"
+    });
+    o
+}
+
+/// The answer of the API server to a write of a child: the object with its uid and this
+/// `resourceVersion`.
+fn stored_answer(kind: Kind, rv: &str) -> Value {
+    json!({"metadata": {"uid": format!("uid-of-{}", child_object(kind, None)["kind"].as_str().unwrap()), "resourceVersion": rv}})
+}
+
+/// The object a recorded write left on the API server, as its watch reports it.
+fn as_stored(request: &Recorded, answer: &Value) -> Value {
+    let mut o = request.body.clone();
+    fn merge(base: &mut Value, over: &Value) {
+        match (base, over) {
+            (Value::Object(b), Value::Object(o)) => {
+                for (k, v) in o {
+                    merge(b.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+            (b, o) => *b = o.clone(),
+        }
+    }
+    merge(&mut o, answer);
+    o
+}
+
+/// With the child stores ready, a first pass reads nothing from the API server: no GET of a
+/// child's name, no list of a kind swept for orphans. The free names are created, as before.
+#[tokio::test]
+async fn with_ready_stores_a_first_pass_reads_no_child_from_the_api_server() {
+    let (ctx, server, _) = Context::test();
+    let _stores = TestStores::install(&ctx, vec![]);
+    let sc = StreamConsumer::test().finalized();
+    let steps = vec![
+        create(Kind::ConfigMap, json!({})),
+        create(Kind::Deployment, rollout(1, 1, 0)),
+        create(Kind::Service, json!({})),
+        event("Normal", "Created"),
+        status_patch(&sc, json!({"configHash": hash_of(&sc)})),
+    ];
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    assert!(
+        !requests.iter().any(|r| r.method == Method::GET),
+        "{requests:#?}"
+    );
+}
+
+/// The write memo: a second pass over an unchanged StreamConsumer whose children nobody touched
+/// since the operator wrote them sends nothing at all. Then someone edits the ConfigMap (drift: a
+/// new `resourceVersion` in the store) while the Deployment controller reports the rollout done
+/// (a new `resourceVersion`, only the status changed): only the ConfigMap is applied again, over
+/// the version seen, and the new status is written. Then someone scales the Deployment by hand:
+/// it is applied again.
+#[tokio::test]
+async fn a_second_pass_over_an_unchanged_consumer_writes_no_child_and_drift_is_applied_again() {
+    let (ctx, server, _) = Context::test();
+    let mut stores = TestStores::install(&ctx, vec![]);
+    let mut sc = StreamConsumer::test().finalized();
+    let cm_answer = stored_answer(Kind::ConfigMap, "21");
+    let mut d_answer = rollout(1, 1, 0);
+    d_answer["metadata"]["uid"] = json!("uid-of-Deployment");
+    d_answer["metadata"]["resourceVersion"] = json!("22");
+    let svc_answer = stored_answer(Kind::Service, "23");
+    let mock = server.run(Scenario::Steps(vec![
+        create(Kind::ConfigMap, cm_answer.clone()),
+        create(Kind::Deployment, d_answer.clone()),
+        create(Kind::Service, svc_answer.clone()),
+        event("Normal", "Created"),
+        status_patch(&sc, json!({})),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    // The watches report what was written; the StreamConsumer now carries its status.
+    for (request, answer) in requests
+        .iter()
+        .take(3)
+        .zip([&cm_answer, &d_answer, &svc_answer])
+    {
+        stores.put(as_stored(request, answer));
+    }
+    sc.status = Some(serde_json::from_value(requests[4].body["status"].clone()).unwrap());
+    assert_eq!(stores.stores.memo.len(), 3);
+    let shared = stores.stores.clone();
+    let pass = |steps: Vec<Expect>| {
+        let (client, server) = mock_client();
+        let ctx = Arc::new(Context::new(
+            client,
+            crate::metrics::Metrics::register(&prometheus::Registry::new()).unwrap(),
+            test_config(),
+            FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+            Arc::new(SpecReplicas),
+        ));
+        ctx.install_child_stores(Some(shared.clone()));
+        (ctx, server.run(Scenario::Steps(steps)))
+    };
+
+    // Nothing changed: no request at all.
+    let (ctx, mock) = pass(vec![]);
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+
+    // Someone edits the ConfigMap; the Deployment controller reports the rollout done.
+    let mut edited = as_stored(&requests[0], &cm_answer);
+    edited["metadata"]["resourceVersion"] = json!("30");
+    edited["data"]["worker.yaml"] = json!("tampered");
+    stores.put(edited);
+    let mut rolled = as_stored(&requests[1], &d_answer);
+    rolled["metadata"]["resourceVersion"] = json!("31");
+    rolled["status"] = rollout(1, 1, 1)["status"].clone();
+    stores.put(rolled.clone());
+    let (ctx, mock) = pass(vec![
+        write(
+            Kind::ConfigMap,
+            Some("30"),
+            stored_answer(Kind::ConfigMap, "32"),
+        ),
+        status_patch(
+            &sc,
+            json!({"readyReplicas": 1, "conditions": [{"type": "Ready", "status": "True"}]}),
+        ),
+    ]);
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    let written = finish(mock).await;
+    result.unwrap();
+    assert_eq!(
+        written[0].body["data"]["worker.yaml"],
+        RenderedConfig::render(&sc).unwrap().yaml.as_str(),
+        "the drift is undone"
+    );
+    sc.status = Some(serde_json::from_value(written[1].body["status"].clone()).unwrap());
+    stores.put(as_stored(
+        &written[0],
+        &stored_answer(Kind::ConfigMap, "32"),
+    ));
+
+    // Someone scales the Deployment by hand: applied again, over the version seen.
+    let mut scaled = rolled;
+    scaled["metadata"]["resourceVersion"] = json!("40");
+    scaled["spec"]["replicas"] = json!(5);
+    stores.put(scaled);
+    let mut answer = rollout(1, 1, 1);
+    answer["metadata"]["uid"] = json!("uid-of-Deployment");
+    answer["metadata"]["resourceVersion"] = json!("41");
+    let (ctx, mock) = pass(vec![
+        write(Kind::Deployment, Some("40"), answer),
+        event("Normal", "Scaled"),
+    ]);
+    let result = reconcile_once(ctx.clone(), sc.clone()).await;
+    drop(ctx);
+    let written = finish(mock).await;
+    result.unwrap();
+    assert_eq!(written[0].body["spec"]["replicas"], 1);
+}
+
+/// A store entry behind the API server costs a retry, never a wrong write: the apply over the
+/// version the store showed is refused (409), the object is read again and the apply retried
+/// over the version read.
+#[tokio::test]
+async fn a_stale_store_entry_is_read_again_and_the_write_retried() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let mut deployment = serde_json::to_value(live_deployment(&sc, 1)).unwrap();
+    deployment["status"] = rollout(1, 1, 1)["status"].clone();
+    let _stores = TestStores::install(
+        &ctx,
+        vec![
+            deployment,
+            stored_child(Kind::ConfigMap, "7"),
+            stored_child(Kind::Service, "7"),
+        ],
+    );
+    let mut fresh = stored_child(Kind::ConfigMap, "9");
+    fresh["data"] = json!({"worker.yaml": "changed meanwhile"});
+    let mock = server.run(Scenario::Steps(vec![
+        write(Kind::ConfigMap, Some("7"), json!({})).reply(Reply::Error(409, "Conflict")),
+        get_child(Kind::ConfigMap, Some(fresh)),
+        write(Kind::ConfigMap, Some("9"), json!({})),
+        write(Kind::Deployment, Some("100"), rollout(1, 1, 1)),
+        write(Kind::Service, Some("7"), json!({})),
+        status_patch(&sc, json!({"readyReplicas": 1})),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+/// A store keeps only the operator's own `managedFields` entries; a child whose fields `create`
+/// still holds is read whole before its fields are handed to server-side apply (the handover
+/// rewrites every entry, so another manager's must be in it).
+#[tokio::test]
+async fn a_stored_child_is_read_whole_before_its_fields_are_handed_over() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let entry = |manager: &str, op: &str| {
+        json!({"manager": manager, "operation": op, "apiVersion": "v1",
+               "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {}}})
+    };
+    let mut cm = stored_child(Kind::ConfigMap, "7");
+    cm["metadata"]["managedFields"] = json!([
+        entry(FIELD_MANAGER, "Update"),
+        entry("kubectl-edit", "Update")
+    ]);
+    let _stores = TestStores::install(&ctx, vec![cm.clone()]);
+    let mut whole = cm.clone();
+    whole["metadata"]["resourceVersion"] = json!("8");
+    let mut handed = whole.clone();
+    handed["metadata"]["resourceVersion"] = json!("9");
+    let mock = server.run(Scenario::Steps(vec![
+        get_child(Kind::ConfigMap, Some(whole)),
+        Expect::new(Method::PATCH, Kind::ConfigMap.path("test-config"))
+            .body(
+                json!({"metadata": {"resourceVersion": "8", "managedFields": [
+                    entry(FIELD_MANAGER, "Apply"), entry("kubectl-edit", "Update")
+                ]}}),
+            )
+            .reply(Reply::Json(200, handed)),
+        write(Kind::ConfigMap, Some("9"), json!({})),
+        create(Kind::Deployment, rollout(1, 1, 0)),
+        create(Kind::Service, json!({})),
+        event("Normal", "Created"),
+        status_patch(&sc, json!({})),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+/// The orphan sweep from the stores: an unwanted child of ours (the PodDisruptionBudget after
+/// scaling to one replica) is deleted with its uid as precondition, without a list.
+#[tokio::test]
+async fn an_unwanted_child_in_the_store_is_deleted_with_its_uid_as_precondition() {
+    let (ctx, server, _) = Context::test();
+    let old = StreamConsumer::test().finalized().with_replicas(3);
+    let new = old.clone().with_generation(2).with_replicas(1);
+    let _stores = TestStores::install(
+        &ctx,
+        vec![
+            serde_json::to_value(live_deployment(&old, 1)).unwrap(),
+            stored_child(Kind::ConfigMap, "7"),
+            stored_child(Kind::Service, "7"),
+            stored_child(Kind::Pdb, "7"),
+        ],
+    );
+    let mock = server.run(Scenario::Steps(vec![
+        write(Kind::ConfigMap, Some("7"), json!({})),
+        write(Kind::Deployment, Some("100"), rollout(2, 1, 1)),
+        write(Kind::Service, Some("7"), json!({})),
+        delete_child(Kind::Pdb),
+        event("Normal", "Scaled"),
+        status_patch(&new, json!({})),
+    ]));
+    let result = reconcile_once(ctx.clone(), new).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+/// Orphan cleanup from the stores: an object under the name of a child this pass no longer
+/// wants, labelled like a child but controlled by another owner, is read again (the store may be
+/// behind) and, still someone else's, left alone and reported; nothing is deleted.
+#[tokio::test]
+async fn orphan_cleanup_from_the_stores_never_deletes_an_object_it_does_not_control() {
+    for foreign_kind in [Kind::Pdb, Kind::ServiceAccount, Kind::RoleBinding] {
+        let (ctx, server, _) = Context::test();
+        let sc = StreamConsumer::test().finalized();
+        let mut foreign = stored_child(foreign_kind, "7");
+        foreign["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+        let _stores = TestStores::install(&ctx, vec![foreign]);
+        let steps = vec![
+            create(Kind::ConfigMap, json!({})),
+            create(Kind::Deployment, rollout(1, 1, 0)),
+            create(Kind::Service, json!({})),
+            Expect::new(Method::GET, foreign_kind.path(foreign_kind.child_name())).reply(
+                Reply::Json(200, child_metadata(foreign_kind, "someone-else")),
+            ),
+            status_patch(
+                &sc,
+                json!({"conditions": [{"type": "Ready"}, {"type": "Progressing"},
+                    {"type": "Degraded", "status": "True", "reason": "ChildConflict"}]}),
+            )
+            .contains("/status/conditions/2/message", foreign_kind.child_name()),
+            event("Warning", "ChildConflict"),
+        ];
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(
+            result.expect_err("reported").reason(),
+            "ChildConflict",
+            "{foreign_kind:?}"
+        );
+        assert!(
+            !requests.iter().any(|r| r.method == Method::DELETE),
+            "{foreign_kind:?} was deleted"
+        );
+    }
+}
+
+/// Cleanup from the stores: the workers of the deleted StreamConsumer are stopped (deleted with
+/// their uid as precondition) without a list; a Deployment labelled like them but someone else's
+/// is left running; the memo forgets the StreamConsumer's children.
+#[tokio::test]
+async fn cleanup_from_the_stores_stops_only_its_own_workers_and_forgets_their_writes() {
+    for ours in [true, false] {
+        let (ctx, server, deleter) = Context::test();
+        let sc = StreamConsumer::test()
+            .with_cleanup(CleanupPolicy::DeleteConsumerGroup)
+            .deleted_now();
+        let mut workers = stored_child(Kind::Deployment, "7");
+        if !ours {
+            workers["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+        }
+        let stores = TestStores::install(&ctx, vec![workers]);
+        stores.stores.memo.record(
+            crate::children::ChildKey::of::<Deployment>("default", "test"),
+            SC_UID,
+            &ObjectMeta {
+                uid: Some("uid-of-Deployment".into()),
+                resource_version: Some("7".into()),
+                ..ObjectMeta::default()
+            },
+            None,
+            1,
+        );
+        let mut steps = if ours {
+            vec![delete_child(Kind::Deployment)]
+        } else {
+            vec![
+                Expect::new(Method::GET, Kind::Deployment.path("test")).reply(Reply::Json(
+                    200,
+                    child_metadata(Kind::Deployment, "someone-else"),
+                )),
+                event("Warning", "ChildConflict"),
+            ]
+        };
+        steps.push(event("Normal", "ConsumerGroupDeleted"));
+        steps.push(
+            Expect::new(
+                Method::PATCH,
+                path("streamops.dev/v1alpha1", "streamconsumers", "test"),
+            )
+            .reply(Reply::Json(200, serde_json::to_value(&sc).unwrap())),
+        );
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap();
+        assert_eq!(
+            requests.iter().any(|r| r.method == Method::DELETE),
+            ours,
+            "ours: {ours}"
+        );
+        assert_eq!(deleter.calls().len(), 1);
+        assert!(stores.stores.memo.is_empty());
+    }
 }
