@@ -12,7 +12,7 @@ use streamops_worker::handlers::moving_average::MovingAverageHandler;
 use streamops_worker::handlers::pipeline_trigger::PipelineTriggerHandler;
 use streamops_worker::handlers::sensor::SensorHandler;
 use streamops_worker::kafka::KafkaClientSettings;
-use streamops_worker::produce::{produce, ProduceOptions};
+use streamops_worker::produce::{produce, ProduceOptions, DEFAULT_MESSAGE_TIMEOUT};
 use streamops_worker::scorer::{self, ScorerArgs};
 use streamops_worker::secrets::Secrets;
 use streamops_worker::telemetry::{self, init_logging, LogFormat};
@@ -117,8 +117,11 @@ async fn produce_cmd(args: ProduceArgs) -> Result<(), WorkerError> {
             poison_percent: args.poison_percent,
             max_message_bytes: args.max_message_bytes,
         },
+        message_timeout: DEFAULT_MESSAGE_TIMEOUT,
     };
-    let summary = produce(&settings, &opts).await?;
+    let summary = produce(&settings, &opts)
+        .await
+        .map_err(|e| WorkerError::Other(format!("produce: {e}")))?;
     println!("{summary}");
     if summary.failed > 0 {
         return Err(WorkerError::Other(format!(

@@ -110,6 +110,7 @@ pub async fn produce_events(topic: &str, spec: &ProduceSpec) -> Vec<Generated> {
             count: spec.count,
             rate: spec.rate,
             gen: spec.gen.clone(),
+            message_timeout: streamops_worker::produce::DEFAULT_MESSAGE_TIMEOUT,
         },
     )
     .await
