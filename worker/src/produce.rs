@@ -130,6 +130,16 @@ pub enum ProduceError {
         #[source]
         source: Inconsistent,
     },
+    /// A delivery report names a partition the topic did not have when the run began.
+    #[error(
+        "a delivery report names partition {partition} of {topic}, unknown when the run began"
+    )]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
     /// A delivery report never came: whether that message was written cannot be told.
     #[error("the delivery report of message {0} was lost")]
     ReportLost(u64),
@@ -322,6 +332,8 @@ struct Run<'a> {
     config: ClientConfig,
     producer: FutureProducer,
     health: ProducerHealth,
+    /// The round is ending: its reports are only recorded.
+    ending: bool,
     /// Per partition: offsets below this hold nothing of the round's unsettled messages.
     start: BTreeMap<i32, i64>,
     /// The round's messages from the first not yet acknowledged or refused, in send order.
@@ -412,7 +424,7 @@ impl Run<'_> {
                     slot.state = State::Unacked {
                         partition: m.partition(),
                     };
-                    if !purged {
+                    if !purged && !self.ending {
                         let fatal = producer_health::fatal_error(self.producer.client());
                         if let Some(reason) = self.health.observe(outcome, fatal) {
                             tracing::warn!(%reason, error = %e, "ending the round: the producer is replaced; unacknowledged messages are checked against the watermarks");
@@ -456,6 +468,7 @@ impl Run<'_> {
     /// settled watermarks, counts the written unacknowledged messages as sent and puts the
     /// others in front of the backlog for a fresh producer.
     async fn end_round(&mut self) -> Result<(), ProduceError> {
+        self.ending = true;
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
         while let Some(r) = self.inflight.next().await {
@@ -499,10 +512,10 @@ impl Run<'_> {
                 source,
             };
             let (Some(&start), Some(&hw)) = (self.start.get(partition), hw.get(partition)) else {
-                return Err(inconsistent(Inconsistent::WatermarkBelowStart {
-                    start: -1,
-                    hw: -1,
-                }));
+                return Err(ProduceError::UnknownPartition {
+                    topic: self.topic.to_string(),
+                    partition: *partition,
+                });
             };
             let written = written_unacknowledged(start, hw, r).map_err(inconsistent)?;
             verdicts.insert(*partition, written.into_iter());
@@ -559,6 +572,7 @@ impl Run<'_> {
         self.summary.resent += resend.len() as u64;
         self.base = self.next_seq;
         self.start = hw;
+        self.ending = false;
         for msg in resend.into_iter().rev() {
             self.backlog.push_front(msg);
         }
@@ -693,6 +707,7 @@ pub async fn produce(
         config,
         producer,
         health: ProducerHealth::new(1),
+        ending: false,
         start,
         slots: VecDeque::new(),
         base: 0,

@@ -349,3 +349,137 @@ async fn an_error_topic_producer_with_a_fatal_error_is_replaced_and_delivers() {
     assert_eq!(offsets, vec![0, 1, 2]);
     streamops_test_support::kafka::delete_topic(&topic).await;
 }
+
+/// Every record of `topic` (all `partitions`), read from the beginning up to the high watermarks.
+fn read_all(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", streamops_test_support::unique("gen-read"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    let mut total = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        total += high - low;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("a partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut payloads = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (payloads.len() as i64) < total && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => payloads.push(m.payload().unwrap_or_default().to_vec()),
+            Some(Err(e)) => eprintln!("read: {e}"),
+            None => {}
+        }
+    }
+    assert_eq!(
+        payloads.len() as i64,
+        total,
+        "could not read the topic back"
+    );
+    payloads
+}
+
+/// The load generator's run spans a freeze longer than the broker's session (so the controller
+/// fences it when it runs again) with a message timeout shorter than the freeze: the requests
+/// already sent when the broker stopped are appended when it resumes, after their messages timed
+/// out. The generator must count those as written rather than send them again, and send the
+/// others: the topic holds every generated message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generator_writes_each_message_exactly_once_across_a_freeze_that_outlasts_its_timeout()
+{
+    use streamops_crds::HandlerKind;
+    use streamops_worker::generate::{GenOptions, Generator};
+    use streamops_worker::produce::{produce, ProduceOptions};
+
+    let broker = OwnBroker::start("gen-freeze");
+    let bootstrap = broker.bootstrap();
+    let topic = "gen-input";
+    let partitions = 3;
+    create_topic(&bootstrap, topic, partitions).await;
+    let freeze = Duration::from_secs(
+        std::env::var("STREAMOPS_TEST_FREEZE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12),
+    );
+    let opts = ProduceOptions {
+        topic: topic.into(),
+        count: 6000,
+        rate: 400,
+        gen: GenOptions {
+            kind: HandlerKind::PipelineTrigger,
+            seed: 7,
+            keys: 12,
+            poison_percent: 0.0,
+            max_message_bytes: 1 << 20,
+        },
+        // Shorter than the freeze: the messages in flight when it begins time out during it.
+        message_timeout: Duration::from_secs(4),
+    };
+    let expected: Vec<Vec<u8>> = Generator::new(opts.gen.clone())
+        .take(opts.count as usize)
+        .map(|g| g.payload)
+        .collect();
+    let mut distinct = expected.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), expected.len(), "generated payloads repeat");
+
+    let settings = KafkaClientSettings::plaintext(&bootstrap);
+    // Sets up the log subscriber (the generator logs each round it ends).
+    let _ = with_debug(ClientConfig::new());
+    let run = {
+        let opts = opts.clone();
+        tokio::spawn(async move { produce(&settings, &opts).await })
+    };
+    // Let it deliver for a while, then freeze the broker mid-stream.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!run.is_finished(), "the run ended before the freeze");
+    eprintln!("freezing the broker for {freeze:?}");
+    broker.signal("STOP");
+    tokio::time::sleep(freeze).await;
+    broker.signal("CONT");
+    eprintln!("broker resumed");
+    let summary = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("the run ends within 600 s")
+        .expect("the produce task")
+        .expect("the run succeeds");
+    eprintln!("generator: {summary}");
+    assert_eq!(summary.failed, 0, "{summary}");
+    assert!(
+        summary.rebuilds >= 1,
+        "no round ended during the freeze, so the test proved nothing: {summary}"
+    );
+    assert!(
+        summary.written_unacknowledged >= 1,
+        "no message was written without its acknowledgement, so the test proved nothing: {summary}"
+    );
+
+    let mut found = read_all(&bootstrap, topic, partitions);
+    let records = found.len();
+    found.sort();
+    let mut doubled = found.clone();
+    doubled.dedup();
+    let duplicates = records - doubled.len();
+    let missing = distinct
+        .iter()
+        .filter(|p| found.binary_search(p).is_err())
+        .count();
+    assert_eq!(
+        (records, duplicates, missing),
+        (expected.len(), 0, 0),
+        "(records, duplicated, missing) in the topic after {summary}"
+    );
+    assert_eq!(found, distinct);
+}
