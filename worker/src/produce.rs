@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use rdkafka::config::ClientConfig;
@@ -393,6 +393,17 @@ impl Run<'_> {
         }
     }
 
+    /// Records the delivery reports already in (ending the round if one says so), without
+    /// waiting: a timeout ends the round when it happens, not when the window is full.
+    async fn record_ready(&mut self) -> Result<(), ProduceError> {
+        while let Some(Some(r)) = self.inflight.next().now_or_never() {
+            if self.record(r) {
+                self.end_round().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Records a delivery report; true when the round must end (the producer timed out or
     /// turned fatal).
     fn record(&mut self, (seq, result): Reported) -> bool {
@@ -739,6 +750,7 @@ pub async fn produce(
             sends: 0,
         });
         run.pump().await?;
+        run.record_ready().await?;
         while run.inflight.len() >= WINDOW {
             run.await_one().await?;
         }
