@@ -5,15 +5,15 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use streamops_crds::v1alpha1::HandlerKind;
 use streamops_crds::StreamConsumer;
 
-use crate::harness::{admin, eventually, Operator, OperatorSpec, TestNs};
-use crate::lifecycle::{consumer, mark_pods_ready, wait_status};
+use crate::harness::{admin, env, eventually, unique, Operator, OperatorSpec, TestNs, TEST_LABEL};
+use crate::lifecycle::{consumer, mark_pods_ready};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -102,10 +102,14 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
         .any(|o| o.uid == uid && o.controller == Some(true)));
 
     // Someone else's is left alone, and reported.
-    wait_status(&api, "foreign", "Degraded=True ChildConflict", |s| {
-        s.conditions
+    // (A failed pass leaves the top-level observedGeneration alone: only the conditions tell.)
+    eventually("foreign: Degraded=True ChildConflict", WAIT, || async {
+        let status = api.get("foreign").await.ok()?.status?;
+        status
+            .conditions
             .iter()
             .any(|c| c.type_ == "Degraded" && c.status == "True" && c.reason == "ChildConflict")
+            .then_some(())
     })
     .await;
     let still = services.get("foreign").await.unwrap();
@@ -113,8 +117,11 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
     assert_eq!(cluster_ip(&still), cluster_ip(&foreign), "not changed");
 
     // The EndpointSlice controller keeps slices for the headless Service: once the worker pod
-    // is ready (with an address: there is no kubelet to give it one), it is listed, ready, on the
-    // http port, in a slice the controller made for the new Service.
+    // is ready, it is listed, ready, on the http port, in a slice the controller made for the new
+    // Service. The controller lists only pods with an address on an existing Node, and there is
+    // no kubelet: the pod is bound to a Node object made for this test (unschedulable: the
+    // scheduler puts no other pod there) and given an address.
+    let node = TestNode::new().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let pod = eventually("a worker pod", WAIT, || async {
         pods.list(&ListParams::default().labels("app.kubernetes.io/instance=orders"))
@@ -126,6 +133,19 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
     })
     .await;
     let pod_name = pod.metadata.name.clone().unwrap();
+    let binding = json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": pod_name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": node.name}
+    });
+    pods.create_subresource::<_, serde_json::Value>(
+        "binding",
+        &pod_name,
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot bind {pod_name} to {}: {e}", node.name));
     pods.patch_status(
         &pod_name,
         &PatchParams::default(),
@@ -136,29 +156,58 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
     mark_pods_ready(&client, &ns.name, "orders").await;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns.name);
     let new_uid = new.metadata.uid.clone().unwrap();
-    eventually("an EndpointSlice of the headless Service listing the ready worker", WAIT, || async {
-        let list = slices
-            .list(&ListParams::default().labels("kubernetes.io/service-name=orders"))
-            .await
-            .ok()?;
-        list.items.into_iter().find(|s| {
-            let for_new = s
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.kind == "Service" && o.uid == new_uid && o.controller == Some(true));
-            let http = s
-                .ports
-                .iter()
-                .flatten()
-                .any(|p| p.name.as_deref() == Some("http") && p.port == Some(8080));
-            let ready = s.endpoints.iter().any(|e| {
-                e.addresses == ["10.244.0.7"]
-                    && e.conditions.as_ref().and_then(|c| c.ready) == Some(true)
-            });
-            for_new && http && ready
-        })
-    })
+    eventually(
+        "an EndpointSlice of the headless Service listing the ready worker",
+        WAIT,
+        || async {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=orders"))
+                .await
+                .ok()?;
+            list.items.into_iter().find(|s| {
+                let for_new =
+                    s.metadata.owner_references.iter().flatten().any(|o| {
+                        o.kind == "Service" && o.uid == new_uid && o.controller == Some(true)
+                    });
+                let http = s
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some("http") && p.port == Some(8080));
+                let ready = s.endpoints.iter().any(|e| {
+                    e.addresses == ["10.244.0.7"]
+                        && e.conditions.as_ref().and_then(|c| c.ready) == Some(true)
+                });
+                for_new && http && ready
+            })
+        },
+    )
     .await;
+}
+
+/// A Node object for one test (no kubelet behind it), unschedulable, deleted on drop.
+struct TestNode {
+    name: String,
+}
+
+impl TestNode {
+    async fn new() -> Self {
+        let name = unique("svc-node");
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {TEST_LABEL: "true"}},
+            "spec": {"unschedulable": true}
+        }))
+        .unwrap();
+        Api::<Node>::all(admin().await)
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create node {name}: {e}"));
+        Self { name }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let _ = env().kubectl_output(&["delete", "node", &self.name, "--wait=false"]);
+    }
 }
