@@ -115,7 +115,7 @@ OPERATOR_RULES = {
     ("streamops.dev", "streamconsumers/finalizers"): {"update"},
     ("apps", "deployments"): APPLIED | {"get", "delete"},
     ("", "configmaps"): APPLIED | {"get"},
-    ("", "services"): APPLIED | {"get"},
+    ("", "services"): APPLIED | {"get", "delete"},
     ("", "serviceaccounts"): APPLIED | {"get", "delete"},
     ("policy", "poddisruptionbudgets"): APPLIED | {"get", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): APPLIED | {"get", "delete"},

@@ -31,7 +31,7 @@ use futures::FutureExt;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, PodSpec, PodTemplateSpec, Service, ServiceAccount,
+    ConfigMap, Container, PodSpec, PodTemplateSpec, Service, ServiceAccount, ServiceSpec,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -148,6 +148,31 @@ pub fn stored_content_hash(deployment: &Deployment) -> Option<u64> {
         .filter(|h| *h != 0)
 }
 
+/// What a Service's store keeps of it: the metadata a store keeps of every child
+/// ([`trim_child_meta`]) and `spec.clusterIP`, which tells a worker Service of earlier versions
+/// (a ClusterIP one) from the headless one wanted now without reading it again: `clusterIP` is
+/// immutable, so such a Service is replaced, not applied over (see
+/// `crate::reconcile::apply`). The rest of the spec and the status are dropped.
+pub fn compact_service(service: &mut Service) {
+    trim_child_meta(&mut service.metadata);
+    let cluster_ip = service.spec.take().and_then(|s| s.cluster_ip);
+    service.spec = cluster_ip.map(|ip| ServiceSpec {
+        cluster_ip: Some(ip),
+        ..ServiceSpec::default()
+    });
+    service.status = None;
+}
+
+/// The `spec.clusterIP` of a Service (whole or as stored, see [`compact_service`]): an address,
+/// `"None"` (headless), or `None` (not set, or not allocated yet).
+pub fn service_cluster_ip(service: &Service) -> Option<&str> {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+}
+
 /// What a store keeps of one kind of watched child.
 pub trait StoredForm {
     /// Reduces a watched object to what its store keeps ([`compact_deployment`], or
@@ -158,6 +183,12 @@ pub trait StoredForm {
 impl StoredForm for Deployment {
     fn to_stored_form(&mut self) {
         compact_deployment(self);
+    }
+}
+
+impl StoredForm for Service {
+    fn to_stored_form(&mut self) {
+        compact_service(self);
     }
 }
 
@@ -186,8 +217,8 @@ pub struct ChildStores {
     pub deployments: Store<Deployment>,
     /// ConfigMaps (metadata).
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
-    /// Services (metadata).
-    pub services: Store<PartialObjectMeta<Service>>,
+    /// Services, compacted ([`compact_service`]): metadata and `spec.clusterIP`.
+    pub services: Store<Service>,
     /// PodDisruptionBudgets (metadata).
     pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
     /// ServiceAccounts (metadata).
@@ -208,7 +239,7 @@ pub struct ChildWriters {
     /// ConfigMaps.
     pub config_maps: reflector::store::Writer<PartialObjectMeta<ConfigMap>>,
     /// Services.
-    pub services: reflector::store::Writer<PartialObjectMeta<Service>>,
+    pub services: reflector::store::Writer<Service>,
     /// PodDisruptionBudgets.
     pub pdbs: reflector::store::Writer<PartialObjectMeta<PodDisruptionBudget>>,
     /// ServiceAccounts.
@@ -284,6 +315,12 @@ impl ChildStores {
             );
         }
         self.settled.store(true, Ordering::Relaxed);
+    }
+
+    /// The Service `namespace/name` as stored (`Some(None)`: absent); `None` while the store has
+    /// not listed.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<Option<Arc<Service>>> {
+        is_ready(&self.services).then(|| self.services.get(&ObjectRef::new(name).within(namespace)))
     }
 
     /// The Deployment `namespace/name` as stored (`Some(None)`: absent); `None` while the store

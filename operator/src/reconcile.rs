@@ -312,7 +312,8 @@ pub async fn run_controller(
     // The children are watched to be told of their changes (drift, a Deployment's rollout), and
     // the same watches fill this term's child stores, which reconciliations read instead of the
     // API server (see `crate::children`): Deployments compacted to what is read of them and a
-    // hash of the rest, the other kinds as metadata, trimmed.
+    // hash of the rest, Services to their metadata and clusterIP, the other kinds as metadata,
+    // trimmed.
     let network = ctx.config.worker_network.is_some();
     let (child_stores, writers) = ChildStores::new(network);
     ctx.install_child_stores(Some(child_stores));
@@ -323,6 +324,14 @@ pub async fn run_controller(
             .modify(Deployment::to_stored_form),
     )
     .touched_objects();
+    // Services whole (they are small), compacted to their metadata and `spec.clusterIP`.
+    let services = reflector(
+        writers.services,
+        watcher(api::<Service>(&client, ns), children.clone())
+            .default_backoff()
+            .modify(Service::to_stored_form),
+    )
+    .touched_objects();
     let controller = Controller::for_stream(consumers, store)
         .owns_stream(deployments)
         .owns_stream(owned(
@@ -330,11 +339,7 @@ pub async fn run_controller(
             api::<PartialObjectMeta<ConfigMap>>(&client, ns),
             &children,
         ))
-        .owns_stream(owned(
-            writers.services,
-            api::<PartialObjectMeta<Service>>(&client, ns),
-            &children,
-        ))
+        .owns_stream(services)
         .owns_stream(owned(
             writers.pdbs,
             api::<PartialObjectMeta<PodDisruptionBudget>>(&client, ns),

@@ -107,8 +107,13 @@ resolves.
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Services: also delete, to replace a ClusterIP worker Service of an earlier version by the
+# headless one (`clusterIP` is immutable); only one this StreamConsumer controls.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 use super::events::{publish, report_changes};
 use super::{identity, object_key, Context, Identity};
 use crate::build::{build_children, BuildContext, Children, RenderedConfig};
-use crate::children::{stored_content_hash, ChildKey, ChildStores, Lookup, StoredChild};
+use crate::children::{
+    service_cluster_ip, stored_content_hash, ChildKey, ChildStores, Lookup, StoredChild,
+};
 use crate::names::{
     children_selector, job_trigger_binding_name, worker_rbac_name, workload_name, FIELD_MANAGER,
 };
@@ -222,12 +224,16 @@ struct Applied {
     deployment: Deployment,
 }
 
-/// Applies the children in dependency order (configuration and RBAC before the pods that use
-/// them), then deletes the ones no longer wanted. First every child's name is looked up (in the
-/// child stores, or read when they are not ready): if any object there is not controlled by this
-/// StreamConsumer, nothing at all is written ([`Error::ChildConflict`], which names it; the status
-/// becomes `Degraded` and an event says so). A write that cannot change anything is skipped (see
-/// [`crate::children`]).
+/// Applies the children in two waves, the writes of each wave sent at once: first what the pods
+/// need (the ConfigMap, the workers' ServiceAccount and RoleBinding: pods are refused while their
+/// ServiceAccount is missing), then the Deployment, the Service, the PodDisruptionBudget and the
+/// NetworkPolicy, which do not depend on one another. Then it deletes the ones no longer wanted.
+/// Every write of a wave runs to its end (none is abandoned half-way, e.g. between a create and
+/// its handover), and the first failure in that order is reported; a failed first wave stops the
+/// pass before the second. First every child's name is looked up (in the child stores, or read
+/// when they are not ready): if any object there is not controlled by this StreamConsumer, nothing
+/// at all is written ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and
+/// an event says so). A write that cannot change anything is skipped (see [`crate::children`]).
 async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -> Result<Applied> {
     let client = &ctx.client;
     let ns = id.namespace;
@@ -257,7 +263,7 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         )),
         None => None,
     };
-    let service = check_name::<Service>(ctx, stores, id, &children.service).await?;
+    let service = check_service(ctx, stores, id, &children.service).await?;
     let pdb = match &children.pdb {
         Some(pdb) => Some(check_name::<PodDisruptionBudget>(ctx, stores, id, pdb).await?),
         None => None,
@@ -268,78 +274,216 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
     };
 
     // Each write carries its ownership check: see `crate::ownership::write_child`.
-    write_child(
-        &Api::namespaced(client.clone(), ns),
-        &children.config_map,
-        config_map,
-        id.uid,
-        memo,
-    )
-    .await?;
-    if let (Some(desired), Some((sa, rb))) = (&children.worker_rbac, rbac) {
-        write_child(
-            &Api::namespaced(client.clone(), ns),
-            &desired.service_account,
-            sa,
+    // First wave: what the pods need.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let role_bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    let rbac_writes = async {
+        match (&children.worker_rbac, rbac) {
+            (Some(desired), Some((sa, rb))) => {
+                let (sa, rb) = futures::join!(
+                    Box::pin(write_child(
+                        &service_accounts,
+                        &desired.service_account,
+                        sa,
+                        id.uid,
+                        memo,
+                    )),
+                    Box::pin(write_child(
+                        &role_bindings,
+                        &desired.role_binding,
+                        rb,
+                        id.uid,
+                        memo,
+                    )),
+                );
+                sa.and(rb).map(drop)
+            }
+            _ => Ok(()),
+        }
+    };
+    let (config_map, rbac) = futures::join!(
+        Box::pin(write_child(
+            &config_maps,
+            &children.config_map,
+            config_map,
             id.uid,
             memo,
-        )
-        .await?;
-        write_child(
-            &Api::namespaced(client.clone(), ns),
-            &desired.role_binding,
-            rb,
+        )),
+        Box::pin(rbac_writes),
+    );
+    config_map?;
+    rbac?;
+
+    // Second wave: the workers and what stands beside them.
+    let (deployment, service, pdb, network_policy) = futures::join!(
+        Box::pin(write_child(
+            &deployments,
+            &children.deployment,
+            previous_seen,
             id.uid,
             memo,
-        )
-        .await?;
-    }
-    let deployment = write_child(
-        &deployments,
-        &children.deployment,
-        previous_seen,
-        id.uid,
-        memo,
-    )
-    .await?;
+        )),
+        Box::pin(write_service(ctx, stores, id, &children.service, service)),
+        Box::pin(async {
+            match (&children.pdb, pdb) {
+                (Some(desired), Some(live)) => write_child(
+                    &Api::namespaced(client.clone(), ns),
+                    desired,
+                    live,
+                    id.uid,
+                    memo,
+                )
+                .await
+                .map(drop),
+                _ => Ok(()),
+            }
+        }),
+        Box::pin(async {
+            match (&children.network_policy, network_policy) {
+                (Some(desired), Some(live)) => write_child(
+                    &Api::namespaced(client.clone(), ns),
+                    desired,
+                    live,
+                    id.uid,
+                    memo,
+                )
+                .await
+                .map(drop),
+                _ => Ok(()),
+            }
+        }),
+    );
+    let deployment = deployment?;
+    service?;
+    pdb?;
+    network_policy?;
     // Skipped only over `previous` itself.
     let deployment = match (deployment, &previous) {
         (Some(d), _) => d,
         (None, Some(previous)) => previous.clone(),
         (None, None) => return Err(Error::MissingMetadata("deployment")),
     };
-    write_child(
-        &Api::namespaced(client.clone(), ns),
-        &children.service,
-        service,
-        id.uid,
-        memo,
-    )
-    .await?;
-    if let (Some(desired), Some(live)) = (&children.pdb, pdb) {
-        write_child(
-            &Api::namespaced(client.clone(), ns),
-            desired,
-            live,
-            id.uid,
-            memo,
-        )
-        .await?;
-    }
-    if let (Some(desired), Some(live)) = (&children.network_policy, network_policy) {
-        write_child(
-            &Api::namespaced(client.clone(), ns),
-            desired,
-            live,
-            id.uid,
-            memo,
-        )
-        .await?;
-    }
     delete_orphans(ctx, stores, id, children).await?;
     Ok(Applied {
         previous,
         deployment,
+    })
+}
+
+/// The worker Service seen holding its name (ours), with its `spec.clusterIP`.
+struct SeenService {
+    ours: Ours,
+    cluster_ip: Option<String>,
+}
+
+/// [`check_name`] for the worker Service: also tells its `spec.clusterIP` (kept in the store, see
+/// [`crate::children::compact_service`], or read).
+async fn check_service(
+    ctx: &Context,
+    stores: Option<&ChildStores>,
+    id: &Identity<'_>,
+    desired: &Service,
+) -> Result<Option<SeenService>> {
+    let name = desired.meta().name.as_deref().unwrap_or_default();
+    match stores.and_then(|s| s.service(id.namespace, name)) {
+        Some(None) => return Ok(None),
+        Some(Some(stored)) if controlled_by(stored.meta(), id.uid) => {
+            return Ok(Some(SeenService {
+                ours: Ours::stored(stored.meta().clone(), None),
+                cluster_ip: service_cluster_ip(&stored).map(str::to_string),
+            }))
+        }
+        // Someone else's as far as the store knows (it may be behind), or no store: read it.
+        _ => {}
+    }
+    read_service(ctx, id, name).await
+}
+
+async fn read_service(ctx: &Context, id: &Identity<'_>, name: &str) -> Result<Option<SeenService>> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), id.namespace);
+    Ok(existing_child(&api, name, id.uid)
+        .await?
+        .map(|s| SeenService {
+            ours: Ours::read(&s),
+            cluster_ip: service_cluster_ip(&s).map(str::to_string),
+        }))
+}
+
+/// Whether a Service with `live` as its `spec.clusterIP` cannot become `desired` by an apply:
+/// `clusterIP` is immutable once set (a ClusterIP Service of earlier versions, where a headless
+/// one is wanted now).
+fn must_replace(desired: &Service, live: Option<&str>) -> bool {
+    let wanted = service_cluster_ip(desired);
+    matches!((wanted, live), (Some(w), Some(l)) if w != l)
+}
+
+/// Writes the worker Service. One of ours whose `clusterIP` cannot be changed into the desired
+/// one (see [`must_replace`]) is deleted first, with the `uid` seen as a precondition, and the
+/// desired one created in its place. Only a Service this StreamConsumer controls is ever deleted:
+/// [`check_service`] reported any other as a conflict before anything was written.
+async fn write_service(
+    ctx: &Context,
+    stores: Option<&ChildStores>,
+    id: &Identity<'_>,
+    desired: &Service,
+    seen: Option<SeenService>,
+) -> Result<()> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), id.namespace);
+    let name = desired.meta().name.as_deref().unwrap_or_default();
+    let mut seen = seen;
+    // At most twice: the store may show an object already replaced.
+    for _ in 0..2 {
+        let live = match seen {
+            Some(s) if must_replace(desired, s.cluster_ip.as_deref()) => s,
+            other => {
+                let live = other.map(|s| s.ours);
+                write_child(&api, desired, live, id.uid, stores.map(|s| &s.memo)).await?;
+                return Ok(());
+            }
+        };
+        if !controlled_by(&live.ours.meta, id.uid) {
+            // Never reached: `check_service` returns only ours. Kept as the last guard.
+            return Err(Error::ChildConflict {
+                kind: "Service".into(),
+                name: name.to_string(),
+            });
+        }
+        let params = DeleteParams::background().preconditions(Preconditions {
+            uid: live.ours.meta.uid.clone(),
+            resource_version: None,
+        });
+        match api.delete(name, &params).await {
+            Ok(_) => info!(
+                name,
+                namespace = id.namespace,
+                cluster_ip = live.cluster_ip.as_deref().unwrap_or_default(),
+                "replacing the worker Service by a headless one (clusterIP is immutable)"
+            ),
+            // Gone already: created below.
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            // Replaced since it was seen: look again.
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                seen = read_service(ctx, id, name).await?;
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::DeleteChild {
+                    kind: "Service".into(),
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        }
+        if let Some(s) = stores {
+            s.memo.forget(&ChildKey::of::<Service>(id.namespace, name));
+        }
+        write_child(&api, desired, None, id.uid, stores.map(|s| &s.memo)).await?;
+        return Ok(());
+    }
+    Err(Error::ChildChanged {
+        kind: "Service".into(),
+        name: name.to_string(),
     })
 }
 

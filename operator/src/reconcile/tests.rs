@@ -500,7 +500,19 @@ async fn an_object_holding_a_childs_name_without_our_controller_reference_is_nev
     }
 }
 
-/// The order in which a pass of [`every_child`] writes its children.
+/// The waves in which a pass of [`every_child`] writes its children: the writes of a wave are
+/// sent at once, in this order; a wave starts when the one before it is done.
+const WRITE_WAVES: [&[Kind]; 2] = [
+    &[Kind::ConfigMap, Kind::ServiceAccount, Kind::RoleBinding],
+    &[
+        Kind::Deployment,
+        Kind::Service,
+        Kind::Pdb,
+        Kind::NetworkPolicy,
+    ],
+];
+
+/// The order in which a pass of [`every_child`] sends its writes.
 const WRITE_ORDER: [Kind; 7] = [
     Kind::ConfigMap,
     Kind::ServiceAccount,
@@ -510,6 +522,35 @@ const WRITE_ORDER: [Kind; 7] = [
     Kind::Pdb,
     Kind::NetworkPolicy,
 ];
+
+/// The writes of a pass of [`every_child`] in which the write of `raced` is refused with
+/// `refused`, and its name is then read again (`reread`): every write of the waves up to the raced
+/// one's (the others of its wave still go through), then the read. Returns the steps and the
+/// index of the refused write.
+fn raced_writes(
+    raced: Kind,
+    write_of: impl Fn(Kind) -> Expect,
+    refused: Reply,
+    reread: Expect,
+) -> (Vec<Expect>, usize) {
+    let mut steps = Vec::new();
+    let mut refused_at = 0;
+    for wave in WRITE_WAVES {
+        for &kind in wave {
+            if kind == raced {
+                refused_at = steps.len();
+                steps.push(write_of(kind).reply(refused.clone()));
+            } else {
+                steps.push(write_of(kind));
+            }
+        }
+        if wave.contains(&raced) {
+            steps.push(reread);
+            return (steps, refused_at);
+        }
+    }
+    panic!("{raced:?} is never written");
+}
 
 /// The name of `kind` as its conflict is reported: "Kind name".
 fn named(kind: Kind) -> String {
@@ -584,23 +625,21 @@ async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_t
                 steps.push(get_child(kind, None));
             }
         }
-        for kind in WRITE_ORDER {
-            if kind == raced {
-                steps.push(create(kind, json!({})).reply(Reply::Error(409, "AlreadyExists")));
-                steps.push(get_child(
-                    kind,
-                    Some(child_object(kind, Some("someone-else"))),
-                ));
-                break;
-            }
-            let answer = if kind == Kind::Deployment {
-                rollout(1, 3, 0)
-            } else {
-                json!({})
-            };
-            steps.push(create(kind, answer));
-        }
-        let last_write = steps.len() - 2;
+        let (writes, refused_at) = raced_writes(
+            raced,
+            |kind| {
+                let answer = if kind == Kind::Deployment {
+                    rollout(1, 3, 0)
+                } else {
+                    json!({})
+                };
+                create(kind, answer)
+            },
+            Reply::Error(409, "AlreadyExists"),
+            get_child(raced, Some(child_object(raced, Some("someone-else")))),
+        );
+        let last_write = steps.len() + refused_at;
+        steps.extend(writes);
         steps.extend(conflict_reported(&sc, raced, "ChildConflict"));
         let mock = server.run(Scenario::Steps(steps));
         let result = reconcile_once(ctx.clone(), sc).await;
@@ -642,23 +681,21 @@ async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
                 steps.push(get_child(kind, Some(o.clone())));
             }
         }
-        for kind in WRITE_ORDER {
-            if kind == raced {
-                steps.push(write(kind, Some("7"), json!({})).reply(Reply::Error(409, "Conflict")));
-                steps.push(get_child(
-                    kind,
-                    Some(child_object(kind, Some("someone-else"))),
-                ));
-                break;
-            }
-            let answer = if kind == Kind::Deployment {
-                rollout(1, 3, 0)
-            } else {
-                json!({})
-            };
-            steps.push(write(kind, Some("7"), answer));
-        }
-        let last_write = steps.len() - 2;
+        let (writes, refused_at) = raced_writes(
+            raced,
+            |kind| {
+                let answer = if kind == Kind::Deployment {
+                    rollout(1, 3, 0)
+                } else {
+                    json!({})
+                };
+                write(kind, Some("7"), answer)
+            },
+            Reply::Error(409, "Conflict"),
+            get_child(raced, Some(child_object(raced, Some("someone-else")))),
+        );
+        let last_write = steps.len() + refused_at;
+        steps.extend(writes);
         steps.extend(conflict_reported(&sc, raced, "ChildConflict"));
         let mock = server.run(Scenario::Steps(steps));
         let result = reconcile_once(ctx.clone(), sc).await;
@@ -2163,6 +2200,14 @@ mod stores {
             .collect()
     }
 
+    fn whole<K: serde::de::DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<K> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .map(|o| serde_json::from_value(o.clone()).unwrap())
+            .collect()
+    }
+
     fn kind_name(kind: Kind) -> String {
         child_object(kind, None)["kind"]
             .as_str()
@@ -2175,14 +2220,9 @@ mod stores {
         /// `ctx`.
         pub fn install(ctx: &Context, objects: Vec<Value>) -> Self {
             let (stores, mut w) = ChildStores::new(ctx.config.worker_network.is_some());
-            let deployments = objects
-                .iter()
-                .filter(|o| o["kind"] == "Deployment")
-                .map(|o| serde_json::from_value::<Deployment>(o.clone()).unwrap())
-                .collect();
-            listed(&mut w.deployments, deployments);
+            listed(&mut w.deployments, whole(&objects, "Deployment"));
             listed(&mut w.config_maps, meta_of(&objects, Kind::ConfigMap));
-            listed(&mut w.services, meta_of(&objects, Kind::Service));
+            listed(&mut w.services, whole(&objects, "Service"));
             listed(&mut w.pdbs, meta_of(&objects, Kind::Pdb));
             listed(
                 &mut w.service_accounts,
@@ -2212,7 +2252,7 @@ mod stores {
                     applied(&mut w.deployments, serde_json::from_value(object).unwrap())
                 }
                 "ConfigMap" => applied(&mut w.config_maps, meta_of(one, Kind::ConfigMap).remove(0)),
-                "Service" => applied(&mut w.services, meta_of(one, Kind::Service).remove(0)),
+                "Service" => applied(&mut w.services, serde_json::from_value(object).unwrap()),
                 other => panic!("no test store for {other}"),
             }
         }
@@ -2597,4 +2637,142 @@ async fn cleanup_from_the_stores_stops_only_its_own_workers_and_forgets_their_wr
         assert_eq!(deleter.calls().len(), 1);
         assert!(stores.stores.memo.is_empty());
     }
+}
+
+/// A worker Service of ours as earlier versions made it: with a ClusterIP.
+fn cluster_ip_service(owner: &str) -> Value {
+    let mut o = stored_child(Kind::Service, "7");
+    o["metadata"]["ownerReferences"][0]["uid"] = json!(owner);
+    o["spec"] =
+        json!({"type": "ClusterIP", "clusterIP": "10.96.0.12", "clusterIPs": ["10.96.0.12"]});
+    o
+}
+
+/// The creation of the headless worker Service.
+fn create_headless_service() -> Expect {
+    create(Kind::Service, json!({})).body(json!({"spec": {"clusterIP": "None"}}))
+}
+
+/// Migration to the headless worker Service: a Service of ours with a ClusterIP (earlier
+/// versions) cannot be applied over (`clusterIP` is immutable), so it is deleted with its uid as
+/// precondition and the headless one created in its place; the store tells its clusterIP without
+/// a read, and without a store it is read as before.
+#[tokio::test]
+async fn an_owned_cluster_ip_service_is_replaced_by_a_headless_one() {
+    for stored in [true, false] {
+        let (ctx, server, _) = Context::test();
+        let sc = StreamConsumer::test().finalized();
+        let _stores = stored.then(|| TestStores::install(&ctx, vec![cluster_ip_service(SC_UID)]));
+        let mut steps = vec![];
+        if !stored {
+            steps.extend([
+                get_deployment(None),
+                get_child(Kind::ConfigMap, None),
+                get_child(Kind::Service, Some(cluster_ip_service(SC_UID))),
+            ]);
+        }
+        steps.extend([
+            create(Kind::ConfigMap, json!({})),
+            create(Kind::Deployment, rollout(1, 1, 0)),
+            delete_child(Kind::Service),
+            create_headless_service(),
+        ]);
+        if !stored {
+            steps.extend([
+                list_children(Kind::Pdb, vec![]),
+                list_children(Kind::ServiceAccount, vec![]),
+                list_children(Kind::RoleBinding, vec![]),
+            ]);
+        }
+        steps.extend([
+            event("Normal", "Created"),
+            status_patch(&sc, json!({"configHash": hash_of(&sc)})),
+        ]);
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        result.unwrap_or_else(|e| panic!("stored {stored}: {e}"));
+        let deleted = requests
+            .iter()
+            .position(|r| r.method == Method::DELETE)
+            .unwrap();
+        let created = requests
+            .iter()
+            .position(|r| r.is_create_in(&Kind::Service.path("")))
+            .unwrap();
+        assert!(deleted < created, "deleted before it is created again");
+    }
+}
+
+/// A Service holding the worker Service's name with a ClusterIP but without this
+/// StreamConsumer's controller reference is never deleted (nor written): the pass stops with a
+/// conflict naming it, whether the store or a read showed it.
+#[tokio::test]
+async fn a_cluster_ip_service_that_is_not_ours_is_not_deleted() {
+    for stored in [true, false] {
+        let (ctx, server, _) = Context::test();
+        let sc = StreamConsumer::test().finalized();
+        let foreign = cluster_ip_service("someone-else");
+        let _stores = stored.then(|| TestStores::install(&ctx, vec![foreign.clone()]));
+        let mut steps = vec![];
+        if !stored {
+            steps.extend([get_deployment(None), get_child(Kind::ConfigMap, None)]);
+        }
+        // The store may be behind: what it shows as someone else's is read again.
+        steps.push(get_child(Kind::Service, Some(foreign)));
+        steps.extend(conflict_reported(&sc, Kind::Service, "ChildConflict"));
+        let mock = server.run(Scenario::Steps(steps));
+        let result = reconcile_once(ctx.clone(), sc).await;
+        drop(ctx);
+        let requests = finish(mock).await;
+        assert_eq!(result.unwrap_err().reason(), "ChildConflict");
+        assert!(
+            !requests.iter().any(|r| r.method == Method::DELETE
+                || r.path.starts_with(&Kind::Service.path("")) && r.method != Method::GET),
+            "stored {stored}: {requests:#?}"
+        );
+    }
+}
+
+/// The store may be behind the replacement: it still shows the old ClusterIP Service, whose
+/// delete the API server refuses (the uid precondition: another object holds the name now). The
+/// name is read again; the headless Service of ours found there is applied over, nothing deleted.
+#[tokio::test]
+async fn a_cluster_ip_service_already_replaced_is_read_again_not_deleted_twice() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let _stores = TestStores::install(&ctx, vec![cluster_ip_service(SC_UID)]);
+    let mut headless = stored_child(Kind::Service, "9");
+    headless["metadata"]["uid"] = json!("uid-of-the-headless-Service");
+    headless["spec"] = json!({"type": "ClusterIP", "clusterIP": "None", "clusterIPs": ["None"]});
+    let mock = server.run(Scenario::Steps(vec![
+        create(Kind::ConfigMap, json!({})),
+        create(Kind::Deployment, rollout(1, 1, 0)),
+        delete_child(Kind::Service).reply(Reply::Error(409, "Conflict")),
+        get_child(Kind::Service, Some(headless)),
+        write(Kind::Service, Some("9"), json!({})),
+        event("Normal", "Created"),
+        status_patch(&sc, json!({"configHash": hash_of(&sc)})),
+    ]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+/// The Service's store keeps its clusterIP (and the metadata every child's store keeps), so the
+/// migration is decided without a read.
+#[test]
+fn the_service_store_keeps_the_cluster_ip() {
+    use crate::children::{service_cluster_ip, StoredForm};
+    let mut svc: Service = serde_json::from_value(cluster_ip_service(SC_UID)).unwrap();
+    svc.to_stored_form();
+    assert_eq!(service_cluster_ip(&svc), Some("10.96.0.12"));
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(
+        (spec.type_.as_ref(), spec.cluster_ips.as_ref()),
+        (None, None)
+    );
+    assert!(crate::ownership::controlled_by(&svc.metadata, SC_UID));
 }

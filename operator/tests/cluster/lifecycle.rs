@@ -322,23 +322,35 @@ async fn an_edit_of_an_owned_field_is_reverted_and_a_field_the_operator_does_not
         .image
         .clone()
         .unwrap();
-    let managers: Vec<String> = d
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter(|m| m.operation.as_deref() == Some("Apply"))
-        .filter_map(|m| m.manager.clone())
-        .collect();
+    // The create's fields are handed to server-side apply right after it; the Deployment
+    // controller's first status write may make that take a second attempt, after the pods exist.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let appliers = |d: &Deployment| -> Vec<String> {
+        d.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|m| m.operation.as_deref() == Some("Apply"))
+            .filter_map(|m| m.manager.clone())
+            .collect()
+    };
+    let d = eventually(
+        "the operator's fields handed to server-side apply",
+        WAIT,
+        || async {
+            let d = deployments.get("fraud").await.ok()?;
+            (!appliers(&d).is_empty()).then_some(d)
+        },
+    )
+    .await;
     assert_eq!(
-        managers,
+        appliers(&d),
         ["streamops-operator"],
         "one field manager applies"
     );
 
     // Someone else changes a field the operator owns (the image) and adds one it does not own
     // (an annotation), in one server-side apply with force.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     deployments
         .patch(
             "fraud",

@@ -16,4 +16,5 @@ mod helm;
 mod leader;
 mod lifecycle;
 mod security;
+mod service;
 mod validation;
