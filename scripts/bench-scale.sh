@@ -8,6 +8,8 @@
 #   scripts/bench-scale.sh                         (make bench-scale; part of make bench)
 #   BENCH_SCALE_SIZES=100,500 scripts/bench-scale.sh
 #   BENCH_SCALE_TIMEOUT=900 (seconds to wait for convergence per size; 1,000 took over 600 s)
+#   BENCH_SCALE_FLOOR=0 (skip the control-plane floor: N bare Deployments made Ready with no
+#   operator, measured before each size; the table's converge/floor is the operator's ratio)
 #
 # Needs the dev stack's Kafka on 127.0.0.1:9092 (make dev-up): the StreamConsumers point at it and
 # the operator reads their lag (every BENCH_SCALE_LAG_INTERVAL seconds, default 30 as in
@@ -93,4 +95,5 @@ python3 -B scripts/bench_scale.py \
   --lease "$RELEASE-operator" \
   --brokers "$BROKER" \
   --lag-interval "${BENCH_SCALE_LAG_INTERVAL:-30}" \
-  --timeout "${BENCH_SCALE_TIMEOUT:-900}"
+  --timeout "${BENCH_SCALE_TIMEOUT:-900}" \
+  $([[ "${BENCH_SCALE_FLOOR:-1}" == 0 ]] && echo --no-floor)

@@ -20,6 +20,14 @@ worker pods' readiness on one fake Node. Measured:
   other replica holds the Lease, and until that change is reconciled (observedGeneration caught up
   and Ready).
 
+- floor (unless --no-floor): before the operators start, the same control plane makes N bare
+  worker Deployments Ready in the same namespaces, with no operator at all (one replica each, the
+  resources the StreamConsumers ask for, created by the same 8 threads): seconds until every one
+  has observedGeneration == generation and one ready replica, and apiserver requests per
+  Deployment. That is the controller manager's Deployment -> ReplicaSet -> Pod chain, the
+  scheduler and kwok alone; `converge / floor` is the operator's share, a ratio measured in one
+  run, which a noisy machine moves far less than either time.
+
 Prints a table; asserts nothing (targets are stated beside the figures). Standard library only.
 Every process it starts is stopped by pid at exit; namespaces it made are deleted.
 """
@@ -283,6 +291,73 @@ def delete_namespaces(api, names, timeout):
         log(f"warning: {e}")
 
 
+def bare_deployment(ns, name, run_id):
+    labels = {"app.kubernetes.io/name": "scale-floor", "app.kubernetes.io/instance": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns, "labels": {RUN_LABEL: run_id}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{
+                    "name": "worker",
+                    "image": "streamops-worker:scale-floor",
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                }]},
+            },
+        },
+    }
+
+
+def deployment_ready(d):
+    st = d.get("status") or {}
+    return st.get("observedGeneration") == d["metadata"].get("generation") and st.get("readyReplicas") == 1
+
+
+def run_floor(api, args, n, namespaces):
+    """N bare Deployments made Ready by the control plane alone (no operator running)."""
+    run_id = f"floor{n}-{int(time.time())}"
+    names = [(namespaces[i % len(namespaces)], f"floor-{i:04d}") for i in range(n)]
+    _, total_before = request_counts(api)
+    start = time.monotonic()
+
+    def create(item):
+        ns, name = item
+        api.request("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", bare_deployment(ns, name, run_id))
+
+    with ThreadPoolExecutor(max_workers=args.create_threads) as pool:
+        list(pool.map(create, names))
+    selector = f"?labelSelector={RUN_LABEL}%3D{run_id}"
+    last_report = [0.0]
+
+    def all_ready():
+        items = api.get("/apis/apps/v1/deployments" + selector)["items"]
+        done = sum(1 for d in items if deployment_ready(d))
+        now = time.monotonic() - start
+        if now - last_report[0] >= 10:
+            last_report[0] = now
+            log(f"N={n} floor: {done}/{n} Deployments ready after {now:.0f}s")
+        return len(items) == n and done == n
+
+    wait_until(f"{n} bare Deployments to be ready", args.timeout, all_ready, interval=0.5)
+    took = time.monotonic() - start
+    _, total_after = request_counts(api)
+    log(f"N={n} floor: {n} bare Deployments ready in {took:.1f}s")
+    # Delete them (and wait until their pods are gone), so the operator's run starts clean.
+    for ns in namespaces:
+        api.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/deployments?labelSelector={RUN_LABEL}%3D{run_id}",
+                    ok=(200, 404))
+    wait_until(
+        "the bare Deployments' pods to be deleted", 300,
+        lambda: not api.get("/api/v1/pods?labelSelector=app.kubernetes.io%2Fname%3Dscale-floor&limit=1")["items"],
+        interval=1.0,
+    )
+    return took, (total_after - total_before) / n
+
+
 def run_size(api, args, n, brokers_json):
     run_id = f"n{n}-{int(time.time())}"
     namespaces = [f"scale-{n}-{i:02d}" for i in range(args.namespaces)]
@@ -294,6 +369,8 @@ def run_size(api, args, n, brokers_json):
         for ns in namespaces:
             api.request("POST", "/api/v1/namespaces",
                         {"metadata": {"name": ns, "labels": {RUN_LABEL: run_id}}}, ok=(201, 409))
+        if args.floor:
+            result["floor_s"], result["floor_requests_per_d"] = run_floor(api, args, n, namespaces)
         # A lease left by an earlier run (the control plane keeps its etcd data) names an operator of
         # the same name: it would be taken for this run's leader. Remove it first.
         api.request("DELETE", f"/apis/coordination.k8s.io/v1/namespaces/{args.system_ns}/leases/{args.lease}",
@@ -463,6 +540,8 @@ def main():
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--settle", type=float, default=float(os.environ.get("BENCH_SCALE_SETTLE", "20")))
     p.add_argument("--create-threads", type=int, default=8)
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the control-plane floor (bare Deployments, no operator)")
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     api = Api(args.server, args.pki)
@@ -495,12 +574,16 @@ def print_table(results, args):
     print(f"Scale bench: StreamConsumers across {args.namespaces} namespaces, 2 operator replicas "
           f"(release build, leader election, chart RBAC), lag interval {args.lag_interval}s, kwok fake node")
     hdr = ("N", "create s", "converge s", "leader RSS peak MiB", "new leader peak MiB", "standby MiB",
-           "operator req/SC", "apiserver req/SC", "idle op req/s", "fail-over lease s", "fail-over reconciled s")
+           "floor s", "converge/floor", "floor req/D", "operator req/SC", "apiserver req/SC", "idle op req/s", "fail-over lease s", "fail-over reconciled s")
     rows = []
     for r in results:
         rows.append((
             str(r["n"]), f"{r['create_s']:.1f}", f"{r['converge_s']:.1f}", mib(r["leader_hwm_kib"]),
-            mib(r.get("new_leader_hwm_kib")), mib(r["standby_hwm_kib"]), f"{r['op_requests_per_sc']:.1f}",
+            mib(r.get("new_leader_hwm_kib")), mib(r["standby_hwm_kib"]),
+            f"{r['floor_s']:.1f}" if "floor_s" in r else "-",
+            f"{r['converge_s'] / r['floor_s']:.2f}" if "floor_s" in r else "-",
+            f"{r['floor_requests_per_d']:.1f}" if "floor_s" in r else "-",
+            f"{r['op_requests_per_sc']:.1f}",
             f"{r['all_requests_per_sc']:.1f}", f"{r.get('idle_rps', float('nan')):.1f}",
             f"{r['failover_lease_s']:.1f}", f"{r['failover_reconciled_s']:.1f}",
         ))
@@ -508,6 +591,8 @@ def print_table(results, args):
     print("  ".join(h.rjust(w) for h, w in zip(hdr, widths)))
     for row in rows:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    print("floor: N bare Deployments (no operator) made Ready by the same control plane just before; "
+          "floor req/D: apiserver requests per bare Deployment.")
     print("Targets: leader RSS peak < 64 MiB at 1,000 and growing linearly; converge < 60 s. "
           "operator req/SC: apiserver_flowcontrol_dispatched_requests_total{flow_schema=service-accounts} "
           "(both replicas, lease renewals included) over the convergence, per StreamConsumer.")
