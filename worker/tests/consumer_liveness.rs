@@ -1,0 +1,100 @@
+//! The liveness probe of the Kafka consumer against the dev broker (127.0.0.1:9092, or
+//! `STREAMOPS_TEST_KAFKA`): a fresh client with the worker's settings reaches it, an address
+//! nothing listens on is unreachable, and a check of a consumer reporting every broker down
+//! judges it wedged only in the first case. Needs the dev stack (`bash scripts/dev-up.sh`);
+//! fails loudly without it.
+
+use std::time::Duration;
+
+use streamops_worker::consumer_liveness::{check, probe_brokers, Probe, PROBE_TIMEOUT};
+use streamops_worker::kafka::KafkaClientSettings;
+use streamops_worker::pipeline::Health;
+
+fn broker() -> String {
+    std::env::var("STREAMOPS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A local address nothing listens on: a port bound, then released.
+fn dead_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let addr = l.local_addr().expect("local address");
+    drop(l);
+    addr.to_string()
+}
+
+#[tokio::test]
+async fn a_fresh_client_reaches_the_dev_broker() {
+    let p = probe_brokers(
+        &KafkaClientSettings::plaintext(broker()),
+        None,
+        PROBE_TIMEOUT,
+    )
+    .await;
+    assert!(
+        matches!(p, Probe::Reachable { brokers } if brokers >= 1),
+        "the dev broker at {} is not reachable (is the dev stack up?): {p:?}",
+        broker()
+    );
+}
+
+#[tokio::test]
+async fn a_fresh_client_finds_an_address_nothing_listens_on_unreachable() {
+    let p = probe_brokers(
+        &KafkaClientSettings::plaintext(dead_address()),
+        None,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(matches!(p, Probe::Unreachable(_)), "{p:?}");
+}
+
+fn gauge() -> prometheus::IntGauge {
+    prometheus::IntGauge::new("streamops_kafka_client_wedged", "test").expect("valid gauge")
+}
+
+#[tokio::test]
+async fn a_consumer_reporting_no_broker_while_the_broker_answers_is_judged_wedged() {
+    let health = Health::default();
+    health.set_kafka_down(true);
+    let g = gauge();
+    check(
+        &health,
+        &KafkaClientSettings::plaintext(broker()),
+        None,
+        &g,
+        Duration::ZERO,
+    )
+    .await;
+    let reason = health.live().expect_err("judged wedged");
+    assert!(reason.contains("wedged"), "{reason}");
+    assert_eq!(g.get(), 1);
+    // The consumer reaches a broker again: live.
+    health.set_kafka_down(false);
+    check(
+        &health,
+        &KafkaClientSettings::plaintext(broker()),
+        None,
+        &g,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(health.live(), Ok(()));
+    assert_eq!(g.get(), 0);
+}
+
+#[tokio::test]
+async fn a_consumer_reporting_no_broker_during_an_outage_stays_live() {
+    let health = Health::default();
+    health.set_kafka_down(true);
+    let g = gauge();
+    check(
+        &health,
+        &KafkaClientSettings::plaintext(dead_address()),
+        None,
+        &g,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(health.live(), Ok(()));
+    assert_eq!(g.get(), 0);
+}
