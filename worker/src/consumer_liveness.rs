@@ -129,8 +129,9 @@ pub async fn probe_brokers(
     }
 }
 
-/// Watches `health` every [`CHECK_INTERVAL`] until `shutdown`; see the module documentation.
-/// `wedged` is the `streamops_kafka_client_wedged` gauge.
+/// Watches `health` every [`CHECK_INTERVAL`] until `shutdown`, judging the consumer wedged
+/// after [`WEDGE_AFTER`]; see the module documentation. `wedged` is the
+/// `streamops_kafka_client_wedged` gauge.
 pub fn spawn(
     health: Arc<Health>,
     settings: KafkaClientSettings,
@@ -138,24 +139,50 @@ pub fn spawn(
     wedged: prometheus::IntGauge,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    let timing = Timing {
+        wedge_after: WEDGE_AFTER,
+        check_every: CHECK_INTERVAL,
+    };
+    spawn_with(health, settings, topic, wedged, shutdown, timing)
+}
+
+/// When the watcher looks and when it probes.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long the consumer must report every broker down before a probe.
+    pub wedge_after: Duration,
+    /// How often the watcher looks.
+    pub check_every: Duration,
+}
+
+/// [`spawn`] with other timing (tests).
+pub fn spawn_with(
+    health: Arc<Health>,
+    settings: KafkaClientSettings,
+    topic: Option<String>,
+    wedged: prometheus::IntGauge,
+    shutdown: CancellationToken,
+    timing: Timing,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CHECK_INTERVAL);
+        let mut tick = tokio::time::interval(timing.check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let topic = topic.as_deref();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = check(&health, &settings, topic.as_deref(), &wedged, WEDGE_AFTER) => {}
+                _ = check(&health, &settings, topic, &wedged, timing.wedge_after) => {}
             }
         }
     })
 }
 
 /// One check: probes when the consumer has been down for `threshold`, and records the verdict
-/// in `health` and `wedged`. [`spawn`] runs it with [`WEDGE_AFTER`].
+/// in `health` and `wedged`. [`spawn`] runs it every [`CHECK_INTERVAL`] with [`WEDGE_AFTER`].
 pub async fn check(
     health: &Health,
     settings: &KafkaClientSettings,

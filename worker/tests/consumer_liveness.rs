@@ -98,3 +98,44 @@ async fn a_consumer_reporting_no_broker_during_an_outage_stays_live() {
     assert_eq!(health.live(), Ok(()));
     assert_eq!(g.get(), 0);
 }
+
+#[tokio::test]
+async fn the_watcher_fails_liveness_of_a_wedged_consumer_and_stops_on_shutdown() {
+    use std::sync::Arc;
+    use streamops_worker::consumer_liveness::{spawn_with, Timing};
+    use tokio_util::sync::CancellationToken;
+
+    let health = Arc::new(Health::default());
+    let g = gauge();
+    let stop = CancellationToken::new();
+    let task = spawn_with(
+        health.clone(),
+        KafkaClientSettings::plaintext(broker()),
+        None,
+        g.clone(),
+        stop.clone(),
+        Timing {
+            wedge_after: Duration::from_millis(300),
+            check_every: Duration::from_millis(100),
+        },
+    );
+    // The consumer is up: the watcher leaves it live.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(health.live(), Ok(()));
+    // It reports every broker down while the broker answers a fresh client.
+    health.set_kafka_down(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while health.live().is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher did not judge the consumer wedged within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(g.get(), 1);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("the watcher stops on shutdown")
+        .expect("the watcher does not panic");
+}
