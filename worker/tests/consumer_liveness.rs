@@ -1,10 +1,15 @@
 //! The liveness probe of the Kafka consumer against the dev broker (127.0.0.1:9092, or
 //! `STREAMOPS_TEST_KAFKA`): a fresh client with the worker's settings reaches it, an address
 //! nothing listens on is unreachable, and a check of a consumer reporting every broker down
-//! judges it wedged only in the first case. Needs the dev stack (`bash scripts/dev-up.sh`);
+//! judges it wedged only in the first case; a real worker exports the gauge and is live. Needs
+//! the dev stack (`bash scripts/dev-up.sh`);
 //! fails loudly without it.
 
+mod support;
+
 use std::time::Duration;
+
+use streamops_crds::HandlerKind;
 
 use streamops_worker::consumer_liveness::{check, probe_brokers, Probe, PROBE_TIMEOUT};
 use streamops_worker::kafka::KafkaClientSettings;
@@ -138,4 +143,21 @@ async fn the_watcher_fails_liveness_of_a_wedged_consumer_and_stops_on_shutdown()
         .await
         .expect("the watcher stops on shutdown")
         .expect("the watcher does not panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_is_live_and_exports_the_wedged_gauge_at_zero() {
+    let env = support::TestEnv::new("liveness", HandlerKind::MovingAverage, 1).await;
+    let mut w = env.start_worker("w-0");
+    w.wait_ready().await;
+    assert_eq!(w.http_get("/healthz"), Some((200, "ok\n".to_string())));
+    let metrics = w.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "streamops_kafka_client_wedged 0"),
+        "the gauge is not exported at 0:\n{metrics}"
+    );
+    assert!(w.terminate_and_wait().success());
+    env.cleanup().await;
 }
