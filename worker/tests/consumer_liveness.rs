@@ -1,9 +1,8 @@
-//! The liveness probe of the Kafka consumer against the dev broker (127.0.0.1:9092, or
-//! `STREAMOPS_TEST_KAFKA`): a fresh client with the worker's settings reaches it, an address
-//! nothing listens on is unreachable, and a check of a consumer reporting every broker down
-//! judges it wedged only in the first case; a real worker exports the gauge and is live. Needs
-//! the dev stack (`bash scripts/dev-up.sh`);
-//! fails loudly without it.
+//! The liveness probe of the Kafka consumer against the dev broker (127.0.0.1:9092): a fresh
+//! client with the worker's settings reaches it, an address nothing listens on is unreachable,
+//! and a check of a consumer reporting every broker down judges it wedged only in the first
+//! case; a real worker exports the gauge and is live. Needs the dev stack
+//! (`bash scripts/dev-up.sh`); fails loudly without it.
 
 mod support;
 
@@ -16,7 +15,7 @@ use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::pipeline::Health;
 
 fn broker() -> String {
-    std::env::var("STREAMOPS_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    support::BROKER.to_string()
 }
 
 /// A local address nothing listens on: a port bound, then released.
