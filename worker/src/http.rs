@@ -20,8 +20,16 @@ struct AppState {
     metrics: WorkerMetrics,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Live unless the Kafka consumer is judged wedged (see [`crate::consumer_liveness`]): then 503
+/// with the reason, and the kubelet restarts the container.
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    match s.health.live() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not live: {reason}\n"),
+        ),
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -105,4 +113,45 @@ pub async fn serve(
     });
     tracing::info!(listen = %local, "http server listening");
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get_status(health: Arc<Health>, path: &str) -> (u16, String) {
+        let stop = CancellationToken::new();
+        let app = router(health, WorkerMetrics::new(), None);
+        let (addr, task) = serve("127.0.0.1:0", app, stop.clone())
+            .await
+            .expect("bind an ephemeral port");
+        let resp = reqwest::get(format!("http://{addr}{path}"))
+            .await
+            .expect("the server answers");
+        let status = resp.status().as_u16();
+        let body = resp.text().await.expect("a text body");
+        stop.cancel();
+        task.await.expect("the server stops");
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn healthz_answers_503_with_the_reason_when_the_consumer_is_wedged() {
+        let health = Arc::new(Health::default());
+        health.set_kafka_down(true);
+        // Down but not judged wedged (an outage): live.
+        assert_eq!(
+            get_status(health.clone(), "/healthz").await,
+            (200, "ok\n".into())
+        );
+        health.set_wedged(Some("kafka consumer wedged: test".into()));
+        let (status, body) = get_status(health.clone(), "/healthz").await;
+        assert_eq!(status, 503);
+        assert_eq!(body, "not live: kafka consumer wedged: test\n");
+        // Not ready either, for its own reason.
+        let (status, body) = get_status(health.clone(), "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        health.set_wedged(None);
+        assert_eq!(get_status(health, "/healthz").await.0, 200);
+    }
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod cli;
+pub mod consumer_liveness;
 pub mod copy;
 pub mod db;
 pub mod error;

@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Producers replaced by a fresh one because they stayed wedged (consecutive
     /// `MessageTimedOut`) or hit a fatal error, by purpose (`error_topic`).
     pub producer_rebuilds: IntCounterVec,
+    /// 1 while the consumer reports every broker down but a fresh client reaches one (the
+    /// consumer is wedged and `/healthz` fails; see `consumer_liveness`).
+    pub kafka_client_wedged: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -215,6 +218,12 @@ impl Metrics {
                 "Kafka producers replaced by a fresh one after consecutive delivery timeouts or a \
                  fatal error, by purpose",
                 &["purpose"],
+            ),
+            kafka_client_wedged: gauge(
+                &r,
+                "streamops_kafka_client_wedged",
+                "1 while the Kafka consumer reports every broker down but a fresh client reaches \
+                 one (wedged: /healthz fails so the container is restarted)",
             ),
             registry: r,
         }

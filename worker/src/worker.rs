@@ -169,6 +169,13 @@ impl WorkerRuntime {
             .merge(crate::http::lag_router(lag));
         let (_addr, http_task) =
             crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
+        let liveness = crate::consumer_liveness::spawn(
+            self.health.clone(),
+            self.kafka.clone(),
+            self.config.kafka.topics.first().cloned(),
+            self.metrics.kafka_client_wedged.clone(),
+            http_stop.clone(),
+        );
         let ctx = PipelineContext {
             config: self.config.clone(),
             kafka: self.kafka.clone(),
@@ -185,6 +192,7 @@ impl WorkerRuntime {
         http_stop.cancel();
         self.shutdown.cancel();
         let _ = http_task.await;
+        let _ = liveness.await;
         self.pool.close().await;
         match result {
             Ok(Ok(totals)) => Ok(totals),

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::handlers::TopicPartition;
 
@@ -167,6 +168,12 @@ impl Ownership {
     }
 }
 
+/// Locks `m`, recovering the value if a holder panicked (every value guarded here is valid
+/// after any partial update).
+fn lock_or_recover<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Health flags behind `/healthz` and `/readyz`.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -174,6 +181,10 @@ pub struct Health {
     db_ok: AtomicBool,
     outage: AtomicBool,
     kafka_down: AtomicBool,
+    /// When the consumer last went from reachable to `kafka_down` (None while up).
+    kafka_down_since: Mutex<Option<Instant>>,
+    /// Why the consumer is judged wedged (see [`crate::consumer_liveness`]); None while live.
+    wedged: Mutex<Option<String>>,
     stopping: AtomicBool,
     stalled: AtomicBool,
 }
@@ -207,6 +218,31 @@ impl Health {
     /// broker up or by a received message).
     pub fn set_kafka_down(&self, down: bool) {
         self.kafka_down.store(down, Ordering::Relaxed);
+        let mut since = lock_or_recover(&self.kafka_down_since);
+        if down {
+            since.get_or_insert_with(Instant::now);
+        } else {
+            *since = None;
+        }
+    }
+    /// How long the consumer has reported every broker unreachable, as of `now` (None while it
+    /// does not).
+    pub fn kafka_down_for(&self, now: Instant) -> Option<Duration> {
+        if !self.kafka_down() {
+            return None;
+        }
+        lock_or_recover(&self.kafka_down_since).map(|t| now.saturating_duration_since(t))
+    }
+    /// Marks the consumer wedged, with the reason `/healthz` reports, or live again (None).
+    pub fn set_wedged(&self, reason: Option<String>) {
+        *lock_or_recover(&self.wedged) = reason;
+    }
+    /// Live (`/healthz`): `Err` with the reason while the consumer is judged wedged.
+    pub fn live(&self) -> Result<(), String> {
+        match &*lock_or_recover(&self.wedged) {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        }
     }
     /// Whether every broker is unreachable.
     pub fn kafka_down(&self) -> bool {
