@@ -167,13 +167,28 @@ def counter_sum(metrics, name, **match):
     )
 
 
-def request_counts(api):
+def request_counts(api, lease_flow_schema=None):
+    """(the operators' requests, every request) so far. The operators' Lease requests go through
+    the chart's FlowSchema `<release>-operator-leader-election` (leader-election priority level),
+    the rest through `service-accounts`."""
     m = parse_metrics(api.get("/metrics"))
-    operator = counter_sum(
-        m, "apiserver_flowcontrol_dispatched_requests_total", flow_schema="service-accounts"
-    )
+    metric = "apiserver_flowcontrol_dispatched_requests_total"
+    operator = counter_sum(m, metric, flow_schema="service-accounts")
+    if lease_flow_schema:
+        operator += counter_sum(m, metric, flow_schema=lease_flow_schema)
     total = counter_sum(m, "apiserver_request_total")
     return operator, total
+
+
+def lease_requests(api, lease_flow_schema):
+    """Requests dispatched through the chart's leader-election FlowSchema, by priority level."""
+    m = parse_metrics(api.get("/metrics"))
+    out = {}
+    for (n, labels), v in m.items():
+        if n == "apiserver_flowcontrol_dispatched_requests_total" and ("flow_schema", lease_flow_schema) in labels:
+            level = dict(labels).get("priority_level", "?")
+            out[level] = out.get(level, 0) + v
+    return out
 
 
 def vm_kib(pid, key):
@@ -386,7 +401,7 @@ def run_size(api, args, n, brokers_json):
             if not o.alive():
                 raise RuntimeError(f"operator {o.name} exited; log: {o.log_path}")
         time.sleep(1.0)  # its watches are established
-        ops_before, total_before = request_counts(api)
+        ops_before, total_before = request_counts(api, args.lease + "-leader-election")
 
         names = [(namespaces[i % len(namespaces)], f"sc-{i:04d}") for i in range(n)]
         start = time.monotonic()
@@ -417,7 +432,7 @@ def run_size(api, args, n, brokers_json):
         wait_until(f"{n} StreamConsumers to converge", args.timeout, all_converged, interval=0.5)
         result["converge_s"] = time.monotonic() - start
         result["create_s"] = created
-        ops_after, total_after = request_counts(api)
+        ops_after, total_after = request_counts(api, args.lease + "-leader-election")
         result["op_requests_per_sc"] = (ops_after - ops_before) / n
         result["all_requests_per_sc"] = (total_after - total_before) / n
         result["leader_hwm_kib"] = vm_kib(lead.pid, "VmHWM")
@@ -428,11 +443,15 @@ def run_size(api, args, n, brokers_json):
 
         # Settle: the steady state after convergence (lag readings, status refreshes).
         if args.settle > 0:
-            ops_s0, _ = request_counts(api)
+            ops_s0, _ = request_counts(api, args.lease + "-leader-election")
             time.sleep(args.settle)
-            ops_s1, _ = request_counts(api)
+            ops_s1, _ = request_counts(api, args.lease + "-leader-election")
             result["idle_rps"] = (ops_s1 - ops_s0) / args.settle
             result["leader_hwm_settled_kib"] = vm_kib(lead.pid, "VmHWM")
+
+        # The chart's FlowSchema carries the Lease requests, in the leader-election priority level.
+        result["lease_requests_by_level"] = lease_requests(api, args.lease + "-leader-election")
+        log(f"N={n}: Lease requests through the chart's FlowSchema: {result['lease_requests_by_level']}")
 
         # Fail-over: SIGKILL the leader, change one StreamConsumer.
         ns, name = names[n // 2]

@@ -944,6 +944,9 @@ class Checks:
             ("defaults", {}, self.expect_defaults),
             ("replicaCount=2", {"replicaCount": "2"}, self.expect_leader_election),
             ("leaderElection.force=true", {"leaderElection.force": "true"}, self.expect_leader_election),
+            ("replicaCount=2,leaderElection.flowSchema=false",
+             {"replicaCount": "2", "leaderElection.flowSchema": "false"},
+             lambda docs: require(not [d for d in docs if d.kind == "FlowSchema"], "no FlowSchema when turned off")),
             ("watchNamespace=team-a", {"watchNamespace": "team-a"}, self.expect_namespaced),
             ("all options on", {"replicaCount": "3", "serviceMonitor.enabled": "true", "podMonitor.enabled": "true",
                                 "networkPolicy.enabled": "true", "dashboards.enabled": "true",
@@ -977,7 +980,7 @@ class Checks:
                 k8s_validate_all(docs, {"ServiceMonitor", "PodMonitor"})
                 check_workloads(docs)
                 for d in docs:
-                    require(d.kind in {"ClusterRole", "ClusterRoleBinding"} or d.namespace,
+                    require(d.kind in {"ClusterRole", "ClusterRoleBinding", "FlowSchema"} or d.namespace,
                             f"{d}: namespaced object without metadata.namespace")
                 expect(docs)
             r.run(f"chart: helm template [{name}]: schemas, consistency and contract", scenario)
@@ -1093,6 +1096,17 @@ class Checks:
                 require(rule.get("resourceNames") == [lease_name], f"get/update must be limited to the Lease {lease_name}")
         self.expect_binding(docs, "RoleBinding", "streamops-operator-leader-election", SYSTEM_NS, "streamops-operator")
         require(dep.obj["spec"]["strategy"]["type"] == "RollingUpdate", "leader election allows a rolling update")
+        # The Lease requests, and only they, in the built-in leader-election priority level, ahead
+        # of the service-accounts FlowSchema (9000) that holds the operator's other requests.
+        fs = self.one(docs, "FlowSchema", "streamops-operator-leader-election").obj["spec"]
+        require(fs["priorityLevelConfiguration"] == {"name": "leader-election"}, "FlowSchema: leader-election level")
+        require(fs["matchingPrecedence"] < 9000, "FlowSchema must precede service-accounts (9000)")
+        require(fs["rules"] == [{
+            "subjects": [{"kind": "ServiceAccount",
+                          "serviceAccount": {"name": "streamops-operator", "namespace": SYSTEM_NS}}],
+            "resourceRules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "verbs": ["get", "create", "update"], "namespaces": [SYSTEM_NS]}],
+        }], f"FlowSchema rules: {fs['rules']}")
 
     def expect_namespaced(self, docs: list[Doc]) -> None:
         _, _, env = self.expect_operator_contract(docs)
@@ -1272,7 +1286,7 @@ class Checks:
                 f"the first document must be the Namespace {SYSTEM_NS} (kubectl applies in order)")
         require(docs[1].kind == "CustomResourceDefinition", "the CRD must come right after the Namespace")
         for d in docs:
-            if d.kind not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}:
+            if d.kind not in {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "FlowSchema"}:
                 require(d.namespace == SYSTEM_NS, f"{d}: namespace {d.namespace!r}, want {SYSTEM_NS}")
         self.expect_defaults([d for d in docs if d.kind not in {"Namespace", "CustomResourceDefinition"}])
         check_workloads(docs)
