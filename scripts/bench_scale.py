@@ -562,6 +562,11 @@ def main():
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the control-plane floor (bare Deployments, no operator)")
     args = p.parse_args()
+    # A stopped bench (SIGTERM, as from `timeout` or `kill`) still runs its clean-up: the
+    # `finally` blocks delete its StreamConsumers and namespaces. Without this, 1,000 of them were
+    # left in the control plane's etcd, and the next cluster tests on it waited on a garbage
+    # collector busy with their Deployments.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.makedirs(args.work, exist_ok=True)
     api = Api(args.server, args.pki)
     brokers_json = json.dumps([{"name": "dev", "bootstrapServers": [args.brokers]}])
