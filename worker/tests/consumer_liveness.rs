@@ -52,6 +52,18 @@ async fn a_fresh_client_finds_an_address_nothing_listens_on_unreachable() {
     assert!(matches!(p, Probe::Unreachable(_)), "{p:?}");
 }
 
+/// One check of `health` against a fresh client of `address`, with no waiting threshold.
+async fn check_now(health: &Health, address: String, g: &prometheus::IntGauge) {
+    check(
+        health,
+        &KafkaClientSettings::plaintext(address),
+        None,
+        g,
+        Duration::ZERO,
+    )
+    .await;
+}
+
 fn gauge() -> prometheus::IntGauge {
     prometheus::IntGauge::new("streamops_kafka_client_wedged", "test").expect("valid gauge")
 }
@@ -61,27 +73,13 @@ async fn a_consumer_reporting_no_broker_while_the_broker_answers_is_judged_wedge
     let health = Health::default();
     health.set_kafka_down(true);
     let g = gauge();
-    check(
-        &health,
-        &KafkaClientSettings::plaintext(broker()),
-        None,
-        &g,
-        Duration::ZERO,
-    )
-    .await;
+    check_now(&health, broker(), &g).await;
     let reason = health.live().expect_err("judged wedged");
     assert!(reason.contains("wedged"), "{reason}");
     assert_eq!(g.get(), 1);
     // The consumer reaches a broker again: live.
     health.set_kafka_down(false);
-    check(
-        &health,
-        &KafkaClientSettings::plaintext(broker()),
-        None,
-        &g,
-        Duration::ZERO,
-    )
-    .await;
+    check_now(&health, broker(), &g).await;
     assert_eq!(health.live(), Ok(()));
     assert_eq!(g.get(), 0);
 }
@@ -91,14 +89,7 @@ async fn a_consumer_reporting_no_broker_during_an_outage_stays_live() {
     let health = Health::default();
     health.set_kafka_down(true);
     let g = gauge();
-    check(
-        &health,
-        &KafkaClientSettings::plaintext(dead_address()),
-        None,
-        &g,
-        Duration::ZERO,
-    )
-    .await;
+    check_now(&health, dead_address(), &g).await;
     assert_eq!(health.live(), Ok(()));
     assert_eq!(g.get(), 0);
 }

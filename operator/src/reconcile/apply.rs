@@ -325,34 +325,22 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
             memo,
         )),
         Box::pin(write_service(ctx, stores, id, &children.service, service)),
-        Box::pin(async {
-            match (&children.pdb, pdb) {
-                (Some(desired), Some(live)) => write_child(
-                    &Api::namespaced(client.clone(), ns),
-                    desired,
-                    live,
-                    id.uid,
-                    memo,
-                )
-                .await
-                .map(drop),
-                _ => Ok(()),
-            }
-        }),
-        Box::pin(async {
-            match (&children.network_policy, network_policy) {
-                (Some(desired), Some(live)) => write_child(
-                    &Api::namespaced(client.clone(), ns),
-                    desired,
-                    live,
-                    id.uid,
-                    memo,
-                )
-                .await
-                .map(drop),
-                _ => Ok(()),
-            }
-        }),
+        Box::pin(write_optional(
+            client,
+            ns,
+            children.pdb.as_ref(),
+            pdb,
+            id.uid,
+            memo
+        )),
+        Box::pin(write_optional(
+            client,
+            ns,
+            children.network_policy.as_ref(),
+            network_policy,
+            id.uid,
+            memo
+        )),
     );
     let deployment = deployment?;
     service?;
@@ -369,6 +357,37 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         previous,
         deployment,
     })
+}
+
+/// [`write_child`] for a child that is only wanted with some settings (the PodDisruptionBudget,
+/// the NetworkPolicy): nothing to do when it is not wanted (`desired` is `None`).
+async fn write_optional<K>(
+    client: &Client,
+    ns: &str,
+    desired: Option<&K>,
+    live: Option<Option<Ours>>,
+    uid: &str,
+    memo: Option<&crate::children::WriteMemo>,
+) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Debug
+        + serde::Serialize
+        + DeserializeOwned,
+{
+    match (desired, live) {
+        (Some(desired), Some(live)) => write_child(
+            &Api::namespaced(client.clone(), ns),
+            desired,
+            live,
+            uid,
+            memo,
+        )
+        .await
+        .map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// The worker Service seen holding its name (ours), with its `spec.clusterIP`.
