@@ -523,6 +523,16 @@ const WRITE_ORDER: [Kind; 7] = [
     Kind::NetworkPolicy,
 ];
 
+/// What the API server answers a write of a child of `kind` with in the race tests: a Deployment
+/// mid-rollout, any other kind as an empty object.
+fn written_answer(kind: Kind) -> Value {
+    if kind == Kind::Deployment {
+        rollout(1, 3, 0)
+    } else {
+        json!({})
+    }
+}
+
 /// The writes of a pass of [`every_child`] in which the write of `raced` is refused with
 /// `refused`, and its name is then read again (`reread`): every write of the waves up to the raced
 /// one's (the others of its wave still go through), then the read. Returns the steps and the
@@ -627,14 +637,7 @@ async fn a_child_created_by_someone_else_between_the_read_and_the_write_is_not_t
         }
         let (writes, refused_at) = raced_writes(
             raced,
-            |kind| {
-                let answer = if kind == Kind::Deployment {
-                    rollout(1, 3, 0)
-                } else {
-                    json!({})
-                };
-                create(kind, answer)
-            },
+            |kind| create(kind, written_answer(kind)),
             Reply::Error(409, "AlreadyExists"),
             get_child(raced, Some(child_object(raced, Some("someone-else")))),
         );
@@ -683,14 +686,7 @@ async fn a_child_replaced_between_the_read_and_the_write_is_not_applied_over() {
         }
         let (writes, refused_at) = raced_writes(
             raced,
-            |kind| {
-                let answer = if kind == Kind::Deployment {
-                    rollout(1, 3, 0)
-                } else {
-                    json!({})
-                };
-                write(kind, Some("7"), answer)
-            },
+            |kind| write(kind, Some("7"), written_answer(kind)),
             Reply::Error(409, "Conflict"),
             get_child(raced, Some(child_object(raced, Some("someone-else")))),
         );
