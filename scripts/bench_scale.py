@@ -306,6 +306,24 @@ def delete_namespaces(api, names, timeout):
         log(f"warning: {e}")
 
 
+def all_done(api, path, n, is_done, start, label, what, check=lambda: None):
+    """A predicate for wait_until: whether the list at `path` holds `n` objects, every one
+    `is_done`; logs the count every 10 s (seconds since `start`). `check` runs first and may raise."""
+    last_report = [0.0]
+
+    def done_yet():
+        check()
+        items = api.get(path)["items"]
+        done = sum(1 for o in items if is_done(o))
+        now = time.monotonic() - start
+        if now - last_report[0] >= 10:
+            last_report[0] = now
+            log(f"{label}: {done}/{n} {what} after {now:.0f}s")
+        return len(items) == n and done == n
+
+    return done_yet
+
+
 def bare_deployment(ns, name, run_id):
     labels = {"app.kubernetes.io/name": "scale-floor", "app.kubernetes.io/instance": name}
     return {
@@ -345,17 +363,10 @@ def run_floor(api, args, n, namespaces):
 
     with ThreadPoolExecutor(max_workers=args.create_threads) as pool:
         list(pool.map(create, names))
-    selector = f"?labelSelector={RUN_LABEL}%3D{run_id}"
-    last_report = [0.0]
-
-    def all_ready():
-        items = api.get("/apis/apps/v1/deployments" + selector)["items"]
-        done = sum(1 for d in items if deployment_ready(d))
-        now = time.monotonic() - start
-        if now - last_report[0] >= 10:
-            last_report[0] = now
-            log(f"N={n} floor: {done}/{n} Deployments ready after {now:.0f}s")
-        return len(items) == n and done == n
+    all_ready = all_done(
+        api, f"/apis/apps/v1/deployments?labelSelector={RUN_LABEL}%3D{run_id}", n, deployment_ready,
+        start, f"N={n} floor", "Deployments ready",
+    )
 
     wait_until(f"{n} bare Deployments to be ready", args.timeout, all_ready, interval=0.5)
     took = time.monotonic() - start
@@ -415,19 +426,14 @@ def run_size(api, args, n, brokers_json):
         created = time.monotonic() - start
         log(f"N={n}: created {n} StreamConsumers in {created:.1f}s")
 
-        selector = f"?labelSelector={RUN_LABEL}%3D{run_id}"
-        last_report = [0.0]
-
-        def all_converged():
+        def operators_alive():
             if not any(o.alive() for o in ops):
                 raise RuntimeError(f"every operator exited; logs: {', '.join(o.log_path for o in ops)}")
-            items = api.get(sc_path() + selector)["items"]
-            done = sum(1 for sc in items if converged(sc))
-            now = time.monotonic() - start
-            if now - last_report[0] >= 10:
-                last_report[0] = now
-                log(f"N={n}: {done}/{n} converged after {now:.0f}s")
-            return len(items) == n and done == n
+
+        all_converged = all_done(
+            api, sc_path() + f"?labelSelector={RUN_LABEL}%3D{run_id}", n, converged, start, f"N={n}",
+            "converged", check=operators_alive,
+        )
 
         wait_until(f"{n} StreamConsumers to converge", args.timeout, all_converged, interval=0.5)
         result["converge_s"] = time.monotonic() - start
