@@ -13,9 +13,10 @@
 //! partition unfetchable, for [`WEDGE_AFTER`], it asks a fresh, short-lived client with the
 //! worker's own connection and security settings for the metadata of the topic concerned
 //! ([`probe_brokers`]). The consumer is wedged if the fresh client reaches a broker while the
-//! consumer still reports none, or finds a leader for the unfetchable partition among the brokers
-//! it lists while the consumer still cannot fetch it. Otherwise it is an outage or a leader
-//! election: the worker stays live (no restart loop) and, for the first case, not ready.
+//! consumer still reports none, or finds the unfetchable partition's leader among the brokers it
+//! lists, and reads the partition's offsets from it, while the consumer still cannot fetch it.
+//! Otherwise it is an outage, a leader election or a network fault a restart would not cure: the
+//! worker stays live (no restart loop) and, for the first case, not ready.
 //!
 //! A wedged worker restarts: `/healthz` answers 503 with the reason,
 //! `streamops_kafka_client_wedged` is 1, a WARN says so, and the watcher cancels its `restart`
@@ -69,16 +70,29 @@ pub struct Cluster {
     /// The leader of each partition of the topics it describes (-1: none), by topic and
     /// partition.
     pub leaders: BTreeMap<(String, i32), i32>,
+    /// The partitions whose leader answered the fresh client (a ListOffsets request for the
+    /// partition asked about, sent once its leader is listed).
+    pub leader_answered: BTreeSet<(String, i32)>,
 }
 
 impl Cluster {
     /// The leader of `tp` if the answer names one that is among its brokers.
     pub fn listed_leader(&self, tp: &TopicPartition) -> Option<i32> {
         self.leaders
-            .get(&(tp.topic.to_string(), tp.partition))
+            .get(&key(tp))
             .copied()
             .filter(|l| *l >= 0 && self.brokers.contains(l))
     }
+
+    /// The leader of `tp` if it is listed and answered the fresh client.
+    pub fn answering_leader(&self, tp: &TopicPartition) -> Option<i32> {
+        self.listed_leader(tp)
+            .filter(|_| self.leader_answered.contains(&key(tp)))
+    }
+}
+
+fn key(tp: &TopicPartition) -> (String, i32) {
+    (tp.topic.to_string(), tp.partition)
 }
 
 /// The consumer's state the watcher judges, read from [`Health`] and [`Ownership`].
@@ -126,12 +140,27 @@ pub fn should_probe(seen: &Observed, threshold: Duration) -> bool {
     seen.all_down(threshold) || seen.stalled(threshold).is_some()
 }
 
-/// The topic a probe asks about: the unfetchable partition's (its leader is what the verdict
-/// needs), else `default` (cheap; None asks for every topic).
-pub fn probe_topic(seen: &Observed, threshold: Duration, default: Option<&str>) -> Option<String> {
+/// What a probe asks about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Target {
+    /// The topic whose metadata is asked for (None: every topic).
+    pub topic: Option<String>,
+    /// A partition of it whose leader is then asked for its offsets.
+    pub partition: Option<i32>,
+}
+
+/// What a probe asks about: the unfetchable partition (its leader is what the verdict needs),
+/// else the metadata of `default` (cheap; None asks for every topic).
+pub fn probe_target(seen: &Observed, threshold: Duration, default: Option<&str>) -> Target {
     match seen.stalled(threshold) {
-        Some(u) => Some(u.tp.topic.to_string()),
-        None => default.map(str::to_owned),
+        Some(u) => Target {
+            topic: Some(u.tp.topic.to_string()),
+            partition: Some(u.tp.partition),
+        },
+        None => Target {
+            topic: default.map(str::to_owned),
+            partition: None,
+        },
     }
 }
 
@@ -149,10 +178,11 @@ pub fn decide(seen: &Observed, threshold: Duration, probe: &Probe) -> Liveness {
         ));
     }
     if let Some(u) = seen.stalled(threshold) {
-        if let Some(leader) = cluster.listed_leader(&u.tp) {
+        if let Some(leader) = cluster.answering_leader(&u.tp) {
             return Liveness::Wedged(format!(
                 "kafka consumer wedged: partition {}[{}] has not been fetchable for {}s ({}) \
-                 while a fresh client finds its leader, broker {leader}, among {} broker(s)",
+                 while a fresh client reads it from its leader, broker {leader}, one of {} \
+                 broker(s)",
                 u.tp.topic,
                 u.tp.partition,
                 u.for_.as_secs(),
@@ -180,39 +210,56 @@ impl ClientContext for ProbeContext {
 
 impl ConsumerContext for ProbeContext {}
 
-/// Asks a fresh client with `settings` (connection and security) for metadata, within
-/// `timeout`: of `topic` when given (cheap; a client without a group never creates it), else of
-/// every topic. The client is dropped afterwards. Runs on a blocking thread.
+/// Asks a fresh client with `settings` (connection and security) for metadata, each request
+/// within `timeout`: of `target.topic` when given (cheap; a client without a group never creates
+/// it), else of every topic. For `target.partition`, once the answer lists its leader, it also
+/// asks that leader for the partition's offsets: a leader the metadata lists but this host
+/// cannot reach (a network fault between them) does not make the consumer wedged, and
+/// restarting would not help. The client is dropped afterwards. Runs on a blocking thread.
 pub async fn probe_brokers(
     settings: &KafkaClientSettings,
-    topic: Option<&str>,
+    target: &Target,
     timeout: Duration,
 ) -> Probe {
     let mut config = settings.base();
     config
         .set("client.id", "streamops-worker-liveness-probe")
         .set("allow.auto.create.topics", "false");
-    let topic = topic.map(str::to_owned);
+    let target = target.clone();
     let task = tokio::task::spawn_blocking(move || {
         let client: BaseConsumer<ProbeContext> = match config.create_with_context(ProbeContext) {
             Ok(c) => c,
             Err(e) => return Probe::Unreachable(format!("cannot create a client: {e}")),
         };
-        match client.client().fetch_metadata(topic.as_deref(), timeout) {
-            Ok(m) => Probe::Reachable(Cluster {
-                brokers: m.brokers().iter().map(|b| b.id()).collect(),
-                leaders: m
-                    .topics()
-                    .iter()
-                    .flat_map(|t| {
-                        t.partitions()
-                            .iter()
-                            .map(|p| ((t.name().to_string(), p.id()), p.leader()))
-                    })
-                    .collect(),
-            }),
-            Err(e) => Probe::Unreachable(e.to_string()),
+        let m = match client.fetch_metadata(target.topic.as_deref(), timeout) {
+            Ok(m) => m,
+            Err(e) => return Probe::Unreachable(e.to_string()),
+        };
+        let mut cluster = Cluster {
+            brokers: m.brokers().iter().map(|b| b.id()).collect(),
+            leaders: m
+                .topics()
+                .iter()
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .map(|p| ((t.name().to_string(), p.id()), p.leader()))
+                })
+                .collect(),
+            leader_answered: BTreeSet::new(),
+        };
+        if let (Some(topic), Some(partition)) = (target.topic, target.partition) {
+            let tp = TopicPartition {
+                topic: Arc::from(topic.as_str()),
+                partition,
+            };
+            if cluster.listed_leader(&tp).is_some()
+                && client.fetch_watermarks(&topic, partition, timeout).is_ok()
+            {
+                cluster.leader_answered.insert(key(&tp));
+            }
         }
+        Probe::Reachable(cluster)
     });
     match task.await {
         Ok(p) => p,
@@ -303,8 +350,8 @@ pub async fn check(w: &Watched, threshold: Duration) -> Liveness {
         w.wedged.set(0);
         return Liveness::Live;
     }
-    let topic = probe_topic(&seen, threshold, w.topic.as_deref());
-    let probe = probe_brokers(&w.settings, topic.as_deref(), PROBE_TIMEOUT).await;
+    let target = probe_target(&seen, threshold, w.topic.as_deref());
+    let probe = probe_brokers(&w.settings, &target, PROBE_TIMEOUT).await;
     // Read again: the consumer may have recovered while the probe ran.
     let seen = Observed::read(&w.health, &w.ownership, Instant::now());
     let verdict = decide(&seen, threshold, &probe);
@@ -322,8 +369,8 @@ pub async fn check(w: &Watched, threshold: Duration) -> Liveness {
                     "kafka unreachable from a fresh client too: an outage, staying live"),
                 (Probe::Reachable(_), Some(u)) => tracing::info!(topic = %u.tp.topic,
                     partition = u.tp.partition, reason = %u.why, unfetchable_s = u.for_.as_secs(),
-                    "a fresh client finds no leader among the brokers for the unfetchable \
-                     partition either: a leader election or outage, staying live"),
+                    "a fresh client cannot read the unfetchable partition from a listed leader \
+                     either: a leader election or an outage, staying live"),
                 (Probe::Reachable(_), None) => {}
             }
             w.health.set_wedged(None);
@@ -370,15 +417,18 @@ mod tests {
         }
     }
 
-    /// A Metadata answer listing `brokers`, with `leaders` for `orders`' partitions 0, 1, ...
+    /// A Metadata answer listing `brokers`, with `leaders` for `orders`' partitions 0, 1, ...,
+    /// each of which answered.
     fn reach(brokers: &[i32], leaders: &[i32]) -> Probe {
+        let leaders: BTreeMap<_, _> = leaders
+            .iter()
+            .enumerate()
+            .map(|(p, l)| (("orders".to_string(), p as i32), *l))
+            .collect();
         Probe::Reachable(Cluster {
             brokers: brokers.iter().copied().collect(),
-            leaders: leaders
-                .iter()
-                .enumerate()
-                .map(|(p, l)| (("orders".to_string(), p as i32), *l))
-                .collect(),
+            leader_answered: leaders.keys().cloned().collect(),
+            leaders,
         })
     }
 
@@ -458,16 +508,42 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_asks_about_the_unfetchable_partitions_topic_else_the_default() {
+    fn a_listed_leader_that_did_not_answer_the_fresh_client_leaves_the_worker_live() {
+        // A network fault between this host and the leader: a restart would not help.
+        let Probe::Reachable(mut cluster) = reach(&[1, 2], &[2]) else {
+            unreachable!()
+        };
+        cluster.leader_answered.clear();
         assert_eq!(
-            probe_topic(&stalled(60), T, Some("other")).as_deref(),
-            Some("orders")
+            decide(&stalled(600), T, &Probe::Reachable(cluster)),
+            Liveness::Live
         );
+    }
+
+    #[test]
+    fn the_probe_asks_about_the_unfetchable_partition_else_the_default_topic() {
         assert_eq!(
-            probe_topic(&down(60), T, Some("other")).as_deref(),
+            probe_target(&stalled(60), T, Some("other")),
+            Target {
+                topic: Some("orders".into()),
+                partition: Some(0)
+            }
+        );
+        // Not yet past the threshold: the partition is not what the probe is for.
+        assert_eq!(
+            probe_target(&stalled(59), T, Some("other"))
+                .topic
+                .as_deref(),
             Some("other")
         );
-        assert_eq!(probe_topic(&down(60), T, None), None);
+        assert_eq!(
+            probe_target(&down(60), T, Some("other")),
+            Target {
+                topic: Some("other".into()),
+                partition: None
+            }
+        );
+        assert_eq!(probe_target(&down(60), T, None), Target::default());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The liveness probe of the Kafka consumer against the dev broker (127.0.0.1:9092): a fresh
-//! client with the worker's settings reaches it and finds a topic's leader, an address nothing
-//! listens on is unreachable; a check of a consumer reporting every broker down, or an owned
-//! partition unfetchable, judges it wedged (and asks for a restart) only when the fresh client
-//! reaches the broker (and finds the partition's leader there); a real worker exports the gauge
-//! and is live. Needs the dev stack (`bash scripts/dev-up.sh`); fails loudly without it.
+//! client with the worker's settings reaches it and reads a partition from its leader; an
+//! address nothing listens on is unreachable. A check of a consumer reporting every broker down,
+//! or an owned partition unfetchable, judges it wedged (and asks for a restart) only when the
+//! fresh client reaches the broker (and reads the partition from its leader there); a real
+//! worker exports the gauge and is live. Needs the dev stack (`bash scripts/dev-up.sh`); fails
+//! loudly without it.
 
 mod support;
 
@@ -14,7 +15,7 @@ use streamops_crds::HandlerKind;
 use tokio_util::sync::CancellationToken;
 
 use streamops_worker::consumer_liveness::{
-    check, probe_brokers, spawn_with, Liveness, Probe, Timing, Watched, PROBE_TIMEOUT,
+    check, probe_brokers, spawn_with, Liveness, Probe, Target, Timing, Watched, PROBE_TIMEOUT,
 };
 use streamops_worker::handlers::TopicPartition;
 use streamops_worker::kafka::KafkaClientSettings;
@@ -34,12 +35,16 @@ fn dead_address() -> String {
 }
 
 #[tokio::test]
-async fn a_fresh_client_reaches_the_dev_broker_and_finds_a_topics_leader() {
+async fn a_fresh_client_reaches_the_dev_broker_and_reads_a_partition_from_its_leader() {
     let topic = support::unique("liveness-probe");
     support::create_topic(&topic, 2).await;
+    let target = Target {
+        topic: Some(topic.clone()),
+        partition: Some(1),
+    };
     let p = probe_brokers(
         &KafkaClientSettings::plaintext(broker()),
-        Some(&topic),
+        &target,
         PROBE_TIMEOUT,
     )
     .await;
@@ -50,13 +55,14 @@ async fn a_fresh_client_reaches_the_dev_broker_and_finds_a_topics_leader() {
         );
     };
     assert!(!cluster.brokers.is_empty(), "{p:?}");
-    for partition in 0..2 {
-        let tp = TopicPartition {
-            topic: Arc::from(topic.as_str()),
-            partition,
-        };
-        assert!(cluster.listed_leader(&tp).is_some(), "{tp:?}: {p:?}");
-    }
+    let tp = |partition| TopicPartition {
+        topic: Arc::from(topic.as_str()),
+        partition,
+    };
+    assert!(cluster.listed_leader(&tp(0)).is_some(), "{p:?}");
+    assert!(cluster.answering_leader(&tp(1)).is_some(), "{p:?}");
+    // Only the partition asked about is read from its leader.
+    assert_eq!(cluster.answering_leader(&tp(0)), None, "{p:?}");
     support::kafka::delete_topic(&topic).await;
 }
 
@@ -64,7 +70,7 @@ async fn a_fresh_client_reaches_the_dev_broker_and_finds_a_topics_leader() {
 async fn a_fresh_client_finds_an_address_nothing_listens_on_unreachable() {
     let p = probe_brokers(
         &KafkaClientSettings::plaintext(dead_address()),
-        None,
+        &Target::default(),
         Duration::from_secs(3),
     )
     .await;
