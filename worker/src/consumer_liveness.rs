@@ -44,7 +44,9 @@ use crate::pipeline::{Health, Ownership, UnfetchablePartition};
 /// before a fresh client is asked. Well over what a consumer needs to recover from a real, ended
 /// outage or a leader change (librdkafka reconnects within `reconnect.backoff.max.ms`, 10 s,
 /// refreshes the metadata of a partition without a leader at once, and statistics report it
-/// within 5 s), so a healthy consumer is never probed.
+/// within 5 s), so a healthy consumer is never probed. A wedged worker exits 60-130 s after it
+/// wedged: this, up to one [`CHECK_INTERVAL`], the probe (up to two [`PROBE_TIMEOUT`]s) and the
+/// drain (up to [`crate::worker::WEDGE_DRAIN_LIMIT`]).
 pub const WEDGE_AFTER: Duration = Duration::from_secs(60);
 
 /// How often the watcher looks at the consumer's state.
