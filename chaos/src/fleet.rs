@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use streamops_worker::error::EXIT_RESTART;
 use tokio::process::{Child, Command};
 
 use crate::stack::{log_file, terminate};
@@ -18,6 +19,34 @@ pub enum Membership {
     Static,
     /// No instance id (the worker's default): a graceful stop leaves the group.
     Dynamic,
+}
+
+/// What [`Fleet::tend`] found.
+#[derive(Debug, Default)]
+pub struct Exits {
+    /// Members that exited to be restarted and were started again (their ids).
+    pub restarted: Vec<String>,
+    /// Members that crashed, each with its exit status.
+    pub crashed: Vec<String>,
+}
+
+/// How a member's exit is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// It asked to be restarted.
+    Restart,
+    /// Anything else.
+    Crash,
+}
+
+/// How an exit with `status` is handled: [`ExitKind::Restart`] only for
+/// [`streamops_worker::error::EXIT_RESTART`].
+pub fn exit_kind(status: ExitStatus) -> ExitKind {
+    if status.code() == Some(i32::from(EXIT_RESTART)) {
+        ExitKind::Restart
+    } else {
+        ExitKind::Crash
+    }
 }
 
 /// One worker process.
@@ -125,22 +154,31 @@ impl Fleet {
         }
     }
 
-    /// Forgets members that exited on their own and returns them: a crash fails the scenario, but
-    /// the run goes on so that the reconciliation still reports what happened.
-    pub fn reap_exited(&mut self) -> Vec<String> {
+    /// Handles members that exited on their own, as the kubelet would under restartPolicy
+    /// Always for a worker that asked for it: one that exited with
+    /// [`streamops_worker::error::EXIT_RESTART`] (its Kafka consumer was wedged; it drained
+    /// first) is started again under the same instance id; any other exit is a crash, which fails
+    /// the scenario, but the run goes on so that the reconciliation still reports what happened.
+    pub fn tend(&mut self) -> Result<Exits> {
         let mut exited = Vec::new();
         for (id, m) in self.members.iter_mut() {
             if let Ok(Some(status)) = m.child.try_wait() {
                 exited.push((id.clone(), status));
             }
         }
-        for (id, _) in &exited {
-            self.members.remove(id);
+        let mut out = Exits::default();
+        for (id, status) in exited {
+            self.members.remove(&id);
+            match exit_kind(status) {
+                ExitKind::Restart => {
+                    tracing::info!(member = %id, %status, "worker exited to be restarted (wedged consumer): restarting it");
+                    self.start(&id)?;
+                    out.restarted.push(id);
+                }
+                ExitKind::Crash => out.crashed.push(format!("{id} ({status})")),
+            }
         }
-        exited
-            .into_iter()
-            .map(|(id, status)| format!("{id} ({status})"))
-            .collect()
+        Ok(out)
     }
 
     /// Samples the members' resident set sizes and keeps the peak.
@@ -192,4 +230,105 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn only_an_exit_with_ex_tempfail_restarts_a_member_and_anything_else_is_a_crash() {
+        // Wait statuses: the exit code in the second byte, a signal in the low bits.
+        assert_eq!(exit_kind(ExitStatus::from_raw(75 << 8)), ExitKind::Restart);
+        assert_eq!(exit_kind(ExitStatus::from_raw(0)), ExitKind::Crash);
+        assert_eq!(exit_kind(ExitStatus::from_raw(1 << 8)), ExitKind::Crash);
+        // Killed by SIGKILL (9): no exit code at all.
+        assert_eq!(exit_kind(ExitStatus::from_raw(9)), ExitKind::Crash);
+    }
+
+    /// A stand-in worker: exits with `$FAKE_EXIT` on its first start (recorded in
+    /// `$FAKE_DIR/starts`), then stays up.
+    const FAKE_WORKER: &str = r#"#!/bin/sh
+echo "$*" >> "$FAKE_DIR/starts"
+if [ "$(wc -l < "$FAKE_DIR/starts")" -eq 1 ]; then exit "$FAKE_EXIT"; fi
+exec sleep 60
+"#;
+
+    /// Starts member w0 of a fleet of [`FAKE_WORKER`] whose first start exits with `code`, and
+    /// tends the fleet until that exit is handled.
+    async fn first_exit_handled(code: &str) -> (Fleet, Exits, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "streamops-chaos-fleet-{}-{code}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("worker.sh");
+        std::fs::write(&bin, FAKE_WORKER).unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let env = vec![
+            ("FAKE_DIR".to_string(), dir.display().to_string()),
+            ("FAKE_EXIT".to_string(), code.to_string()),
+        ];
+        let mut fleet = Fleet::new(
+            &bin,
+            dir.join("config.yaml"),
+            dir.clone(),
+            env,
+            0,
+            Membership::Static,
+        );
+        fleet.start("w0").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let exits = fleet.tend().unwrap();
+            if !exits.restarted.is_empty() || !exits.crashed.is_empty() {
+                return (fleet, exits, dir);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the member's exit was not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_exiting_with_ex_tempfail_is_restarted_under_the_same_instance_id() {
+        let (mut fleet, exits, dir) = first_exit_handled("75").await;
+        assert_eq!(exits.restarted, vec!["w0".to_string()]);
+        assert!(exits.crashed.is_empty(), "{:?}", exits.crashed);
+        assert_eq!(fleet.running(), vec!["w0".to_string()]);
+        // Started twice, both times as w0.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let starts = loop {
+            let starts = std::fs::read_to_string(dir.join("starts")).unwrap_or_default();
+            if starts.lines().count() >= 2 || std::time::Instant::now() >= deadline {
+                break starts;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let starts: Vec<&str> = starts.lines().collect();
+        assert_eq!(starts.len(), 2, "{starts:?}");
+        assert!(
+            starts.iter().all(|s| s.contains("--instance-id w0")),
+            "{starts:?}"
+        );
+        fleet.stop_all().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_member_exiting_with_another_code_is_a_crash_and_is_not_restarted() {
+        let (mut fleet, exits, dir) = first_exit_handled("1").await;
+        assert!(exits.restarted.is_empty(), "{:?}", exits.restarted);
+        assert_eq!(exits.crashed.len(), 1, "{:?}", exits.crashed);
+        assert!(exits.crashed[0].starts_with("w0 "), "{:?}", exits.crashed);
+        assert!(fleet.running().is_empty());
+        fleet.stop_all().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -186,6 +186,8 @@ struct Lane {
     max_events: u64,
     notes: Vec<String>,
     crashes: Vec<String>,
+    /// Members restarted after exiting with EXIT_RESTART (a wedged consumer), by id.
+    wedge_restarts: Vec<String>,
 }
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
@@ -362,6 +364,7 @@ async fn setup_lane(
         max_events,
         notes,
         crashes: Vec::new(),
+        wedge_restarts: Vec::new(),
     })
 }
 
@@ -442,11 +445,16 @@ fn produced_so_far(bootstrap: &str, topic: &str) -> Option<i64> {
 }
 
 /// The recovery time of a fault that just ended: how long until every lane has applied every
-/// message produced before the fault ended.
-async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> Option<Duration> {
+/// message produced before the fault ended. Members that exit to be restarted are restarted
+/// while it waits, as in the main loop.
+async fn time_to_catch_up(
+    bootstrap: &str,
+    lanes: &mut [Lane],
+    limit: Duration,
+) -> Option<Duration> {
     let start = Instant::now();
     let mut targets = Vec::new();
-    for l in lanes {
+    for l in lanes.iter() {
         // Right after a broker restart the watermarks are briefly unavailable (partitions being
         // loaded): ask again until they answer.
         loop {
@@ -467,6 +475,11 @@ async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> O
     }
     let mut pending: Vec<usize> = (0..lanes.len()).collect();
     while !pending.is_empty() && start.elapsed() < limit {
+        for l in lanes.iter_mut() {
+            if let Err(e) = l.tend() {
+                l.crashes.push(format!("cannot restart a member: {e:#}"));
+            }
+        }
         let mut still = Vec::new();
         for i in pending {
             if applied(&lanes[i].pool, &lanes[i].group).await < targets[i] {
@@ -484,6 +497,14 @@ async fn time_to_catch_up(bootstrap: &str, lanes: &[Lane], limit: Duration) -> O
 impl Lane {
     fn fleet_target(&self) -> u64 {
         self.expected_valid + self.expected_poison
+    }
+
+    /// Restarts members that exited to be restarted and records crashes (see [`Fleet::tend`]).
+    fn tend(&mut self) -> Result<()> {
+        let exits = self.fleet.tend()?;
+        self.crashes.extend(exits.crashed);
+        self.wedge_restarts.extend(exits.restarted);
+        Ok(())
     }
 }
 
@@ -584,8 +605,7 @@ pub async fn run(
         }
         for lane in lanes.iter_mut() {
             lane.fleet.sample_rss();
-            let exited = lane.fleet.reap_exited();
-            lane.crashes.extend(exited);
+            lane.tend()?;
         }
         let elapsed = started.elapsed();
         match scenario {
@@ -605,7 +625,8 @@ pub async fn run(
                 faulted = true;
                 stack.restart_postgres(outage / 3).await?;
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
             }
             Scenario::BrokerRestart if broker_restarts == 0 && elapsed >= fault_at => {
                 broker_restarts = 1;
@@ -629,7 +650,8 @@ pub async fn run(
                 };
                 stack.freeze_broker(frozen).await?;
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
                 for lane in lanes.iter_mut() {
                     lane.notes.push(format!(
                         "broker frozen (SIGSTOP) for {:.0}s",
@@ -643,7 +665,8 @@ pub async fn run(
                 tokio::time::sleep(outage).await;
                 stack.proxy.restore();
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
                 let refused = stack.proxy.refused();
                 for lane in lanes.iter_mut() {
                     lane.notes
@@ -660,7 +683,8 @@ pub async fn run(
                 stack.stop_scorer().await?;
                 stack.start_scorer(0).await?;
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
             }
             Scenario::RedisRestart if !faulted && elapsed >= fault_at => {
                 faulted = true;
@@ -668,7 +692,8 @@ pub async fn run(
                 tokio::time::sleep(outage / 3).await;
                 stack.start_redis().await?;
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
             }
             Scenario::Membership if membership_step == 0 && elapsed >= fault_at => {
                 membership_step = 1;
@@ -677,7 +702,8 @@ pub async fn run(
                     lane.fleet.stop("w2").await;
                 }
                 recovery =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                    time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                        .await;
             }
             Scenario::Membership if membership_step == 1 && elapsed >= fault_at * 2 => {
                 membership_step = 2;
@@ -686,8 +712,8 @@ pub async fn run(
                         lane.fleet.start(id)?;
                     }
                 }
-                let r =
-                    time_to_catch_up(&stack.bootstrap(), &lanes, Duration::from_secs(300)).await;
+                let r = time_to_catch_up(&stack.bootstrap(), &mut lanes, Duration::from_secs(300))
+                    .await;
                 recovery = match (recovery, r) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,
@@ -740,6 +766,15 @@ pub async fn run(
                 lane.fleet.peak_rss_kib as f64 / 1024.0
             ));
         }
+        row.notes.push(format!(
+            "wedge restarts: {}{}",
+            lane.wedge_restarts.len(),
+            if lane.wedge_restarts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", lane.wedge_restarts.join(", "))
+            }
+        ));
         if !lane.crashes.is_empty() {
             row.passed = false;
             row.notes.push(format!(

@@ -19,7 +19,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Consume and process messages until SIGTERM/SIGINT.
+    /// Consume and process messages until SIGTERM/SIGINT (exit 0). Exits with 75 (EX_TEMPFAIL)
+    /// after a graceful stop when the Kafka consumer is wedged: run it again.
     Run(RunArgs),
     /// Produce generated events (deterministic for a seed).
     Produce(ProduceArgs),

@@ -2,6 +2,12 @@
 
 use crate::handlers::HandlerError;
 
+/// The exit code of a worker that stopped to be restarted: EX_TEMPFAIL of `sysexits.h` ("try
+/// again later"). Used when the Kafka consumer is wedged ([`crate::consumer_liveness`]): the
+/// worker drains as on SIGTERM and exits with it, and whatever runs it (the kubelet under
+/// restartPolicy Always, `localnode`, the chaos suite's fleet) starts it again.
+pub const EXIT_RESTART: u8 = 75;
+
 /// Why the worker (or one of its commands) stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -47,7 +53,35 @@ pub enum WorkerError {
     /// The handler kind is known to the API but not compiled into this worker.
     #[error("handler kind {0} is not built into this worker yet")]
     HandlerNotBuilt(streamops_crds::HandlerKind),
+    /// The Kafka consumer is wedged: the worker stopped gracefully to be restarted.
+    #[error("{0}; stopped to be restarted")]
+    Wedged(String),
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+impl WorkerError {
+    /// The process exit code for this error: [`EXIT_RESTART`] for a wedge, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Wedged(_) => EXIT_RESTART,
+            _ => 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wedged_worker_exits_with_ex_tempfail_and_other_errors_with_one() {
+        assert_eq!(
+            WorkerError::Wedged("kafka consumer wedged".into()).exit_code(),
+            75
+        );
+        assert_eq!(WorkerError::Other("boom".into()).exit_code(), 1);
+        assert_eq!(WorkerError::Config("bad".into()).exit_code(), 1);
+    }
 }

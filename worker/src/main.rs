@@ -224,10 +224,17 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ WorkerError::Wedged(_)) => {
+            tracing::warn!(reason = %e, exit_code = e.exit_code(), "exiting to be restarted");
+            // A consumer that did not drain may still be closing on a blocking thread: do not
+            // wait for it (dropping the runtime would).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            ExitCode::from(e.exit_code())
+        }
         Err(e) => {
             tracing::error!(error = %e, "exiting");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -5,16 +5,18 @@
 //! [`WorkerRuntime::handler_context`], and calls [`WorkerRuntime::run`] with it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::PgPool;
 use streamops_crds::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer_liveness::Watched;
 use crate::error::WorkerError;
 use crate::handlers::{HandlerContext, MessageHandler};
 use crate::kafka::KafkaClientSettings;
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Health, PipelineContext, WriterTotals};
+use crate::pipeline::{self, Health, PipelineContext, PipelineError, WriterTotals};
 use crate::secrets::Secrets;
 
 /// Inputs of a worker run.
@@ -48,6 +50,65 @@ pub struct WorkerRuntime {
     kafka: KafkaClientSettings,
     instance_id: Option<String>,
     redis_url: Option<String>,
+}
+
+/// How long a worker that stops because its Kafka consumer is wedged waits for the pipeline to
+/// drain before it exits anyway, as the kubelet ends a SIGTERM drain with SIGKILL after the pod's
+/// grace period (30 s by default). Nothing is lost: what was not committed to PostgreSQL is read
+/// again from the stored offsets.
+pub const WEDGE_DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// The pipeline's outcome: its result, or its task's failure.
+type PipelineOutcome = Result<Result<WriterTotals, PipelineError>, tokio::task::JoinError>;
+
+/// How the pipeline ended.
+struct Ended {
+    /// Its outcome; None when a drain for a restart did not finish within [`WEDGE_DRAIN_LIMIT`]
+    /// (the task is left behind: the process is about to exit).
+    outcome: Option<PipelineOutcome>,
+    /// It was stopped because the consumer is wedged (not by a signal, not on its own).
+    for_restart: bool,
+}
+
+/// Waits for the pipeline. On a wedge (`restart` cancelled) it stops it as SIGTERM does
+/// (cancels `shutdown`: stop fetching, commit what was fetched, close the consumer) and waits at
+/// most [`WEDGE_DRAIN_LIMIT`]. A wedge judged while a signal's shutdown is already under way
+/// changes nothing.
+async fn await_pipeline(
+    mut pipeline: tokio::task::JoinHandle<Result<WriterTotals, PipelineError>>,
+    restart: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let wedged = async {
+        restart.cancelled().await;
+        if shutdown.is_cancelled() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut pipeline => return Ended { outcome: Some(r), for_restart: false },
+        _ = wedged => {}
+    }
+    tracing::warn!(
+        limit_s = WEDGE_DRAIN_LIMIT.as_secs(),
+        "kafka consumer wedged: stopping as on SIGTERM, then exiting with 75 to be restarted"
+    );
+    shutdown.cancel();
+    let outcome = match tokio::time::timeout(WEDGE_DRAIN_LIMIT, &mut pipeline).await {
+        Ok(r) => Some(r),
+        Err(_) => {
+            tracing::warn!(
+                limit_s = WEDGE_DRAIN_LIMIT.as_secs(),
+                "the pipeline did not drain in time: exiting without it (what was not \
+                 committed is read again from the stored offsets)"
+            );
+            None
+        }
+    };
+    Ended {
+        outcome,
+        for_restart: true,
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT and `abort` on the second.
@@ -146,7 +207,9 @@ impl WorkerRuntime {
         }
     }
 
-    /// Serves HTTP and runs the pipeline with `handler` until shutdown.
+    /// Serves HTTP and runs the pipeline with `handler` until shutdown. A wedged Kafka consumer
+    /// ([`crate::consumer_liveness`]) stops it the same way, and it returns
+    /// [`WorkerError::Wedged`] (exit code [`crate::error::EXIT_RESTART`]).
     pub async fn run<H: MessageHandler>(self, handler: H) -> Result<WriterTotals, WorkerError> {
         self.run_lanes(vec![handler]).await
     }
@@ -169,11 +232,16 @@ impl WorkerRuntime {
             .merge(crate::http::lag_router(lag));
         let (_addr, http_task) =
             crate::http::serve(&self.config.http_listen, app, http_stop.clone()).await?;
+        let restart = CancellationToken::new();
         let liveness = crate::consumer_liveness::spawn(
-            self.health.clone(),
-            self.kafka.clone(),
-            self.config.kafka.topics.first().cloned(),
-            self.metrics.kafka_client_wedged.clone(),
+            Watched {
+                health: self.health.clone(),
+                ownership: ownership.clone(),
+                settings: self.kafka.clone(),
+                topic: self.config.kafka.topics.first().cloned(),
+                wedged: self.metrics.kafka_client_wedged.clone(),
+                restart: restart.clone(),
+            },
             http_stop.clone(),
         );
         let ctx = PipelineContext {
@@ -188,16 +256,34 @@ impl WorkerRuntime {
             abort: self.abort.clone(),
         };
         // The pipeline runs on a runtime worker thread (block_in_place in the rebalance callback).
-        let result = tokio::spawn(pipeline::run_pipeline_lanes(ctx, handlers)).await;
+        let pipeline = tokio::spawn(pipeline::run_pipeline_lanes(ctx, handlers));
+        let ended = await_pipeline(pipeline, &restart, &self.shutdown).await;
         http_stop.cancel();
         self.shutdown.cancel();
         let _ = http_task.await;
         let _ = liveness.await;
-        self.pool.close().await;
-        match result {
-            Ok(Ok(totals)) => Ok(totals),
-            Ok(Err(e)) => Err(WorkerError::Other(e.to_string())),
-            Err(e) => Err(WorkerError::Other(format!("pipeline task failed: {e}"))),
+        // A pipeline that did not drain may still hold connections: closing would wait for them.
+        if ended.outcome.is_some() {
+            self.pool.close().await;
         }
+        if !ended.for_restart {
+            return match ended.outcome {
+                Some(Ok(Ok(totals))) => Ok(totals),
+                Some(Ok(Err(e))) => Err(WorkerError::Other(e.to_string())),
+                Some(Err(e)) => Err(WorkerError::Other(format!("pipeline task failed: {e}"))),
+                None => Err(WorkerError::Other("the pipeline did not stop".into())),
+            };
+        }
+        match &ended.outcome {
+            Some(Ok(Err(e))) => tracing::warn!(error = %e, "the pipeline failed while draining"),
+            Some(Err(e)) => tracing::warn!(error = %e, "the pipeline task failed while draining"),
+            _ => {}
+        }
+        let reason = self
+            .health
+            .live()
+            .err()
+            .unwrap_or_else(|| "kafka consumer wedged".into());
+        Err(WorkerError::Wedged(reason))
     }
 }

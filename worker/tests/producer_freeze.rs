@@ -1,14 +1,11 @@
 //! A broker that freezes (SIGSTOP, as a long GC or controller stall does) while an idempotent
 //! producer has messages in flight: once it resumes, sends must succeed again within a bound.
 //!
-//! Each test starts a broker of its own with `scripts/kafka.sh` on free ports (freezing the
-//! shared development broker would break every other test).
+//! Each test starts a broker of its own ([`support::own_broker`]; freezing the shared
+//! development broker would break every other test).
 //! `STREAMOPS_TEST_RDKAFKA_DEBUG=eos,msg,protocol,broker` prints librdkafka's debug log (with
 //! `--nocapture`); `STREAMOPS_TEST_FREEZE_SECS` sets the freeze (12 s by default).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,97 +18,13 @@ use streamops_worker::errortopic::{ErrorRecord, ErrorSink};
 use streamops_worker::handlers::{RawMessage, RejectKind, Rejection};
 use streamops_worker::kafka::KafkaClientSettings;
 
+mod support;
+
+use support::own_broker::OwnBroker;
+
 /// Longest time from the broker's resume to a successful send (a correctness bound: a healthy
 /// producer needs a few seconds; a wedged one never gets there).
 const RECOVERY_BOUND: Duration = Duration::from_secs(60);
-
-/// A broker of the test's own, stopped on drop.
-struct OwnBroker {
-    dir: PathBuf,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn kafka_sh() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh")
-}
-
-impl OwnBroker {
-    fn start(name: &str) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(streamops_test_support::unique(name));
-        let (port, ctrl) = (free_port(), free_port());
-        let status = Command::new("bash")
-            .arg(kafka_sh())
-            .arg("start")
-            .arg(&dir)
-            .args([port.to_string(), ctrl.to_string()])
-            .env("STREAMOPS_KAFKA_HEAP", "512m")
-            // After a freeze longer than `broker.session.timeout.ms` (9 s) the controller fences
-            // the broker until its next heartbeat; a 5 s heartbeat interval keeps it fenced long
-            // enough that the producer's metadata refresh (after `NOT_LEADER_OR_FOLLOWER`) sees
-            // the fenced broker missing from the broker list, as in the suite's stall.
-            .env("STREAMOPS_KAFKA_PROPS", "broker.heartbeat.interval.ms=5000")
-            .status()
-            .expect("running scripts/kafka.sh start");
-        assert!(
-            status.success(),
-            "scripts/kafka.sh start failed ({status}): Java and Maven are needed (`make dev-up`)"
-        );
-        let broker = Self { dir, port };
-        let status = Command::new("bash")
-            .arg(kafka_sh())
-            .args(["ready", &broker.bootstrap(), "120"])
-            .status()
-            .expect("running scripts/kafka.sh ready");
-        assert!(
-            status.success(),
-            "the test broker did not become ready; see {}",
-            broker.dir.join("kafka.log").display()
-        );
-        broker
-    }
-
-    fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn pid(&self) -> u32 {
-        std::fs::read_to_string(self.dir.join("kafka.pid"))
-            .expect("the broker's pid file")
-            .trim()
-            .parse()
-            .expect("a pid")
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -{sig} failed");
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        // A frozen broker ignores SIGTERM until it runs again.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.pid().to_string()])
-            .status();
-        let _ = Command::new("bash")
-            .arg(kafka_sh())
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn with_debug(mut cfg: ClientConfig) -> ClientConfig {
     let _ = tracing_subscriber::fmt()

@@ -1,9 +1,11 @@
 //! The consumer context: positions every assigned partition at the offset stored in PostgreSQL
 //! before fetching starts, tells the pipeline about assignments and revocations, and turns
-//! librdkafka statistics into the lag gauge.
+//! librdkafka statistics into the lag gauge and each owned partition's fetchability
+//! ([`super::fetchability`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -21,6 +23,7 @@ use crate::gaps;
 use crate::handlers::TopicPartition;
 use crate::metrics::Metrics;
 use crate::offsets;
+use crate::pipeline::fetchability::{classify, up_brokers, PartitionFetch};
 use crate::pipeline::state::{Health, Ownership};
 
 type GapNotes = HashMap<TopicPartition, streamops_crds::gap::GapNote>;
@@ -187,6 +190,30 @@ impl PipelineConsumerContext {
         self.health.set_joined();
     }
 
+    /// Records, for each owned partition in `fetch`, whether librdkafka can fetch it (see
+    /// [`crate::pipeline::fetchability`]); logs when one becomes unfetchable or fetchable again.
+    fn record_fetchability(&self, fetch: &[PartitionFetch], up: &BTreeSet<i32>) {
+        let now = Instant::now();
+        for (p, why) in classify(fetch, up, |tp| self.ownership.get(tp).is_some()) {
+            let before = self.ownership.get(&p.tp).and_then(|o| o.unfetchable);
+            match (before, why) {
+                (None, Some(why)) => {
+                    tracing::info!(topic = %p.tp.topic, partition = p.tp.partition,
+                        broker = p.broker, leader = p.leader, fetch_state = %p.fetch_state,
+                        reason = %why, "owned partition not fetchable")
+                }
+                (Some((_, since)), None) => {
+                    tracing::info!(topic = %p.tp.topic, partition = p.tp.partition,
+                        broker = p.broker, leader = p.leader,
+                        after_s = now.saturating_duration_since(since).as_secs(),
+                        "owned partition fetchable again")
+                }
+                _ => {}
+            }
+            self.ownership.set_unfetchable(&p.tp, why, now);
+        }
+    }
+
     fn on_revoke(&self, tpl: &TopicPartitionList) {
         let parts = self.partitions_of(tpl);
         for tp in &parts {
@@ -215,6 +242,7 @@ impl ClientContext for PipelineConsumerContext {
                 self.health.set_joined();
             }
         }
+        let mut fetch = Vec::new();
         for (name, topic) in &stats.topics {
             for (p, part) in &topic.partitions {
                 if *p < 0 {
@@ -224,6 +252,12 @@ impl ClientContext for PipelineConsumerContext {
                     topic: self.intern(name),
                     partition: *p,
                 };
+                fetch.push(PartitionFetch {
+                    tp: tp.clone(),
+                    broker: part.broker,
+                    leader: part.leader,
+                    fetch_state: part.fetch_state.clone(),
+                });
                 self.ownership.set_high_watermark(&tp, part.hi_offset);
                 // librdkafka's committed offset of the partition: moved by every commit the
                 // coordinator acknowledged (the outcome of a manual asynchronous commit reaches
@@ -239,6 +273,7 @@ impl ClientContext for PipelineConsumerContext {
                 }
             }
         }
+        self.record_fetchability(&fetch, &up_brokers(&stats));
     }
 
     /// librdkafka's log lines, to tracing (target `librdkafka`, as rdkafka's default does).

@@ -108,6 +108,7 @@ pub mod adaptive;
 pub mod batch;
 pub mod context;
 pub mod defence;
+pub mod fetchability;
 pub mod state;
 pub mod writer;
 
@@ -132,7 +133,7 @@ use crate::metrics::Metrics;
 use adaptive::AdaptiveBatch;
 use batch::{Batch, Fetched, Pending};
 use context::{PipelineConsumerContext, RebalanceEvent};
-pub use state::{Health, Owned, Ownership};
+pub use state::{Health, Owned, Ownership, UnfetchablePartition};
 pub use writer::WriterTotals;
 
 /// Batches a writer lane may have buffered in the poll loop before fetching stops.

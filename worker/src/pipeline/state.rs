@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::handlers::TopicPartition;
+use crate::pipeline::fetchability::Unfetchable;
 
 /// A partition this worker owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub struct Owned {
     /// assigned). The advisory commits are sent again until it equals `next_offset` (see the poll
     /// loop's commit check).
     pub kafka_committed: Option<i64>,
+    /// Why librdkafka cannot fetch the partition and since when, from the latest statistics
+    /// (None: fetchable, or not reported yet). See [`crate::pipeline::fetchability`].
+    pub unfetchable: Option<(Unfetchable, Instant)>,
 }
 
 impl Owned {
@@ -68,6 +72,7 @@ impl Ownership {
                 gap: None,
                 high_watermark: None,
                 kafka_committed: None,
+                unfetchable: None,
             },
         );
         epoch
@@ -108,6 +113,34 @@ impl Ownership {
         if let Some(o) = self.lock().parts.get_mut(tp) {
             o.kafka_committed = offset;
         }
+    }
+
+    /// Records whether librdkafka can fetch `tp` (None: it can) as statistics reported it at
+    /// `now`, if owned. The time it became unfetchable is kept while it stays so, whatever the
+    /// reason; a fetchable report, a revocation or a new assignment clears it.
+    pub fn set_unfetchable(&self, tp: &TopicPartition, why: Option<Unfetchable>, now: Instant) {
+        if let Some(o) = self.lock().parts.get_mut(tp) {
+            o.unfetchable = match (why, o.unfetchable) {
+                (None, _) => None,
+                (Some(w), Some((_, since))) => Some((w, since)),
+                (Some(w), None) => Some((w, now)),
+            };
+        }
+    }
+
+    /// The owned partition that has been unfetchable the longest as of `now`, if any.
+    pub fn longest_unfetchable(&self, now: Instant) -> Option<UnfetchablePartition> {
+        self.lock()
+            .parts
+            .iter()
+            .filter_map(|(tp, o)| {
+                o.unfetchable.map(|(why, since)| UnfetchablePartition {
+                    tp: tp.clone(),
+                    why,
+                    for_: now.saturating_duration_since(since),
+                })
+            })
+            .max_by(|a, b| a.for_.cmp(&b.for_).then_with(|| b.tp.cmp(&a.tp)))
     }
 
     /// Owned partitions whose applied offset Kafka has not acknowledged: each with its state.
@@ -166,6 +199,17 @@ impl Ownership {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// An owned partition librdkafka cannot fetch (see [`Ownership::longest_unfetchable`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnfetchablePartition {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// Why, as of the latest statistics.
+    pub why: Unfetchable,
+    /// For how long (since the first statistics that reported it so).
+    pub for_: Duration,
 }
 
 /// Locks `m`, recovering the value if a holder panicked (every value guarded here is valid
@@ -338,6 +382,37 @@ mod tests {
         o.set_kafka_committed(&tp(0), Some(30));
         assert!(o.unacknowledged().is_empty());
         assert!(o.get(&tp(0)).is_none());
+    }
+
+    #[test]
+    fn an_unfetchable_partition_keeps_its_start_until_fetchable_revoked_or_reassigned() {
+        let o = Ownership::default();
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let no_broker = Unfetchable::NoBroker { leader: -1 };
+        let not_up = Unfetchable::BrokerNotUp { broker: 1 };
+        // Not owned: nothing is recorded.
+        o.set_unfetchable(&tp(0), Some(no_broker), t0);
+        assert_eq!(o.longest_unfetchable(s(100)), None);
+        o.assign(tp(0), None);
+        o.assign(tp(1), None);
+        o.set_unfetchable(&tp(0), Some(not_up), t0);
+        // A later report, with another reason, keeps the start.
+        o.set_unfetchable(&tp(0), Some(no_broker), s(30));
+        o.set_unfetchable(&tp(1), Some(no_broker), s(20));
+        let longest = o.longest_unfetchable(s(70)).expect("one is unfetchable");
+        assert_eq!(longest.tp, tp(0));
+        assert_eq!(longest.why, no_broker);
+        assert_eq!(longest.for_, Duration::from_secs(70));
+        // Fetchable again: cleared, the other one is reported.
+        o.set_unfetchable(&tp(0), None, s(75));
+        let longest = o.longest_unfetchable(s(80)).expect("tp 1 still is");
+        assert_eq!((longest.tp, longest.for_), (tp(1), Duration::from_secs(60)));
+        // Revoked: cleared, and a new assignment starts clean.
+        o.revoke(&tp(1));
+        assert_eq!(o.longest_unfetchable(s(90)), None);
+        o.assign(tp(1), None);
+        assert_eq!(o.longest_unfetchable(s(90)), None);
     }
 
     #[test]

@@ -31,6 +31,8 @@ use streamops_worker::generate::{GenOptions, Generated, Generator};
 use streamops_worker::kafka::KafkaClientSettings;
 use streamops_worker::produce::{produce, ProduceOptions};
 
+pub mod own_broker;
+
 pub use streamops_test_support::kafka;
 pub use streamops_test_support::pg::{self, drop_database, fresh_database};
 pub use streamops_test_support::{require_services, unique, BROKER, PG_HOST};
@@ -41,8 +43,13 @@ pub const PATIENCE: Duration = Duration::from_secs(180);
 
 /// Creates a topic through the worker's own admin command path.
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(BROKER, name, partitions).await;
+}
+
+/// [`create_topic`] on the broker at `bootstrap`.
+pub async fn create_topic_on(bootstrap: &str, name: &str, partitions: i32) {
     streamops_worker::admin::create_topic(
-        &KafkaClientSettings::plaintext(BROKER),
+        &KafkaClientSettings::plaintext(bootstrap),
         name,
         partitions,
         1,
@@ -103,8 +110,13 @@ impl ProduceSpec {
 
 /// Produces `spec` to `topic`; returns the generated events (in production order).
 pub async fn produce_events(topic: &str, spec: &ProduceSpec) -> Vec<Generated> {
+    produce_events_on(BROKER, topic, spec).await
+}
+
+/// [`produce_events`] to the broker at `bootstrap`.
+pub async fn produce_events_on(bootstrap: &str, topic: &str, spec: &ProduceSpec) -> Vec<Generated> {
     let summary = produce(
-        &KafkaClientSettings::plaintext(BROKER),
+        &KafkaClientSettings::plaintext(bootstrap),
         &ProduceOptions {
             topic: topic.to_string(),
             count: spec.count,
@@ -141,15 +153,20 @@ impl TestEnv {
     /// Checks the services, creates a fresh database, the topics (with `partitions`) and a
     /// configuration for `kind` (batch of 500 messages / 50 ms, maxMessageBytes 4096).
     pub async fn new(prefix: &str, kind: HandlerKind, partitions: i32) -> Self {
+        Self::new_on(BROKER, prefix, kind, partitions).await
+    }
+
+    /// [`TestEnv::new`] with the topics on the broker at `bootstrap` (a test's own broker).
+    pub async fn new_on(bootstrap: &str, prefix: &str, kind: HandlerKind, partitions: i32) -> Self {
         require_services();
         let topic = unique(prefix);
         let error_topic = format!("{topic}-failed");
         let group = format!("{topic}-group");
-        create_topic(&topic, partitions).await;
-        create_topic(&error_topic, 1).await;
+        create_topic_on(bootstrap, &topic, partitions).await;
+        create_topic_on(bootstrap, &error_topic, 1).await;
         let (db_url, pool) = fresh_database(prefix).await;
         let mut spec = StreamConsumerSpec::example(kind);
-        spec.kafka.bootstrap_servers = BROKER.into();
+        spec.kafka.bootstrap_servers = bootstrap.into();
         spec.kafka.topics = vec![topic.clone()];
         spec.kafka.group_id = group.clone();
         spec.error_topic = Some(error_topic.clone());
@@ -474,6 +491,11 @@ impl WorkerProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits up to `patience` for the worker to exit on its own; panics if it does not.
