@@ -408,6 +408,100 @@ mod tests {
         );
     }
 
+    /// The ConfigMap `c` as the API server would store it: controlled by the StreamConsumer
+    /// `sc-uid`, at `rv`, with the operator's entry made by `operation`.
+    fn stored_config_map(rv: &str, operation: &str) -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": "c", "namespace": "default", "uid": "cm-uid", "resourceVersion": rv,
+                "ownerReferences": [{
+                    "apiVersion": "streamops.io/v1alpha1", "kind": "StreamConsumer",
+                    "name": "sc", "uid": "sc-uid", "controller": true
+                }],
+                "managedFields": [{"manager": FIELD_MANAGER, "operation": operation}]
+            },
+            "data": {"k": "v"}
+        })
+    }
+
+    #[tokio::test]
+    async fn a_handover_that_kept_conflicting_is_retried_by_the_next_write_not_skipped() {
+        use crate::fixtures::{finish, mock_client, path, Expect, Reply};
+        use http::Method;
+        use k8s_openapi::api::core::v1::ConfigMap;
+
+        let (client, server) = mock_client();
+        let object = path("v1", "configmaps", "c");
+        let conflict = || Expect::new(Method::PATCH, &object).reply(Reply::Error(409, "Conflict"));
+        let reread = |rv: &str| {
+            Expect::new(Method::GET, &object)
+                .reply(Reply::Json(200, stored_config_map(rv, "Update")))
+        };
+        let mut steps = vec![Expect::new(Method::POST, path("v1", "configmaps", ""))
+            .reply(Reply::Json(201, stored_config_map("1", "Update")))];
+        // A controller keeps moving the resourceVersion: every handover attempt is refused.
+        for rv in ["2", "3", "4"] {
+            steps.push(conflict());
+            steps.push(reread(rv));
+        }
+        // The next write hands the fields over, then applies.
+        steps.push(
+            Expect::new(Method::PATCH, &object)
+                .body(json!({"metadata": {"resourceVersion": "4",
+                    "managedFields": [{"manager": FIELD_MANAGER, "operation": "Apply"}]}}))
+                .reply(Reply::Json(200, stored_config_map("5", "Apply"))),
+        );
+        steps.push(
+            Expect::new(Method::PATCH, &object)
+                .query("fieldManager", FIELD_MANAGER)
+                .body(json!({"metadata": {"resourceVersion": "5"}}))
+                .reply(Reply::Json(200, stored_config_map("6", "Apply"))),
+        );
+        let mock = server.run_steps(steps);
+
+        let api: Api<ConfigMap> = Api::namespaced(client, "default");
+        let desired: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "c", "namespace": "default"},
+            "data": {"k": "v"}
+        }))
+        .unwrap();
+        let memo = WriteMemo::default();
+        let first = write_child(&api, &desired, None, "sc-uid", Some(&memo))
+            .await
+            .unwrap()
+            .expect("created");
+        assert_eq!(first.metadata.resource_version.as_deref(), Some("4"));
+        let second = write_child(
+            &api,
+            &desired,
+            Some(Ours::read(&first)),
+            "sc-uid",
+            Some(&memo),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            second.and_then(|o| o.metadata.resource_version).as_deref(),
+            Some("6"),
+            "the owed handover and the apply were written"
+        );
+        // With the handover done, the same write over the answer is skipped.
+        let stored: ConfigMap = serde_json::from_value(stored_config_map("6", "Apply")).unwrap();
+        let third = write_child(
+            &api,
+            &desired,
+            Some(Ours::read(&stored)),
+            "sc-uid",
+            Some(&memo),
+        )
+        .await
+        .unwrap();
+        assert!(third.is_none(), "unchanged since the last write: skipped");
+        drop(api);
+        finish(mock).await;
+    }
+
     #[test]
     fn nothing_is_handed_over_twice_or_from_a_status_write() {
         assert_eq!(handed_to_apply(&[]), None);
