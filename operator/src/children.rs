@@ -44,7 +44,6 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::names::{FIELD_MANAGER, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY};
-use crate::ownership::handed_to_apply;
 
 /// Annotation `kubectl apply` keeps a copy of the whole object in.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -528,9 +527,7 @@ impl WriteMemo {
     /// answered with `seen`'s `uid`, and nothing changed the object since: the same
     /// `resourceVersion`, or, when the object was seen whole (`seen_content`, its
     /// [`content_hash`]), the same content (only a controller's status report moved the
-    /// `resourceVersion`). An object whose fields `create` left to an `Update` entry is never
-    /// skipped: its handover to server-side apply (see [`crate::ownership`]) is still owed, and
-    /// the write retries it.
+    /// `resourceVersion`).
     pub fn unchanged(
         &self,
         key: &ChildKey,
@@ -541,13 +538,7 @@ impl WriteMemo {
         let (Some(uid), Some(rv)) = (seen.uid.as_deref(), seen.resource_version.as_deref()) else {
             return false;
         };
-        let handover_owed = seen
-            .managed_fields
-            .as_deref()
-            .and_then(handed_to_apply)
-            .is_some();
         desired != 0
-            && !handover_owed
             && self.lock().get(key).is_some_and(|w| {
                 w.uid == uid
                     && w.desired == desired
