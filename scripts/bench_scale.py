@@ -180,6 +180,67 @@ def request_counts(api, lease_flow_schema=None):
     return operator, total
 
 
+def request_profile(api):
+    """{(verb, resource): [requests, seconds]} from the apiserver's request counters and latency
+    sums (long-running WATCH and CONNECT left out), for a breakdown of where its time goes."""
+    m = parse_metrics(api.get("/metrics"))
+    out = {}
+    for (n, labels), v in m.items():
+        if n not in ("apiserver_request_total", "apiserver_request_duration_seconds_sum"):
+            continue
+        d = dict(labels)
+        verb = d.get("verb", "?")
+        if verb in ("WATCH", "CONNECT"):
+            continue
+        key = (verb, d.get("resource", "?") + ("/" + d["subresource"] if d.get("subresource") else ""))
+        slot = out.setdefault(key, [0.0, 0.0])
+        slot[0 if n == "apiserver_request_total" else 1] += v
+    return out
+
+
+def cpu_seconds(operator_pids=()):
+    """{process name: CPU seconds so far} of the control plane's and kwok's processes, and of the
+    operators (`operator_pids`, whatever their binary is called), from user + system time in
+    /proc/<pid>/stat, summed by name."""
+    names = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+    operators = {str(p) for p in operator_pids}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = "operators" if pid in operators else next((x for x in names if comm.startswith(x[:15])), None)
+        if name is None:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def profile_delta(before, after, n, label):
+    """Logs what the apiserver spent (requests and seconds per object, top verbs and resources) and
+    each process's CPU seconds between two snapshots; returns it for the figures."""
+    (req0, cpu0), (req1, cpu1) = before, after
+    rows = []
+    for key, (c1, s1) in req1.items():
+        c0, s0 = req0.get(key, (0.0, 0.0))
+        if c1 - c0 > 0:
+            rows.append((s1 - s0, c1 - c0, key))
+    rows.sort(reverse=True)
+    cpu = {k: round(cpu1.get(k, 0.0) - cpu0.get(k, 0.0), 1) for k in cpu1}
+    log(f"{label}: CPU seconds by process: {json.dumps(cpu)}")
+    for secs, count, (verb, res) in rows[:12]:
+        log(f"{label}:   {verb:6} {res:40} {count / n:6.2f} req/object  {secs:7.1f} s in all  "
+            f"{1000 * secs / count:6.1f} ms/req")
+    return {"cpu_s": cpu, "top": [[v, r, round(c / n, 2), round(s, 1)] for s, c, (v, r) in rows[:12]]}
+
+
 def lease_requests(api, lease_flow_schema):
     """Requests dispatched through the chart's leader-election FlowSchema, by priority level."""
     m = parse_metrics(api.get("/metrics"))
@@ -355,6 +416,7 @@ def run_floor(api, args, n, namespaces):
     run_id = f"floor{n}-{int(time.time())}"
     names = [(namespaces[i % len(namespaces)], f"floor-{i:04d}") for i in range(n)]
     _, total_before = request_counts(api)
+    prof_before = (request_profile(api), cpu_seconds())
     start = time.monotonic()
 
     def create(item):
@@ -372,6 +434,7 @@ def run_floor(api, args, n, namespaces):
     took = time.monotonic() - start
     _, total_after = request_counts(api)
     log(f"N={n} floor: {n} bare Deployments ready in {took:.1f}s")
+    profile_delta(prof_before, (request_profile(api), cpu_seconds()), n, f"N={n} floor")
     # Delete them (and wait until their pods are gone), so the operator's run starts clean.
     for ns in namespaces:
         api.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/deployments?labelSelector={RUN_LABEL}%3D{run_id}",
@@ -413,6 +476,8 @@ def run_size(api, args, n, brokers_json):
                 raise RuntimeError(f"operator {o.name} exited; log: {o.log_path}")
         time.sleep(1.0)  # its watches are established
         ops_before, total_before = request_counts(api, args.lease + "-leader-election")
+        op_pids = [o.pid for o in ops]
+        prof_before = (request_profile(api), cpu_seconds(op_pids))
 
         names = [(namespaces[i % len(namespaces)], f"sc-{i:04d}") for i in range(n)]
         start = time.monotonic()
@@ -441,6 +506,7 @@ def run_size(api, args, n, brokers_json):
         ops_after, total_after = request_counts(api, args.lease + "-leader-election")
         result["op_requests_per_sc"] = (ops_after - ops_before) / n
         result["all_requests_per_sc"] = (total_after - total_before) / n
+        result["profile"] = profile_delta(prof_before, (request_profile(api), cpu_seconds(op_pids)), n, f"N={n}")
         result["leader_hwm_kib"] = vm_kib(lead.pid, "VmHWM")
         result["leader_rss_kib"] = vm_kib(lead.pid, "VmRSS")
         standby = next(o for o in ops if o is not lead)

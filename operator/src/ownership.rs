@@ -12,10 +12,15 @@
 //!   an apply carrying a `resourceVersion` never creates an object that was deleted meanwhile;
 //! - a name read as free is written with `create`, which the API server refuses
 //!   (`AlreadyExists`) when someone took the name meanwhile; a server-side apply would merge into
-//!   their object instead. The created object's field ownership is then handed to server-side
-//!   apply (its `managedFields` entry becomes an `Apply` entry of the same manager, under a
-//!   `resourceVersion` precondition, as `kubectl`'s client-side-to-server-side upgrade does), so
-//!   later applies can remove fields they no longer set.
+//!   their object instead (an apply carrying a `metadata.uid` is no way out: the API server
+//!   reads that as "the object must exist with this uid", and refuses to create). The created
+//!   object's fields belong to an `Update` entry of the operator's manager. They are handed to
+//!   server-side apply (the entry becomes an `Apply` entry of the same manager, under a
+//!   `resourceVersion` precondition, as `kubectl`'s client-side-to-server-side upgrade does) right
+//!   before the object is next written, so that apply can remove fields it no longer sets. Not
+//!   right after the create: most children are never written again, and at scale the extra
+//!   request per child (and its conflicts with a new Deployment's first status writes) was a third
+//!   of the operator's requests.
 //!
 //! Either refusal stops the pass with nothing written ([`Error::ChildChanged`], or
 //! [`Error::ChildConflict`] when the object now there is someone else's).
@@ -171,7 +176,7 @@ where
                 body.meta_mut().resource_version = rv;
                 apply_with_precondition(api, &body).await
             }
-            None => create_child(api, desired, uid).await,
+            None => create_child(api, desired).await,
         };
         match result {
             Ok(stored) => {
@@ -241,9 +246,10 @@ where
     }
 }
 
-/// Creates `desired`. A name taken meanwhile is [`Error::ChildChanged`]: the caller reads it
-/// again, and someone else's object there is a [`Error::ChildConflict`]; nothing is written to it.
-async fn create_child<K>(api: &Api<K>, desired: &K, uid: &str) -> Result<K>
+/// Creates `desired` (its fields are handed to server-side apply when it is next written, see the
+/// module notes). A name taken meanwhile is [`Error::ChildChanged`]: the caller reads it again,
+/// and someone else's object there is a [`Error::ChildConflict`]; nothing is written to it.
+async fn create_child<K>(api: &Api<K>, desired: &K) -> Result<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned,
 {
@@ -253,10 +259,7 @@ where
         field_manager: Some(FIELD_MANAGER.to_string()),
     };
     match api.create(&params, desired).await {
-        Ok(created) => {
-            let ours = Ours::read(&created);
-            Ok(hand_over(api, ours, uid).await?.unwrap_or(created))
-        }
+        Ok(created) => Ok(created),
         Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => Err(changed::<K>(name)),
         Err(source) => Err(Error::ApplyChild {
             kind: K::kind(&()).into_owned(),
@@ -307,9 +310,8 @@ where
 
 /// Hands the fields `create` gave the operator's manager to server-side apply (see
 /// [`handed_to_apply`]), under a `resourceVersion` precondition. A controller writing the status
-/// meanwhile (a new Deployment's) moves the `resourceVersion`: the object is read again and the
-/// handover retried, up to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still
-/// controls it; otherwise the next pass hands it over. An object seen in a store is read whole
+/// meanwhile moves the `resourceVersion`: the object is read again and the handover retried, up
+/// to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still controls it. An object seen in a store is read whole
 /// first (the patch rewrites every entry); if it is no longer ours, [`Error::ChildChanged`].
 /// Returns the object as last read or stored, `None` when there was nothing to hand over.
 async fn hand_over<K>(api: &Api<K>, live: Ours, uid: &str) -> Result<Option<K>>

@@ -228,8 +228,8 @@ struct Applied {
 /// need (the ConfigMap, the workers' ServiceAccount and RoleBinding: pods are refused while their
 /// ServiceAccount is missing), then the Deployment, the Service, the PodDisruptionBudget and the
 /// NetworkPolicy, which do not depend on one another. Then it deletes the ones no longer wanted.
-/// Every write of a wave runs to its end (none is abandoned half-way, e.g. between a create and
-/// its handover), and the first failure in that order is reported; a failed first wave stops the
+/// Every write of a wave runs to its end (none is abandoned half-way, e.g. between a handover
+/// and its apply), and the first failure in that order is reported; a failed first wave stops the
 /// pass before the second. First every child's name is looked up (in the child stores, or read
 /// when they are not ready): if any object there is not controlled by this StreamConsumer, nothing
 /// at all is written ([`Error::ChildConflict`], which names it; the status becomes `Degraded` and

@@ -762,33 +762,43 @@ async fn a_child_that_keeps_changing_is_retried_a_bounded_number_of_times() {
     result.unwrap();
 }
 
-/// A created child's fields belong to the operator's `create` (an `Update` entry); they are handed
-/// to server-side apply (the entry becomes the manager's `Apply` entry) under a `resourceVersion`
-/// precondition, so a later apply that stops setting a field removes it.
+/// A created child's fields are under an `Update` entry of the operator's manager (the create's),
+/// and stay there while nothing needs writing. Before the next apply they are handed to
+/// server-side apply (the entry becomes the manager's `Apply` entry, a merge patch under a
+/// `resourceVersion` precondition), so a later apply that stops setting a field removes it. The
+/// apply then carries the handover's `resourceVersion`.
 #[tokio::test]
-async fn a_created_childs_fields_are_handed_to_server_side_apply() {
+async fn a_created_childs_fields_are_handed_to_server_side_apply_before_its_next_write() {
     let (ctx, server, _) = Context::test();
     let sc = StreamConsumer::test().finalized();
     let entry = |op: &str| {
         json!({"manager": FIELD_MANAGER, "operation": op, "apiVersion": "v1",
                "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:worker.yaml": {}}}})
     };
-    let pass = ApplyPass::new(sc.clone());
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.live = vec![Kind::ConfigMap];
     let mut steps = pass.steps_for_test();
+    let mut created = child_object(Kind::ConfigMap, Some(SC_UID));
+    created["metadata"]["managedFields"] = json!([entry("Update")]);
+    let read = steps
+        .iter()
+        .position(|e| e.is(Method::GET, &Kind::ConfigMap.path("test-config")))
+        .unwrap();
+    steps[read] = get_child(Kind::ConfigMap, Some(created));
     let at = steps
         .iter()
-        .position(|e| e.is(Method::POST, &Kind::ConfigMap.path("")))
+        .position(|e| e.is(Method::PATCH, &Kind::ConfigMap.path("test-config")))
         .unwrap();
+    let mut handed = child_object(Kind::ConfigMap, Some(SC_UID));
+    handed["metadata"]["resourceVersion"] = json!("8");
+    handed["metadata"]["managedFields"] = json!([entry("Apply")]);
     steps.splice(
         at..at + 1,
         [
-            create(
-                Kind::ConfigMap,
-                json!({"metadata": {"resourceVersion": "11", "managedFields": [entry("Update")]}}),
-            ),
             Expect::new(Method::PATCH, Kind::ConfigMap.path("test-config"))
-                .body(json!({"metadata": {"resourceVersion": "11", "managedFields": [entry("Apply")]}}))
-                .reply(Reply::Json(200, child_object(Kind::ConfigMap, Some(SC_UID)))),
+                .body(json!({"metadata": {"resourceVersion": "7", "managedFields": [entry("Apply")]}}))
+                .reply(Reply::Json(200, handed)),
+            write(Kind::ConfigMap, Some("8"), json!({})),
         ],
     );
     let mock = server.run(Scenario::Steps(steps));
@@ -803,6 +813,39 @@ async fn a_created_childs_fields_are_handed_to_server_side_apply() {
     assert!(
         !handover.query.iter().any(|(k, _)| k == "force"),
         "a merge patch, not an apply"
+    );
+}
+
+/// A new child is created with one request: its fields are not handed to server-side apply
+/// right away (most children are never written again), even though the create left them to an
+/// `Update` entry; the scenario serves no handover.
+#[tokio::test]
+async fn a_new_child_is_created_with_one_request_and_no_handover() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test().finalized();
+    let update_entry = json!({"metadata": {"managedFields": [{
+        "manager": FIELD_MANAGER, "operation": "Update", "apiVersion": "v1",
+        "fieldsType": "FieldsV1", "fieldsV1": {"f:data": {"f:worker.yaml": {}}}
+    }]}});
+    let pass = ApplyPass::new(sc.clone());
+    let mut steps = pass.steps_for_test();
+    let at = steps
+        .iter()
+        .position(|e| e.is(Method::POST, &Kind::ConfigMap.path("")))
+        .unwrap();
+    steps[at] = create(Kind::ConfigMap, update_entry);
+    let mock = server.run(Scenario::Steps(steps));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    result.unwrap();
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.method != Method::GET && r.path.starts_with(&Kind::ConfigMap.path("")))
+            .count(),
+        1,
+        "the ConfigMap's create is its only write"
     );
 }
 
