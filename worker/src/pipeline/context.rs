@@ -47,7 +47,24 @@ pub struct PipelineConsumerContext {
     pub(crate) metrics: Metrics,
     pub(crate) events: UnboundedSender<RebalanceEvent>,
     pub(crate) shutdown: CancellationToken,
+    /// Where a partition without an offset stored in PostgreSQL starts (see [`unstored_start`]).
+    unstored_start: Offset,
     topics: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+/// Where a partition starts when PostgreSQL has no offset for it (nothing of it was ever applied
+/// by this group): the beginning for `autoOffsetReset: earliest`, the end for `latest`. Set
+/// explicitly, instead of leaving librdkafka to ask the group coordinator for a committed offset
+/// and fall back to `auto.offset.reset`: PostgreSQL is the source of truth (the advisory commits
+/// to Kafka only ever repeat offsets applied there, so the answer would be the same), and in
+/// librdkafka 2.12 a partition whose committed-offset fetch at assignment fails (`NotCoordinator`
+/// while the coordinator moves, right after a broker restart) is never fetched at all: seen in the
+/// chaos suite, a worker held its partition for minutes without reading a message.
+pub fn unstored_start(reset: streamops_crds::v1alpha1::AutoOffsetReset) -> Offset {
+    match reset {
+        streamops_crds::v1alpha1::AutoOffsetReset::Earliest => Offset::Beginning,
+        streamops_crds::v1alpha1::AutoOffsetReset::Latest => Offset::End,
+    }
 }
 
 impl PipelineConsumerContext {
@@ -61,6 +78,7 @@ impl PipelineConsumerContext {
         metrics: Metrics,
         events: UnboundedSender<RebalanceEvent>,
         shutdown: CancellationToken,
+        unstored_start: Offset,
     ) -> Self {
         Self {
             group,
@@ -71,6 +89,7 @@ impl PipelineConsumerContext {
             metrics,
             events,
             shutdown,
+            unstored_start,
             topics: Default::default(),
         }
     }
@@ -167,12 +186,10 @@ impl PipelineConsumerContext {
         let mut assigned = Vec::with_capacity(parts.len());
         for tp in parts {
             let next = stored.get(&tp).copied();
-            if let Some(n) = next {
-                if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Offset(n))
-                {
-                    tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
-                        "cannot position the partition at its stored offset");
-                }
+            let start = next.map_or(self.unstored_start, Offset::Offset);
+            if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, start) {
+                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
+                    "cannot position the partition at its start");
             }
             tracing::info!(topic = %tp.topic, partition = tp.partition,
                 stored_next_offset = ?next, "partition assigned");
@@ -358,5 +375,18 @@ impl ConsumerContext for PipelineConsumerContext {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streamops_crds::v1alpha1::AutoOffsetReset;
+
+    #[test]
+    fn a_partition_without_a_stored_offset_starts_where_auto_offset_reset_says_without_asking_the_coordinator(
+    ) {
+        assert_eq!(unstored_start(AutoOffsetReset::Earliest), Offset::Beginning);
+        assert_eq!(unstored_start(AutoOffsetReset::Latest), Offset::End);
     }
 }

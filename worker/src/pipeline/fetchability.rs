@@ -27,8 +27,9 @@ pub struct PartitionFetch {
     /// `leader`: the leader's broker id as librdkafka last learned it; -1 when unknown.
     pub leader: i32,
     /// `fetch_state`: none, stopping, stopped, offset-query, offset-wait, validate-epoch-wait or
-    /// active. Reported in the log only: a partition paused by the pipeline stays delegated, and
-    /// the states before `active` are passed through on every assignment.
+    /// active. A partition paused by the pipeline stays `active` (a pause only sets a flag in
+    /// librdkafka), and the states before `active` are passed through on every assignment, so
+    /// only one that stays out of `active` (past the watcher's threshold) tells of a wedge.
     pub fetch_state: String,
 }
 
@@ -42,6 +43,14 @@ pub enum Unfetchable {
     },
     /// Delegated to a broker, but the leader is unknown.
     NoLeader {
+        /// The broker it is delegated to.
+        broker: i32,
+    },
+    /// Delegated to a broker whose connection is up, with a known leader, but librdkafka is not
+    /// fetching it (`fetch_state` is not `active`). Seen in the chaos suite: a partition whose
+    /// committed-offset fetch at assignment failed (`NotCoordinator` right after a broker
+    /// restart) stayed in `none` for good.
+    NotFetching {
         /// The broker it is delegated to.
         broker: i32,
     },
@@ -63,6 +72,12 @@ impl fmt::Display for Unfetchable {
             }
             Self::BrokerNotUp { broker } => {
                 write!(f, "delegated to broker {broker}, which is not up")
+            }
+            Self::NotFetching { broker } => {
+                write!(
+                    f,
+                    "delegated to broker {broker}, which is up, but not being fetched"
+                )
             }
         }
     }
@@ -87,6 +102,8 @@ pub fn why_unfetchable(p: &PartitionFetch, up: &BTreeSet<i32>) -> Option<Unfetch
         Some(Unfetchable::NoLeader { broker: p.broker })
     } else if !up.contains(&p.broker) {
         Some(Unfetchable::BrokerNotUp { broker: p.broker })
+    } else if p.fetch_state != "active" {
+        Some(Unfetchable::NotFetching { broker: p.broker })
     } else {
         None
     }
@@ -134,6 +151,21 @@ mod tests {
     #[test]
     fn a_partition_delegated_to_its_up_leader_is_fetchable() {
         assert_eq!(why_unfetchable(&part(0, 1, 1), &up(&[1])), None);
+    }
+
+    #[test]
+    fn a_partition_on_an_up_leader_that_librdkafka_does_not_fetch_is_unfetchable() {
+        for state in ["none", "stopped", "offset-query", "offset-wait"] {
+            let p = PartitionFetch {
+                fetch_state: state.into(),
+                ..part(0, 1, 1)
+            };
+            assert_eq!(
+                why_unfetchable(&p, &up(&[1])),
+                Some(Unfetchable::NotFetching { broker: 1 }),
+                "{state}"
+            );
+        }
     }
 
     #[test]

@@ -336,6 +336,7 @@ fn subscribe(
         ctx.metrics.clone(),
         events_tx,
         ctx.shutdown.clone(),
+        context::unstored_start(config.kafka.auto_offset_reset),
     );
     let client_config = ctx.kafka.consumer(&ConsumerSettings {
         group_id: &config.kafka.group_id,
