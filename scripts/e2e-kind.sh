@@ -476,7 +476,11 @@ partitions_shared() {
 }
 
 # The backlog is built at 0 replicas, so that it is there whatever the workers' speed; then
-# autoscaling (minReplicas 1) takes over.
+# autoscaling takes over with scale-to-zero, so the workers stay at 0 until the autoscaler's first
+# reading of the backlog wakes them straight to the cap. (With minReplicas 1 alone, turning
+# autoscaling on started one worker at once, which could drain the whole short backlog before
+# the first reading: seen in CI, "replicas rise to the cap" never came.) When the backlog is
+# drained, the replicas fall back to 0 after the stabilization window.
 autoscale_step() {
   local ns=$1 cap=3 t0
   k -n "$ns" scale streamconsumer/moving-average --replicas=0
@@ -487,14 +491,15 @@ autoscale_step() {
   t0=$SECONDS
   k -n "$ns" patch streamconsumer/moving-average --type=merge -p "{\"spec\":{\"autoscaling\":{
     \"minReplicas\":1,\"maxReplicas\":$cap,\"lagThreshold\":500,\"pollIntervalSeconds\":2,
+    \"scaleToZero\":true,\"activationLag\":100,
     \"scaleUpStabilizationSeconds\":0,\"scaleDownStabilizationSeconds\":$E2E_STABILIZATION}}}"
   wait_until "backlog of $E2E_BACKLOG: replicas rise to the cap ($cap)" test_eq "$cap" deployment_replicas "$ns" moving-average
   echo "    scaled to $cap after $((SECONDS - t0))s"
   wait_until "the backlog drains (lag 0)" test_eq 0 sc_lag "$ns" moving-average
   echo "    drained after $((SECONDS - t0))s"
   t0=$SECONDS
-  wait_until "replicas fall to 1 after the stabilization window" test_eq 1 deployment_replicas "$ns" moving-average
-  echo "    back to 1 replica $((SECONDS - t0))s after the lag reached 0 (window ${E2E_STABILIZATION}s)"
+  wait_until "replicas fall to 0 after the stabilization window (scale to zero)" test_eq 0 deployment_replicas "$ns" moving-average
+  echo "    back to 0 replicas $((SECONDS - t0))s after the lag reached 0 (window ${E2E_STABILIZATION}s)"
   k -n "$ns" patch streamconsumer/moving-average --type=json -p '[{"op":"remove","path":"/spec/autoscaling"}]'
   k -n "$ns" scale streamconsumer/moving-average --replicas=2
   k -n "$ns" wait --for=jsonpath='{.status.readyReplicas}'=2 streamconsumer/moving-average --timeout="${E2E_TIMEOUT}s"
