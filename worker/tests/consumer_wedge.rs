@@ -136,12 +136,7 @@ async fn workers_apply_every_message_once_across_a_broker_fence_restarting_a_wed
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("freezing the broker for {freeze:?}");
-    broker.signal("STOP");
-    tokio::time::sleep(freeze).await;
-    broker.signal("CONT");
-    let resumed = Instant::now();
-    eprintln!("broker resumed");
+    let resumed = broker.freeze(freeze).await;
 
     fleet
         .settle(&env, resumed, RECOVERY_BOUND, MESSAGES as i64)

@@ -171,13 +171,8 @@ async fn the_error_topic_producer_delivers_again_after_the_broker_was_frozen() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("freezing the broker for {freeze:?}");
-    broker.signal("STOP");
-    tokio::time::sleep(freeze).await;
-    broker.signal("CONT");
-    let resumed = Instant::now();
+    let resumed = broker.freeze(freeze).await;
     *resumed_at.lock().expect("lock") = Some(resumed);
-    eprintln!("broker resumed");
     while first_after_resume.lock().expect("lock").is_none() && resumed.elapsed() < RECOVERY_BOUND {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -358,11 +353,7 @@ async fn the_generator_writes_each_message_exactly_once_across_a_freeze_that_out
     // Let it deliver for a while, then freeze the broker mid-stream.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!run.is_finished(), "the run ended before the freeze");
-    eprintln!("freezing the broker for {freeze:?}");
-    broker.signal("STOP");
-    tokio::time::sleep(freeze).await;
-    broker.signal("CONT");
-    eprintln!("broker resumed");
+    broker.freeze(freeze).await;
     let summary = tokio::time::timeout(Duration::from_secs(600), run)
         .await
         .expect("the run ends within 600 s")

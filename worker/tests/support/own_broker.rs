@@ -86,6 +86,17 @@ impl OwnBroker {
             .expect("running kill");
         assert!(status.success(), "kill -{sig} failed");
     }
+
+    /// Freezes the broker (SIGSTOP) for `how_long`, then lets it go on (SIGCONT); returns when it
+    /// resumed.
+    pub async fn freeze(&self, how_long: std::time::Duration) -> std::time::Instant {
+        eprintln!("freezing the broker for {how_long:?}");
+        self.signal("STOP");
+        tokio::time::sleep(how_long).await;
+        self.signal("CONT");
+        eprintln!("broker resumed");
+        std::time::Instant::now()
+    }
 }
 
 impl Drop for OwnBroker {
