@@ -167,11 +167,10 @@ def counter_sum(metrics, name, **match):
     )
 
 
-def request_counts(api, lease_flow_schema=None):
-    """(the operators' requests, every request) so far. The operators' Lease requests go through
-    the chart's FlowSchema `<release>-operator-leader-election` (leader-election priority level),
-    the rest through `service-accounts`."""
-    m = parse_metrics(api.get("/metrics"))
+def counts(m, lease_flow_schema=None):
+    """(the operators' requests, every request) so far, from parsed apiserver metrics `m`. The
+    operators' Lease requests go through the chart's FlowSchema `<release>-operator-leader-election`
+    (leader-election priority level), the rest through `service-accounts`."""
     metric = "apiserver_flowcontrol_dispatched_requests_total"
     operator = counter_sum(m, metric, flow_schema="service-accounts")
     if lease_flow_schema:
@@ -180,10 +179,24 @@ def request_counts(api, lease_flow_schema=None):
     return operator, total
 
 
-def request_profile(api):
-    """{(verb, resource): [requests, seconds]} from the apiserver's request counters and latency
-    sums (long-running WATCH and CONNECT left out), for a breakdown of where its time goes."""
+def request_counts(api, lease_flow_schema=None):
+    """`counts` as of now."""
+    return counts(parse_metrics(api.get("/metrics")), lease_flow_schema)
+
+
+def snapshot(api, lease_flow_schema=None, operator_pids=()):
+    """One read of the apiserver's metrics (a large page, read once): the operators' requests, every
+    request, and the profile `profile_delta` compares (requests by verb and resource, and each
+    process's CPU seconds)."""
     m = parse_metrics(api.get("/metrics"))
+    operator, total = counts(m, lease_flow_schema)
+    return operator, total, (request_profile(m), cpu_seconds(operator_pids))
+
+
+def request_profile(m):
+    """{(verb, resource): [requests, seconds]} from the apiserver's request counters and latency
+    sums in parsed metrics `m` (long-running WATCH and CONNECT left out), for a breakdown of where
+    its time goes."""
     out = {}
     for (n, labels), v in m.items():
         if n not in ("apiserver_request_total", "apiserver_request_duration_seconds_sum"):
@@ -415,8 +428,7 @@ def run_floor(api, args, n, namespaces):
     """N bare Deployments made Ready by the control plane alone (no operator running)."""
     run_id = f"floor{n}-{int(time.time())}"
     names = [(namespaces[i % len(namespaces)], f"floor-{i:04d}") for i in range(n)]
-    _, total_before = request_counts(api)
-    prof_before = (request_profile(api), cpu_seconds())
+    _, total_before, prof_before = snapshot(api)
     start = time.monotonic()
 
     def create(item):
@@ -432,9 +444,9 @@ def run_floor(api, args, n, namespaces):
 
     wait_until(f"{n} bare Deployments to be ready", args.timeout, all_ready, interval=0.5)
     took = time.monotonic() - start
-    _, total_after = request_counts(api)
+    _, total_after, prof_after = snapshot(api)
     log(f"N={n} floor: {n} bare Deployments ready in {took:.1f}s")
-    profile_delta(prof_before, (request_profile(api), cpu_seconds()), n, f"N={n} floor")
+    profile_delta(prof_before, prof_after, n, f"N={n} floor")
     # Delete them (and wait until their pods are gone), so the operator's run starts clean.
     for ns in namespaces:
         api.request("DELETE", f"/apis/apps/v1/namespaces/{ns}/deployments?labelSelector={RUN_LABEL}%3D{run_id}",
@@ -475,9 +487,8 @@ def run_size(api, args, n, brokers_json):
             if not o.alive():
                 raise RuntimeError(f"operator {o.name} exited; log: {o.log_path}")
         time.sleep(1.0)  # its watches are established
-        ops_before, total_before = request_counts(api, args.lease + "-leader-election")
         op_pids = [o.pid for o in ops]
-        prof_before = (request_profile(api), cpu_seconds(op_pids))
+        ops_before, total_before, prof_before = snapshot(api, args.lease + "-leader-election", op_pids)
 
         names = [(namespaces[i % len(namespaces)], f"sc-{i:04d}") for i in range(n)]
         start = time.monotonic()
@@ -503,10 +514,10 @@ def run_size(api, args, n, brokers_json):
         wait_until(f"{n} StreamConsumers to converge", args.timeout, all_converged, interval=0.5)
         result["converge_s"] = time.monotonic() - start
         result["create_s"] = created
-        ops_after, total_after = request_counts(api, args.lease + "-leader-election")
+        ops_after, total_after, prof_after = snapshot(api, args.lease + "-leader-election", op_pids)
         result["op_requests_per_sc"] = (ops_after - ops_before) / n
         result["all_requests_per_sc"] = (total_after - total_before) / n
-        result["profile"] = profile_delta(prof_before, (request_profile(api), cpu_seconds(op_pids)), n, f"N={n}")
+        result["profile"] = profile_delta(prof_before, prof_after, n, f"N={n}")
         result["leader_hwm_kib"] = vm_kib(lead.pid, "VmHWM")
         result["leader_rss_kib"] = vm_kib(lead.pid, "VmRSS")
         standby = next(o for o in ops if o is not lead)
