@@ -311,8 +311,9 @@ where
 /// Hands the fields `create` gave the operator's manager to server-side apply (see
 /// [`handed_to_apply`]), under a `resourceVersion` precondition. A controller writing the status
 /// meanwhile moves the `resourceVersion`: the object is read again and the handover retried, up
-/// to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still controls it. An object seen in a store is read whole
-/// first (the patch rewrites every entry); if it is no longer ours, [`Error::ChildChanged`].
+/// to [`WRITE_ATTEMPTS`] times, as long as this StreamConsumer `uid` still controls it. An object
+/// seen in a store is read whole first (the patch rewrites every entry); if it is no longer ours,
+/// [`Error::ChildChanged`].
 /// Returns the object as last read or stored, `None` when there was nothing to hand over.
 async fn hand_over<K>(api: &Api<K>, live: Ours, uid: &str) -> Result<Option<K>>
 where
