@@ -21,6 +21,7 @@ use streamops_crds::StreamConsumer;
 use tokio::task::JoinHandle;
 use tower_test::mock::{self, Handle};
 
+use crate::brokers::BrokerPolicy;
 use crate::consumer_group::{GroupDeleteError, GroupDeleter, GroupDeletion, GroupTarget};
 use crate::lag::{GroupLag, LagError, LagReader, LagTarget};
 use crate::metrics::Metrics;
@@ -201,6 +202,28 @@ impl Context {
     /// succeeds.
     pub fn test() -> (Arc<Self>, ApiServerVerifier, Arc<FakeGroupDeleter>) {
         Self::test_with(Ok(GroupDeletion::Deleted))
+    }
+
+    /// Like [`Context::test`], with the operator allowed to read lag from `broker` itself (so a
+    /// StreamConsumer on it gets no worker Service).
+    pub fn test_reading_lag_from(broker: &str) -> (Arc<Self>, ApiServerVerifier) {
+        let (client, verifier) = mock_client();
+        let mut config = test_config();
+        config.lag_brokers = Arc::new(
+            BrokerPolicy::from_json(
+                &json!([{"name": "test", "bootstrapServers": [broker]}]).to_string(),
+                &|_| None,
+            )
+            .unwrap(),
+        );
+        let ctx = Context::new(
+            client,
+            Metrics::register(&Registry::new()).unwrap(),
+            config,
+            FakeGroupDeleter::new(Ok(GroupDeletion::Deleted)),
+            Arc::new(SpecReplicas),
+        );
+        (Arc::new(ctx), verifier)
     }
 
     /// Like [`Context::test`], with the group deleter's answer.
@@ -810,6 +833,10 @@ pub struct ApplyPass {
     pub pdb: bool,
     /// Whether worker NetworkPolicies are on (one is applied, and orphans are looked for).
     pub network: bool,
+    /// Whether the worker Service is wanted (the lag comes from the workers' reports, as under
+    /// [`test_config`], which allows no broker); when not, Services of `test` are looked for and
+    /// deleted.
+    pub service: bool,
     /// Optional children that exist, owned by `test`.
     pub live: Vec<Kind>,
     /// Of those, the ones the pass must delete.
@@ -833,6 +860,7 @@ impl ApplyPass {
             rbac: false,
             pdb: false,
             network: false,
+            service: true,
             live: Vec::new(),
             deleted: Vec::new(),
             events: vec!["Created"],
@@ -852,7 +880,9 @@ impl ApplyPass {
         if self.rbac {
             k.extend([Kind::ServiceAccount, Kind::RoleBinding]);
         }
-        k.push(Kind::Service);
+        if self.service {
+            k.push(Kind::Service);
+        }
         if self.pdb {
             k.push(Kind::Pdb);
         }
@@ -889,7 +919,9 @@ impl ApplyPass {
             ),
             None => create(Kind::Deployment, self.deployment_answer.clone()),
         });
-        s.push(write(Kind::Service, live(Kind::Service), json!({})));
+        if self.service {
+            s.push(write(Kind::Service, live(Kind::Service), json!({})));
+        }
         if self.pdb {
             s.push(write(Kind::Pdb, live(Kind::Pdb), json!({})));
         }
@@ -900,7 +932,11 @@ impl ApplyPass {
                 json!({}),
             ));
         }
-        let mut swept = vec![Kind::Pdb, Kind::ServiceAccount, Kind::RoleBinding];
+        let mut swept = vec![Kind::Pdb];
+        if !self.service {
+            swept.push(Kind::Service);
+        }
+        swept.extend([Kind::ServiceAccount, Kind::RoleBinding]);
         if self.network {
             swept.push(Kind::NetworkPolicy);
         }

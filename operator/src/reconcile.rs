@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::autoscale::Decision;
+use crate::brokers::BrokerPolicy;
 use crate::build::WorkerNetwork;
 use crate::children::{ChildStores, StoredForm, READY_WAIT};
 use crate::consumer_group::GroupDeleter;
@@ -122,6 +123,10 @@ pub struct OperatorConfig {
     pub worker_tracing: Option<crate::build::WorkerTracing>,
     /// Reconciliations run at once ([`DEFAULT_CONCURRENCY`]); 0: unbounded.
     pub concurrency: u16,
+    /// The brokers the admin allowed the operator to contact: it reads the lag of a
+    /// StreamConsumer on them from them, and of any other from its workers' reports, which it
+    /// finds through a worker Service made only for such a StreamConsumer. Default: none.
+    pub lag_brokers: Arc<BrokerPolicy>,
 }
 
 /// Reconciliations run at once by default: enough to keep up with a thousand StreamConsumers,
@@ -140,6 +145,7 @@ impl OperatorConfig {
             worker_network: None,
             worker_tracing: None,
             concurrency: DEFAULT_CONCURRENCY,
+            lag_brokers: Arc::new(BrokerPolicy::none()),
             worker_image,
             resync_period: Duration::from_secs(300),
             cleanup_deadline: Duration::from_secs(300),

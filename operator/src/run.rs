@@ -58,6 +58,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             worker_network: args.worker_network(),
             worker_tracing: args.worker_tracing()?,
             concurrency: args.max_concurrent_reconciles,
+            lag_brokers: brokers.clone(),
             ..OperatorConfig::new(args.worker_image.clone())
         },
         Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),

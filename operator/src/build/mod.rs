@@ -89,6 +89,10 @@ pub struct BuildContext<'a> {
     pub network: Option<WorkerNetwork>,
     /// The admin's worker OpenTelemetry settings; `None`: the workers export no spans.
     pub tracing: Option<WorkerTracing>,
+    /// Whether the operator reads this StreamConsumer's lag from its workers' reports (its brokers
+    /// are not among those the admin allowed the operator to contact), and so needs the worker
+    /// Service to find them. See [`build_service`].
+    pub worker_lag_reports: bool,
 }
 
 impl<'a> BuildContext<'a> {
@@ -129,6 +133,7 @@ impl<'a> BuildContext<'a> {
             job_trigger_cluster_role: DEFAULT_JOB_TRIGGER_CLUSTER_ROLE.to_string(),
             network: None,
             tracing: None,
+            worker_lag_reports: true,
         })
     }
 
@@ -140,6 +145,13 @@ impl<'a> BuildContext<'a> {
     ) -> Self {
         self.job_trigger_cluster_role = job_trigger_cluster_role.to_string();
         self.network = network.cloned();
+        self
+    }
+
+    /// Whether the operator reads the lag from the workers' reports (see
+    /// [`BuildContext::worker_lag_reports`]; `true` unless told otherwise).
+    pub fn with_worker_lag_reports(mut self, reports: bool) -> Self {
+        self.worker_lag_reports = reports;
         self
     }
 
@@ -181,8 +193,9 @@ pub struct Children {
     pub worker_rbac: Option<WorkerRbac>,
     /// The workers.
     pub deployment: Deployment,
-    /// The workers' metrics endpoint.
-    pub service: Service,
+    /// The headless worker Service, only for a StreamConsumer whose lag the operator reads from
+    /// its workers (see [`build_service`]).
+    pub service: Option<Service>,
     /// Only with more than one replica.
     pub pdb: Option<PodDisruptionBudget>,
     /// Only when the admin turned worker NetworkPolicies on.
@@ -195,7 +208,7 @@ pub fn build_children(ctx: &BuildContext<'_>) -> Children {
         config_map: build_config_map(ctx),
         worker_rbac: build_worker_rbac(ctx),
         deployment: build_deployment(ctx),
-        service: build_service(ctx),
+        service: ctx.worker_lag_reports.then(|| build_service(ctx)),
         pdb: build_pdb(ctx),
         network_policy: ctx
             .network
@@ -235,6 +248,19 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_service_is_built_only_when_the_lag_comes_from_the_workers() {
+        let sc = StreamConsumer::test();
+        let rendered = RenderedConfig::render(&sc).unwrap();
+        let ctx = BuildContext::new(&sc, "example.com/worker:1", &rendered, 1).unwrap();
+        assert!(
+            build_children(&ctx).service.is_some(),
+            "by default: reports"
+        );
+        let from_brokers = ctx.with_worker_lag_reports(false);
+        assert_eq!(build_children(&from_brokers).service, None);
+    }
+
+    #[test]
     fn config_hash_ignores_replicas() {
         let a = RenderedConfig::render(&StreamConsumer::test()).unwrap();
         let b = RenderedConfig::render(&StreamConsumer::test().with_replicas(5)).unwrap();
@@ -259,7 +285,7 @@ mod tests {
             let metas = [
                 &c.config_map.metadata,
                 &c.deployment.metadata,
-                &c.service.metadata,
+                &c.service.as_ref().unwrap().metadata,
                 &pdb.metadata,
                 &rbac.service_account.metadata,
                 &rbac.role_binding.metadata,

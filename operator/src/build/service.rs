@@ -8,12 +8,18 @@ use crate::names::{selector_labels, workload_name, Component, HTTP_PORT_NAME};
 /// `spec.clusterIP` of a headless Service.
 pub const HEADLESS: &str = "None";
 
-/// A headless Service over the workers' HTTP port, for scraping `/metrics` (and for the
-/// operator's lag reader, which finds the workers through its EndpointSlices). No virtual IP:
-/// nothing needs one, and allocating one (an `IPAddress` object per Service) was most of the
-/// cost of creating a StreamConsumer's children. The EndpointSlice controller keeps slices for a
-/// headless Service with a selector as for any other. Services of earlier versions had a
-/// ClusterIP; `clusterIP` is immutable, so the reconciler replaces them.
+/// A headless Service over the workers' HTTP port, through whose EndpointSlices the operator's
+/// lag reader finds the workers of a StreamConsumer whose brokers it may not contact
+/// ([`crate::lag_workers`]). Only such a StreamConsumer has one
+/// ([`BuildContext::worker_lag_reports`]): the lag of every other one comes from its brokers, and
+/// Prometheus scrapes the workers through the chart's PodMonitor, so a Service would only cost
+/// the API server (its create, and the Endpoints and EndpointSlice controllers' writes, about a
+/// fifth of a StreamConsumer's requests) and the controller manager. One left from an earlier
+/// version or an earlier broker allow-list is deleted. No virtual IP: nothing needs one, and
+/// allocating one (an `IPAddress` object per Service) was most of the cost of creating a
+/// StreamConsumer's children. The EndpointSlice controller keeps slices for a headless Service
+/// with a selector as for any other. Services of earlier versions had a ClusterIP; `clusterIP`
+/// is immutable, so the reconciler replaces them.
 pub fn build_service(ctx: &BuildContext<'_>) -> Service {
     Service {
         metadata: ctx.child_meta(workload_name(ctx.name), Component::Metrics),

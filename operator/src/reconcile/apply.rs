@@ -73,7 +73,13 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
             &ctx.config.job_trigger_cluster_role,
             ctx.config.worker_network.as_ref(),
         )
-        .with_tracing(ctx.config.worker_tracing.as_ref());
+        .with_tracing(ctx.config.worker_tracing.as_ref())
+        .with_worker_lag_reports(
+            ctx.config
+                .lag_brokers
+                .resolve(&sc.spec.kafka.bootstrap_servers)
+                .is_err(),
+        );
     let children = build_children(&build);
 
     let applied = match apply_children(ctx, &id, &children).await {
@@ -263,7 +269,10 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
         )),
         None => None,
     };
-    let service = check_service(ctx, stores, id, &children.service).await?;
+    let service = match &children.service {
+        Some(desired) => Some(check_service(ctx, stores, id, desired).await?),
+        None => None,
+    };
     let pdb = match &children.pdb {
         Some(pdb) => Some(check_name::<PodDisruptionBudget>(ctx, stores, id, pdb).await?),
         None => None,
@@ -324,7 +333,12 @@ async fn apply_children(ctx: &Context, id: &Identity<'_>, children: &Children) -
             id.uid,
             memo,
         )),
-        Box::pin(write_service(ctx, stores, id, &children.service, service)),
+        Box::pin(async {
+            match (&children.service, service) {
+                (Some(desired), Some(seen)) => write_service(ctx, stores, id, desired, seen).await,
+                _ => Ok(()),
+            }
+        }),
         Box::pin(write_optional(
             client,
             ns,
@@ -543,7 +557,9 @@ where
 }
 
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
-/// to one replica, the RBAC after leaving the job trigger. Candidates are selected by label and
+/// to one replica, the RBAC after leaving the job trigger, the worker Service once the operator
+/// reads the lag from the brokers (or left by an earlier version, which made one for every
+/// StreamConsumer). Candidates are selected by label and
 /// must be controlled by this StreamConsumer; one under a child's name that is not is left alone
 /// and reported ([`Error::ChildConflict`]).
 async fn delete_orphans(
@@ -566,6 +582,11 @@ async fn delete_orphans(
     )
     .await?;
     foreign.extend(pdb.conflicts("PodDisruptionBudget", &[&workload_name(id.name)]));
+    if children.service.is_none() {
+        // A Service under the workload's name that is not ours is left alone (and logged): no
+        // Service is wanted, so it stands in the way of nothing.
+        delete_owned::<Service>(client, stores, id, &selector, None).await?;
+    }
     let sa = delete_owned::<ServiceAccount>(
         client,
         stores,

@@ -297,6 +297,39 @@ async fn scaling_down_to_one_replica_deletes_the_disruption_budget() {
 }
 
 #[tokio::test]
+async fn a_consumer_whose_lag_the_operator_reads_from_its_brokers_gets_no_worker_service() {
+    let sc = StreamConsumer::test().finalized();
+    let (ctx, server) = Context::test_reading_lag_from(&sc.spec.kafka.bootstrap_servers);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.service = false;
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn the_worker_service_of_a_consumer_whose_lag_now_comes_from_its_brokers_is_deleted() {
+    // Made by an earlier version (one for every StreamConsumer), or while the admin had not
+    // allowed the broker.
+    let sc = StreamConsumer::test().finalized();
+    let (ctx, server) = Context::test_reading_lag_from(&sc.spec.kafka.bootstrap_servers);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.existing = Some(live_deployment(&sc, 1));
+    pass.deployment_answer = rollout(1, 1, 1);
+    pass.events = vec![];
+    pass.service = false;
+    pass.live = vec![Kind::Service];
+    pass.deleted = vec![Kind::Service];
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    result.unwrap();
+}
+
+#[tokio::test]
 async fn job_trigger_workers_get_rbac_applied_before_their_deployment() {
     let (ctx, server, _) = Context::test();
     let sc = StreamConsumer::job_trigger().finalized();

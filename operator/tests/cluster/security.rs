@@ -242,6 +242,14 @@ async fn an_object_holding_a_childs_name_is_never_written_or_deleted_for_every_k
                 sc["spec"]["replicas"] = json!(2);
                 sc
             }
+            "svc" => {
+                // A worker Service is only wanted when the operator reads the lag from the
+                // workers: on a broker the admin did not allow (the harness allows the dev
+                // stack's).
+                let mut sc = consumer_json(h.sc, HandlerKind::MovingAverage);
+                sc["spec"]["kafka"]["bootstrapServers"] = json!("kafka.elsewhere.example:9092");
+                sc
+            }
             other => consumer_json(other, HandlerKind::MovingAverage),
         };
         create_consumer(&client, n, sc).await;

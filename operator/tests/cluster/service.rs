@@ -1,7 +1,9 @@
-//! The worker Service is headless, and a ClusterIP one left by an earlier version is replaced
-//! (`spec.clusterIP` is immutable): under the real API server, the EndpointSlice controller and
-//! the garbage collector. A Service with a ClusterIP that the StreamConsumer does not control is
-//! never deleted.
+//! The worker Service, under the real API server, the EndpointSlice controller and the garbage
+//! collector. Only a StreamConsumer whose lag the operator reads from its workers (its brokers are
+//! not on the allow-list; the harness allows the dev stack's 127.0.0.1:9092) has one. It is
+//! headless, and a ClusterIP one left by an earlier version is replaced (`spec.clusterIP` is
+//! immutable); one that is no longer wanted is deleted. A Service that the StreamConsumer does not
+//! control is never deleted.
 
 use std::time::Duration;
 
@@ -13,9 +15,20 @@ use streamops_crds::v1alpha1::HandlerKind;
 use streamops_crds::StreamConsumer;
 
 use crate::harness::{admin, env, eventually, unique, Operator, OperatorSpec, TestNs, TEST_LABEL};
-use crate::lifecycle::{consumer, mark_pods_ready};
+use crate::lifecycle::{consumer, mark_pods_ready, wait_status};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// A broker the harness's operator is not allowed to contact: the lag of a StreamConsumer on it
+/// comes from its workers, through the worker Service.
+const OTHER_BROKER: &str = "kafka.elsewhere.example:9092";
+
+/// [`consumer`] on [`OTHER_BROKER`].
+fn reporting_consumer(name: &str, topic: &str) -> StreamConsumer {
+    let mut sc = consumer(name, HandlerKind::MovingAverage, topic);
+    sc.spec.kafka.bootstrap_servers = OTHER_BROKER.into();
+    sc
+}
 
 /// The worker Service of StreamConsumer `name` as earlier versions made it: a ClusterIP, and a
 /// controller reference to `owner_uid` (`None`: someone else's Service, no owner).
@@ -60,7 +73,7 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
     let sc = api
         .create(
             &PostParams::default(),
-            &consumer("orders", HandlerKind::MovingAverage, "svc-orders"),
+            &reporting_consumer("orders", "svc-orders"),
         )
         .await
         .unwrap();
@@ -76,7 +89,7 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
     assert_ne!(old_ip, "None", "the API server allocated a ClusterIP");
     api.create(
         &PostParams::default(),
-        &consumer("foreign", HandlerKind::MovingAverage, "svc-foreign"),
+        &reporting_consumer("foreign", "svc-foreign"),
     )
     .await
     .unwrap();
@@ -183,6 +196,80 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_worker_service_of_a_consumer_whose_lag_comes_from_its_brokers_is_deleted_and_someone_elses_kept(
+) {
+    let ns = TestNs::new("svc-gone").await;
+    let client = admin().await;
+    let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    // Before any operator runs: StreamConsumers on the allowed broker, one with the Service an
+    // earlier version made for every StreamConsumer, one whose name is held by someone else's
+    // Service (labelled like a child).
+    let sc = api
+        .create(
+            &PostParams::default(),
+            &consumer("orders", HandlerKind::MovingAverage, "svc-gone-orders"),
+        )
+        .await
+        .unwrap();
+    let uid = sc.metadata.uid.clone().unwrap();
+    services
+        .create(
+            &PostParams::default(),
+            &cluster_ip_service("orders", Some(&uid)),
+        )
+        .await
+        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &consumer("foreign", HandlerKind::MovingAverage, "svc-gone-foreign"),
+    )
+    .await
+    .unwrap();
+    let foreign = services
+        .create(&PostParams::default(), &cluster_ip_service("foreign", None))
+        .await
+        .unwrap();
+
+    let _op = Operator::start(OperatorSpec::watching(&ns.name));
+
+    // Ours is deleted; the workers are there.
+    eventually("the Service orders deleted", WAIT, || async {
+        services
+            .get_opt("orders")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let (_, status) = wait_status(&api, "orders", "orders reconciled", |_| true).await;
+    assert!(
+        !status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.status == "True"),
+        "{status:?}"
+    );
+    // Someone else's is neither deleted, nor written, nor in the way: no Service is wanted.
+    let (_, status) = wait_status(&api, "foreign", "foreign reconciled", |_| true).await;
+    assert!(
+        !status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Degraded" && c.status == "True"),
+        "nothing in the way: {status:?}"
+    );
+    let still = services.get("foreign").await.unwrap();
+    assert_eq!(still.metadata.uid, foreign.metadata.uid, "not replaced");
+    assert_eq!(
+        still.metadata.resource_version, foreign.metadata.resource_version,
+        "not written"
+    );
 }
 
 /// A Node object for one test (no kubelet behind it), unschedulable, deleted on drop.
