@@ -38,6 +38,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -380,6 +381,151 @@ def delete_namespaces(api, names, timeout):
         log(f"warning: {e}")
 
 
+def stage_breakdown(api, run_id, label, start_wall):
+    """Where each StreamConsumer's time went, from the objects' own timestamps (1 s resolution):
+    operator (created -> its Deployment created), control plane (Deployment created -> Available),
+    operator again (Available -> the StreamConsumer Ready). Logs percentiles, and when the last of
+    each stage finished (seconds after the first create). Diagnostic only."""
+    from datetime import datetime
+
+    def ts(s):
+        return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").timestamp() if s else None
+
+    def cond(obj, kind):
+        for c in (obj.get("status") or {}).get("conditions") or []:
+            if c.get("type") == kind and c.get("status") == "True":
+                return ts(c.get("lastTransitionTime"))
+        return None
+
+    scs = api.get(sc_path() + f"?labelSelector={RUN_LABEL}%3D{run_id}")["items"]
+    deps = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d
+        for d in api.get("/apis/apps/v1/deployments?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dstreamops-operator")["items"]
+    }
+    stages = {"sc->deployment": [], "deployment->available": [], "available->ready": []}
+    last = {"deployment created": [], "available": [], "ready": []}
+    for sc in scs:
+        m = sc["metadata"]
+        d = deps.get((m["namespace"], m["name"]))
+        t_sc, t_ready = ts(m.get("creationTimestamp")), cond(sc, "Ready")
+        t_dep = ts(d["metadata"].get("creationTimestamp")) if d else None
+        t_av = cond(d, "Available") if d else None
+        if None in (t_sc, t_ready, t_dep, t_av):
+            continue
+        stages["sc->deployment"].append(t_dep - t_sc)
+        stages["deployment->available"].append(t_av - t_dep)
+        stages["available->ready"].append(t_ready - t_av)
+        last["deployment created"].append(t_dep - start_wall)
+        last["available"].append(t_av - start_wall)
+        last["ready"].append(t_ready - start_wall)
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    for k, xs in stages.items():
+        log(f"{label}: stage {k:<24} p50 {pct(xs, 0.5):5.0f}s  p90 {pct(xs, 0.9):5.0f}s  max {max(xs, default=float('nan')):5.0f}s  ({len(xs)} timed)")
+    for k, xs in last.items():
+        log(f"{label}: last {k:<20} at {max(xs, default=float('nan')):5.0f}s  (half at {pct(xs, 0.5):.0f}s)")
+
+
+class Tracker:
+    """Counts, from one watch, the objects of a collection (a label selector) that are done, and
+    notes when all `n` are: the bench measures without polling the list it measures (a list of
+    1,000 StreamConsumers is 3 MB, which the apiserver serializes and this process parses, twice a
+    second, on the same 2 cores). Start it before the first create; it reconnects from the last
+    resourceVersion (and lists again after a 410)."""
+
+    def __init__(self, api, path, selector, n, is_done, start, label, what):
+        self.api, self.path, self.selector, self.n = api, path, selector, n
+        self.is_done, self.start, self.label, self.what = is_done, start, label, what
+        self.state = {}
+        self.lock = threading.Lock()
+        self.all_done_at = None
+        self.error = None
+        self.stopped = threading.Event()
+        self.rv = self._list()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _key(self, obj):
+        m = obj["metadata"]
+        return (m.get("namespace"), m["name"])
+
+    def _list(self):
+        body = self.api.get(f"{self.path}?labelSelector={self.selector}")
+        with self.lock:
+            self.state = {self._key(o): bool(self.is_done(o)) for o in body["items"]}
+            self._note()
+        return body["metadata"]["resourceVersion"]
+
+    def _note(self):
+        if self.all_done_at is None and len(self.state) == self.n and all(self.state.values()):
+            self.all_done_at = time.monotonic()
+
+    def _run(self):
+        while not self.stopped.is_set():
+            host = self.api
+            conn = http.client.HTTPSConnection(host.host, host.port, context=host.ctx, timeout=30)
+            try:
+                conn.request("GET", f"{self.path}?watch=1&labelSelector={self.selector}"
+                             f"&resourceVersion={self.rv}&allowWatchBookmarks=true&timeoutSeconds=300",
+                             headers={"Accept": "application/json"})
+                resp = conn.getresponse()
+                if resp.status != 200:
+                    raise RuntimeError(f"watch {self.path}: HTTP {resp.status}")
+                while not self.stopped.is_set():
+                    line = resp.readline()
+                    if not line:
+                        break
+                    ev = json.loads(line)
+                    obj = ev["object"]
+                    if ev["type"] == "ERROR":
+                        if obj.get("code") == 410:
+                            self.rv = self._list()
+                        break
+                    self.rv = obj["metadata"]["resourceVersion"]
+                    if ev["type"] == "BOOKMARK":
+                        continue
+                    with self.lock:
+                        if ev["type"] == "DELETED":
+                            self.state.pop(self._key(obj), None)
+                        else:
+                            self.state[self._key(obj)] = bool(self.is_done(obj))
+                        self._note()
+            except socket.timeout:
+                pass  # quiet for 30 s: reconnect from the last resourceVersion
+            except (OSError, http.client.HTTPException, ValueError, RuntimeError) as e:
+                self.error = e
+                time.sleep(0.5)
+            finally:
+                conn.close()
+
+    def counts(self):
+        with self.lock:
+            return len(self.state), sum(self.state.values())
+
+    def wait(self, timeout, check=lambda: None):
+        """Seconds from `start` until all were done; logs the count every 10 s."""
+        deadline = time.monotonic() + timeout
+        last_report = 0.0
+        try:
+            while self.all_done_at is None:
+                check()
+                now = time.monotonic()
+                if now > deadline:
+                    seen, done = self.counts()
+                    raise TimeoutError(f"timed out after {timeout}s waiting for {self.n} {self.what}"
+                                       f" ({done} of {seen} seen; watch error: {self.error})")
+                if now - self.start - last_report >= 10:
+                    last_report = now - self.start
+                    log(f"{self.label}: {self.counts()[1]}/{self.n} {self.what} after {last_report:.0f}s")
+                time.sleep(0.2)
+            return self.all_done_at - self.start
+        finally:
+            self.stopped.set()
+
+
 def all_done(api, path, n, is_done, start, label, what, check=lambda: None):
     """A predicate for wait_until: whether the list at `path` holds `n` objects, every one
     `is_done`; logs the count every 10 s (seconds since `start`). `check` runs first and may raise."""
@@ -429,7 +575,9 @@ def run_floor(api, args, n, namespaces):
     run_id = f"floor{n}-{int(time.time())}"
     names = [(namespaces[i % len(namespaces)], f"floor-{i:04d}") for i in range(n)]
     _, total_before, prof_before = snapshot(api)
-    start = time.monotonic()
+    tracker = Tracker(api, "/apis/apps/v1/deployments", f"{RUN_LABEL}%3D{run_id}", n, deployment_ready,
+                      time.monotonic(), f"N={n} floor", "Deployments ready")
+    start = tracker.start = time.monotonic()
 
     def create(item):
         ns, name = item
@@ -437,13 +585,7 @@ def run_floor(api, args, n, namespaces):
 
     with ThreadPoolExecutor(max_workers=args.create_threads) as pool:
         list(pool.map(create, names))
-    all_ready = all_done(
-        api, f"/apis/apps/v1/deployments?labelSelector={RUN_LABEL}%3D{run_id}", n, deployment_ready,
-        start, f"N={n} floor", "Deployments ready",
-    )
-
-    wait_until(f"{n} bare Deployments to be ready", args.timeout, all_ready, interval=0.5)
-    took = time.monotonic() - start
+    took = tracker.wait(args.timeout)
     _, total_after, prof_after = snapshot(api)
     log(f"N={n} floor: {n} bare Deployments ready in {took:.1f}s")
     profile_delta(prof_before, prof_after, n, f"N={n} floor")
@@ -491,7 +633,10 @@ def run_size(api, args, n, brokers_json):
         ops_before, total_before, prof_before = snapshot(api, args.lease + "-leader-election", op_pids)
 
         names = [(namespaces[i % len(namespaces)], f"sc-{i:04d}") for i in range(n)]
-        start = time.monotonic()
+        tracker = Tracker(api, sc_path(), f"{RUN_LABEL}%3D{run_id}", n, converged, time.monotonic(),
+                          f"N={n}", "converged")
+        start = tracker.start = time.monotonic()
+        start_wall = time.time()
 
         def create(item):
             ns, name = item
@@ -511,13 +656,13 @@ def run_size(api, args, n, brokers_json):
             "converged", check=operators_alive,
         )
 
-        wait_until(f"{n} StreamConsumers to converge", args.timeout, all_converged, interval=0.5)
-        result["converge_s"] = time.monotonic() - start
+        result["converge_s"] = tracker.wait(args.timeout, check=operators_alive)
         result["create_s"] = created
         ops_after, total_after, prof_after = snapshot(api, args.lease + "-leader-election", op_pids)
         result["op_requests_per_sc"] = (ops_after - ops_before) / n
         result["all_requests_per_sc"] = (total_after - total_before) / n
         result["profile"] = profile_delta(prof_before, prof_after, n, f"N={n}")
+        stage_breakdown(api, run_id, f"N={n}", start_wall)
         result["leader_hwm_kib"] = vm_kib(lead.pid, "VmHWM")
         result["leader_rss_kib"] = vm_kib(lead.pid, "VmRSS")
         standby = next(o for o in ops if o is not lead)
