@@ -61,22 +61,17 @@ fn cluster_ip(svc: &Service) -> Option<&str> {
     svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref())
 }
 
-#[tokio::test]
-async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_endpoint_slices() {
-    let ns = TestNs::new("svc").await;
-    let client = admin().await;
-    let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &ns.name);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
-
-    // Before any operator runs: a StreamConsumer with the ClusterIP Service an earlier version
-    // made for it, and another one whose name is held by someone else's ClusterIP Service.
-    let sc = api
-        .create(
-            &PostParams::default(),
-            &reporting_consumer("orders", "svc-orders"),
-        )
-        .await
-        .unwrap();
+/// Before any operator runs: StreamConsumer `orders` (`ours`) with the ClusterIP Service an
+/// earlier version made for it, and StreamConsumer `foreign` (`theirs`) whose name is held by
+/// someone else's ClusterIP Service (labelled like a child). Returns the uid of `orders`, its old
+/// Service and the foreign Service.
+async fn seed(
+    api: &Api<StreamConsumer>,
+    services: &Api<Service>,
+    ours: StreamConsumer,
+    theirs: StreamConsumer,
+) -> (String, Service, Service) {
+    let sc = api.create(&PostParams::default(), &ours).await.unwrap();
     let uid = sc.metadata.uid.clone().unwrap();
     let old = services
         .create(
@@ -85,18 +80,30 @@ async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_en
         )
         .await
         .unwrap();
-    let old_ip = cluster_ip(&old).unwrap().to_string();
-    assert_ne!(old_ip, "None", "the API server allocated a ClusterIP");
-    api.create(
-        &PostParams::default(),
-        &reporting_consumer("foreign", "svc-foreign"),
-    )
-    .await
-    .unwrap();
+    api.create(&PostParams::default(), &theirs).await.unwrap();
     let foreign = services
         .create(&PostParams::default(), &cluster_ip_service("foreign", None))
         .await
         .unwrap();
+    (uid, old, foreign)
+}
+
+#[tokio::test]
+async fn an_old_cluster_ip_service_of_ours_is_replaced_by_a_headless_one_with_endpoint_slices() {
+    let ns = TestNs::new("svc").await;
+    let client = admin().await;
+    let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &ns.name);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
+
+    let (uid, old, foreign) = seed(
+        &api,
+        &services,
+        reporting_consumer("orders", "svc-orders"),
+        reporting_consumer("foreign", "svc-foreign"),
+    )
+    .await;
+    let old_ip = cluster_ip(&old).unwrap().to_string();
+    assert_ne!(old_ip, "None", "the API server allocated a ClusterIP");
 
     let _op = Operator::start(OperatorSpec::watching(&ns.name));
 
@@ -206,34 +213,14 @@ async fn the_worker_service_of_a_consumer_whose_lag_comes_from_its_brokers_is_de
     let api: Api<StreamConsumer> = Api::namespaced(client.clone(), &ns.name);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
 
-    // Before any operator runs: StreamConsumers on the allowed broker, one with the Service an
-    // earlier version made for every StreamConsumer, one whose name is held by someone else's
-    // Service (labelled like a child).
-    let sc = api
-        .create(
-            &PostParams::default(),
-            &consumer("orders", HandlerKind::MovingAverage, "svc-gone-orders"),
-        )
-        .await
-        .unwrap();
-    let uid = sc.metadata.uid.clone().unwrap();
-    services
-        .create(
-            &PostParams::default(),
-            &cluster_ip_service("orders", Some(&uid)),
-        )
-        .await
-        .unwrap();
-    api.create(
-        &PostParams::default(),
-        &consumer("foreign", HandlerKind::MovingAverage, "svc-gone-foreign"),
+    // Both StreamConsumers on the allowed broker: no Service is wanted for either.
+    let (_, _, foreign) = seed(
+        &api,
+        &services,
+        consumer("orders", HandlerKind::MovingAverage, "svc-gone-orders"),
+        consumer("foreign", HandlerKind::MovingAverage, "svc-gone-foreign"),
     )
-    .await
-    .unwrap();
-    let foreign = services
-        .create(&PostParams::default(), &cluster_ip_service("foreign", None))
-        .await
-        .unwrap();
+    .await;
 
     let _op = Operator::start(OperatorSpec::watching(&ns.name));
 
