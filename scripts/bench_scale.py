@@ -381,11 +381,12 @@ def delete_namespaces(api, names, timeout):
         log(f"warning: {e}")
 
 
-def stage_breakdown(api, run_id, label, start_wall):
+def stage_breakdown(api, run_id, label):
     """Where each StreamConsumer's time went, from the objects' own timestamps (1 s resolution):
     operator (created -> its Deployment created), control plane (Deployment created -> Available),
     operator again (Available -> the StreamConsumer Ready). Logs percentiles, and when the last of
-    each stage finished (seconds after the first create). Diagnostic only."""
+    each stage finished (seconds after the first StreamConsumer's creationTimestamp, so every figure
+    comes from the same clock). Diagnostic only."""
     from datetime import datetime
 
     def ts(s):
@@ -402,6 +403,7 @@ def stage_breakdown(api, run_id, label, start_wall):
         (d["metadata"]["namespace"], d["metadata"]["name"]): d
         for d in api.get("/apis/apps/v1/deployments?labelSelector=app.kubernetes.io%2Fmanaged-by%3Dstreamops-operator")["items"]
     }
+    first = min((ts(sc["metadata"].get("creationTimestamp")) for sc in scs), default=None)
     stages = {"sc->deployment": [], "deployment->available": [], "available->ready": []}
     last = {"deployment created": [], "available": [], "ready": []}
     for sc in scs:
@@ -415,9 +417,9 @@ def stage_breakdown(api, run_id, label, start_wall):
         stages["sc->deployment"].append(t_dep - t_sc)
         stages["deployment->available"].append(t_av - t_dep)
         stages["available->ready"].append(t_ready - t_av)
-        last["deployment created"].append(t_dep - start_wall)
-        last["available"].append(t_av - start_wall)
-        last["ready"].append(t_ready - start_wall)
+        last["deployment created"].append(t_dep - first)
+        last["available"].append(t_av - first)
+        last["ready"].append(t_ready - first)
 
     def pct(xs, q):
         xs = sorted(xs)
@@ -433,18 +435,20 @@ class Tracker:
     """Counts, from one watch, the objects of a collection (a label selector) that are done, and
     notes when all `n` are: the bench measures without polling the list it measures (a list of
     1,000 StreamConsumers is 3 MB, which the apiserver serializes and this process parses, twice a
-    second, on the same 2 cores). Start it before the first create; it reconnects from the last
-    resourceVersion (and lists again after a 410)."""
+    second, on the same 2 cores). Start it before the first create: `start` (what `wait` counts
+    from) is when it has listed. It reconnects from the last resourceVersion (and lists again after
+    a 410)."""
 
-    def __init__(self, api, path, selector, n, is_done, start, label, what):
+    def __init__(self, api, path, selector, n, is_done, label, what):
         self.api, self.path, self.selector, self.n = api, path, selector, n
-        self.is_done, self.start, self.label, self.what = is_done, start, label, what
+        self.is_done, self.label, self.what = is_done, label, what
         self.state = {}
         self.lock = threading.Lock()
         self.all_done_at = None
         self.error = None
         self.stopped = threading.Event()
         self.rv = self._list()
+        self.start = time.monotonic()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -526,24 +530,6 @@ class Tracker:
             self.stopped.set()
 
 
-def all_done(api, path, n, is_done, start, label, what, check=lambda: None):
-    """A predicate for wait_until: whether the list at `path` holds `n` objects, every one
-    `is_done`; logs the count every 10 s (seconds since `start`). `check` runs first and may raise."""
-    last_report = [0.0]
-
-    def done_yet():
-        check()
-        items = api.get(path)["items"]
-        done = sum(1 for o in items if is_done(o))
-        now = time.monotonic() - start
-        if now - last_report[0] >= 10:
-            last_report[0] = now
-            log(f"{label}: {done}/{n} {what} after {now:.0f}s")
-        return len(items) == n and done == n
-
-    return done_yet
-
-
 def bare_deployment(ns, name, run_id):
     labels = {"app.kubernetes.io/name": "scale-floor", "app.kubernetes.io/instance": name}
     return {
@@ -576,8 +562,7 @@ def run_floor(api, args, n, namespaces):
     names = [(namespaces[i % len(namespaces)], f"floor-{i:04d}") for i in range(n)]
     _, total_before, prof_before = snapshot(api)
     tracker = Tracker(api, "/apis/apps/v1/deployments", f"{RUN_LABEL}%3D{run_id}", n, deployment_ready,
-                      time.monotonic(), f"N={n} floor", "Deployments ready")
-    start = tracker.start = time.monotonic()
+                      f"N={n} floor", "Deployments ready")
 
     def create(item):
         ns, name = item
@@ -633,10 +618,8 @@ def run_size(api, args, n, brokers_json):
         ops_before, total_before, prof_before = snapshot(api, args.lease + "-leader-election", op_pids)
 
         names = [(namespaces[i % len(namespaces)], f"sc-{i:04d}") for i in range(n)]
-        tracker = Tracker(api, sc_path(), f"{RUN_LABEL}%3D{run_id}", n, converged, time.monotonic(),
-                          f"N={n}", "converged")
-        start = tracker.start = time.monotonic()
-        start_wall = time.time()
+        tracker = Tracker(api, sc_path(), f"{RUN_LABEL}%3D{run_id}", n, converged, f"N={n}", "converged")
+        start = tracker.start
 
         def create(item):
             ns, name = item
@@ -651,18 +634,13 @@ def run_size(api, args, n, brokers_json):
             if not any(o.alive() for o in ops):
                 raise RuntimeError(f"every operator exited; logs: {', '.join(o.log_path for o in ops)}")
 
-        all_converged = all_done(
-            api, sc_path() + f"?labelSelector={RUN_LABEL}%3D{run_id}", n, converged, start, f"N={n}",
-            "converged", check=operators_alive,
-        )
-
         result["converge_s"] = tracker.wait(args.timeout, check=operators_alive)
         result["create_s"] = created
         ops_after, total_after, prof_after = snapshot(api, args.lease + "-leader-election", op_pids)
         result["op_requests_per_sc"] = (ops_after - ops_before) / n
         result["all_requests_per_sc"] = (total_after - total_before) / n
         result["profile"] = profile_delta(prof_before, prof_after, n, f"N={n}")
-        stage_breakdown(api, run_id, f"N={n}", start_wall)
+        stage_breakdown(api, run_id, f"N={n}")
         result["leader_hwm_kib"] = vm_kib(lead.pid, "VmHWM")
         result["leader_rss_kib"] = vm_kib(lead.pid, "VmRSS")
         standby = next(o for o in ops if o is not lead)
@@ -707,7 +685,8 @@ def run_size(api, args, n, brokers_json):
         result["failover_reconciled_s"] = t_rec
 
         # The new leader starts cold: it reconciles all N again. Its peak RSS once it has.
-        wait_until(f"{n} StreamConsumers converged under the new leader", args.timeout, all_converged, interval=1.0)
+        Tracker(api, sc_path(), f"{RUN_LABEL}%3D{run_id}", n, converged, f"N={n} new leader",
+                "converged").wait(args.timeout)
         result["new_leader_hwm_kib"] = vm_kib(standby.pid, "VmHWM")
         for o in ops:
             if o is not lead and not o.alive():

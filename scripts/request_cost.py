@@ -3,8 +3,8 @@
 
 Against a running local control plane (`make cluster-up`, the CRDs applied) with nothing else
 busy: N requests of one kind at a time from 8 threads (as scripts/bench_scale.py creates), and
-the CPU time kube-apiserver and etcd used meanwhile (utime + stime from /proc/<pid>/stat, read 2 s
-after the last answer), per request. No operator runs: only these requests. Diagnostic; asserts
+the CPU time kube-apiserver and etcd used meanwhile (bench_scale's `cpu_seconds`, read 2 s after
+the last answer), per request. No operator runs: only these requests. Diagnostic; asserts
 nothing.
 
     python3 scripts/request_cost.py [N]          (default 1000; .dev/cluster of this checkout)
@@ -20,34 +20,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_scale as b  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".dev", "cluster")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu(pids):
-    out = {}
-    for name, pid in pids.items():
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
+PROCESSES = ("kube-apiserver", "etcd")
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     server = open(os.path.join(ROOT, "kubeconfig")).read().split("server: ")[1].split()[0]
     api = b.Api(server, os.path.join(ROOT, "pki"))
-    pids = {p: int(open(os.path.join(ROOT, f"{p}.pid")).read()) for p in ("kube-apiserver", "etcd")}
     ns = f"request-cost-{int(time.time())}"
     api.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
     name = lambda i: f"sc-{i:04d}"  # noqa: E731
 
     def run(label, one):
         time.sleep(2)
-        before = cpu(pids)
+        before = b.cpu_seconds()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, range(n)))
         time.sleep(2)
-        after = cpu(pids)
-        costs = "  ".join(f"{p} {1000 * (after[p] - before[p]) / n:5.1f} ms" for p in pids)
+        after = b.cpu_seconds()
+        costs = "  ".join(f"{p} {1000 * (after[p] - before[p]) / n:5.1f} ms" for p in PROCESSES)
         print(f"{label:<40} {costs}", flush=True)
 
     status = {
