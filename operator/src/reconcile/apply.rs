@@ -559,9 +559,10 @@ where
 /// Deletes the optional children this pass does not want: the PodDisruptionBudget after scaling
 /// to one replica, the RBAC after leaving the job trigger, the worker Service once the operator
 /// reads the lag from the brokers (or left by an earlier version, which made one for every
-/// StreamConsumer). Candidates are selected by label and
-/// must be controlled by this StreamConsumer; one under a child's name that is not is left alone
-/// and reported ([`Error::ChildConflict`]).
+/// StreamConsumer). Candidates are selected by label and must be controlled by this
+/// StreamConsumer; one under a child's name that is not is left alone and reported
+/// ([`Error::ChildConflict`]; not for the Service, which stands in the way of nothing when none
+/// is wanted).
 async fn delete_orphans(
     ctx: &Context,
     stores: Option<&ChildStores>,
