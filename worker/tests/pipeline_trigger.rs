@@ -232,6 +232,39 @@ impl Direct {
         PipelineTriggerHandler::new(&self.context(), s).unwrap()
     }
 
+    /// A replica whose background loops (the ticker and the delivery loop) end when the returned
+    /// token is cancelled, as a worker's do when its pod stops.
+    fn replica(&self, s: &PipelineTriggerSettings) -> (PipelineTriggerHandler, CancellationToken) {
+        let stop = self.shutdown.child_token();
+        let mut ctx = self.context();
+        ctx.shutdown = stop.clone();
+        (PipelineTriggerHandler::new(&ctx, s).unwrap(), stop)
+    }
+
+    /// Stops a replica the way a replay needs its workers stopped (the operator suspends the
+    /// StreamConsumer first): once its `delivered` triggers are delivered and none is pending,
+    /// its loops are cancelled. A delivery loop left running would record a trigger again after
+    /// the replay deleted it.
+    async fn stop_replica(
+        &self,
+        h: PipelineTriggerHandler,
+        stop: CancellationToken,
+        delivered: usize,
+    ) {
+        self.wait_for_runs(delivered, "delivered").await;
+        let start = Instant::now();
+        loop {
+            let pending = h.engine().counter.pending().await.unwrap();
+            if pending.is_empty() {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "still pending: {pending:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        drop(h);
+    }
+
     async fn runs(&self) -> Vec<(i64, String, i64, String, i32, Option<String>)> {
         sqlx::query_as(
             "SELECT seq, reason, event_count, status, attempts, last_error FROM pipeline_runs \
@@ -1227,7 +1260,7 @@ async fn a_replay_into_one_partition_of_a_claimed_trigger_reopens_its_window_and
     let s = settings(&hook.url(), 10, 3600, false);
     let mut config = (*d.context().config).clone();
     config.handler = HandlerConfig::PipelineTrigger(s.clone());
-    let mut h = d.handler(&s);
+    let (mut h, stop) = d.replica(&s);
     run_batch(&mut h, &d.pool, events(0, 0..5)).await;
     run_batch(&mut h, &d.pool, events(1, 0..5)).await;
     run_batch(&mut h, &d.pool, events(1, 5..8)).await;
@@ -1236,7 +1269,7 @@ async fn a_replay_into_one_partition_of_a_claimed_trigger_reopens_its_window_and
         recorded_ranges(&d).await,
         vec![(1, 10, vec![(0, 0, 4, 5), (1, 0, 4, 5)])]
     );
-    drop(h);
+    d.stop_replica(h, stop, 1).await;
     // Partition 0 only, into trigger 1's window: 11 events lie before the reset points, more
     // than one window, but trigger 1 needs offsets 3 and 4 of partition 0, which are counted
     // again: it cannot stand.
