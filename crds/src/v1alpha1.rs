@@ -149,7 +149,9 @@ pub struct StreamConsumerSpec {
     /// What happens to the Kafka consumer group when this resource is deleted. Sink data, and the
     /// consumed offsets stored in PostgreSQL with it, are never touched: a StreamConsumer created
     /// later with the same group id and database resumes where this one stopped, whichever policy
-    /// ran. To process a topic again, use a new group id or a replay.
+    /// ran. To process a topic again, use a new group id or a replay. Under `DeleteConsumerGroup`
+    /// the object carries the operator's finalizer `streamops.dev/cleanup`, so its deletion waits
+    /// for the operator; under `Retain` it carries none.
     #[serde(default)]
     pub cleanup_policy: CleanupPolicy,
 

@@ -1,9 +1,12 @@
 //! The StreamConsumer controller.
 //!
-//! [`reconcile`] runs under [`kube::runtime::finalizer`]: Apply validates the object, renders the
-//! worker configuration, server-side applies every child under one field manager, deletes the
-//! children it no longer wants, reports changes as events and writes the status; Cleanup applies
-//! `spec.cleanupPolicy`. Errors requeue with a per-object exponential backoff ([`error_policy`]).
+//! [`reconcile`] runs Apply, which validates the object, renders the worker configuration,
+//! server-side applies every child under one field manager, deletes the children it no longer
+//! wants, reports changes as events and writes the status. An object whose deletion needs the
+//! operator (`cleanupPolicy: DeleteConsumerGroup`, or one carrying the finalizer already) runs
+//! under [`kube::runtime::finalizer`], whose Cleanup applies `spec.cleanupPolicy`; one under
+//! `Retain` gets no finalizer ([`needs_finalizer`]), and its deletion is reported from the watch.
+//! Errors requeue with a per-object exponential backoff ([`error_policy`]).
 //!
 //! Lag and autoscaling reach the reconciler only through [`ReplicaDecider`]: the replicas to apply,
 //! the lag to publish in the status, and the scale decision to announce. With `spec.autoscaling`
@@ -41,7 +44,7 @@ use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use streamops_crds::v1alpha1::StreamConsumer;
+use streamops_crds::v1alpha1::{CleanupPolicy, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -305,16 +308,6 @@ pub async fn run_controller(
         .page_size(LIST_PAGE_SIZE);
     // The StreamConsumer store keeps every object for the life of the leader term: without what
     // no reconciliation reads (see `trim_for_store`).
-    let (store, writer) = reflector::store();
-    let consumers = reflector(
-        writer,
-        watcher(
-            api::<DeserializeGuard<StreamConsumer>>(&client, ns),
-            watcher::Config::default().page_size(LIST_PAGE_SIZE),
-        )
-        .modify(trim_for_store),
-    )
-    .applied_objects();
     // The children are watched to be told of their changes (drift, a Deployment's rollout), and
     // the same watches fill this term's child stores, which reconciliations read instead of the
     // API server (see `crate::children`): Deployments compacted to what is read of them and a
@@ -322,7 +315,26 @@ pub async fn run_controller(
     // trimmed.
     let network = ctx.config.worker_network.is_some();
     let (child_stores, writers) = ChildStores::new(network);
-    ctx.install_child_stores(Some(child_stores));
+    ctx.install_child_stores(Some(child_stores.clone()));
+    let (store, writer) = reflector::store();
+    let consumers = reflector(
+        writer,
+        watcher(
+            api::<DeserializeGuard<StreamConsumer>>(&client, ns),
+            watcher::Config::default().page_size(LIST_PAGE_SIZE),
+        )
+        .modify(trim_for_store)
+        .map({
+            let ctx = ctx.clone();
+            move |event| {
+                if let Ok(watcher::Event::Delete(object)) = &event {
+                    deleted(&ctx, &child_stores, object);
+                }
+                event
+            }
+        }),
+    )
+    .applied_objects();
     let deployments = reflector(
         writers.deployments,
         watcher(api::<Deployment>(&client, ns), children.clone())
@@ -401,6 +413,28 @@ pub async fn run_controller(
         if let Err(e) = task.await {
             warn!(error = %e, "the lag poller failed");
         }
+    }
+}
+
+/// A StreamConsumer the watch reports deleted. One without the finalizer gets no cleanup pass, so
+/// this is where the writes of its children are forgotten (its children go with it through their
+/// owner references; a deletion the watch misses, as it lists again after a gap, leaves them until
+/// the term ends: a few hundred bytes per child) and, under `Retain`, where the kept consumer
+/// group is reported.
+fn deleted(ctx: &Arc<Context>, stores: &ChildStores, object: &DeserializeGuard<StreamConsumer>) {
+    forget_deleted(stores, object);
+    if let Ok(sc) = &object.0 {
+        if sc.spec.cleanup_policy == CleanupPolicy::Retain {
+            let (ctx, sc) = (ctx.clone(), sc.clone());
+            tokio::spawn(async move { cleanup::report_retained(&ctx, &sc).await });
+        }
+    }
+}
+
+/// Forgets the writes of a deleted StreamConsumer's children.
+fn forget_deleted(stores: &ChildStores, object: &DeserializeGuard<StreamConsumer>) {
+    if let Some(uid) = object.meta().uid.as_deref() {
+        stores.memo.forget_owner(uid);
     }
 }
 
@@ -499,6 +533,15 @@ async fn reconcile_consumer(sc: Arc<StreamConsumer>, ctx: &Context) -> Result<Ac
         .clone()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), &ns);
+    if !needs_finalizer(&sc) && !carries_finalizer(&sc) {
+        // Nothing to do on deletion: no finalizer, no cleanup pass. The children go with the
+        // object through their owner references, and their write memo entries when the watch
+        // sees it deleted (`forget_deleted`).
+        if sc.metadata.deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        return apply(&sc, ctx).await;
+    }
     let sc = with_finalizer(&api, sc).await?;
     finalizer(&api, FINALIZER, sc, |event| async move {
         match event {
@@ -508,6 +551,25 @@ async fn reconcile_consumer(sc: Arc<StreamConsumer>, ctx: &Context) -> Result<Ac
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Whether deleting `sc` needs the operator's cleanup, hence its finalizer: only
+/// `cleanupPolicy: DeleteConsumerGroup` has work to do outside the cluster (the consumer group).
+/// Under `Retain` (the default) the children go with the object through their owner references,
+/// so a new object gets no finalizer: one write fewer per StreamConsumer, and its deletion never
+/// waits for the operator. An object that already carries the finalizer (a policy changed back to
+/// `Retain`, or an earlier version) keeps it, and its cleanup removes it as before.
+pub fn needs_finalizer(sc: &StreamConsumer) -> bool {
+    sc.spec.cleanup_policy == CleanupPolicy::DeleteConsumerGroup
+}
+
+fn carries_finalizer(sc: &StreamConsumer) -> bool {
+    sc.metadata
+        .finalizers
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .any(|f| f == FINALIZER)
 }
 
 /// Adds the finalizer to a StreamConsumer that lacks it (and is not being deleted), and returns
@@ -520,10 +582,10 @@ async fn with_finalizer(
     api: &Api<StreamConsumer>,
     sc: Arc<StreamConsumer>,
 ) -> Result<Arc<StreamConsumer>> {
-    let finalizers = sc.metadata.finalizers.as_deref().unwrap_or_default();
-    if sc.metadata.deletion_timestamp.is_some() || finalizers.iter().any(|f| f == FINALIZER) {
+    if sc.metadata.deletion_timestamp.is_some() || carries_finalizer(&sc) {
         return Ok(sc);
     }
+    let finalizers = sc.metadata.finalizers.as_deref().unwrap_or_default();
     let name = sc
         .metadata
         .name

@@ -31,24 +31,29 @@ pub(super) async fn cleanup(sc: &StreamConsumer, ctx: &Context) -> Result<Action
     if let (Some(stores), Some(uid)) = (ctx.installed_child_stores(), sc.metadata.uid.as_deref()) {
         stores.memo.forget_owner(uid);
     }
-    let group = &sc.spec.kafka.group_id;
     match sc.spec.cleanup_policy {
-        CleanupPolicy::Retain => {
-            report_cleanup(
-                ctx,
-                &reference,
-                "retained",
-                EventType::Normal,
-                "ConsumerGroupRetained",
-                format!(
-                    "kept consumer group {group} and its committed offsets (cleanupPolicy Retain)"
-                ),
-            )
-            .await;
-            Ok(Action::await_change())
-        }
+        // Reported when the watch sees the object gone (`report_retained`), as for an object
+        // without the finalizer.
+        CleanupPolicy::Retain => Ok(Action::await_change()),
         CleanupPolicy::DeleteConsumerGroup => delete_consumer_group(sc, ctx, &reference).await,
     }
+}
+
+/// Reports that a deleted StreamConsumer's consumer group was kept (`cleanupPolicy: Retain`): an
+/// event and the cleanup metric. Called when the leader's watch reports the deletion, since an
+/// object under `Retain` has no finalizer, hence no cleanup pass. A deletion the watch misses (it
+/// lists again after a gap, or no leader runs) is not reported; nothing else depends on it.
+pub(super) async fn report_retained(ctx: &Context, sc: &StreamConsumer) {
+    let group = &sc.spec.kafka.group_id;
+    report_cleanup(
+        ctx,
+        &sc.object_ref(&()),
+        "retained",
+        EventType::Normal,
+        "ConsumerGroupRetained",
+        format!("kept consumer group {group} and its committed offsets (cleanupPolicy Retain)"),
+    )
+    .await;
 }
 
 /// Deletes the consumer group: stops the workers (a group with members cannot be deleted), then

@@ -44,13 +44,15 @@ async fn reconcile_once(ctx: Arc<Context>, sc: StreamConsumer) -> Result<Action>
     reconcile(guard(sc), ctx).await
 }
 
-/// A new object gets the finalizer before anything else is written, and the same pass goes on to
-/// its children (over the object the patch returned) instead of waiting for the watch to bring
-/// the object back.
+/// A new object whose deletion deletes its consumer group gets the finalizer before anything
+/// else is written, and the same pass goes on to its children (over the object the patch
+/// returned) instead of waiting for the watch to bring the object back. The same holds for an
+/// object whose policy changes to `DeleteConsumerGroup`: it lacks the finalizer.
 #[tokio::test]
-async fn a_new_object_gets_the_finalizer_then_its_children_in_the_same_pass() {
+async fn a_new_object_whose_deletion_deletes_its_group_gets_the_finalizer_then_its_children_in_the_same_pass(
+) {
     let (ctx, server, _) = Context::test();
-    let sc = StreamConsumer::test();
+    let sc = StreamConsumer::test().with_cleanup(CleanupPolicy::DeleteConsumerGroup);
     let mock = server.run(Scenario::FinalizerCreation(sc.clone()));
     let result = reconcile_once(ctx.clone(), sc).await;
     drop(ctx);
@@ -62,12 +64,77 @@ async fn a_new_object_gets_the_finalizer_then_its_children_in_the_same_pass() {
     );
 }
 
+/// A new object that keeps its consumer group on deletion (`Retain`, the default) gets no
+/// finalizer: its deletion has nothing for the operator to do. Its first pass writes its children
+/// and its status, and nothing else.
+#[tokio::test]
+async fn a_new_object_that_retains_its_group_gets_its_children_and_no_finalizer() {
+    let (ctx, server, _) = Context::test();
+    let sc = StreamConsumer::test();
+    assert!(sc.metadata.finalizers.is_none());
+    let mock = server.run(Scenario::Apply(Box::new(ApplyPass::new(sc.clone()))));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    let requests = finish(mock).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    assert!(
+        requests
+            .iter()
+            .all(|r| !r.body.to_string().contains("/metadata/finalizers")),
+        "no finalizer is written"
+    );
+}
+
+/// The deletion of an object without the finalizer sends nothing: its children go with it through
+/// their owner references.
+#[tokio::test]
+async fn deleting_an_object_without_the_finalizer_sends_no_request() {
+    let (ctx, server, deleter) = Context::test();
+    let mut sc = StreamConsumer::test();
+    sc.metadata.deletion_timestamp = StreamConsumer::test()
+        .deleted_now()
+        .metadata
+        .deletion_timestamp;
+    let mock = server.run(Scenario::Steps(vec![]));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(deleter.calls().is_empty(), "Kafka is not touched");
+}
+
+/// Without a cleanup pass, a deleted object's child writes are forgotten when the watch reports
+/// its deletion: its entries go, another object's stay.
+#[test]
+fn a_deleted_objects_child_writes_are_forgotten_when_the_watch_reports_its_deletion() {
+    use crate::children::{ChildKey, ChildStores};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (stores, _writers) = ChildStores::new(false);
+    let sc = StreamConsumer::test();
+    let uid = sc.metadata.uid.clone().unwrap();
+    let written = ObjectMeta {
+        uid: Some("child".into()),
+        resource_version: Some("1".into()),
+        ..ObjectMeta::default()
+    };
+    let ours = ChildKey::of::<ConfigMap>("default", "test");
+    let theirs = ChildKey::of::<ConfigMap>("default", "other");
+    stores.memo.record(ours, &uid, &written, None, 7);
+    stores.memo.record(theirs, "other-uid", &written, None, 7);
+    forget_deleted(&stores, &guard(sc));
+    assert_eq!(
+        stores.memo.len(),
+        1,
+        "only the other object's write is kept"
+    );
+}
+
 /// When the finalizer cannot be added (a copy behind the API server fails the patch's `test`),
 /// nothing is written: the failure is reported and retried.
 #[tokio::test]
 async fn no_child_is_written_before_the_finalizer_is_stored() {
     let (ctx, server, _) = Context::test();
-    let sc = StreamConsumer::test();
+    let sc = StreamConsumer::test().with_cleanup(CleanupPolicy::DeleteConsumerGroup);
     let mock = server.run(Scenario::Steps(vec![
         finalizer_addition(&sc.clone().finalized()).reply(Reply::Error(422, "Invalid")),
         event("Warning", "AddFinalizerFailed"),
@@ -1206,7 +1273,7 @@ async fn failing_status_patch_fails_the_reconciliation() {
 async fn reconcile_metrics_count_and_time_every_pass() {
     let (ctx, server, _) = Context::test();
     let sc = StreamConsumer::test();
-    let mock = server.run(Scenario::FinalizerCreation(sc.clone()));
+    let mock = server.run(Scenario::Apply(Box::new(ApplyPass::new(sc.clone()))));
     reconcile_once(ctx.clone(), sc).await.unwrap();
     assert_eq!(ctx.metrics.reconciliations.get(), 1);
     assert_eq!(ctx.metrics.duration.get_sample_count(), 1);
@@ -1433,8 +1500,8 @@ async fn malformed_object_being_deleted_is_released_without_touching_the_group()
 // ---- the controller as a whole -------------------------------------------------------------
 
 /// The controller, watching through a `DeserializeGuard`, lists one malformed and one valid
-/// StreamConsumer: the malformed one gets a warning event, the valid one is reconciled (its
-/// finalizer is added). Requests are answered in whatever order they come; watches are left open.
+/// StreamConsumer: the malformed one gets a warning event, the valid one is reconciled (it deletes
+/// its group on deletion, so its finalizer is added). Requests are answered in whatever order they come; watches are left open.
 #[tokio::test]
 async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
     use crate::metrics::Metrics;
@@ -1461,7 +1528,7 @@ async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
         None,
     ));
 
-    let mut good = StreamConsumer::test();
+    let mut good = StreamConsumer::test().with_cleanup(CleanupPolicy::DeleteConsumerGroup);
     good.metadata.name = Some("good".into());
     good.metadata.resource_version = Some("5".into());
     let bad = json!({

@@ -1,6 +1,7 @@
 //! A StreamConsumer's life under the real operator process (chart ServiceAccount and RBAC) and the
 //! real controllers: create, status, update, scale through the scale subresource, field ownership
-//! under server-side apply, deletion with the finalizer under both cleanup policies, and garbage
+//! under server-side apply, deletion under both cleanup policies (the finalizer only where the
+//! group is deleted), and garbage
 //! collection of the children by kube-controller-manager.
 //!
 //! There is no kubelet: worker pods are created by the ReplicaSet controller and stay Pending, and
@@ -156,12 +157,14 @@ async fn a_consumer_gets_its_children_and_a_status_that_follows_the_workers() {
     assert_eq!(controller_uid(&cm).as_deref(), Some(uid.as_str()));
     assert!(cm.data.unwrap_or_default().contains_key("worker.yaml"));
 
-    // The finalizer, and a status for generation 1: pods exist but none is ready.
+    // A status for generation 1: pods exist but none is ready. No finalizer: under Retain (the
+    // default) the deletion has nothing for the operator to do.
     let (sc, status) = wait_status(&api, "orders", "Ready=False WorkersNotReady", |s| {
         condition(s, "Ready").is_some_and(|c| c.status == "False" && c.reason == "WorkersNotReady")
     })
     .await;
-    assert_eq!(sc.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+    assert_eq!(sc.spec.cleanup_policy, CleanupPolicy::Retain);
+    assert_eq!(sc.metadata.finalizers, None);
     assert_eq!(status.observed_generation, Some(1));
     // Its lag comes from its brokers, which the operator is allowed to read: no worker Service
     // (every child was written before that status).
@@ -454,7 +457,8 @@ async fn delete_with_retain_releases_the_object_and_the_garbage_collector_remove
         (n == 0).then_some(())
     })
     .await;
-    // The event says the group was kept.
+    // The event says the group was kept (the operator reports it when its watch sees the object
+    // gone: there was no finalizer, so no cleanup pass).
     let events = env().kubectl(&[
         "get",
         "events.events.k8s.io",
@@ -482,14 +486,9 @@ async fn the_garbage_collector_removes_children_of_a_consumer_deleted_while_no_o
         wait_deployment(&client, &ns.name, "orphan", 1).await;
         wait_status(&api, "orphan", "a first status", |s| s.selector.is_some()).await;
     }
-    // The operator is gone: remove its finalizer by hand and delete the owner.
-    api.patch(
-        "orphan",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .unwrap();
+    // The operator is gone. Under Retain the object carries no finalizer: its deletion needs no
+    // operator.
+    assert_eq!(api.get("orphan").await.unwrap().metadata.finalizers, None);
     api.delete("orphan", &Default::default()).await.unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -523,7 +522,12 @@ async fn delete_with_delete_consumer_group_stops_the_workers_and_deletes_the_gro
 
     api.create(&PostParams::default(), &sc).await.unwrap();
     wait_deployment(&client, &ns.name, "drop", 1).await;
-    wait_status(&api, "drop", "a first status", |s| s.selector.is_some()).await;
+    let (stored, _) = wait_status(&api, "drop", "a first status", |s| s.selector.is_some()).await;
+    assert_eq!(
+        stored.metadata.finalizers,
+        Some(vec![FINALIZER.to_string()]),
+        "the group's deletion needs the operator: the object carries its finalizer"
+    );
     api.delete("drop", &Default::default()).await.unwrap();
     eventually(
         "the StreamConsumer to be gone",
