@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -44,7 +44,7 @@ use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use streamops_crds::v1alpha1::{CleanupPolicy, StreamConsumer};
+use streamops_crds::v1alpha1::{CleanupPolicy, StreamConsumer, StreamConsumerStatus};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -60,6 +60,7 @@ use crate::names::{
     managed_selector, CONTROLLER_NAME, DEFAULT_JOB_TRIGGER_CLUSTER_ROLE, FINALIZER,
 };
 use crate::policy::Policy;
+use crate::status;
 use crate::{Error, Result};
 
 mod apply;
@@ -130,6 +131,9 @@ pub struct OperatorConfig {
     /// StreamConsumer on them from them, and of any other from its workers' reports, which it
     /// finds through a worker Service made only for such a StreamConsumer. Default: none.
     pub lag_brokers: Arc<BrokerPolicy>,
+    /// How long a status that only reports progress may wait before it is written
+    /// ([`status::PROGRESS_HOLD`]; see [`crate::status`]); zero: written at once.
+    pub progress_hold: Duration,
 }
 
 /// Reconciliations run at once by default: enough to keep up with a thousand StreamConsumers,
@@ -154,6 +158,7 @@ impl OperatorConfig {
             cleanup_deadline: Duration::from_secs(300),
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(300),
+            progress_hold: crate::status::PROGRESS_HOLD,
         }
     }
 }
@@ -219,6 +224,8 @@ pub struct Context {
     /// The child stores and write memo of the current leader term (see [`crate::children`]);
     /// `None` outside a term (and in tests that read every child from the API server).
     children: RwLock<Option<Arc<ChildStores>>>,
+    /// When this process last wrote each StreamConsumer's status (by uid), for the progress hold.
+    status_writes: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -241,7 +248,61 @@ impl Context {
             replicas,
             backoff,
             children: RwLock::new(None),
+            status_writes: Mutex::default(),
         }
+    }
+
+    /// How long the write of `new`, `sc`'s next status, may still wait: `None` to write it now.
+    /// Only progress waits ([`status::only_progress`]), at most `progress_hold` (rounded up to
+    /// whole seconds) after this
+    /// process last wrote the status, or, for a first status, after the object's creation. Without
+    /// either time (another leader wrote the status, or no creation time) it is written now.
+    pub fn progress_hold(
+        &self,
+        sc: &StreamConsumer,
+        new: &StreamConsumerStatus,
+    ) -> Option<Duration> {
+        let hold = self.config.progress_hold;
+        if hold.is_zero() || !status::only_progress(sc.status.as_ref(), new) {
+            return None;
+        }
+        let since = match &sc.status {
+            None => {
+                let created = sc.metadata.creation_timestamp.as_ref()?.0;
+                Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created))
+                    .ok()?
+            }
+            Some(_) => {
+                let uid = sc.metadata.uid.as_deref()?;
+                self.status_writes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(uid)?
+                    .elapsed()
+            }
+        };
+        // In whole seconds, rounded up: the pass after the hold comes no earlier than its end.
+        hold.checked_sub(since)
+            .filter(|left| !left.is_zero())
+            .map(|left| Duration::from_secs(left.as_secs_f64().ceil() as u64))
+    }
+
+    /// Notes that `sc`'s status was written now.
+    pub fn status_written(&self, sc: &StreamConsumer) {
+        if let Some(uid) = sc.metadata.uid.as_deref() {
+            self.status_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid.to_string(), Instant::now());
+        }
+    }
+
+    /// Forgets the status writes of a deleted StreamConsumer.
+    fn forget_status_writes(&self, uid: &str) {
+        self.status_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
     }
 
     /// Installs the child stores of a new leader term (`None`: the term ended).
@@ -423,6 +484,9 @@ pub async fn run_controller(
 /// group is reported.
 fn deleted(ctx: &Arc<Context>, stores: &ChildStores, object: &DeserializeGuard<StreamConsumer>) {
     forget_deleted(stores, object);
+    if let Some(uid) = object.meta().uid.as_deref() {
+        ctx.forget_status_writes(uid);
+    }
     if let Ok(sc) = &object.0 {
         if sc.spec.cleanup_policy == CleanupPolicy::Retain {
             let (ctx, sc) = (ctx.clone(), sc.clone());

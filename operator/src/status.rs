@@ -16,6 +16,16 @@
 //! observed the current Deployment generation and every desired replica is updated and ready.
 //! `lastTransitionTime` moves only when a condition's status changes, so an unchanged world yields
 //! an identical status and the reconciler skips the patch.
+//!
+//! Progress may wait a little ([`only_progress`], [`PROGRESS_HOLD`]): a status that differs from
+//! the stored one only in how far the workers got (the counts, and the reasons and messages of
+//! conditions whose status stays as it was) is written at most [`PROGRESS_HOLD`] after the
+//! previous write, or, for a new object's first status, after its creation; the progress reached
+//! by then goes out in one write. Everything else is written at once: a new generation, any
+//! condition turning `True` or `False`, the lag, the configuration, the phase and a replay. A new
+//! StreamConsumer whose workers come up within the hold gets a single status write instead of
+//! three (its creation, the Deployment's first report, the workers ready), each of which costs
+//! the API server a custom resource's decoding, validation and managed-fields update.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -57,6 +67,36 @@ pub const REASON_LAG_REPORTED_BY_WORKERS: &str = "LagReportedByWorkers";
 /// Reason of the warning event when the lag stops being readable. (The condition's reason says
 /// why: `KafkaError`, `TopicUnavailable`, `MissingCredentials`, `Timeout`, `ReaderFailed`.)
 pub const REASON_LAG_UNAVAILABLE: &str = "LagUnavailable";
+
+/// How long progress may wait before it is written (see the module notes).
+pub const PROGRESS_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `new` only reports progress over `old` (the stored status; `None`: the object has
+/// none yet), so its write may wait: the same generation, selector, configuration hash, lag,
+/// phase and replay, and the same conditions with the same status each (`True`/`False`), only
+/// their reasons and messages and the replica counts moved. A first status is progress unless a
+/// condition in it is already settled: `Ready` or `Degraded` true.
+pub fn only_progress(old: Option<&StreamConsumerStatus>, new: &StreamConsumerStatus) -> bool {
+    let Some(old) = old else {
+        return !new
+            .conditions
+            .iter()
+            .any(|c| (c.type_ == READY || c.type_ == DEGRADED) && c.status == "True");
+    };
+    let statuses = |s: &StreamConsumerStatus| {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone()))
+            .collect::<Vec<_>>()
+    };
+    old.observed_generation == new.observed_generation
+        && old.selector == new.selector
+        && old.config_hash == new.config_hash
+        && old.lag == new.lag
+        && old.phase == new.phase
+        && old.replay == new.replay
+        && statuses(old) == statuses(new)
+}
 
 /// The current time, truncated to whole seconds as the API server stores condition times.
 pub fn now() -> Time {
@@ -412,6 +452,7 @@ pub fn condition<'a>(status: &'a StreamConsumerStatus, type_: &str) -> Option<&'
 mod tests {
     use super::*;
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use streamops_crds::v1alpha1::LagStatus;
     use streamops_crds::validate::FieldError;
 
     fn t(sec: i64) -> Time {
@@ -442,6 +483,94 @@ mod tests {
     fn is(status: &StreamConsumerStatus, type_: &str) -> (String, String) {
         let c = condition(status, type_).unwrap();
         (c.status.clone(), c.reason.clone())
+    }
+
+    /// The Deployment's reports on a new StreamConsumer's way up, in order: just created (not yet
+    /// observed), observed with no pod, one pod not ready, the pod ready.
+    fn way_up() -> Vec<Deployment> {
+        let report = |observed: Option<i64>, replicas, ready| {
+            deployment(
+                1,
+                DeploymentStatus {
+                    observed_generation: observed,
+                    replicas: Some(replicas),
+                    ready_replicas: Some(ready),
+                    updated_replicas: Some(replicas),
+                    available_replicas: Some(ready),
+                    ..DeploymentStatus::default()
+                },
+            )
+        };
+        vec![
+            deployment(1, DeploymentStatus::default()),
+            report(Some(1), 0, 0),
+            report(Some(1), 1, 0),
+            report(Some(1), 1, 1),
+        ]
+    }
+
+    #[test]
+    fn on_the_way_up_only_progress_may_wait_and_the_workers_ready_may_not() {
+        let sc = StreamConsumer::test();
+        let statuses: Vec<StreamConsumerStatus> = way_up()
+            .iter()
+            .map(|d| observed(&sc, d, 1, "abc", None, t(10)))
+            .collect();
+        // A first status that is not settled may wait; one that is already Ready may not.
+        assert!(only_progress(None, &statuses[0]));
+        assert!(!only_progress(None, &statuses[3]));
+        // Each step before the workers are ready only moves the counts and the reasons.
+        for (old, new) in statuses.iter().zip(&statuses[1..3]) {
+            assert_ne!(old, new);
+            assert!(only_progress(Some(old), new), "{old:?} -> {new:?}");
+        }
+        // Ready turning true is written at once, from any earlier step.
+        for old in &statuses[..3] {
+            assert!(!only_progress(Some(old), &statuses[3]));
+        }
+    }
+
+    #[test]
+    fn a_new_generation_the_lag_a_degraded_rollout_or_a_replay_cannot_wait() {
+        let sc = StreamConsumer::test();
+        let old = observed(&sc, &way_up()[1], 1, "abc", None, t(10));
+        let progress = observed(&sc, &way_up()[2], 1, "abc", None, t(20));
+        assert!(only_progress(Some(&old), &progress));
+
+        let newer = observed(
+            &sc.clone().with_generation(2),
+            &way_up()[2],
+            1,
+            "abc",
+            None,
+            t(20),
+        );
+        assert!(!only_progress(Some(&old), &newer), "a new generation");
+        let mut lag = progress.clone();
+        lag.lag = Some(LagStatus {
+            total: 5,
+            ..LagStatus::default()
+        });
+        assert!(!only_progress(Some(&old), &lag), "the lag");
+        let mut config = progress.clone();
+        config.config_hash = Some("def".into());
+        assert!(!only_progress(Some(&old), &config), "the configuration");
+        let mut degraded = progress.clone();
+        for c in degraded
+            .conditions
+            .iter_mut()
+            .filter(|c| c.type_ == DEGRADED)
+        {
+            c.status = "True".into();
+            c.reason = "ProgressDeadlineExceeded".into();
+        }
+        assert!(
+            !only_progress(Some(&old), &degraded),
+            "Degraded turning true"
+        );
+        let mut phase = progress.clone();
+        phase.phase = Some("Suspended".into());
+        assert!(!only_progress(Some(&old), &phase), "the phase");
     }
 
     #[test]

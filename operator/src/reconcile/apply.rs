@@ -174,16 +174,26 @@ pub(super) async fn apply(sc: &StreamConsumer, ctx: &Context) -> Result<Action> 
         )
         .await?;
     }
+    let mut next = ctx.config.resync_period;
     if sc.status.as_ref() != Some(&new_status) {
-        patch_status(&consumers, id.name, &new_status).await?;
+        match ctx.progress_hold(sc, &new_status) {
+            // Only progress: it goes out with the next pass after the hold (or with a change
+            // that cannot wait, whichever comes first).
+            Some(left) => {
+                debug!(object = %object_key(&sc.metadata), wait = ?left, "status progress held");
+                next = left;
+            }
+            None => {
+                patch_status(&consumers, id.name, &new_status).await?;
+                ctx.status_written(sc);
+            }
+        }
     }
     if replaying {
         // The replay Job is not watched: look again soon.
-        return Ok(Action::requeue(
-            crate::replay::POLL_INTERVAL.min(ctx.config.resync_period),
-        ));
+        next = next.min(crate::replay::POLL_INTERVAL);
     }
-    Ok(Action::requeue(ctx.config.resync_period))
+    Ok(Action::requeue(next))
 }
 
 pub(super) fn deployment_replicas(d: &Deployment) -> i32 {

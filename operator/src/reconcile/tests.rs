@@ -145,6 +145,105 @@ async fn no_child_is_written_before_the_finalizer_is_stored() {
     assert_eq!(result.unwrap_err().reason(), "AddFinalizerFailed");
 }
 
+/// Whether `action` comes back after a whole number of seconds in `range`.
+fn held_for(action: &Action, range: std::ops::RangeInclusive<u64>) -> bool {
+    range
+        .into_iter()
+        .any(|s| *action == Action::requeue(Duration::from_secs(s)))
+}
+
+/// A StreamConsumer `test` created `ago` seconds ago.
+fn created_ago(ago: i64) -> StreamConsumer {
+    let mut sc = StreamConsumer::test();
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    sc.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(now - ago).unwrap(),
+    ));
+    sc
+}
+
+/// The first status of an object created a moment ago only reports progress (its workers are not
+/// ready): it is held, and the pass comes back when the hold after the creation ends.
+#[tokio::test]
+async fn a_new_objects_first_progress_waits_for_the_hold_after_its_creation() {
+    let (ctx, server, _) = Context::test();
+    let sc = created_ago(1);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.status = None;
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert!(
+        held_for(&result.unwrap(), 1..=status::PROGRESS_HOLD.as_secs() - 1),
+        "comes back when the hold after the creation ends"
+    );
+}
+
+/// The same object once the hold after its creation has passed gets its status at once.
+#[tokio::test]
+async fn a_new_objects_first_progress_is_written_once_the_hold_after_its_creation_passed() {
+    let (ctx, server, _) = Context::test();
+    let sc = created_ago(status::PROGRESS_HOLD.as_secs() as i64 + 1);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.status = Some(json!({"conditions": [{"type": "Ready", "status": "False"}]}));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+}
+
+/// Workers ready within the hold: the first status is written at once, and it is the only one.
+#[tokio::test]
+async fn a_new_object_whose_workers_are_ready_gets_its_status_at_once() {
+    let (ctx, server, _) = Context::test();
+    let sc = created_ago(1);
+    let mut pass = ApplyPass::new(sc.clone());
+    pass.deployment_answer = rollout(1, 1, 1);
+    pass.status = Some(json!({
+        "readyReplicas": 1,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "WorkersReady"}]
+    }));
+    let mock = server.run(Scenario::Apply(Box::new(pass)));
+    let result = reconcile_once(ctx.clone(), sc).await;
+    drop(ctx);
+    finish(mock).await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+}
+
+/// Right after this process wrote the status, more progress (a pod created, not ready) waits;
+/// the workers turning ready does not.
+#[tokio::test]
+async fn progress_right_after_a_status_write_waits_and_the_workers_turning_ready_do_not() {
+    let sc = StreamConsumer::test();
+    let hash = hash_of(&sc);
+    let written = status::observed(&sc, &live_deployment(&sc, 1), 1, &hash, None, status::now());
+    let sc = sc.with_status(written);
+    for (ready, written) in [(0, false), (1, true)] {
+        let (ctx, server, _) = Context::test();
+        ctx.status_written(&sc);
+        let mut pass = ApplyPass::new(sc.clone());
+        pass.existing = Some(live_deployment(&sc, 1));
+        pass.deployment_answer = rollout(1, 1, ready);
+        pass.events = vec![];
+        pass.status = written.then(|| json!({"conditions": [{"type": "Ready", "status": "True"}]}));
+        let mock = server.run(Scenario::Apply(Box::new(pass)));
+        let result = reconcile_once(ctx.clone(), sc.clone()).await;
+        drop(ctx);
+        finish(mock).await;
+        let action = result.unwrap();
+        if written {
+            assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+        } else {
+            assert!(
+                held_for(&action, 1..=status::PROGRESS_HOLD.as_secs()),
+                "{action:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn create_applies_every_child_under_one_field_manager_and_reports_progress() {
     let (ctx, server, _) = Context::test();
