@@ -281,7 +281,20 @@ exec sleep 60
             0,
             Membership::Static,
         );
-        fleet.start("w0").unwrap();
+        // The script was just written: a child forked meanwhile by another test's thread may
+        // still hold its write descriptor until that child's exec, and exec then fails with
+        // ETXTBSY ("Text file busy"). Only that error is retried, for at most a second.
+        let mut tries = 0;
+        while let Err(e) = fleet.start("w0") {
+            let busy = e
+                .root_cause()
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+                == Some(26);
+            tries += 1;
+            assert!(busy && tries < 50, "{e:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let exits = fleet.tend().unwrap();
