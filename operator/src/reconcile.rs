@@ -254,9 +254,9 @@ impl Context {
 
     /// How long the write of `new`, `sc`'s next status, may still wait: `None` to write it now.
     /// Only progress waits ([`status::only_progress`]), at most `progress_hold` (rounded up to
-    /// whole seconds) after this
-    /// process last wrote the status, or, for a first status, after the object's creation. Without
-    /// either time (another leader wrote the status, or no creation time) it is written now.
+    /// whole seconds) after this process last wrote the status, or, for a first status, after the
+    /// object's creation. Without either time (another leader wrote the status, or no creation
+    /// time) it is written now.
     pub fn progress_hold(
         &self,
         sc: &StreamConsumer,
@@ -597,7 +597,7 @@ async fn reconcile_consumer(sc: Arc<StreamConsumer>, ctx: &Context) -> Result<Ac
         .clone()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let api: Api<StreamConsumer> = Api::namespaced(ctx.client.clone(), &ns);
-    if !needs_finalizer(&sc) && !carries_finalizer(&sc) {
+    if !needs_finalizer(&sc) && !carries_finalizer(&sc.metadata) {
         // Nothing to do on deletion: no finalizer, no cleanup pass. The children go with the
         // object through their owner references, and their write memo entries when the watch
         // sees it deleted (`forget_deleted`).
@@ -627,9 +627,10 @@ pub fn needs_finalizer(sc: &StreamConsumer) -> bool {
     sc.spec.cleanup_policy == CleanupPolicy::DeleteConsumerGroup
 }
 
-fn carries_finalizer(sc: &StreamConsumer) -> bool {
-    sc.metadata
-        .finalizers
+/// Whether the object (a StreamConsumer, or a malformed one's metadata) carries the operator's
+/// finalizer.
+fn carries_finalizer(meta: &ObjectMeta) -> bool {
+    meta.finalizers
         .as_deref()
         .unwrap_or_default()
         .iter()
@@ -646,7 +647,7 @@ async fn with_finalizer(
     api: &Api<StreamConsumer>,
     sc: Arc<StreamConsumer>,
 ) -> Result<Arc<StreamConsumer>> {
-    if sc.metadata.deletion_timestamp.is_some() || carries_finalizer(&sc) {
+    if sc.metadata.deletion_timestamp.is_some() || carries_finalizer(&sc.metadata) {
         return Ok(sc);
     }
     let finalizers = sc.metadata.finalizers.as_deref().unwrap_or_default();

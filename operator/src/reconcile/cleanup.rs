@@ -187,10 +187,10 @@ pub(super) async fn skip_malformed(invalid: &InvalidObject, ctx: &Context) -> Re
     )
     .await;
 
-    let finalizers = meta.finalizers.clone().unwrap_or_default();
-    if meta.deletion_timestamp.is_none() || !finalizers.iter().any(|f| f == FINALIZER) {
+    if meta.deletion_timestamp.is_none() || !super::carries_finalizer(meta) {
         return Ok(Action::await_change());
     }
+    let finalizers = meta.finalizers.clone().unwrap_or_default();
     let (Some(name), Some(ns)) = (meta.name.as_deref(), meta.namespace.as_deref()) else {
         return Ok(Action::await_change());
     };

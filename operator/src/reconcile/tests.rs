@@ -1600,7 +1600,8 @@ async fn malformed_object_being_deleted_is_released_without_touching_the_group()
 
 /// The controller, watching through a `DeserializeGuard`, lists one malformed and one valid
 /// StreamConsumer: the malformed one gets a warning event, the valid one is reconciled (it deletes
-/// its group on deletion, so its finalizer is added). Requests are answered in whatever order they come; watches are left open.
+/// its group on deletion, so its finalizer is added). Requests are answered in whatever order they
+/// come; watches are left open.
 #[tokio::test]
 async fn controller_skips_a_malformed_object_and_reconciles_the_others() {
     use crate::metrics::Metrics;

@@ -1,8 +1,7 @@
 //! A StreamConsumer's life under the real operator process (chart ServiceAccount and RBAC) and the
 //! real controllers: create, status, update, scale through the scale subresource, field ownership
 //! under server-side apply, deletion under both cleanup policies (the finalizer only where the
-//! group is deleted), and garbage
-//! collection of the children by kube-controller-manager.
+//! group is deleted), and garbage collection of the children by kube-controller-manager.
 //!
 //! There is no kubelet: worker pods are created by the ReplicaSet controller and stay Pending, and
 //! `mark_pods_ready` plays the kubelet's part by writing their status.
