@@ -19,7 +19,8 @@ use sqlx::PgPool;
 use streamops_crds::v1alpha1::{JobTriggerSpec, PipelineTriggerSettings, WebhookSpec};
 use streamops_crds::{Handler as HandlerConfig, HandlerKind, StreamConsumerSpec, WorkerConfig};
 use streamops_worker::handlers::pipeline_trigger::{
-    job_name, Claimed, Event, JobSink, PipelineTriggerHandler, Reason, Sink, IDEMPOTENCY_KEY,
+    job_name, runs, Claimed, Counter, Event, JobSink, PipelineTriggerHandler, Reason, Sink,
+    IDEMPOTENCY_KEY,
 };
 use streamops_worker::handlers::{Decoded, HandlerContext, MessageHandler, Position};
 use support::*;
@@ -605,6 +606,174 @@ async fn a_client_error_from_the_webhook_marks_the_trigger_failed_without_retryi
         .await
         .unwrap();
     assert_eq!(pending, 0, "a failed trigger leaves the pending set");
+    d.finish().await;
+}
+
+// ---- Delivery leases: a worker whose lease expired mid-delivery (a long pause, a slow network)
+// and another worker took the trigger over.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_or_nobody_can_finish_a_pending_trigger() {
+    require_redis();
+    let id = unique("pt-lease");
+    let counter = Counter::new(REDIS_URL, &id).unwrap();
+    assert!(counter.restore_pending(&claimed(1)).await.unwrap());
+    assert!(counter.restore_pending(&claimed(2)).await.unwrap());
+    let short = Duration::from_millis(200);
+    let long = Duration::from_secs(60);
+
+    // Trigger 1: the first worker's lease expires and a second worker takes it over.
+    assert!(counter.acquire_lease(1, "first", short).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(counter.acquire_lease(1, "second", long).await.unwrap());
+    assert!(
+        !counter.finish(1, "first").await.unwrap(),
+        "the first worker cannot finish what the second holds"
+    );
+    let pending: Vec<u64> = counter
+        .pending()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.seq)
+        .collect();
+    assert_eq!(
+        pending,
+        vec![1, 2],
+        "trigger 1 stays pending for its holder"
+    );
+    assert!(counter.renew_lease(1, "second", long).await.unwrap());
+    assert!(counter.finish(1, "second").await.unwrap());
+
+    // Trigger 2: the lease expired and nobody took it over; its outcome is settled all the same.
+    assert!(counter.acquire_lease(2, "first", short).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(counter.finish(2, "first").await.unwrap());
+    assert!(counter.pending().await.unwrap().is_empty());
+    let mut r = redis().await;
+    let leases: Vec<String> = r.keys(format!("consumer:{{{id}}}:lease:*")).await.unwrap();
+    assert!(leases.is_empty(), "no lease is left behind: {leases:?}");
+    forget(&id).await;
+}
+
+/// A webhook that, while the worker waits for its answer, hands the trigger's lease to another
+/// worker (as if the worker's lease had expired meanwhile) and then answers 400; from then on it
+/// answers 200.
+#[derive(Clone)]
+struct Stealing {
+    lease: String,
+    calls: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+async fn stealing_hook(State(s): State<Stealing>, headers: HeaderMap) -> StatusCode {
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let first = {
+        let mut calls = s.calls.lock().unwrap();
+        calls.push(key);
+        calls.len() == 1
+    };
+    if first {
+        let mut r = redis().await;
+        let _: () = r.set(&s.lease, "another-worker").await.unwrap();
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_lease_mid_delivery_leaves_the_outcome_to_the_new_holder() {
+    let d = Direct::new("pt-zombie").await;
+    let lease = format!("consumer:{{{}}}:lease:1", d.consumer_id);
+    let hook = Stealing {
+        lease: lease.clone(),
+        calls: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new()
+        .route("/hook", post(stealing_hook))
+        .with_state(hook.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut h = d.handler(&settings(&format!("http://{addr}/hook"), 5, 3600, false));
+    run_batch(&mut h, &d.pool, events(0, 0..5)).await;
+
+    // The 400 came after the lease was lost: the error is recorded, but the trigger is neither
+    // failed nor taken out of the pending set.
+    let start = Instant::now();
+    let runs = loop {
+        let runs = d.runs().await;
+        if runs.first().is_some_and(|r| r.5.is_some()) {
+            break runs;
+        }
+        assert!(start.elapsed() < PATIENCE, "runs: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(runs[0].3, "pending", "{runs:?}");
+    assert!(
+        runs[0].5.as_deref().unwrap().contains("HTTP 400"),
+        "{runs:?}"
+    );
+    // Give a wrong finish time to happen before looking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending: Vec<u64> = h
+        .engine()
+        .counter
+        .pending()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.seq)
+        .collect();
+    assert_eq!(pending, vec![1]);
+    assert_eq!(d.runs().await[0].3, "pending");
+
+    // The other worker goes away without finishing it: its lease ends, and the trigger is
+    // delivered, under its one idempotency key.
+    let mut r = redis().await;
+    let _: () = r.del(&lease).await.unwrap();
+    d.wait_for_runs(1, "delivered").await;
+    let key = format!("{}:1", d.consumer_id);
+    assert_eq!(
+        *hook.calls.lock().unwrap(),
+        vec![Some(key.clone()), Some(key)]
+    );
+    server.abort();
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_trigger_whose_delivery_is_already_recorded_is_finished_without_sending_it_again()
+{
+    let d = Direct::new("pt-settled").await;
+    // A worker delivered trigger 1 and recorded it, then died before taking it out of Redis's
+    // pending set.
+    let mut conn = d.pool.acquire().await.unwrap();
+    runs::record_claimed(&mut conn, &d.consumer_id, "webhook", &[claimed(1)])
+        .await
+        .unwrap();
+    drop(conn);
+    let id = format!("{}:1", d.consumer_id);
+    runs::delivered(&d.pool, &id, None).await.unwrap();
+    let counter = Counter::new(REDIS_URL, &d.consumer_id).unwrap();
+    assert!(counter.restore_pending(&claimed(1)).await.unwrap());
+
+    let hook = Receiver::start().await;
+    let h = d.handler(&settings(&hook.url(), 5, 3600, false));
+    let start = Instant::now();
+    while !h.engine().counter.pending().await.unwrap().is_empty() {
+        assert!(start.elapsed() < PATIENCE, "trigger 1 is still pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hook.calls().is_empty(), "sent again: {:?}", hook.calls());
+    let runs = d.runs().await;
+    assert_eq!(
+        (runs.len(), runs[0].3.as_str(), runs[0].4),
+        (1, "delivered", 0)
+    );
     d.finish().await;
 }
 

@@ -254,11 +254,18 @@ end
 return 0
 "#;
 
-/// Removes a finished trigger from the pending hash and releases its lease.
+/// Removes a finished trigger from the pending hash and releases its lease, unless another
+/// worker holds the lease: this worker's lease expired (a long pause, a slow network) and the
+/// other worker took the trigger over, so the outcome is the other worker's to settle. A lease
+/// that expired with nobody taking it over does not stop the finish. Returns 1 when finished.
 /// KEYS: pending, lease. ARGV: seq, token.
 const FINISH_LUA: &str = r#"
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[2] then
+  return 0
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then
+if holder then
   redis.call('DEL', KEYS[2])
 end
 return 1
@@ -604,10 +611,11 @@ impl Counter {
         Ok(())
     }
 
-    /// Marks trigger `seq` finished (delivered or failed for good).
-    pub async fn finish(&self, seq: u64, token: &str) -> Result<(), CounterError> {
+    /// Marks trigger `seq` finished (delivered or failed for good). Returns `false`, leaving the
+    /// trigger pending, when another worker holds its lease (see `FINISH_LUA`).
+    pub async fn finish(&self, seq: u64, token: &str) -> Result<bool, CounterError> {
         let mut conn = self.conn().await?;
-        let _: i64 = self
+        let done: i64 = self
             .finish
             .key(&self.keys.pending)
             .key(self.keys.lease(seq))
@@ -615,7 +623,7 @@ impl Counter {
             .arg(token)
             .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(done == 1)
     }
 
     /// Counters and the last trigger, for `/consumer/info`.

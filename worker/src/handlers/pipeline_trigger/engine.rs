@@ -329,9 +329,21 @@ impl Engine {
     /// `1 + maxRetries` times with capped exponential backoff, recording each attempt. Gives up
     /// (status `failed`) after the retries or on a permanent error. On shutdown it releases the
     /// lease and leaves the trigger pending for the next worker.
+    ///
+    /// The lease is checked before the trigger is recorded, before each attempt and before a
+    /// failure is made final. A worker that lost it (its lease expired during a long pause and
+    /// another worker took the trigger over) records what it saw, a delivery or an attempt's
+    /// error, and leaves the outcome to the new owner: it neither marks the trigger failed nor
+    /// removes it from the pending set under the new owner. A trigger whose outcome is already
+    /// recorded (its previous owner stopped before finishing it in Redis) is finished without
+    /// another delivery.
     async fn deliver(&self, t: &Claimed, shutdown: &CancellationToken) -> Result<(), EngineError> {
         let id = trigger_id(&self.consumer_id, t.seq);
         let ttl = self.lease_ttl();
+        if !self.counter.renew_lease(t.seq, &self.token, ttl).await? {
+            warn!(trigger_id = %id, "lost the delivery lease; another worker takes over");
+            return Ok(());
+        }
         {
             let mut conn = self.pool.acquire().await?;
             runs::record_claimed(
@@ -341,6 +353,11 @@ impl Engine {
                 std::slice::from_ref(t),
             )
             .await?;
+        }
+        if let Some(status) = runs::settled(&self.pool, &id).await? {
+            self.finish(t, &id).await?;
+            info!(trigger_id = %id, %status, "trigger already settled; not delivering it again");
+            return Ok(());
         }
         let max_retries = self.sink.max_retries();
         let mut attempt: u32 = 0;
@@ -355,8 +372,9 @@ impl Engine {
             match self.sink.send(&self.consumer_id, t).await {
                 Ok(sent) => {
                     self.metrics.attempts.with_label_values(&["ok"]).inc();
+                    // Recorded even if the lease was lost meanwhile: the target did get it.
                     runs::delivered(&self.pool, &id, sent.job_name.as_deref()).await?;
-                    self.counter.finish(t.seq, &self.token).await?;
+                    self.finish(t, &id).await?;
                     self.metrics
                         .deliveries
                         .with_label_values(&["delivered"])
@@ -365,7 +383,7 @@ impl Engine {
                     return Ok(());
                 }
                 Err(e) => {
-                    let give_up = !e.is_retryable() || attempt > max_retries;
+                    let mut give_up = !e.is_retryable() || attempt > max_retries;
                     self.metrics
                         .attempts
                         .with_label_values(&[if e.is_retryable() {
@@ -374,9 +392,15 @@ impl Engine {
                             "permanent"
                         }])
                         .inc();
+                    let owned = self.counter.renew_lease(t.seq, &self.token, ttl).await?;
+                    give_up &= owned;
                     runs::failed(&self.pool, &id, &e.to_string(), give_up).await?;
+                    if !owned {
+                        warn!(trigger_id = %id, attempt, error = %e, "delivery attempt failed after the lease was lost; another worker takes over");
+                        return Ok(());
+                    }
                     if give_up {
-                        self.counter.finish(t.seq, &self.token).await?;
+                        self.finish(t, &id).await?;
                         self.metrics.deliveries.with_label_values(&["failed"]).inc();
                         error!(trigger_id = %id, attempts = attempt, error = %e, "trigger delivery failed; giving up");
                         return Ok(());
@@ -393,6 +417,14 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Takes a settled trigger out of the pending set, unless another worker holds its lease.
+    async fn finish(&self, t: &Claimed, id: &str) -> Result<(), EngineError> {
+        if !self.counter.finish(t.seq, &self.token).await? {
+            warn!(trigger_id = %id, "another worker holds the delivery lease; it finishes the trigger");
+        }
+        Ok(())
     }
 }
 

@@ -41,7 +41,11 @@
 //! `1 + maxRetries` times (Job: 6) with capped exponential backoff (`webhook.retryBackoff`: 250 ms, factor 2, at most 30 s by default),
 //! counting `attempts`; then `delivered` (with `delivered_at`) or `failed` (with `last_error`).
 //! A worker that dies mid-delivery leaves the trigger pending; another takes it over when the
-//! lease expires, with the same trigger id, so:
+//! lease expires. A worker that only paused past its lease (and finds it taken over) records what
+//! it saw, a delivery or an attempt's error, but neither fails the trigger nor removes it from the
+//! pending set: that is the new holder's to do. A trigger whose outcome is already recorded (its
+//! worker died before removing it from the pending set) is finished without being sent again.
+//! A trigger that is sent twice keeps its trigger id, so:
 //! - webhook: `POST` of `{"trigger_id", "consumer_id", "pipeline_name", "sequence", "reason",
 //!   "event_count", "window_start", "window_end", "offsets"}` with header
 //!   `Idempotency-Key: <trigger_id>`

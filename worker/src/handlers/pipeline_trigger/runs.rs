@@ -69,6 +69,19 @@ pub async fn record_claimed(
     Ok(())
 }
 
+/// The status of a trigger already `delivered` or `failed`; `None` while it is pending (or not
+/// recorded). A worker that took over a trigger whose previous owner recorded the outcome but
+/// stopped before it finished the trigger in Redis settles it from this, without sending again.
+pub async fn settled(pool: &PgPool, trigger_id: &str) -> Result<Option<String>, sqlx::Error> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM pipeline_runs WHERE trigger_id = $1 AND status <> 'pending'",
+    )
+    .bind(trigger_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(status)
+}
+
 /// Counts one delivery attempt.
 pub async fn attempt_started(pool: &PgPool, trigger_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
