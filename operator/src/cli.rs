@@ -96,6 +96,16 @@ pub struct RunArgs {
     )]
     pub max_concurrent_reconciles: u16,
 
+    /// Most seconds a status change that is only progress (how far the workers got, with no
+    /// condition turning True or False) waits, so that the progress reached by then goes out in
+    /// one write. 0: every status change is written at once (see the operator README, "Status").
+    #[arg(
+        long,
+        env = "STREAMOPS_STATUS_PROGRESS_HOLD",
+        default_value_t = crate::status::PROGRESS_HOLD.as_secs()
+    )]
+    pub status_progress_hold: u64,
+
     /// Least seconds between two status writes made only to refresh status.lag (a scale decision
     /// or a change of LagAvailable is written at once).
     #[arg(long, default_value_t = 15)]
@@ -272,6 +282,11 @@ impl RunArgs {
             self.worker_otlp_headers_secret_name.as_deref(),
             &self.worker_otlp_headers_secret_key,
         )
+    }
+
+    /// How long a status change that is only progress may wait (`--status-progress-hold`).
+    pub fn progress_hold(&self) -> Duration {
+        Duration::from_secs(self.status_progress_hold)
     }
 
     /// Settings of the lag poller.
@@ -512,6 +527,7 @@ mod tests {
             "STREAMOPS_LEADER_ELECTION",
             "POD_NAMESPACE",
             "STREAMOPS_LAG_INTERVAL",
+            "STREAMOPS_STATUS_PROGRESS_HOLD",
         ] {
             std::env::remove_var(var);
         }
@@ -525,6 +541,11 @@ mod tests {
         assert_eq!(r.log_format, LogFormat::Json);
         assert_eq!(r.lag_interval, 30);
         assert_eq!(r.lag_status_interval, 15);
+        assert_eq!(r.progress_hold(), crate::status::PROGRESS_HOLD);
+        assert_eq!(
+            run(&["--status-progress-hold", "0"]).progress_hold(),
+            Duration::ZERO
+        );
 
         let r = run(&[
             "--namespace",
@@ -557,8 +578,10 @@ mod tests {
         std::env::set_var("STREAMOPS_LEADER_ELECTION", "false");
         std::env::set_var("POD_NAMESPACE", "streamops-system");
         std::env::set_var("STREAMOPS_LAG_INTERVAL", "60");
+        std::env::set_var("STREAMOPS_STATUS_PROGRESS_HOLD", "2");
         let r = run(&[]);
         assert_eq!(r.lag_interval, 60);
+        assert_eq!(r.progress_hold(), Duration::from_secs(2));
         assert_eq!(r.watch_namespace(), Some("team-b"));
         assert_eq!(r.worker_image, "w:3");
         assert!(!r.leader_election());
@@ -580,6 +603,7 @@ mod tests {
             "STREAMOPS_LEADER_ELECTION",
             "POD_NAMESPACE",
             "STREAMOPS_LAG_INTERVAL",
+            "STREAMOPS_STATUS_PROGRESS_HOLD",
         ] {
             std::env::remove_var(var);
         }

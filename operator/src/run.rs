@@ -59,6 +59,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             worker_tracing: args.worker_tracing()?,
             concurrency: args.max_concurrent_reconciles,
             lag_brokers: brokers.clone(),
+            progress_hold: args.progress_hold(),
             ..OperatorConfig::new(args.worker_image.clone())
         },
         Arc::new(KafkaGroupDeleter::allowed(brokers.clone())),
