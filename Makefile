@@ -53,14 +53,18 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 demo: dev-up ## Run all four handlers locally on sample data and print their results
 	bash scripts/demo.sh
 
-.PHONY: bench bench-autoscale bench-scale
-bench: dev-up ## Throughput and memory benchmarks, autoscaling latency, operator at scale (release build)
+.PHONY: bench bench-autoscale bench-lag bench-scale
+bench: dev-up ## Throughput and memory benchmarks, autoscaling latency, lag readings, operator at scale (release build)
 	bash scripts/bench.sh
 	$(MAKE) --no-print-directory bench-autoscale
+	$(MAKE) --no-print-directory bench-lag
 	$(MAKE) --no-print-directory bench-scale
 
 bench-autoscale: dev-up ## Autoscaling latency: lag over the threshold -> replicas patched (release build)
 	$(CARGO) bench -p streamops-operator --bench autoscale
+
+bench-lag: dev-up ## Lag readings of 256 consumer groups one by one against in batches: wall time, operator and broker CPU (release build)
+	$(CARGO) bench -p streamops-operator --bench lag_batch
 
 bench-scale: dev-up ## Operator at 100/500/1,000 StreamConsumers on the local control plane with kwok: convergence, RSS, API requests, fail-over
 	bash scripts/bench-scale.sh

@@ -126,6 +126,8 @@ pub struct FakeLagReader {
     >,
     /// Every target read, in order.
     pub reads: Mutex<Vec<LagTarget>>,
+    /// The size of each [`LagReader::read_many`] call, in order.
+    pub batches: Mutex<Vec<usize>>,
 }
 
 impl FakeLagReader {
@@ -165,6 +167,15 @@ impl LagReader for Arc<FakeLagReader> {
             Some(Err(why)) => Err(LagError::Task(why)),
             None => Err(LagError::Task("no broker answers for this group".into())),
         }
+    }
+
+    async fn read_many(&self, targets: &[LagTarget]) -> Vec<Result<GroupLag, LagError>> {
+        self.batches.lock().unwrap().push(targets.len());
+        let mut out = Vec::with_capacity(targets.len());
+        for target in targets {
+            out.push(self.read(target).await);
+        }
+        out
     }
 }
 

@@ -6,6 +6,13 @@
 //! offset start from the earliest message), and one DescribeGroups for the member count. Nothing is
 //! fetched per partition.
 //!
+//! Readings of several groups on one cluster share what they can ([`LagReader::read_many`], used by
+//! the poller for the readings due together): one Metadata request per distinct topic and one
+//! ListOffsets per partition leader (each kind of watermark) for all of them, so each further group
+//! costs only its OffsetFetch and DescribeGroups. Every group's committed offsets are fetched
+//! before the watermarks they are compared with, as in a single reading, and an error touches only
+//! the groups it concerns (a missing topic fails the groups that read it).
+//!
 //! A partition without a committed offset counts its lag from where a new member would start:
 //! from the low watermark under `autoOffsetReset: earliest`, and as zero under `latest`. Such
 //! partitions are counted ([`GroupLag::uncommitted`]): the autoscaler never takes their zero lag
@@ -19,6 +26,7 @@
 //! committed offsets come from the Admin API's ListConsumerGroupOffsets ([`committed`]), which
 //! names the group, rather than from the client's own `group.id`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +38,7 @@ use streamops_crds::v1alpha1::{AutoOffsetReset, SaslMechanism, SecurityProtocol}
 use streamops_crds::StreamConsumer;
 
 use crate::brokers::BrokerPolicy;
-use crate::lag_clients::LagClients;
+use crate::lag_clients::{ClientKey, LagClients};
 
 mod committed;
 
@@ -173,7 +181,7 @@ pub struct GroupLag {
 }
 
 /// Why the lag could not be read.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LagError {
     /// SASL is required and the operator has no credentials.
     #[error("the cluster requires SASL and the operator has no credentials for it (chart value lag.brokers[].credentialsSecret)")]
@@ -284,6 +292,21 @@ pub trait LagReader: Send + Sync + 'static {
         &self,
         target: &LagTarget,
     ) -> impl std::future::Future<Output = Result<GroupLag, LagError>> + Send;
+
+    /// Reads the lag of each of `targets`, in their order. A reader that can share requests
+    /// between groups of one cluster ([`KafkaLagReader`]) does; by default, one after another.
+    fn read_many(
+        &self,
+        targets: &[LagTarget],
+    ) -> impl std::future::Future<Output = Vec<Result<GroupLag, LagError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(targets.len());
+            for target in targets {
+                out.push(self.read(target).await);
+            }
+            out
+        }
+    }
 }
 
 /// The `group.id` of the lag clients: a group they never join and never commit to (see
@@ -328,6 +351,14 @@ impl KafkaLagReader {
         }
     }
 
+    /// How long the groups of one batch may take, one after another, before the rest of the
+    /// batch is left for the next turn: twice the request timeout (10 s by default). With the
+    /// watermarks after them (two more requests at most), a batch ends within four request
+    /// timeouts, inside the poller's bound on a batch ([`crate::lag_poller::PollSettings`]).
+    pub fn batch_budget(&self) -> Duration {
+        self.timeout * 2
+    }
+
     /// The clients (tests: how many are held, how many readings may start).
     pub fn clients(&self) -> &LagClients {
         &self.clients
@@ -370,17 +401,78 @@ impl KafkaLagReader {
 impl LagReader for KafkaLagReader {
     async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
         let target = self.connect_as(target)?;
-        let permit = self.clients.permit().await?;
-        let timeout = self.timeout;
+        self.read_on_one_client(vec![target])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(LagError::Task("no reading came back".into())))
+    }
+
+    /// Groups the targets by client (cluster connection) and reads each group of targets in one
+    /// pass on one blocking thread, holding one permit.
+    async fn read_many(&self, targets: &[LagTarget]) -> Vec<Result<GroupLag, LagError>> {
+        let mut out: Vec<Option<Result<GroupLag, LagError>>> =
+            (0..targets.len()).map(|_| None).collect();
+        let mut by_client: Vec<(ClientKey, Vec<(usize, LagTarget)>)> = Vec::new();
+        for (i, target) in targets.iter().enumerate() {
+            match self.connect_as(target) {
+                Ok(t) => {
+                    let key = ClientKey::of(&t);
+                    match by_client.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, batch)) => batch.push((i, t)),
+                        None => by_client.push((key, vec![(i, t)])),
+                    }
+                }
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let passes = by_client.into_iter().map(|(_, batch)| async move {
+            let (indexes, targets): (Vec<usize>, Vec<LagTarget>) = batch.into_iter().unzip();
+            indexes
+                .into_iter()
+                .zip(self.read_on_one_client(targets).await)
+                .collect::<Vec<_>>()
+        });
+        for (i, result) in futures::future::join_all(passes)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            out[i] = Some(result);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(LagError::Task("no reading came back".into()))))
+            .collect()
+    }
+}
+
+impl KafkaLagReader {
+    /// Reads `targets`, all on one client (already resolved with [`Self::connect_as`]), in one
+    /// blocking pass.
+    async fn read_on_one_client(&self, targets: Vec<LagTarget>) -> Vec<Result<GroupLag, LagError>> {
+        let n = targets.len();
+        let all = |e: LagError| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
+        let Some(first) = targets.first().cloned() else {
+            return Vec::new();
+        };
+        let permit = match self.clients.permit().await {
+            Ok(p) => p,
+            Err(e) => return all(e),
+        };
+        let (timeout, budget) = (self.timeout, self.batch_budget());
         let clients = self.clients.clone();
-        tokio::task::spawn_blocking(move || {
+        let pass = tokio::task::spawn_blocking(move || {
             // Released when the blocking work ends, even if the caller gave up waiting.
             let _permit = permit;
-            let consumer = clients.client(&target, || client_config(&target))?;
-            read_blocking(&consumer, &target, timeout)
+            match clients.client(&first, || client_config(&first)) {
+                Ok(consumer) => read_blocking(&consumer, &targets, timeout, budget),
+                Err(e) => (0..targets.len()).map(|_| Err(e.clone())).collect(),
+            }
         })
-        .await
-        .map_err(|e| LagError::Task(e.to_string()))?
+        .await;
+        match pass {
+            Ok(results) => results,
+            Err(e) => all(LagError::Task(e.to_string())),
+        }
     }
 }
 
@@ -420,68 +512,181 @@ fn client_config(target: &LagTarget) -> Result<ClientConfig, LagError> {
     Ok(cfg)
 }
 
-fn read_blocking(
+/// The partitions of `topic`, from one Metadata request.
+fn topic_partitions(
     consumer: &BaseConsumer,
-    target: &LagTarget,
+    topic: &str,
     timeout: Duration,
-) -> Result<GroupLag, LagError> {
-    // A plain consumer without a group that never subscribes: it only asks the group coordinator
-    // for offsets, so it does not join the group or disturb its members. Serve its event queue (errors, logs)
-    // before using it again.
-    let _ = consumer.poll(Duration::ZERO);
-
-    let mut partitions = TopicPartitionList::new();
-    for topic in &target.topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-            return Err(LagError::Topic {
-                topic: topic.clone(),
-                reason: "missing from metadata".into(),
-            });
-        };
-        if let Some(err) = t.error() {
-            return Err(LagError::Topic {
-                topic: topic.clone(),
-                reason: rdkafka::types::RDKafkaErrorCode::from(err).to_string(),
-            });
-        }
-        for p in t.partitions() {
-            partitions.add_partition(topic, p.id());
-        }
+) -> Result<Vec<i32>, LagError> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err(LagError::Topic {
+            topic: topic.to_string(),
+            reason: "missing from metadata".into(),
+        });
+    };
+    if let Some(err) = t.error() {
+        return Err(LagError::Topic {
+            topic: topic.to_string(),
+            reason: rdkafka::types::RDKafkaErrorCode::from(err).to_string(),
+        });
     }
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
+}
 
-    let committed = committed::committed_offsets(consumer, &target.group_id, &partitions, timeout)?;
+/// The watermarks (`Offset::End`: high, `Offset::Beginning`: low) of `partitions`, from one
+/// ListOffsets request per partition leader.
+fn watermarks(
+    consumer: &BaseConsumer,
+    partitions: &BTreeSet<(String, i32)>,
+    which: Offset,
+    timeout: Duration,
+) -> Result<TopicPartitionList, LagError> {
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for (topic, partition) in partitions {
+        tpl.add_partition_offset(topic, *partition, which)?;
+    }
+    Ok(consumer.offsets_for_times(tpl, timeout)?)
+}
 
-    let mut latest = partitions.clone();
-    latest.set_all_offsets(Offset::End)?;
-    let highs = consumer.offsets_for_times(latest, timeout)?;
-
-    let needs_low = target.auto_offset_reset == AutoOffsetReset::Earliest
+/// Whether a group's reading needs low watermarks: it starts partitions without a committed
+/// offset from the earliest message, and has such partitions.
+fn needs_low(target: &LagTarget, committed: &TopicPartitionList) -> bool {
+    target.auto_offset_reset == AutoOffsetReset::Earliest
         && committed
             .elements()
             .iter()
-            .any(|e| !matches!(e.offset(), Offset::Offset(_)));
-    let lows = if needs_low {
-        let mut earliest = partitions.clone();
-        earliest.set_all_offsets(Offset::Beginning)?;
-        Some(consumer.offsets_for_times(earliest, timeout)?)
-    } else {
-        None
-    };
+            .any(|e| !matches!(e.offset(), Offset::Offset(_)))
+}
 
-    let members = match consumer.fetch_group_list(Some(&target.group_id), timeout) {
+/// The member count of `group` (0 when it cannot be described).
+fn members_of(consumer: &BaseConsumer, group: &str, timeout: Duration) -> i32 {
+    match consumer.fetch_group_list(Some(group), timeout) {
         Ok(list) => list
             .groups()
             .iter()
-            .find(|g| g.name() == target.group_id)
+            .find(|g| g.name() == group)
             .map(|g| i32::try_from(g.members().len()).unwrap_or(i32::MAX))
             .unwrap_or(0),
         Err(e) => {
-            tracing::debug!(group = %target.group_id, error = %e, "cannot describe the group");
+            tracing::debug!(group = %group, error = %e, "cannot describe the group");
             0
         }
+    }
+}
+
+/// A group's partitions, committed offsets and member count, read before any watermark.
+struct Committed {
+    partitions: TopicPartitionList,
+    committed: TopicPartitionList,
+    members: i32,
+}
+
+/// Reads the lag of `targets`, all on `consumer`'s cluster, sharing the Metadata and ListOffsets
+/// requests between them (see the module notes). One result per target, in order.
+///
+/// The groups are taken one after another (Metadata of a topic not seen yet, OffsetFetch,
+/// DescribeGroups), then the watermarks of all of them. The first group is always read; a later
+/// one that would start after `budget` fails alone, to be read at its next turn, so that a sick
+/// cluster answering each request only at its timeout cannot hold a whole batch past the
+/// poller's bound.
+fn read_blocking(
+    consumer: &BaseConsumer,
+    targets: &[LagTarget],
+    timeout: Duration,
+    budget: Duration,
+) -> Vec<Result<GroupLag, LagError>> {
+    // A plain consumer that never subscribes: it only asks the group coordinator for offsets, so
+    // it does not join any group or disturb its members. Serve its event queue (errors, logs)
+    // before using it again.
+    let _ = consumer.poll(Duration::ZERO);
+    let deadline = std::time::Instant::now() + budget;
+
+    let mut topics: BTreeMap<&str, Result<Vec<i32>, LagError>> = BTreeMap::new();
+    // Every group's committed offsets come before the watermarks they are compared with, so a
+    // commit made in between can only make the lag look larger, never negative.
+    let committed: Vec<Result<Committed, LagError>> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| {
+            if i > 0 && std::time::Instant::now() >= deadline {
+                return Err(LagError::Task(format!(
+                    "not read in this batch: the groups before it took its {} s; read at the next turn",
+                    budget.as_secs()
+                )));
+            }
+            let mut partitions = TopicPartitionList::new();
+            for topic in &target.topics {
+                let ids = topics
+                    .entry(topic.as_str())
+                    .or_insert_with(|| topic_partitions(consumer, topic, timeout));
+                match ids {
+                    Ok(ids) => {
+                        for id in ids.iter() {
+                            partitions.add_partition(topic, *id);
+                        }
+                    }
+                    Err(e) => return Err(e.clone()),
+                }
+            }
+            let committed =
+                committed::committed_offsets(consumer, &target.group_id, &partitions, timeout)?;
+            let members = members_of(consumer, &target.group_id, timeout);
+            Ok(Committed {
+                partitions,
+                committed,
+                members,
+            })
+        })
+        .collect();
+
+    let mut all = BTreeSet::new();
+    let mut from_start = BTreeSet::new();
+    for (target, c) in targets.iter().zip(&committed) {
+        let Ok(c) = c else { continue };
+        let low = needs_low(target, &c.committed);
+        for e in c.partitions.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            if low {
+                from_start.insert(tp.clone());
+            }
+            all.insert(tp);
+        }
+    }
+    let highs = if all.is_empty() {
+        Ok(TopicPartitionList::new())
+    } else {
+        watermarks(consumer, &all, Offset::End, timeout)
+    };
+    let lows = if from_start.is_empty() {
+        Ok(TopicPartitionList::new())
+    } else {
+        watermarks(consumer, &from_start, Offset::Beginning, timeout)
     };
 
+    targets
+        .iter()
+        .zip(committed)
+        .map(|(target, c)| {
+            let c = c?;
+            let highs = highs.as_ref().map_err(Clone::clone)?;
+            let lows = if needs_low(target, &c.committed) {
+                Some(lows.as_ref().map_err(Clone::clone)?)
+            } else {
+                None
+            };
+            group_lag(target, &c, highs, lows)
+        })
+        .collect()
+}
+
+/// One group's lag from its committed offsets and the watermarks read for it.
+fn group_lag(
+    target: &LagTarget,
+    c: &Committed,
+    highs: &TopicPartitionList,
+    lows: Option<&TopicPartitionList>,
+) -> Result<GroupLag, LagError> {
     let offset_of = |tpl: &TopicPartitionList, topic: &str, partition: i32| -> Option<i64> {
         tpl.find_partition(topic, partition)
             .and_then(|e| match e.offset() {
@@ -507,17 +712,18 @@ fn read_blocking(
     };
 
     let mut per_partition = Vec::new();
-    for e in partitions.elements() {
+    for e in c.partitions.elements() {
         let (topic, partition) = (e.topic(), e.partition());
-        let high = watermark(&highs, topic, partition)?;
-        let low = match &lows {
+        let high = watermark(highs, topic, partition)?;
+        let low = match lows {
             Some(l) => watermark(l, topic, partition)?,
             None => 0,
         };
-        let gap = committed
+        let gap = c
+            .committed
             .find_partition(topic, partition)
             .and_then(|e| GapNote::parse(e.metadata()));
-        let committed = offset_of(&committed, topic, partition);
+        let committed = offset_of(&c.committed, topic, partition);
         per_partition.push(PartitionLag {
             topic: topic.to_string(),
             partition,
@@ -527,7 +733,7 @@ fn read_blocking(
             gap,
         });
     }
-    Ok(summarize(per_partition, members))
+    Ok(summarize(per_partition, c.members))
 }
 
 /// Renders a group's lag for `streamops-operator lag`.

@@ -9,8 +9,11 @@
 //!   (the `LagAvailable` condition), or when the figures changed and the object's last triggered
 //!   reconciliation is at least [`PollSettings::status_interval`] old. So `status.lag` follows the
 //!   lag without a status write on every reading.
-//! - At most [`PollSettings::max_concurrent_reads`] readings run at once, each bounded by
-//!   [`PollSettings::read_timeout`]. An object is never read twice at the same time.
+//! - Readings due together on the same brokers go out as one batch of at most
+//!   [`PollSettings::max_batch`] ([`LagReader::read_many`]): they share their Metadata and
+//!   ListOffsets requests. At most [`PollSettings::max_concurrent_reads`] batches run at once,
+//!   each bounded by [`PollSettings::read_timeout`] (twice that for a batch of several). An object
+//!   is never read twice at the same time.
 //! - Objects that are gone, being deleted, or no longer read are forgotten: book entry and metric
 //!   series.
 //!
@@ -46,10 +49,12 @@ pub struct PollSettings {
     pub default_interval: Option<Duration>,
     /// Least time between two reconciliations triggered only to refresh `status.lag`.
     pub status_interval: Duration,
-    /// Bound on one reading.
+    /// Bound on one reading (twice that on a batch of several).
     pub read_timeout: Duration,
-    /// Readings in flight at once.
+    /// Batches of readings in flight at once.
     pub max_concurrent_reads: usize,
+    /// Most readings in one batch (readings due together on the same brokers).
+    pub max_batch: usize,
     /// Longest sleep between two looks at the store: new objects are read within it.
     pub tick: Duration,
 }
@@ -61,6 +66,7 @@ impl Default for PollSettings {
             status_interval: Duration::from_secs(15),
             read_timeout: Duration::from_secs(20),
             max_concurrent_reads: 4,
+            max_batch: 32,
             tick: Duration::from_secs(1),
         }
     }
@@ -103,10 +109,17 @@ impl Slot {
 /// What [`Scheduler::plan`] decided.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Readings to start.
-    pub jobs: Vec<Job>,
+    /// Readings to start, in batches: each batch's readings are on the same brokers.
+    pub batches: Vec<Vec<Job>>,
     /// Keys of objects to forget.
     pub forgotten: Vec<String>,
+}
+
+impl Plan {
+    /// Every reading to start.
+    pub fn jobs(&self) -> Vec<&Job> {
+        self.batches.iter().flatten().collect()
+    }
 }
 
 /// When each object is due, and which readings have triggered what. Pure: time is passed in.
@@ -116,7 +129,9 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// The readings to start at `now` (at most `free` of them), and the objects to forget.
+    /// The readings to start at `now`, in at most `free` batches of at most
+    /// [`PollSettings::max_batch`] readings on the same brokers, and the objects to forget. A
+    /// due object that fits no batch waits for the next plan.
     pub fn plan(
         &mut self,
         objects: &[Arc<Guarded>],
@@ -140,15 +155,26 @@ impl Scheduler {
             if slot.in_flight || slot.due().is_some_and(|due| now < due) {
                 continue;
             }
-            if plan.jobs.len() >= free {
-                continue;
-            }
+            let target = LagTarget::from_resource(sc);
+            let open = plan.batches.iter().position(|b| {
+                b.len() < settings.max_batch.max(1)
+                    && b.first()
+                        .is_some_and(|j| j.target.bootstrap_servers == target.bootstrap_servers)
+            });
+            let batch = match open {
+                Some(i) => i,
+                None if plan.batches.len() < free => {
+                    plan.batches.push(Vec::new());
+                    plan.batches.len() - 1
+                }
+                None => continue,
+            };
             slot.in_flight = true;
             slot.last_start = Some(now);
-            plan.jobs.push(Job {
+            plan.batches[batch].push(Job {
                 key,
                 object: ObjectRef::from_obj(object.as_ref()),
-                target: LagTarget::from_resource(sc),
+                target,
             });
         }
         self.slots.retain(|key, _| {
@@ -214,16 +240,18 @@ impl Scheduler {
 
 /// [`LagReader`] behind a pointer (the trait itself is not object safe).
 trait ReadLag: Send + Sync {
-    fn read_boxed<'a>(&'a self, target: &'a LagTarget)
-        -> BoxFuture<'a, Result<GroupLag, LagError>>;
+    fn read_many_boxed<'a>(
+        &'a self,
+        targets: &'a [LagTarget],
+    ) -> BoxFuture<'a, Vec<Result<GroupLag, LagError>>>;
 }
 
 impl<R: LagReader> ReadLag for R {
-    fn read_boxed<'a>(
+    fn read_many_boxed<'a>(
         &'a self,
-        target: &'a LagTarget,
-    ) -> BoxFuture<'a, Result<GroupLag, LagError>> {
-        Box::pin(self.read(target))
+        targets: &'a [LagTarget],
+    ) -> BoxFuture<'a, Vec<Result<GroupLag, LagError>>> {
+        Box::pin(self.read_many(targets))
     }
 }
 
@@ -237,6 +265,9 @@ pub struct LagPoller {
 }
 
 type Reading = (Job, Result<GroupLag, LagFailure>);
+
+/// What one batch's task returns: each reading with its result.
+type Readings = Vec<Reading>;
 
 impl LagPoller {
     /// A poller reading with `reader` into `book` (the same book the reconcile context decides
@@ -267,8 +298,8 @@ impl LagPoller {
             "reading consumer-group lag"
         );
         let mut scheduler = Scheduler::default();
-        let mut reads: JoinSet<Reading> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut reads: JoinSet<Readings> = JoinSet::new();
+        let mut running: HashMap<tokio::task::Id, Vec<String>> = HashMap::new();
         let mut wake = Instant::now();
         loop {
             tokio::select! {
@@ -276,13 +307,15 @@ impl LagPoller {
                 _ = tokio::time::sleep_until(wake) => {}
                 Some(done) = reads.join_next_with_id(), if !reads.is_empty() => {
                     match done {
-                        Ok((id, (job, result))) => {
+                        Ok((id, readings)) => {
                             running.remove(&id);
-                            self.complete(&store, &mut scheduler, &trigger, job, result);
+                            for (job, result) in readings {
+                                self.complete(&store, &mut scheduler, &trigger, job, result);
+                            }
                         }
                         Err(e) => {
                             warn!(error = %e, "a lag reading task failed");
-                            if let Some(key) = running.remove(&e.id()) {
+                            for key in running.remove(&e.id()).unwrap_or_default() {
                                 scheduler.finished(&key, None, Instant::now(), &self.settings);
                             }
                         }
@@ -296,11 +329,11 @@ impl LagPoller {
                 .saturating_sub(reads.len());
             let plan = scheduler.plan(&store.state(), now, &self.settings, free);
             self.forget(&plan.forgotten, &scheduler);
-            for job in plan.jobs {
-                let key = job.key.clone();
+            for batch in plan.batches {
+                let keys = batch.iter().map(|j| j.key.clone()).collect();
                 let handle =
-                    reads.spawn(read(self.reader.clone(), job, self.settings.read_timeout));
-                running.insert(handle.id(), key);
+                    reads.spawn(read(self.reader.clone(), batch, self.settings.read_timeout));
+                running.insert(handle.id(), keys);
             }
             let saturated = reads.len() >= self.settings.max_concurrent_reads;
             wake = scheduler.next_wake(now, &self.settings, saturated);
@@ -418,13 +451,39 @@ impl LagPoller {
     }
 }
 
-async fn read(reader: Arc<dyn ReadLag>, job: Job, timeout: Duration) -> Reading {
-    let result = match tokio::time::timeout(timeout, reader.read_boxed(&job.target)).await {
-        Ok(Ok(lag)) => Ok(lag),
-        Ok(Err(e)) => Err(LagFailure::from(&e)),
-        Err(_) => Err(LagFailure::timeout(timeout)),
+/// Reads one batch, bounded as a whole by `timeout`, twice that for a batch of several readings
+/// (the brokers' reader leaves the groups it cannot reach in time for their next turn, see
+/// `KafkaLagReader::batch_budget`): a batch that times out fails all its readings with
+/// [`LagFailure::timeout`].
+async fn read(reader: Arc<dyn ReadLag>, batch: Vec<Job>, timeout: Duration) -> Readings {
+    let timeout = if batch.len() > 1 {
+        timeout * 2
+    } else {
+        timeout
     };
-    (job, result)
+    let targets: Vec<LagTarget> = batch.iter().map(|j| j.target.clone()).collect();
+    match tokio::time::timeout(timeout, reader.read_many_boxed(&targets)).await {
+        Ok(results) if results.len() == batch.len() => batch
+            .into_iter()
+            .zip(results)
+            .map(|(job, r)| (job, r.map_err(|e| LagFailure::from(&e))))
+            .collect(),
+        Ok(results) => {
+            let e = LagError::Task(format!(
+                "{} readings came back for {} targets",
+                results.len(),
+                batch.len()
+            ));
+            batch
+                .into_iter()
+                .map(|job| (job, Err(LagFailure::from(&e))))
+                .collect()
+        }
+        Err(_) => batch
+            .into_iter()
+            .map(|job| (job, Err(LagFailure::timeout(timeout))))
+            .collect(),
+    }
 }
 
 #[cfg(test)]

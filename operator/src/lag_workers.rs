@@ -310,11 +310,17 @@ impl<B: LagReader> BrokersOrWorkers<B> {
     }
 }
 
-impl<B: LagReader> LagReader for BrokersOrWorkers<B> {
-    async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
-        match self.brokers.read(target).await {
-            Err(LagError::BrokerNotAllowed(why)) => match (&self.workers, &target.workers) {
-                (Some(reader), Some(workers)) => reader
+impl<B: LagReader> BrokersOrWorkers<B> {
+    /// The reading of a target whose brokers the admin did not allow (`why`): its workers'
+    /// reports, when they can be asked.
+    async fn read_from_workers(
+        &self,
+        target: &LagTarget,
+        why: String,
+    ) -> Result<GroupLag, LagError> {
+        match (&self.workers, &target.workers) {
+            (Some(reader), Some(workers)) => {
+                reader
                     .read_workers(target, workers)
                     .await
                     .map_err(|e| match e {
@@ -322,11 +328,37 @@ impl<B: LagReader> LagReader for BrokersOrWorkers<B> {
                             "{why}; the workers' own reports could not be read either: {m}"
                         )),
                         other => other,
-                    }),
-                _ => Err(LagError::BrokerNotAllowed(why)),
-            },
+                    })
+            }
+            _ => Err(LagError::BrokerNotAllowed(why)),
+        }
+    }
+}
+
+impl<B: LagReader> LagReader for BrokersOrWorkers<B> {
+    async fn read(&self, target: &LagTarget) -> Result<GroupLag, LagError> {
+        match self.brokers.read(target).await {
+            Err(LagError::BrokerNotAllowed(why)) => self.read_from_workers(target, why).await,
             other => other,
         }
+    }
+
+    /// The brokers' readings in one batch; the workers of the targets on brokers not allowed are
+    /// asked at once, each bounded by the worker reader's own timeout.
+    async fn read_many(&self, targets: &[LagTarget]) -> Vec<Result<GroupLag, LagError>> {
+        let from_brokers = self.brokers.read_many(targets).await;
+        let readings = targets
+            .iter()
+            .zip(from_brokers)
+            .map(|(target, result)| async move {
+                match result {
+                    Err(LagError::BrokerNotAllowed(why)) => {
+                        self.read_from_workers(target, why).await
+                    }
+                    other => other,
+                }
+            });
+        futures::future::join_all(readings).await
     }
 }
 

@@ -219,6 +219,91 @@ async fn readings_of_every_group_on_a_cluster_share_one_client_and_keep_groups_a
 }
 
 #[tokio::test]
+async fn a_batch_of_readings_on_one_cluster_gives_each_group_its_own_reading() {
+    let f = fixture().await;
+    // A second topic, read by one of the groups together with the fixture's.
+    let second = kafka::unique("operator-lag-second");
+    kafka::create_topic(&second, 1).await;
+    kafka::produce(&kafka::producer(), &second, 0, 5).await;
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(5));
+    let earliest = target(&f, AutoOffsetReset::Earliest);
+    let other = LagTarget {
+        group_id: kafka::unique("operator-lag-other"),
+        ..earliest.clone()
+    };
+    commit(&other.group_id, &f.topic, &[(2, 7)]);
+    let both_topics = LagTarget {
+        group_id: kafka::unique("operator-lag-both"),
+        topics: vec![f.topic.clone(), second.clone()],
+        ..earliest.clone()
+    };
+    commit(&both_topics.group_id, &second, &[(0, 2)]);
+    let missing = LagTarget {
+        group_id: kafka::unique("operator-lag-missing"),
+        topics: vec![kafka::unique("no-such-topic")],
+        ..earliest.clone()
+    };
+    let latest = target(&f, AutoOffsetReset::Latest);
+    let batch = [
+        earliest.clone(),
+        other.clone(),
+        missing.clone(),
+        both_topics.clone(),
+        latest.clone(),
+    ];
+
+    let together = reader.read_many(&batch).await;
+    assert_eq!(together.len(), batch.len());
+    for (t, r) in batch.iter().zip(&together) {
+        let alone = reader.read(t).await;
+        match (r, alone) {
+            (Ok(r), Ok(alone)) => assert_eq!(
+                (per_partition(r), r.total, r.uncommitted, r.members),
+                (
+                    per_partition(&alone),
+                    alone.total,
+                    alone.uncommitted,
+                    alone.members
+                ),
+                "{}: the batch reads what a reading of its own reads",
+                t.group_id
+            ),
+            (Err(r), Err(alone)) => assert_eq!(r.to_string(), alone.to_string()),
+            (r, alone) => panic!("{}: batch {r:?}, alone {alone:?}", t.group_id),
+        }
+    }
+    assert_eq!(
+        per_partition(together[1].as_ref().unwrap()),
+        BTreeMap::from([
+            (0, (None, 10, 10)),
+            (1, (None, 20, 20)),
+            (2, (Some(7), 30, 23))
+        ]),
+        "each group's own commits"
+    );
+    assert!(
+        matches!(&together[2], Err(LagError::Topic { .. })),
+        "only the group of the missing topic fails: {:?}",
+        together[2]
+    );
+    let both = together[3].as_ref().unwrap();
+    assert_eq!((both.partitions, both.total, both.uncommitted), (4, 63, 3));
+    assert_eq!(
+        together[4].as_ref().unwrap().total,
+        6,
+        "latest: partitions without a commit count no lag"
+    );
+    assert_eq!(reader.clients().len(), 1, "one client for the cluster");
+    assert_eq!(
+        reader.clients().available(),
+        streamops_operator::lag::DEFAULT_MAX_IN_FLIGHT,
+        "every permit came back"
+    );
+    kafka::delete_topic(&f.topic).await;
+    kafka::delete_topic(&second).await;
+}
+
+#[tokio::test]
 async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
     // Nothing answers on port 1: every request runs into its timeout.
     let reader = KafkaLagReader::new(Duration::from_millis(500), 2);
@@ -272,6 +357,48 @@ async fn a_missing_topic_is_an_error_not_zero_lag() {
     assert!(
         matches!(err, LagError::Topic { .. } | LagError::Partition { .. }),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_on_brokers_answering_only_at_their_timeout_leaves_its_later_groups_for_the_next_turn(
+) {
+    // Nothing listens on port 1: every Metadata request waits for the 1 s timeout. Each group
+    // reads its own topic, so none can use another's answer; the batch's budget is 2 s.
+    let on = |i: usize| LagTarget {
+        bootstrap_servers: "127.0.0.1:1".into(),
+        group_id: format!("g{i}"),
+        topics: vec![format!("t{i}")],
+        auto_offset_reset: AutoOffsetReset::Earliest,
+        security_protocol: SecurityProtocol::Plaintext,
+        sasl_mechanism: None,
+        credentials: None,
+        ssl_ca_location: None,
+        workers: None,
+    };
+    let reader = KafkaLagReader::with_timeout(Duration::from_secs(1));
+    assert_eq!(reader.batch_budget(), Duration::from_secs(2));
+    let batch: Vec<LagTarget> = (0..6).map(on).collect();
+    let results = reader.read_many(&batch).await;
+    let reasons: Vec<&str> = results
+        .iter()
+        .map(|r| r.as_ref().expect_err("no broker, no lag").reason())
+        .collect();
+    assert_eq!(reasons[0], "KafkaError", "the first group is always tried");
+    let left = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("not read in this batch"))
+        })
+        .count();
+    assert!(
+        (1..=4).contains(&left),
+        "the groups past the budget are left for their next turn: {results:?}"
+    );
+    assert!(
+        matches!(results.last(), Some(Err(e)) if e.reason() == "ReaderFailed"),
+        "the last group is never reached: {results:?}"
     );
 }
 

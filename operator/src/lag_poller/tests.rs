@@ -65,15 +65,18 @@ fn a_new_object_is_read_at_once_then_on_its_interval() {
     let objects = vec![guarded(consumer("a", true))];
     let t0 = Instant::now();
     let plan = s.plan(&objects, t0, &settings(), 4);
-    assert_eq!(plan.jobs.len(), 1);
-    assert_eq!(plan.jobs[0].key, "default/a");
-    assert_eq!(plan.jobs[0].target.group_id, "group-a");
+    assert_eq!(plan.jobs().len(), 1);
+    assert_eq!(plan.jobs()[0].key, "default/a");
+    assert_eq!(plan.jobs()[0].target.group_id, "group-a");
     s.finished("default/a", None, t0 + secs(1), &settings());
     assert!(s
         .plan(&objects, t0 + secs(4), &settings(), 4)
-        .jobs
+        .jobs()
         .is_empty());
-    assert_eq!(s.plan(&objects, t0 + secs(5), &settings(), 4).jobs.len(), 1);
+    assert_eq!(
+        s.plan(&objects, t0 + secs(5), &settings(), 4).jobs().len(),
+        1
+    );
 }
 
 #[test]
@@ -81,15 +84,15 @@ fn an_object_is_never_read_twice_at_once() {
     let mut s = Scheduler::default();
     let objects = vec![guarded(consumer("a", true))];
     let t0 = Instant::now();
-    assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs.len(), 1);
+    assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs().len(), 1);
     // The reading outlives its interval: no second one until it finishes.
     assert!(s
         .plan(&objects, t0 + secs(30), &settings(), 4)
-        .jobs
+        .jobs()
         .is_empty());
     s.finished("default/a", None, t0 + secs(30), &settings());
     assert_eq!(
-        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(),
+        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs().len(),
         1
     );
 }
@@ -99,14 +102,14 @@ fn objects_without_autoscaling_use_the_default_interval_or_are_not_read() {
     let mut s = Scheduler::default();
     let objects = vec![guarded(consumer("plain", false))];
     let t0 = Instant::now();
-    assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs.len(), 1);
+    assert_eq!(s.plan(&objects, t0, &settings(), 4).jobs().len(), 1);
     s.finished("default/plain", None, t0, &settings());
     assert!(s
         .plan(&objects, t0 + secs(29), &settings(), 4)
-        .jobs
+        .jobs()
         .is_empty());
     assert_eq!(
-        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs.len(),
+        s.plan(&objects, t0 + secs(30), &settings(), 4).jobs().len(),
         1
     );
 
@@ -115,7 +118,7 @@ fn objects_without_autoscaling_use_the_default_interval_or_are_not_read() {
         ..settings()
     };
     let plan = s.plan(&objects, t0 + secs(60), &off, 4);
-    assert!(plan.jobs.is_empty());
+    assert!(plan.jobs().is_empty());
     assert_eq!(
         plan.forgotten,
         ["default/plain"],
@@ -146,20 +149,82 @@ fn gone_deleted_and_malformed_objects_are_forgotten() {
 }
 
 #[test]
-fn concurrent_readings_are_bounded() {
+fn concurrent_batches_and_their_sizes_are_bounded() {
     let mut s = Scheduler::default();
-    let objects: Vec<_> = ["a", "b", "c"]
+    let objects: Vec<_> = ["a", "b", "c", "d", "e"]
         .into_iter()
         .map(|n| guarded(consumer(n, true)))
         .collect();
+    let pairs = PollSettings {
+        max_batch: 2,
+        ..settings()
+    };
     let t0 = Instant::now();
-    assert_eq!(s.plan(&objects, t0, &settings(), 1).jobs.len(), 1);
+    let plan = s.plan(&objects, t0, &pairs, 1);
+    assert_eq!(plan.batches.len(), 1);
+    assert_eq!(plan.batches[0].len(), 2, "one batch of at most max_batch");
+    let plan = s.plan(&objects, t0, &pairs, 2);
     assert_eq!(
-        s.plan(&objects, t0, &settings(), 2).jobs.len(),
-        2,
-        "the others next"
+        plan.batches.iter().map(Vec::len).collect::<Vec<_>>(),
+        [2, 1],
+        "the others next, in as many batches as are free"
     );
-    assert!(s.plan(&objects, t0, &settings(), 0).jobs.is_empty());
+    assert!(s.plan(&objects, t0, &pairs, 0).batches.is_empty());
+    assert!(
+        s.plan(&objects, t0, &pairs, 4).batches.is_empty(),
+        "every object is being read"
+    );
+}
+
+#[test]
+fn readings_due_together_share_a_batch_only_with_readings_on_the_same_brokers() {
+    let mut s = Scheduler::default();
+    let on = |name: &str, brokers: &str| {
+        let mut sc = consumer(name, true);
+        sc.spec.kafka.bootstrap_servers = brokers.to_string();
+        guarded(sc)
+    };
+    let objects = vec![
+        on("a", "kafka-1:9092"),
+        on("b", "kafka-2:9092"),
+        on("c", "kafka-1:9092"),
+        on("d", "kafka-2:9092"),
+        on("e", "kafka-1:9092"),
+    ];
+    let t0 = Instant::now();
+    let plan = s.plan(&objects, t0, &settings(), 4);
+    let batches: Vec<Vec<(&str, &str)>> = plan
+        .batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|j| (j.key.as_str(), j.target.bootstrap_servers.as_str()))
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        batches,
+        [
+            vec![
+                ("default/a", "kafka-1:9092"),
+                ("default/c", "kafka-1:9092"),
+                ("default/e", "kafka-1:9092")
+            ],
+            vec![("default/b", "kafka-2:9092"), ("default/d", "kafka-2:9092")]
+        ]
+    );
+    // With one batch free, the readings on the other brokers wait for the next plan.
+    let mut s = Scheduler::default();
+    let plan = s.plan(&objects, t0, &settings(), 1);
+    assert_eq!(plan.jobs().len(), 3);
+    let plan = s.plan(&objects, t0, &settings(), 1);
+    assert_eq!(
+        plan.jobs()
+            .iter()
+            .map(|j| j.key.as_str())
+            .collect::<Vec<_>>(),
+        ["default/b", "default/d"]
+    );
 }
 
 #[test]
@@ -314,6 +379,11 @@ async fn the_poller_records_each_objects_lag_and_triggers_its_reconciliation() {
     let mut triggered = vec![h.next_trigger().await, h.next_trigger().await];
     triggered.sort();
     assert_eq!(triggered, ["plain", "scaled"]);
+    assert_eq!(
+        h.reader.batches.lock().unwrap().first(),
+        Some(&2),
+        "due together on the same brokers: read in one batch"
+    );
 
     assert_eq!(
         h.book.desired_replicas(&scaled),

@@ -223,6 +223,28 @@ async fn a_consumer_on_a_broker_not_allowed_gets_its_lag_from_its_ready_workers(
 }
 
 #[tokio::test]
+async fn in_a_batch_each_consumer_on_a_broker_not_allowed_gets_its_lag_from_its_workers() {
+    let (port, fakes) = workers(vec![(
+        good_body(vec![pos(0, Some(100), Some(400))]),
+        Duration::ZERO,
+    )])
+    .await;
+    let (client, server) = mock_client();
+    let ready = || slice("test-abc", &["127.0.0.1"], port, true, true);
+    let mock = server.run_steps(vec![list_slices(vec![ready()]), list_slices(vec![ready()])]);
+    let target = LagTarget::from_resource(&StreamConsumer::test());
+    let results = reader(client).read_many(&[target.clone(), target]).await;
+    finish(mock).await;
+    assert_eq!(results.len(), 2);
+    for r in results {
+        let lag = r.unwrap();
+        assert_eq!(lag.source, LagSource::Workers { reported: 1 });
+        assert_eq!(lag.total, 300);
+    }
+    assert_eq!(fakes[0].hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn an_endpoint_slice_not_made_by_the_controller_for_the_service_is_never_contacted() {
     let (port, fakes) = workers(vec![
         (good_body(vec![pos(0, Some(0), Some(10))]), Duration::ZERO),
