@@ -213,8 +213,9 @@ def request_profile(m):
 
 
 def cpu_seconds(operator_pids=()):
-    """{process name: CPU seconds so far} of the control plane's and kwok's processes, and of the
-    operators (`operator_pids`, whatever their binary is called), from user + system time in
+    """{process name: CPU seconds so far} of the control plane's and kwok's processes, of the dev
+    stack's Kafka broker (`broker`: the operators read lag from it), and of the operators
+    (`operator_pids`, whatever their binary is called), from user + system time in
     /proc/<pid>/stat, summed by name."""
     names = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
     operators = {str(p) for p in operator_pids}
@@ -230,6 +231,13 @@ def cpu_seconds(operator_pids=()):
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
         name = "operators" if pid in operators else next((x for x in names if comm.startswith(x[:15])), None)
+        if name is None and comm == "java":
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"kafka.Kafka" in f.read():
+                        name = "broker"
+            except OSError:
+                pass
         if name is None:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
