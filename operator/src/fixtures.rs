@@ -171,11 +171,7 @@ impl LagReader for Arc<FakeLagReader> {
 
     async fn read_many(&self, targets: &[LagTarget]) -> Vec<Result<GroupLag, LagError>> {
         self.batches.lock().unwrap().push(targets.len());
-        let mut out = Vec::with_capacity(targets.len());
-        for target in targets {
-            out.push(self.read(target).await);
-        }
-        out
+        crate::lag::read_one_by_one(self, targets).await
     }
 }
 

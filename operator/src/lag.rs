@@ -299,14 +299,26 @@ pub trait LagReader: Send + Sync + 'static {
         &self,
         targets: &[LagTarget],
     ) -> impl std::future::Future<Output = Vec<Result<GroupLag, LagError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(targets.len());
-            for target in targets {
-                out.push(self.read(target).await);
-            }
-            out
-        }
+        read_one_by_one(self, targets)
     }
+}
+
+/// Reads each of `targets` with `reader`, one after another: the default of
+/// [`LagReader::read_many`], for readers that share nothing between readings.
+pub async fn read_one_by_one<R: LagReader + ?Sized>(
+    reader: &R,
+    targets: &[LagTarget],
+) -> Vec<Result<GroupLag, LagError>> {
+    let mut out = Vec::with_capacity(targets.len());
+    for target in targets {
+        out.push(reader.read(target).await);
+    }
+    out
+}
+
+/// The same error for each of `n` readings.
+fn all_failed(n: usize, e: &LagError) -> Vec<Result<GroupLag, LagError>> {
+    (0..n).map(|_| Err(e.clone())).collect()
 }
 
 /// The `group.id` of the lag clients: a group they never join and never commit to (see
@@ -450,13 +462,12 @@ impl KafkaLagReader {
     /// blocking pass.
     async fn read_on_one_client(&self, targets: Vec<LagTarget>) -> Vec<Result<GroupLag, LagError>> {
         let n = targets.len();
-        let all = |e: LagError| (0..n).map(|_| Err(e.clone())).collect::<Vec<_>>();
         let Some(first) = targets.first().cloned() else {
             return Vec::new();
         };
         let permit = match self.clients.permit().await {
             Ok(p) => p,
-            Err(e) => return all(e),
+            Err(e) => return all_failed(n, &e),
         };
         let (timeout, budget) = (self.timeout, self.batch_budget());
         let clients = self.clients.clone();
@@ -465,13 +476,13 @@ impl KafkaLagReader {
             let _permit = permit;
             match clients.client(&first, || client_config(&first)) {
                 Ok(consumer) => read_blocking(&consumer, &targets, timeout, budget),
-                Err(e) => (0..targets.len()).map(|_| Err(e.clone())).collect(),
+                Err(e) => all_failed(targets.len(), &e),
             }
         })
         .await;
         match pass {
             Ok(results) => results,
-            Err(e) => all(LagError::Task(e.to_string())),
+            Err(e) => all_failed(n, &LagError::Task(e.to_string())),
         }
     }
 }
@@ -535,13 +546,16 @@ fn topic_partitions(
 }
 
 /// The watermarks (`Offset::End`: high, `Offset::Beginning`: low) of `partitions`, from one
-/// ListOffsets request per partition leader.
+/// ListOffsets request per partition leader (none for no partition).
 fn watermarks(
     consumer: &BaseConsumer,
     partitions: &BTreeSet<(String, i32)>,
     which: Offset,
     timeout: Duration,
 ) -> Result<TopicPartitionList, LagError> {
+    if partitions.is_empty() {
+        return Ok(TopicPartitionList::new());
+    }
     let mut tpl = TopicPartitionList::with_capacity(partitions.len());
     for (topic, partition) in partitions {
         tpl.add_partition_offset(topic, *partition, which)?;
@@ -580,6 +594,8 @@ struct Committed {
     partitions: TopicPartitionList,
     committed: TopicPartitionList,
     members: i32,
+    /// Whether its lag needs low watermarks ([`needs_low`]).
+    from_start: bool,
 }
 
 /// Reads the lag of `targets`, all on `consumer`'s cluster, sharing the Metadata and ListOffsets
@@ -633,6 +649,7 @@ fn read_blocking(
                 committed::committed_offsets(consumer, &target.group_id, &partitions, timeout)?;
             let members = members_of(consumer, &target.group_id, timeout);
             Ok(Committed {
+                from_start: needs_low(target, &committed),
                 partitions,
                 committed,
                 members,
@@ -642,27 +659,17 @@ fn read_blocking(
 
     let mut all = BTreeSet::new();
     let mut from_start = BTreeSet::new();
-    for (target, c) in targets.iter().zip(&committed) {
-        let Ok(c) = c else { continue };
-        let low = needs_low(target, &c.committed);
+    for c in committed.iter().flatten() {
         for e in c.partitions.elements() {
             let tp = (e.topic().to_string(), e.partition());
-            if low {
+            if c.from_start {
                 from_start.insert(tp.clone());
             }
             all.insert(tp);
         }
     }
-    let highs = if all.is_empty() {
-        Ok(TopicPartitionList::new())
-    } else {
-        watermarks(consumer, &all, Offset::End, timeout)
-    };
-    let lows = if from_start.is_empty() {
-        Ok(TopicPartitionList::new())
-    } else {
-        watermarks(consumer, &from_start, Offset::Beginning, timeout)
-    };
+    let highs = watermarks(consumer, &all, Offset::End, timeout);
+    let lows = watermarks(consumer, &from_start, Offset::Beginning, timeout);
 
     targets
         .iter()
@@ -670,7 +677,7 @@ fn read_blocking(
         .map(|(target, c)| {
             let c = c?;
             let highs = highs.as_ref().map_err(Clone::clone)?;
-            let lows = if needs_low(target, &c.committed) {
+            let lows = if c.from_start {
                 Some(lows.as_ref().map_err(Clone::clone)?)
             } else {
                 None

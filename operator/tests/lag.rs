@@ -303,21 +303,26 @@ async fn a_batch_of_readings_on_one_cluster_gives_each_group_its_own_reading() {
     kafka::delete_topic(&second).await;
 }
 
-#[tokio::test]
-async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
-    // Nothing answers on port 1: every request runs into its timeout.
-    let reader = KafkaLagReader::new(Duration::from_millis(500), 2);
-    let target = LagTarget {
+/// A target on 127.0.0.1:1, where nothing listens: every request runs into its timeout.
+fn unreachable(group: &str, topic: &str) -> LagTarget {
+    LagTarget {
         bootstrap_servers: "127.0.0.1:1".into(),
-        group_id: "g".into(),
-        topics: vec!["t".into()],
+        group_id: group.into(),
+        topics: vec![topic.into()],
         auto_offset_reset: AutoOffsetReset::Earliest,
         security_protocol: SecurityProtocol::Plaintext,
         sasl_mechanism: None,
         credentials: None,
         ssl_ca_location: None,
         workers: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn readings_that_time_out_hold_no_more_threads_than_the_bound() {
+    // Nothing answers on port 1: every request runs into its timeout.
+    let reader = KafkaLagReader::new(Duration::from_millis(500), 2);
+    let target = unreachable("g", "t");
     // Ten callers that give up after 50 ms, as the poller's timeout would.
     for _ in 0..10 {
         let r = tokio::time::timeout(Duration::from_millis(50), reader.read(&target)).await;
@@ -365,17 +370,7 @@ async fn a_batch_on_brokers_answering_only_at_their_timeout_leaves_its_later_gro
 ) {
     // Nothing listens on port 1: every Metadata request waits for the 1 s timeout. Each group
     // reads its own topic, so none can use another's answer; the batch's budget is 2 s.
-    let on = |i: usize| LagTarget {
-        bootstrap_servers: "127.0.0.1:1".into(),
-        group_id: format!("g{i}"),
-        topics: vec![format!("t{i}")],
-        auto_offset_reset: AutoOffsetReset::Earliest,
-        security_protocol: SecurityProtocol::Plaintext,
-        sasl_mechanism: None,
-        credentials: None,
-        ssl_ca_location: None,
-        workers: None,
-    };
+    let on = |i: usize| unreachable(&format!("g{i}"), &format!("t{i}"));
     let reader = KafkaLagReader::with_timeout(Duration::from_secs(1));
     assert_eq!(reader.batch_budget(), Duration::from_secs(2));
     let batch: Vec<LagTarget> = (0..6).map(on).collect();
@@ -404,18 +399,7 @@ async fn a_batch_on_brokers_answering_only_at_their_timeout_leaves_its_later_gro
 
 #[tokio::test]
 async fn unreachable_brokers_are_an_error() {
-    let target = LagTarget {
-        // Nothing listens on port 1.
-        bootstrap_servers: "127.0.0.1:1".into(),
-        group_id: "g".into(),
-        topics: vec!["t".into()],
-        auto_offset_reset: AutoOffsetReset::Earliest,
-        security_protocol: SecurityProtocol::Plaintext,
-        sasl_mechanism: None,
-        credentials: None,
-        ssl_ca_location: None,
-        workers: None,
-    };
+    let target = unreachable("g", "t");
     let reader = KafkaLagReader::with_timeout(Duration::from_secs(1));
     let err = reader.read(&target).await.expect_err("no broker, no lag");
     assert_eq!(err.reason(), "KafkaError", "{err}");
