@@ -612,6 +612,17 @@ async fn a_client_error_from_the_webhook_marks_the_trigger_failed_without_retryi
 // ---- Delivery leases: a worker whose lease expired mid-delivery (a long pause, a slow network)
 // and another worker took the trigger over.
 
+/// The sequence numbers in Redis's pending set.
+async fn pending_seqs(counter: &Counter) -> Vec<u64> {
+    counter
+        .pending()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.seq)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_or_nobody_can_finish_a_pending_trigger() {
     require_redis();
@@ -630,13 +641,7 @@ async fn only_the_lease_holder_or_nobody_can_finish_a_pending_trigger() {
         !counter.finish(1, "first").await.unwrap(),
         "the first worker cannot finish what the second holds"
     );
-    let pending: Vec<u64> = counter
-        .pending()
-        .await
-        .unwrap()
-        .iter()
-        .map(|t| t.seq)
-        .collect();
+    let pending = pending_seqs(&counter).await;
     assert_eq!(
         pending,
         vec![1, 2],
@@ -719,15 +724,7 @@ async fn a_worker_that_lost_its_lease_mid_delivery_leaves_the_outcome_to_the_new
     );
     // Give a wrong finish time to happen before looking.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pending: Vec<u64> = h
-        .engine()
-        .counter
-        .pending()
-        .await
-        .unwrap()
-        .iter()
-        .map(|t| t.seq)
-        .collect();
+    let pending = pending_seqs(&h.engine().counter).await;
     assert_eq!(pending, vec![1]);
     assert_eq!(d.runs().await[0].3, "pending");
 

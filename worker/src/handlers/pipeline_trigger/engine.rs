@@ -330,7 +330,7 @@ impl Engine {
     /// (status `failed`) after the retries or on a permanent error. On shutdown it releases the
     /// lease and leaves the trigger pending for the next worker.
     ///
-    /// The lease is checked before the trigger is recorded, before each attempt and before a
+    /// The lease, taken just before the call, is checked again before each attempt and before a
     /// failure is made final. A worker that lost it (its lease expired during a long pause and
     /// another worker took the trigger over) records what it saw, a delivery or an attempt's
     /// error, and leaves the outcome to the new owner: it neither marks the trigger failed nor
@@ -340,10 +340,6 @@ impl Engine {
     async fn deliver(&self, t: &Claimed, shutdown: &CancellationToken) -> Result<(), EngineError> {
         let id = trigger_id(&self.consumer_id, t.seq);
         let ttl = self.lease_ttl();
-        if !self.counter.renew_lease(t.seq, &self.token, ttl).await? {
-            warn!(trigger_id = %id, "lost the delivery lease; another worker takes over");
-            return Ok(());
-        }
         {
             let mut conn = self.pool.acquire().await?;
             runs::record_claimed(
@@ -383,7 +379,7 @@ impl Engine {
                     return Ok(());
                 }
                 Err(e) => {
-                    let mut give_up = !e.is_retryable() || attempt > max_retries;
+                    let give_up = !e.is_retryable() || attempt > max_retries;
                     self.metrics
                         .attempts
                         .with_label_values(&[if e.is_retryable() {
@@ -393,8 +389,7 @@ impl Engine {
                         }])
                         .inc();
                     let owned = self.counter.renew_lease(t.seq, &self.token, ttl).await?;
-                    give_up &= owned;
-                    runs::failed(&self.pool, &id, &e.to_string(), give_up).await?;
+                    runs::failed(&self.pool, &id, &e.to_string(), give_up && owned).await?;
                     if !owned {
                         warn!(trigger_id = %id, attempt, error = %e, "delivery attempt failed after the lease was lost; another worker takes over");
                         return Ok(());
